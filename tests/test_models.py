@@ -1,0 +1,105 @@
+"""The built-in pretrained models: correct padding, correct predictions, safe file loading."""
+
+from __future__ import annotations
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from mfv.errors import MfvError
+from mfv.models import load_model, load_state_dict
+from mfv.models.classes import imagenet_classes
+from mfv.models.efficientnet_lite import weights_path
+
+
+def _top(model, array, k=5):
+    x = model.preprocess.to_tensor(Image.fromarray(array))[None]
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)[0]
+    return [model.classes.names[i] for i in probs.topk(k).indices.tolist()]
+
+
+def test_lite0_classifies_scikit_image_photos(lite0):
+    assert {"tiger cat", "Egyptian cat", "tabby"} <= set(_top(lite0, skimage.data.chelsea()))
+    assert _top(lite0, skimage.data.coffee(), 1) == ["espresso"]
+
+
+@pytest.mark.parametrize("size", [227, 256])
+def test_lite0_same_padding_matches_reference_at_odd_sizes(lite0, size):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    reference = EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=weights_path("efficientnet_lite0"), image_size=size
+    ).eval()
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    with torch.inference_mode():
+        assert torch.allclose(lite0.module(x), reference(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_larger_lites_load_and_see_a_cat(name):
+    model = load_model(name)
+    assert model.preprocess.input_size in (240, 260)
+    top = _top(model, skimage.data.chelsea())
+    assert {"tiger cat", "Egyptian cat", "tabby"} & set(top[:2])
+
+
+def test_imagenet_classes_offline():
+    classes = imagenet_classes()
+    assert len(classes) == 1000
+    assert classes.lookup("n07720875") == 945 == classes.resolve("bell pepper")
+    assert classes.resolve("Movie Theater") == 498
+    assert classes.resolve("grocery store") == 582
+
+
+def test_model_bundle_describes_itself(lite0):
+    assert not lite0.module.training
+    assert lite0.logits_layer == "_fc"
+    info = lite0.describe()
+    assert info["name"] == "efficientnet_lite0" and info["preprocess"]["mean"] == [0.5] * 3 or \
+        info["preprocess"]["mean"] == (0.5, 0.5, 0.5)
+    layers = {i.path: i for i in lite0.layers()}
+    assert layers["_fc"].units == 1000 and layers["_blocks.10"].shape == (112, 14, 14)
+    assert layers["_conv_head"].shape == (1280, 7, 7)
+
+
+def test_state_dict_files_load_safely(tmp_path, tiny):
+    state = tiny.module.state_dict()
+    torch.save(state, tmp_path / "w.pth")
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp_path / "w.safetensors"))
+    for f in ("w.pth", "w.safetensors"):
+        loaded = load_state_dict(tmp_path / f)
+        assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth", _use_new_zipfile_serialization=True)
+    with pytest.raises(MfvError, match="weights_only"):
+        load_state_dict(tmp_path / "evil.pth")
+    with pytest.raises(MfvError, match="not found"):
+        load_state_dict(tmp_path / "missing.pth")
+
+
+def test_torchscript_archive_and_plain_module(tmp_path, tiny):
+    scripted = torch.jit.script(tiny.module)
+    scripted.save(str(tmp_path / "tiny.pt"))
+    model = load_model(str(tmp_path / "tiny.pt"), preprocess=tiny.preprocess)
+    x = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), tiny(x))
+    assert tiny.logits_layer == "fc"
+
+
+def test_unknown_model_and_missing_optional_packages():
+    with pytest.raises(MfvError, match="unknown model"):
+        load_model("no_such_net")
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(MfvError, match=r"mfv\[timm\]"):
+            load_model("timm:resnet18")
