@@ -97,3 +97,20 @@ def test_ambiguous_class_name(lite0):
 def test_post_activation_needs_a_following_activation(tiny):
     with pytest.raises(MfvError, match="no activation module directly follows 'fc'"):
         parse_target("fc:0", tiny, activation="post")
+
+
+def test_target_bank_equals_single_evaluations(tiny):
+    from mfv.targets import TargetBank, parse_targets
+
+    x = torch.rand(3, 3, 32, 32)
+    for reduction in ("center", "max", "mean"):
+        targets = parse_targets(["fc:*", "conv2:3 - 2*fc:1", "penultimate:2", "conv1:0"], tiny,
+                                reduction=reduction)
+        assert len(targets) == 5 + 3
+        bank = TargetBank(targets)
+        with capture(tiny, bank.layers) as acts, torch.no_grad():
+            tiny(x)
+            values = bank(acts)
+            singles = torch.stack([evaluate(t, acts) for t in targets], 1)
+        assert values.shape == (3, 8)
+        assert torch.allclose(values, singles, atol=1e-5)

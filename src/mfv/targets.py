@@ -95,9 +95,67 @@ def evaluate(target: Target, activations: dict[str, torch.Tensor]) -> torch.Tens
     return total
 
 
+def reduce_layer(activation: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Every unit of a layer reduced to one value per sample: (B, units)."""
+    if activation.dim() == 2:
+        return activation
+    if activation.dim() == 3:  # tokens (B, N, C)
+        if reduction == "center":
+            return activation[:, activation.shape[1] // 2]
+        if reduction == "cls":
+            return activation[:, 0]
+        return activation.amax(1) if reduction == "max" else activation.mean(1)
+    if activation.dim() == 4:
+        if reduction in ("center", "cls"):
+            return activation[:, :, activation.shape[2] // 2, activation.shape[3] // 2]
+        flat = activation.flatten(2)
+        return flat.amax(2) if reduction == "max" else flat.mean(2)
+    raise MfvError(f"cannot address units of an activation of shape {tuple(activation.shape)}")
+
+
+class TargetBank:
+    """Many targets evaluated at once: per layer, reduced units times a weight matrix.
+
+    Scanning all 1000 logits or every channel of a layer costs one matrix product per layer,
+    not one Python call per target.
+    """
+
+    def __init__(self, targets: Sequence[Target]) -> None:
+        self.targets = list(targets)
+        self._groups: dict[tuple[LayerRef, str], list[tuple[int, int, float]]] = {}
+        for t_index, target in enumerate(self.targets):
+            for term in target.terms:
+                key = (term.layer, target.reduction)
+                self._groups.setdefault(key, []).append((t_index, term.unit, term.weight))
+        self._weights: dict = {}
+
+    @property
+    def layers(self) -> list[LayerRef]:
+        return list(dict.fromkeys(ref for ref, _ in self._groups))
+
+    def _matrix(self, key, units: int, like: torch.Tensor) -> torch.Tensor:
+        cache_key = (key, units, like.device, like.dtype)
+        if cache_key not in self._weights:
+            w = torch.zeros(len(self.targets), units, dtype=like.dtype)
+            for t_index, unit, weight in self._groups[key]:
+                w[t_index, unit] += weight
+            self._weights[cache_key] = w.to(like.device)
+        return self._weights[cache_key]
+
+    def __call__(self, activations: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Values of every target for every sample: (B, T)."""
+        total = None
+        for key in self._groups:
+            ref, reduction = key
+            reduced = reduce_layer(activations[ref.key], reduction)
+            part = reduced @ self._matrix(key, reduced.shape[1], reduced).T
+            total = part if total is None else total + part
+        return total
+
+
 def evaluate_all(targets: Sequence[Target], activations: dict[str, torch.Tensor]) -> torch.Tensor:
     """Every target on every sample, shape (B, T)."""
-    return torch.stack([evaluate(t, activations) for t in targets], dim=1)
+    return TargetBank(targets)(activations)
 
 
 @contextmanager
@@ -236,8 +294,19 @@ def _units(model: LoadedModel, ref: LayerRef, shapes: dict[str, int]) -> int:
 
 def parse_targets(specs: Sequence[str], model: LoadedModel, reduction: str = "center",
                   activation: str = "pre") -> list[Target]:
-    return [parse_target(s, model, reduction, activation) for s in specs]
+    """Parse several targets; `LAYER:*` expands to every unit of the layer."""
+    targets = []
+    for spec in specs:
+        m = re.fullmatch(r"\s*(.+):\*\s*", spec)
+        if m:
+            ref = resolve_layer(model, m.group(1), activation)
+            units = _units(model, ref, {i.path: i.units for i in model.layers()})
+            targets += [parse_target(f"{m.group(1)}:{u}", model, reduction, activation)
+                        for u in range(units)]
+        else:
+            targets.append(parse_target(spec, model, reduction, activation))
+    return targets
 
 
-__all__ = ["Target", "Term", "LayerRef", "parse_target", "parse_targets", "capture", "evaluate",
-           "evaluate_all", "reduce_unit", "resolve_layer", "units_of"]
+__all__ = ["Target", "Term", "LayerRef", "TargetBank", "parse_target", "parse_targets", "capture",
+           "evaluate", "evaluate_all", "reduce_unit", "reduce_layer", "resolve_layer", "units_of"]

@@ -1,0 +1,385 @@
+"""Image input: sources, fingerprints, robust decoding, the dataset/collate pair, the demo pool."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mfv import images
+from mfv.errors import MfvError
+from mfv.images import (
+    BadImageError,
+    ImageDataset,
+    ImageItem,
+    ImageList,
+    collate_skip_bad,
+    demo_pool,
+    from_folder,
+    from_list,
+    from_paths,
+    load_rgb,
+    open_images,
+)
+
+RNG = np.random.default_rng(0)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """Trivial stand-in for the model's preprocessing: 8x8, CHW, [0, 1]."""
+    arr = np.asarray(image.resize((8, 8)), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def noise_rgb(w: int = 40, h: int = 30) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but holds no pixels: a decompression bomb."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# ------------------------------------------------------------------------------ sources
+
+
+def test_folder_labels_come_from_immediate_subfolders(tmp_path):
+    png = encode(noise_rgb(), "PNG")
+    for rel in [
+        "b/z.PNG",
+        "a/x.jpg",
+        "a/deep/er/y.png",
+        "top.jpeg",
+        "a/.hidden.png",
+        ".cache/q.png",
+    ]:
+        write(tmp_path / rel, png)
+    write(tmp_path / "a" / "notes.txt", b"not listed")
+
+    listed = from_folder(tmp_path)
+
+    rels = [os.path.relpath(p, tmp_path) for p in listed.paths]
+    assert rels == [
+        os.path.join("a", "deep", "er", "y.png"),
+        os.path.join("a", "x.jpg"),
+        os.path.join("b", "z.PNG"),
+        "top.jpeg",
+    ]
+    assert listed.labels == ["a", "a", "b", None]
+    assert all(p.startswith(str(tmp_path)) for p in listed.paths)  # root as given, joined
+    assert str(tmp_path) in listed.source
+
+
+def test_flat_folder_has_no_labels_and_empty_folder_is_an_error(tmp_path):
+    for name in ["2.png", "1.png", "10.png"]:
+        write(tmp_path / "flat" / name, encode(noise_rgb(), "PNG"))
+    flat = from_folder(tmp_path / "flat")
+    assert [Path(p).name for p in flat.paths] == ["1.png", "10.png", "2.png"]
+    assert flat.labels == [None, None, None]
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    write(tmp_path / "empty" / "readme.md", b"hi")
+    with pytest.raises(MfvError, match="no image files"):
+        from_folder(tmp_path / "empty")
+    with pytest.raises(MfvError, match="not found"):
+        from_folder(tmp_path / "nope")
+
+
+def test_list_file_resolves_relative_paths_against_its_folder(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    write(data / "imgs" / "one.png", encode(noise_rgb(), "PNG"))
+    write(data / "two.jpg", encode(noise_rgb(), "JPEG"))
+    absolute = write(tmp_path / "elsewhere" / "three.png", encode(noise_rgb(), "PNG"))
+    lst = data / "files.txt"
+    lst.write_bytes(
+        (
+            "# my images\r\n"
+            "imgs/one.png\tcat\r\n"
+            "\r\n"
+            "   \n"
+            "two.jpg\n"
+            f"{absolute}\tdog\n"
+            "  # indented comment\n"
+        ).encode()
+    )
+    monkeypatch.chdir(tmp_path / "elsewhere")  # resolution must not depend on the cwd
+
+    listed = from_list(lst)
+
+    assert listed.paths == [str(data / "imgs" / "one.png"), str(data / "two.jpg"), str(absolute)]
+    assert listed.labels == ["cat", None, "dog"]
+    results = [ImageDataset(listed, to_tensor)[i][1] for i in range(len(listed))]
+    assert all(isinstance(r, torch.Tensor) for r in results)
+
+    (tmp_path / "comments.txt").write_text("# nothing\n\n")
+    with pytest.raises(MfvError, match="names no images"):
+        from_list(tmp_path / "comments.txt")
+    with pytest.raises(MfvError, match="missing.txt"):
+        from_list(tmp_path / "missing.txt")
+
+
+def test_from_paths_keeps_paths_as_given_and_expands_folders(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "single.png", encode(noise_rgb(), "PNG"))
+    write(tmp_path / "tree" / "k" / "a.png", encode(noise_rgb(), "PNG"))
+    listed = from_paths(["single.png", Path("tree"), "gone.png"])
+    assert listed.items == (
+        ImageItem("single.png", None),
+        ImageItem(os.path.join("tree", "k", "a.png"), "k"),
+        ImageItem("gone.png", None),  # reported when decoded, not when listed
+    )
+    with pytest.raises(MfvError):
+        from_paths([])
+
+
+def test_open_images_dispatches_and_names_missing_paths(tmp_path):
+    write(tmp_path / "dir" / "a.png", encode(noise_rgb(), "PNG"))
+    (tmp_path / "l.lst").write_text("dir/a.png\n")
+    write(tmp_path / "one.webp", encode(noise_rgb(), "WEBP"))
+    write(tmp_path / "table.csv", b"a,b\n")
+
+    assert open_images(tmp_path / "dir").source.startswith("folder")
+    assert open_images(str(tmp_path / "l.lst")).paths == [str(tmp_path / "dir" / "a.png")]
+    assert open_images(tmp_path / "one.webp").paths == [str(tmp_path / "one.webp")]
+    assert len(open_images([tmp_path / "one.webp", tmp_path / "dir"])) == 2
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(MfvError, match="no/such/folder"):
+        open_images(missing)
+    with pytest.raises(MfvError, match="table.csv"):
+        open_images(tmp_path / "table.csv")
+
+
+def test_fingerprint_is_stable_and_tracks_changes(tmp_path):
+    a = write(tmp_path / "x" / "a.png", encode(noise_rgb(), "PNG"))
+    write(tmp_path / "x" / "b.png", encode(noise_rgb(), "PNG"))
+    first = from_folder(tmp_path).fingerprint()
+    assert len(first) == 64
+    assert from_folder(tmp_path).fingerprint() == first  # fresh listing, same files
+
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # touched, same bytes
+    touched = from_folder(tmp_path).fingerprint()
+    assert touched != first
+
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))  # back to the original stat ...
+    assert from_folder(tmp_path).fingerprint() == first
+    a.write_bytes(a.read_bytes() + b"\0")  # ... then the content (and size) changes
+    assert from_folder(tmp_path).fingerprint() not in (first, touched)
+
+    listed = from_folder(tmp_path)
+    relabelled = ImageList(tuple(ImageItem(i.path, "other") for i in listed), "relabelled")
+    reordered = ImageList(tuple(reversed(listed.items)), "reordered")
+    assert len({listed.fingerprint(), relabelled.fingerprint(), reordered.fingerprint()}) == 3
+    gone = ImageList((ImageItem(str(tmp_path / "gone.png")),), "missing")
+    assert len(gone.fingerprint()) == 64  # a missing file does not stop fingerprinting
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_dataset_yields_tensors_for_good_files_and_reasons_for_bad_ones(tmp_path):
+    root = tmp_path / "zoo"
+    jpeg = encode(noise_rgb(64, 48), "JPEG", quality=90)
+    png = encode(noise_rgb(), "PNG")
+    good = {
+        "good.jpg": jpeg,
+        "good.png": png,
+        "grey.jpg": encode(Image.new("L", (20, 10), 77), "JPEG"),
+        "palette.gif": encode(noise_rgb().convert("P"), "GIF"),
+        "cmyk.jpg": encode(Image.new("CMYK", (9, 9), (0, 255, 255, 0)), "JPEG"),
+        "deep.png": encode(Image.fromarray(np.full((5, 7), 40000, np.uint16)), "PNG"),
+        "alpha.png": encode(noise_rgb().convert("RGBA"), "PNG"),
+        "bilevel.bmp": encode(Image.new("1", (8, 8), 1), "BMP"),
+        "tiny.png": encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
+        "wide.tif": encode(noise_rgb(300, 3), "TIFF"),
+    }
+    corrupt_png = bytearray(png)
+    corrupt_png[len(png) // 2 : len(png) // 2 + 40] = RNG.integers(0, 256, 40, np.uint8).tobytes()
+    bad = {
+        "empty.jpg": (b"", "empty file"),
+        "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+        "random.jpg": (RNG.integers(0, 256, 4096, np.uint8).tobytes(), "unrecognised"),
+        "text.png": (b"<html><body>404 not found</body></html>\n" * 20, "text file"),
+        "bomb.png": (png_header_only(12_000, 12_000), "too large"),
+        "corrupt.png": (bytes(corrupt_png), "corrupt image data"),
+        "header.png": (png[:8], "truncated PNG header"),
+    }
+    for name, data in good.items():
+        write(root / name, data)
+    for name, (data, _) in bad.items():
+        write(root / name, data)
+    listed = from_folder(root)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(listed, to_tensor), batch_size=4, collate_fn=collate_skip_bad
+    )
+
+    tensors, reasons = {}, {}
+    for indices, batch, failures in loader:
+        assert batch is None or batch.shape == (len(indices), 3, 8, 8)
+        for k, i in enumerate(indices.tolist()):
+            tensors[Path(listed[i].path).name] = batch[k]
+        for i, reason in failures:
+            reasons[Path(listed[i].path).name] = reason
+
+    assert set(tensors) == set(good)
+    assert set(reasons) == set(bad)
+    for name, (_, expected) in bad.items():
+        assert expected in reasons[name], (name, reasons[name])
+        assert len(reasons[name]) < 160 and "BytesIO" not in reasons[name]
+    assert len(set(reasons.values())) == len(bad)  # each failure says something different
+    assert all(float(t.min()) >= 0.0 and float(t.max()) <= 1.0 for t in tensors.values())
+    assert torch.allclose(tensors["cmyk.jpg"][:, 4, 4], torch.tensor([1.0, 0.0, 0.0]), atol=0.03)
+    assert torch.allclose(tensors["deep.png"], torch.full((3, 8, 8), 156 / 255))  # 40000/257
+
+
+def test_dataloader_with_workers_and_an_all_bad_batch(tmp_path):
+    write(tmp_path / "ok.png", encode(noise_rgb(), "PNG"))
+    write(tmp_path / "zero1.png", b"")
+    write(tmp_path / "zero2.png", b"")
+    listed = from_folder(tmp_path)
+    loader = torch.utils.data.DataLoader(
+        ImageDataset(listed, to_tensor), batch_size=2, num_workers=2, collate_fn=collate_skip_bad
+    )
+    batches = list(loader)
+    assert batches[0][0].tolist() == [0] and batches[0][1].shape == (1, 3, 8, 8)
+    indices, stacked, failures = batches[1]
+    assert indices.dtype == torch.long and indices.numel() == 0 and stacked is None
+    assert failures == [(2, "empty file (0 bytes)")]
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    p16 = write(tmp_path / "ramp16.png", encode(Image.fromarray(ramp), "PNG"))
+    assert Image.open(p16).mode.startswith("I;16")
+    out = np.asarray(load_rgb(p16))[..., 0].astype(int)
+    assert out.min() == 0 and out.max() == 255
+    assert np.all(np.diff(out[0]) >= 0) and len(np.unique(out)) > 200  # a ramp, not a clip
+
+    ramp32 = np.tile(np.linspace(0, 65535, 64).astype(np.int32), (2, 1))
+    p32 = write(tmp_path / "ramp32.tif", encode(Image.fromarray(ramp32), "TIFF"))
+    assert Image.open(p32).mode == "I"
+    out32 = np.asarray(load_rgb(p32))[..., 1]
+    assert out32.min() == 0 and out32.max() == 255 and out32[0, 32] == round(ramp32[0, 32] / 257)
+
+
+def test_modes_orientation_and_alpha(tmp_path):
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): 40x20 stored -> 20x40 shown.
+    stored = Image.new("RGB", (40, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 10, 10))  # red block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = load_rgb(write(tmp_path / "rot.jpg", encode(stored, "JPEG", exif=exif, quality=95)))
+    assert rotated.size == (20, 40)
+    r, g, b = rotated.getpixel((15, 4))  # top-left moved to the top-right
+    assert r > 200 and b < 60
+
+    pal = Image.new("P", (4, 4), 1)
+    pal.putpalette([255, 0, 0] + [0, 255, 0] * 255)
+    pal.putpixel((0, 0), 0)
+    decoded = load_rgb(write(tmp_path / "pal.png", encode(pal, "PNG", transparency=0)))
+    assert decoded.mode == "RGB"
+    assert decoded.getpixel((0, 0)) == images.ALPHA_BACKGROUND  # transparent -> background
+    assert decoded.getpixel((1, 1)) == (0, 255, 0)
+
+    rgba = Image.new("RGBA", (2, 1), (255, 255, 255, 0))
+    rgba.putpixel((1, 0), (10, 20, 30, 255))
+    decoded = load_rgb(write(tmp_path / "rgba.png", encode(rgba, "PNG")))
+    assert decoded.getpixel((0, 0)) == images.ALPHA_BACKGROUND
+    assert decoded.getpixel((1, 0)) == (10, 20, 30)
+
+    la = load_rgb(write(tmp_path / "la.png", encode(Image.new("LA", (3, 3), (200, 255)), "PNG")))
+    assert la.getpixel((1, 1)) == (200, 200, 200)
+    bilevel = load_rgb(write(tmp_path / "one.png", encode(Image.new("1", (3, 3), 1), "PNG")))
+    assert bilevel.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_pixel_limit_missing_unreadable_and_directory(tmp_path, monkeypatch):
+    small = write(tmp_path / "small.png", encode(noise_rgb(40, 30), "PNG"))
+    with pytest.raises(BadImageError, match="too large: 40x30") as info:
+        load_rgb(small, max_pixels=1000)
+    assert info.value.path == str(small) and str(small) in str(info.value)
+    assert isinstance(info.value, MfvError)
+    assert load_rgb(small, max_pixels=1200).size == (40, 30)
+
+    # Far beyond Pillow's own bomb limit: refused from the header, nothing decoded.
+    huge = write(tmp_path / "huge.png", png_header_only(30_000, 30_000))
+    with pytest.raises(BadImageError, match="too large"):
+        load_rgb(huge, max_pixels=10**12)
+
+    with pytest.raises(BadImageError, match="missing file"):
+        load_rgb(tmp_path / "absent.jpg")
+    with pytest.raises(BadImageError, match="a directory"):
+        load_rgb(tmp_path)
+
+    def denied(path: str) -> bytes:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(images, "_read_file", denied)  # chmod does not stop root
+    with pytest.raises(BadImageError, match="permission denied"):
+        load_rgb(small)
+
+
+def test_min_side_lets_large_jpegs_decode_smaller(tmp_path):
+    big = write(tmp_path / "big.jpg", encode(noise_rgb(1024, 768), "JPEG"))
+    assert load_rgb(big).size == (1024, 768)
+    reduced = load_rgb(big, min_side=150)
+    assert reduced.size == (256, 192)  # 1/4 scale: the smallest with the shorter side >= 150
+    png = write(tmp_path / "big.png", encode(noise_rgb(300, 200), "PNG"))
+    assert load_rgb(png, min_side=50).size == (300, 200)  # other formats decode in full
+
+
+# ---------------------------------------------------------------------------- demo pool
+
+
+def test_demo_pool_is_deterministic_cached_and_decodable(tmp_path):
+    cache = tmp_path / "demo-pool"
+    first = demo_pool(cache)
+    assert 300 <= len(first) <= 500
+    assert {"chelsea", "coffee", "astronaut", "rocket"} <= set(first.labels)
+    names = [Path(p).name for p in first.paths]
+    assert len(set(names)) == len(names)
+    assert all(Path(p).parent == cache for p in first.paths)
+    for name, label in zip(names, first.labels, strict=True):
+        assert name.startswith(f"{label}_s") and name.endswith(".png")
+    built = {p: Path(p).read_bytes() for p in first.paths}
+
+    mtimes = [os.stat(p).st_mtime_ns for p in first.paths]
+    assert demo_pool(cache) == first  # reused: nothing rewritten
+    assert open_images("demo", cache_dir=tmp_path) == first  # the CLI spelling, same cache
+    assert [os.stat(p).st_mtime_ns for p in first.paths] == mtimes
+
+    # A damaged cache is rebuilt from scratch; every crop comes out byte-identical again.
+    Path(first.paths[5]).write_bytes(b"junk")
+    (cache / "manifest.json").unlink()
+    assert demo_pool(cache) == first
+    assert {p: Path(p).read_bytes() for p in first.paths} == built
+
+    sample = load_rgb(first.paths[0])
+    assert sample.mode == "RGB" and sample.size == (256, 256)
+    full = [built[str(cache / n)] for n in names if n.startswith("chelsea_s100")]
+    assert len(full) >= 2 and full[0] != full[1]  # shifted/mirrored views, not copies

@@ -1,0 +1,182 @@
+"""Scan: recorded activations and codes equal direct model calls; bad files; reuse; SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mfv.images import ImageList, from_folder, load_rgb
+from mfv.scan import ScanResult, scan
+from mfv.targets import parse_targets
+
+
+def _make_images(folder: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = "red thing" if i % 2 else "blue thing"
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (40 + i % 7, 48, 3), dtype=np.uint8)
+        arr[..., 0 if i % 2 else 2] = 250
+        Image.fromarray(arr).save(folder / label / f"img{i:03d}.png")
+
+
+def _direct(model, items, targets_idx):
+    x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in items])
+    feats = {}
+    h = model.module.fc.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
+    try:
+        with torch.inference_mode():
+            logits = model(x)
+    finally:
+        h.remove()
+    return logits[:, targets_idx].numpy(), feats["code"].numpy()
+
+
+def test_scan_records_logits_and_codes(tmp_path, tiny):
+    _make_images(tmp_path / "imgs", 21)
+    images = from_folder(tmp_path / "imgs")
+    targets = parse_targets(["fc:*", "conv2:1"], tiny)
+    result = scan(tiny, images, targets, tmp_path / "run", batch_size=4, chunk_batches=2,
+                  workers=0, progress=False)
+    logits, codes = _direct(tiny, images, list(range(5)))
+    assert result.activations.shape == (21, 6) and result.codes.shape == (21, 16)
+    np.testing.assert_allclose(result.activations[:, :5], logits, atol=1e-5)
+    np.testing.assert_allclose(result.codes, codes, atol=1e-5)
+    assert result.labels[:2] == ["blue thing", "blue thing"]
+    idx, vals = result.top(2, 5)
+    assert np.all(np.diff(vals) <= 0) and vals[0] == result.activations[:, 2].max()
+    # a second call reuses the stored scan; a changed input invalidates it
+    manifest_mtime = (tmp_path / "run/scan/manifest.json").stat().st_mtime_ns
+    again = scan(tiny, images, targets, tmp_path / "run", progress=False)
+    assert (tmp_path / "run/scan/manifest.json").stat().st_mtime_ns == manifest_mtime
+    np.testing.assert_array_equal(again.activations, result.activations)
+    Image.new("RGB", (30, 30), "white").save(images[0].path)
+    changed = scan(tiny, from_folder(tmp_path / "imgs"), targets, tmp_path / "run",
+                   batch_size=4, workers=0, progress=False)
+    assert not np.allclose(changed.activations[0], result.activations[0])
+
+
+def test_topn_mode_equals_full_ranking(tmp_path, tiny):
+    _make_images(tmp_path / "imgs", 30)
+    images = from_folder(tmp_path / "imgs")
+    targets = parse_targets(["fc:*"], tiny)
+    full = scan(tiny, images, targets, tmp_path / "a", batch_size=4, chunk_batches=1,
+                workers=0, progress=False, mode="full")
+    top = scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
+               workers=0, progress=False, mode="topn", top_n=7)
+    assert top.activations is None
+    for t in range(5):
+        i_full, v_full = full.top(t, 7)
+        i_top, v_top = top.top(t, 7)
+        np.testing.assert_array_equal(i_full, i_top)
+        np.testing.assert_allclose(v_full, v_top)
+
+
+def test_bad_files_are_counted_and_listed(tmp_path, tiny):
+    _make_images(tmp_path / "imgs", 6)
+    (tmp_path / "imgs/red thing/empty.jpg").write_bytes(b"")
+    (tmp_path / "imgs/red thing/noise.jpg").write_bytes(os.urandom(500))
+    good = tmp_path / "imgs/blue thing/img000.png"
+    (tmp_path / "imgs/blue thing/cut.png").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "imgs/blue thing/notes.png").write_text("hello")
+    images = from_folder(tmp_path / "imgs")
+    result = scan(tiny, images, parse_targets(["fc:0"], tiny), tmp_path / "run", batch_size=3,
+                  workers=2, progress=False)
+    bad = {Path(b["path"]).name: b["reason"] for b in result.bad}
+    assert set(bad) == {"empty.jpg", "noise.jpg", "cut.png", "notes.png"}
+    assert all(bad.values())
+    assert result.valid.sum() == 6
+    rows = [i for i, p in enumerate(result.paths) if Path(p).name in bad]
+    assert np.isnan(result.activations[rows]).all() and not result.valid[rows].any()
+
+
+def test_shards_merge_to_the_same_arrays(tmp_path, tiny):
+    _make_images(tmp_path / "imgs", 25)
+    images = from_folder(tmp_path / "imgs")
+    targets = parse_targets(["fc:*"], tiny)
+    whole = scan(tiny, images, targets, tmp_path / "a", batch_size=4, chunk_batches=1,
+                 workers=0, progress=False)
+    assert scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
+                workers=0, progress=False, shard=(0, 2)) is None
+    merged = scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
+                  workers=0, progress=False, shard=(1, 2))
+    np.testing.assert_array_equal(whole.activations, merged.activations)
+    np.testing.assert_array_equal(whole.codes, merged.codes)
+
+
+@pytest.mark.slow
+def test_real_model_on_imagenette(imagenette, lite0):
+    classes = sorted(p for p in imagenette.iterdir() if p.is_dir())[:2]
+    images = from_folder(imagenette)
+    chosen = [it for it in images.items if Path(it.path).parent in classes]
+    items = tuple(chosen[:12] + chosen[-12:])
+    sub = ImageList(items, "subset")
+    targets = parse_targets(["_fc:*"], lite0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = scan(lite0, sub, targets, tmp, batch_size=8, workers=1, progress=False)
+        x = torch.stack([lite0.preprocess.to_tensor(load_rgb(it.path)) for it in items])
+        feats = {}
+        h = lite0.module._fc.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
+        try:
+            with torch.inference_mode():
+                logits = lite0(x)
+        finally:
+            h.remove()
+        np.testing.assert_allclose(result.activations, logits.numpy(), atol=1e-5)
+        np.testing.assert_allclose(result.codes, feats["code"].numpy(), atol=1e-5)
+        assert result.labels[0] == classes[0].name  # WordNet id folders give labels
+        # most images have their own class in the top 5 (published top-5: ~94 %)
+        wnids = np.array([lite0.classes.lookup(lbl) for lbl in result.labels])
+        top5 = np.argsort(-result.activations, 1)[:, :5]
+        assert np.mean((top5 == wnids[:, None]).any(1)) > 0.8
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from mfv.images import open_images
+    from mfv.models import load_model
+    from mfv.scan import scan
+    from mfv.targets import parse_targets
+    model = load_model("efficientnet_lite0")
+    images = open_images(sys.argv[1])
+    scan(model, images, parse_targets(["_fc:*", "_blocks.10:5"], model), sys.argv[2],
+         batch_size=4, chunk_batches=1, workers=0, progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path, imagenette):
+    files = sorted((imagenette / "n03888257").iterdir())[:40]
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join(str(f) for f in files))
+    script = tmp_path / "scan.py"
+    script.write_text(SCRIPT)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(listing), str(run)])
+    deadline = time.time() + 120
+    while len(list((run / "scan/chunks").glob("*.json"))) < 3 and time.time() < deadline:
+        assert proc.poll() is None, "scan finished before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((run / "scan/chunks").glob("*.json")))
+    assert 3 <= done_before < 10
+    subprocess.run([sys.executable, str(script), str(listing), str(run)], check=True)
+    subprocess.run([sys.executable, str(script), str(listing), str(tmp_path / "clean")],
+                   check=True)
+    resumed, clean = ScanResult.load(run / "scan"), ScanResult.load(tmp_path / "clean/scan")
+    np.testing.assert_array_equal(resumed.activations, clean.activations)
+    np.testing.assert_array_equal(resumed.codes, clean.codes)
+    assert resumed.manifest["images"] == clean.manifest["images"]
