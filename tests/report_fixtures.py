@@ -1,0 +1,264 @@
+"""A fake run directory and results dict for report tests (no model needed).
+
+`make_fake_run(root)` writes small PNG inputs under root/inputs (one named with a `<script>`
+tag, one broken, one listed but missing), generated images under root/run/targets, and
+returns (run_dir, results) following schema mfv.results/1. `drop_stages` strips the results
+back to what an earlier stage would have written. `open_report` and the helpers after it
+drive any report in headless Chromium (Playwright); the demo's browser test can reuse them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+EVIL_NAME = "x<script>alert(1)<\\script> & \"q\" 'a'.png"
+EVIL_LABEL = "<img src=x onerror=alert(2)>"
+EVIL_CLASS = "<script>alert(3)</script>"
+ODD_VIS_NAME = "facet00 #1 %20.png"  # needs URL quoting to load
+
+
+def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 48) -> None:
+    rng = np.random.default_rng(seed)
+    a = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
+    """Inputs under root/inputs, a run at root/run with every stage done; see module doc."""
+    root = Path(root)
+    run = root / "run"
+    colours = [(200, 60, 50), (60, 160, 70), (60, 80, 200)]
+    seed = 0
+
+    def inputs(cls: str, n: int, colour: tuple[int, int, int]) -> list[str]:
+        nonlocal seed
+        out = []
+        for k in range(n):
+            rel = f"inputs/{cls}/{cls}_{k:02d}.png"
+            seed += 1
+            _png(root / rel, colour, seed)
+            out.append(rel)
+        return out
+
+    def generated(rel: str, colour: tuple[int, int, int], size: int = 64) -> str:
+        nonlocal seed
+        seed += 1
+        _png(run / rel, colour, seed, size)
+        return rel
+
+    evil = f"inputs/odd/{EVIL_NAME}"
+    _png(root / evil, (230, 200, 40), 999)
+    broken = "inputs/odd/broken.png"
+    (root / broken).write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    missing = "inputs/odd/missing.png"
+    absolute = str((root / "inputs" / "abs_one.png").resolve())
+    _png(Path(absolute), (90, 90, 90), 777)
+
+    def target(i: int, spec: str, sizes: list[int], class_name: str | None) -> dict[str, Any]:
+        slug = f"t{i:02d}_fake"
+        facets, points = [], []
+        for r, n in enumerate(sizes):
+            members = inputs(f"t{i}f{r}", n, colours[r % 3])
+            if i == 0 and r == 0:
+                members[1] = evil
+                members[4:4] = [broken, missing]  # inside the strip of 12
+            if i == 1 and r == 0:
+                members.append(absolute)
+            reps = members[:3]
+            vis_name = ODD_VIS_NAME if (i == 0 and r == 0) else f"facet{r:02d}_paper-mean.png"
+            facets.append({
+                "rank": r, "size": len(members), "members": members, "representatives": reps,
+                "mean_image": generated(f"targets/{slug}/facet{r:02d}_mean.png", colours[r % 3]),
+                "activation_real": {"mean": 3.0 + r, "max": 9.5 + r},
+                "visualizations": {
+                    "paper-mean": {
+                        "path": generated(f"targets/{slug}/{vis_name}", colours[r % 3], 96),
+                        "activation": 20.0 + r, "trace": None,
+                    }
+                },
+                "metrics": {"activation_ratio": 2.1 - 0.1 * r, "fidelity": r != 2,
+                            "fidelity_margin": 0.12},
+            })
+            cx, cy = 12.0 * math.cos(2.1 * r), 12.0 * math.sin(2.1 * r)
+            for k, path in enumerate(members):
+                angle = 2 * math.pi * k / len(members)
+                rad = 2.5 + (k % 2)
+                points.append({"path": path, "x": cx + rad * math.cos(angle),
+                               "y": cy + rad * math.sin(angle), "facet": r,
+                               "activation": 5.0 + 0.1 * k,
+                               "label": EVIL_LABEL if path == evil else f"class{r}"})
+        baselines = {"paper-mean": [
+            {"path": generated(f"targets/{slug}/random{k:02d}_paper-mean.png", (128, 128, 128)),
+             "activation": 11.0 + k} for k in range(len(sizes))
+        ]}
+        return {
+            "spec": spec, "slug": slug, "class_index": None if class_name is None else 3,
+            "class_name": class_name,
+            "selection": {"policy": "top", "n": sum(sizes), "top_n": 200},
+            "activation_max_real": 12.5, "k_requested": len(sizes), "k_chosen": len(sizes),
+            "map": points, "facets": facets, "baselines": baselines,
+            "metrics": {"diversity": 0.41, "diversity_random": 0.22},
+        }
+
+    targets = [
+        target(0, "_fc:0 + _fc:701", [20, 6, 5], None),
+        target(1, f"conv:3 <b>bold</b> {EVIL_CLASS}", [5, 4], EVIL_CLASS),
+    ]
+    results: dict[str, Any] = {
+        "schema": "mfv.results/1", "mfv_version": "0.1.0",
+        "created": "2026-11-26T15:00:00Z", "updated": "2026-11-26T15:05:00Z",
+        "stages": {"scan": "done", "facets": "done", "render": "done", "evaluate": "done",
+                   "report": "done"},
+        "model": {"name": "tinynet", "preprocess": {"input_size": 32, "mean": [0.5] * 3},
+                  "logits_layer": "fc", "num_classes": 5},
+        "data": {"source": "folder inputs", "base": str(root.resolve()), "n_images": 60,
+                 "n_valid": 58, "fingerprint": "sha256:" + "ab" * 32,
+                 "skipped": [{"path": f"inputs/{EVIL_CLASS}.jpg", "reason": "truncated file"},
+                             {"path": "inputs/empty.png", "reason": "empty file (0 bytes)"}]},
+        "settings": {"targets": [t["spec"] for t in targets], "facets": 3, "mean_of": 3,
+                     "recipes": ["paper-mean"], "steps": None, "seed": 0, "device": "cpu",
+                     "note": EVIL_CLASS},
+        "versions": {"python": "3.11", "torch": "2.13.0", "mfv": "0.1.0"},
+        "timings": {"scan": 1.5, "facets": 0.7, "render": 75.0, "evaluate": 0.2},
+        "targets": targets,
+    }
+    return run, results
+
+
+def drop_stages(results: dict[str, Any], keep: str) -> dict[str, Any]:
+    """A copy of `results` as written after stage `keep` ("scan" or "facets")."""
+    out = copy.deepcopy(results)
+    out["stages"] = {s: ("done" if s in ("scan", keep) else "missing")
+                     for s in ("scan", "facets", "render", "evaluate", "report")}
+    for t in out["targets"]:
+        t.pop("baselines", None)
+        t.pop("metrics", None)
+        if keep == "scan":
+            for k in ("map", "facets", "k_chosen"):
+                t.pop(k, None)
+        for f in t.get("facets") or []:
+            f.pop("visualizations", None)
+            f.pop("metrics", None)
+    return out
+
+
+# ----------------------------------------------------------------------------- browser checks
+# Reusable for any report (the demo's too): real headless Chromium driven by Playwright.
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+_WAIT_IMAGES_JS = """async () => {
+  const imgs = [...document.images];
+  imgs.forEach(i => { i.loading = "eager"; });
+  const settle = i => new Promise(res => {
+    if (i.complete) return res();
+    i.addEventListener("load", res, {once: true});
+    i.addEventListener("error", res, {once: true});
+  });
+  const timeout = new Promise(res => setTimeout(res, 15000));
+  await Promise.race([Promise.all(imgs.map(settle)), timeout]);
+  return {n: imgs.length, bad: imgs.filter(i => !(i.naturalWidth > 0)).map(i => i.src)};
+}"""
+
+
+def chromium_path() -> str:
+    """Debian's chromium ($MFV_CHROMIUM to override); a clear error when it is missing."""
+    path = os.environ.get("MFV_CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).is_file():
+        raise RuntimeError(f"headless Chromium not found at {path}: install the Debian package "
+                           "`chromium` (apt-get install -y chromium) or set MFV_CHROMIUM")
+    return path
+
+
+@dataclass
+class ReportPage:
+    """An opened report page and everything it reported while open."""
+
+    page: Any
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def open_report(index_html: Path, width: int = 1280, height: int = 900) -> Iterator[ReportPage]:
+    """Open `index_html` from file:// in headless Chromium; dialogs are recorded and dismissed."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        raise RuntimeError("the browser tests need Playwright: pip install playwright") from exc
+    exe = chromium_path()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            rp = ReportPage(page)
+            page.on("console", lambda m: m.type == "error" and rp.console_errors.append(m.text))
+            page.on("pageerror", lambda e: rp.page_errors.append(str(e)))
+            page.on("request", lambda r: rp.requests.append(r.url))
+
+            def on_dialog(d: Any) -> None:
+                rp.dialogs.append(d.message)
+                d.dismiss()
+
+            page.on("dialog", on_dialog)
+            page.goto(Path(index_html).resolve().as_uri(), wait_until="load")
+            yield rp
+        finally:
+            browser.close()
+
+
+def images_not_loaded(page: Any) -> tuple[int, list[str]]:
+    """(number of <img>, those that failed to load), loading lazy ones too."""
+    out = page.evaluate(_WAIT_IMAGES_JS)
+    return out["n"], out["bad"]
+
+
+def map_points(page: Any, section_id: str) -> list[dict[str, Any]]:
+    """The tooltip data of a target's map points, as embedded in the page."""
+    return page.evaluate(
+        "sid => JSON.parse(document.getElementById('mfv-data').textContent)"
+        ".targets[sid].points", section_id)
+
+
+def hover_point(page: Any, section_id: str, index: int) -> dict[str, Any]:
+    """Hover map point `index`; return what the tooltip shows (image src, loaded, text)."""
+    section = page.locator(f"section.target[id='{section_id}']")
+    section.locator(f"svg.map .pt[data-i='{index}']").hover()
+    tip = section.locator(".tip")
+    tip.wait_for(state="visible", timeout=5000)
+    img = tip.locator("img")
+    shown: dict[str, Any] = {"text": tip.inner_text(), "path": tip.locator(".path").inner_text()}
+    if img.count():
+        img.evaluate("i => i.complete || new Promise(r => { i.onload = i.onerror = () => r(1); })")
+        shown["src"] = img.get_attribute("src")
+        shown["natural_width"] = img.evaluate("i => i.naturalWidth")
+    return shown
+
+
+def highlighted(page: Any, section_id: str) -> dict[str, Any]:
+    """Which map points are highlighted, and the opacity of the most and least visible one,
+    once transitions have settled."""
+    page.wait_for_timeout(300)
+    return page.evaluate("""sid => {
+      const pts = [...document.querySelectorAll(`section.target[id='${sid}'] svg.map .pt`)];
+      const op = p => +getComputedStyle(p).opacity;
+      const on = pts.filter(p => p.classList.contains('on'));
+      const off = pts.filter(p => !p.classList.contains('on'));
+      return {on: on.map(p => +p.dataset.i), facets: [...new Set(on.map(p => +p.dataset.f))],
+              on_opacity: on.length ? Math.min(...on.map(op)) : null,
+              off_opacity: off.length ? Math.max(...off.map(op)) : null};
+    }""", section_id)
