@@ -1,0 +1,1 @@
+"""Image parameterizations and regularizers for rendering (activation maximization)."""

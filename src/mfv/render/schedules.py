@@ -1,0 +1,90 @@
+"""The paper's octave schedules as data (paper-spec §2.6), executed or as written.
+
+Numbers are those of the authors' scripts `act_max.tvd.mean.py` (mean-image start) and
+`act_max.tvd.center.py` (center-biased regularization), for CaffeNet at 227 px in the 0..255
+domain. mfv keeps the 0..255 domain, so step sizes and TV weights mean what they meant, and scales
+sizes and margins with the model's input size (`margin` is given at 227 px).
+
+The scripts were Python 2, which changes two things (`quirks=True`, the default, reproduces them):
+- an all-integer step ramp (mean octave 1: 1 → 2) uses integer division, so the step stays 1;
+- the TV weight is computed as `start - (start - end*i) / n`, which ramps from ≈start to
+  ≈start+end rather than from start to end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mfv.errors import MfvError
+
+
+@dataclass(frozen=True)
+class Octave:
+    """One octave: optional upscale, then `iters` normalized-gradient steps on jittered crops."""
+
+    iters: int
+    step: tuple[float, float]  # start, end (ints stay ints: see `quirks`)
+    tv_weight: tuple[float, float]
+    window: float  # crop offset sd as a fraction of the slack
+    scale: float | None = None  # upscale the canvas before the octave
+    margin: int = 0  # gradient mask width at 227 px
+    objective: str = "target"  # "target", or "prob": softmax probability of a class target
+
+    def step_size(self, i: int, quirks: bool = True) -> float:
+        start, end = self.step
+        if quirks and all(isinstance(v, int) for v in self.step):
+            return start + ((end - start) * i) // self.iters  # Python 2 integer division
+        return start + ((end - start) * i) / self.iters
+
+    def tv(self, i: int, quirks: bool = True) -> float:
+        start, end = self.tv_weight
+        if quirks:
+            return start - (start - end * i) / self.iters
+        return start + (end - start) * i / self.iters
+
+    def scaled(self, factor: float) -> Octave:
+        """The same octave with its iteration count scaled (at least two steps: with one, the
+        executed TV ramp `start·(1 − 1/n)` would give weight 0, i.e. infinite smoothing)."""
+        return Octave(max(2, round(self.iters * factor)), self.step, self.tv_weight, self.window,
+                      self.scale, self.margin, self.objective)
+
+
+PAPER_MEAN = (
+    Octave(190, (1, 2), (0.4, 0.4), 0.3),
+    Octave(150, (1.0, 1.0), (0.01, 2.0), 0.3, scale=1.2),
+    Octave(20, (2.0, 2.0), (0.1, 2.0), 0.2, scale=1.0, margin=50),
+    Octave(10, (2.0, 2.0), (0.4, 2.0), 0.3),
+)
+
+PAPER_CENTER = (
+    Octave(190, (11.0, 11.0), (0.001, 0.05), 0.3, objective="prob"),
+    Octave(150, (6.0, 6.0), (0.01, 0.08), 0.3, scale=1.2, objective="prob"),
+    Octave(150, (1.0, 1.0), (0.01, 2.0), 0.3, scale=1.2),
+    Octave(30, (3.0, 3.0), (0.1, 2.0), 0.1, scale=1.0, margin=50),
+    Octave(10, (6.0, 3.0), (0.01, 2.0), 0.3),
+)
+
+SCHEDULES = {"paper-mean": PAPER_MEAN, "paper-center": PAPER_CENTER}
+
+
+def schedule(name: str, steps: int | None = None) -> tuple[Octave, ...]:
+    """A named schedule, optionally with its iterations rescaled to about `steps` in total."""
+    if name not in SCHEDULES:
+        raise MfvError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    octaves = SCHEDULES[name]
+    if steps is None:
+        return octaves
+    if steps < 2 * len(octaves):
+        raise MfvError(f"{name} needs at least {2 * len(octaves)} steps (two per octave)")
+    factor = steps / sum(o.iters for o in octaves)
+    return tuple(o.scaled(factor) for o in octaves)
+
+
+def canvas_sizes(octaves: tuple[Octave, ...], size: int) -> list[int]:
+    """Canvas size during each octave: 227 → 272 → 326 for CaffeNet."""
+    sizes = []
+    for octave in octaves:
+        if octave.scale is not None:
+            size = round(size * octave.scale)
+        sizes.append(size)
+    return sizes
