@@ -55,10 +55,19 @@ class Target:
     terms: tuple[Term, ...]
     reduction: str = "center"
     class_index: int | None = None  # set when the target is one logit of a classifier
+    _logit_units: tuple[int, ...] = ()  # positively weighted logits, when all terms are logits
 
     @property
     def layers(self) -> list[LayerRef]:
         return list(dict.fromkeys(t.layer for t in self.terms))
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """Classes whose images drive this target: its positively weighted logits (empty unless
+        every term is a class logit), e.g. (0, 701) for "_fc:0 + _fc:701"."""
+        if self.class_index is not None:
+            return (self.class_index,)
+        return self._logit_units
 
     def to_dict(self) -> dict:
         return {"spec": self.spec, "reduction": self.reduction, "class_index": self.class_index,
@@ -280,7 +289,9 @@ def parse_target(spec: str, model: LoadedModel, reduction: str = "center",
         terms.append(Term(s * weight, ref, unit))
         classes.append(class_index)
     single_class = classes[0] if len(terms) == 1 and terms[0].weight > 0 else None
-    return Target(spec.strip(), tuple(terms), reduction, single_class)
+    logit_units = (tuple(c for c, t in zip(classes, terms, strict=True) if t.weight > 0)
+                   if all(c is not None for c in classes) else ())
+    return Target(spec.strip(), tuple(terms), reduction, single_class, logit_units)
 
 
 def _units(model: LoadedModel, ref: LayerRef, shapes: dict[str, int]) -> int:

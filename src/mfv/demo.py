@@ -1,0 +1,70 @@
+"""`mfv demo`: the whole pipeline offline, on EfficientNet-Lite0 and scikit-image's photos.
+
+The pool is several hundred crops of the photos in scikit-image's wheel. The demo scans it for
+every class logit and every channel of a middle block, then picks neurons the pool can serve:
+class logits that are the top-1 prediction of many crops (from different photos when possible),
+and channels whose most activating crops come from several different photos (multifaceted
+within this pool). Settings are scaled down to finish in a few minutes on a laptop CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mfv.pipeline import Run, run
+from mfv.scan import ScanResult
+from mfv.settings import Settings
+
+DEMO_DEFAULTS = {
+    "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",
+    "scan_targets": ("_fc:*", "_blocks.10:*"), "selection": "top", "top_n": 60, "facets": 3,
+    "mean_of": 10, "steps": 80, "recipes": ("paper-mean",), "batch_size": 16,
+}
+MIN_CROPS = 20
+
+
+def choose_targets(result: ScanResult, n_classes: int = 3, n_channels: int = 2) -> list[str]:
+    """Class logits and mid-layer channels that the scanned pool serves well."""
+    acts, valid = result.activations, result.valid
+    specs = result.targets
+    photos = np.array([label or "" for label in result.labels])
+    logit_cols = [i for i, s in enumerate(specs) if s.startswith("_fc:")]
+    top1 = np.array(logit_cols)[np.argmax(acts[:, logit_cols], axis=1)]
+    top1 = np.where(valid, top1, -1)
+    counts = {c: int(np.sum(top1 == c)) for c in set(top1.tolist()) if c >= 0}
+    chosen, used_photos = [], set()
+    for col in sorted(counts, key=lambda c: (-counts[c], c)):
+        if counts[col] < MIN_CROPS or len(chosen) == n_classes:
+            break
+        labels, freq = np.unique(photos[top1 == col], return_counts=True)
+        main_photo = labels[np.argmax(freq)]
+        if main_photo in used_photos and len(counts) > n_classes:
+            continue
+        used_photos.add(main_photo)
+        chosen.append(specs[col])
+    channel_cols = [i for i, s in enumerate(specs) if not s.startswith("_fc:")]
+    scored = []
+    for col in channel_cols:
+        values = np.where(valid, acts[:, col], -np.inf)
+        top = np.argsort(-values, kind="stable")[:DEMO_DEFAULTS["top_n"]]
+        if np.sum(values[top] > 0) < DEMO_DEFAULTS["top_n"]:
+            continue
+        _, freq = np.unique(photos[top], return_counts=True)
+        p = freq / freq.sum()
+        scored.append((float(-(p * np.log(p)).sum()), -col, specs[col]))
+    chosen += [spec for _, _, spec in sorted(scored, reverse=True)[:n_channels]]
+    return chosen
+
+
+def demo(settings: Settings | None = None) -> dict:
+    """Run the demo; options the user set (e.g. `out`, `steps`, `device`) override the preset."""
+    defaults = Settings()
+    preset = Settings(**{**defaults.to_dict(), "progress": True, **DEMO_DEFAULTS})
+    if settings is not None:
+        changed = {k: v for k, v in settings.to_dict().items()
+                   if v != getattr(defaults, k) and k not in ("targets", "scan_targets")}
+        preset = preset.updated(**changed, progress=settings.progress)
+    scanning = Run(preset.updated(targets=()))
+    chosen = choose_targets(scanning.scan())
+    print("demo targets: " + ", ".join(chosen))
+    return run(preset.updated(targets=tuple(chosen)), until="report")

@@ -1,0 +1,121 @@
+"""End to end: `mfv run` on real photos with the real model; results.json against its schema;
+stages reuse finished work; user errors exit cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+from mfv.cli import main
+from mfv.pipeline import slugify
+from mfv.render.schedules import schedule
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = {"n01440764": 0, "n03888257": 701}  # tench, parachute
+
+
+@pytest.fixture(scope="module")
+def two_classes(tmp_path_factory, imagenette) -> Path:
+    """12 photos each of tench and parachute, as a class-subfolder tree of links."""
+    root = tmp_path_factory.mktemp("imgs")
+    for wnid in CLASSES:
+        (root / wnid).mkdir()
+        for f in sorted((imagenette / wnid).iterdir())[:12]:
+            (root / wnid / f.name).symlink_to(f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, two_classes) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    code = main(["run", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
+                 "--facets", "2", "--mean-of", "4", "--steps", "10", "--out", str(out),
+                 "--quiet", "--seed", "3"])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_results_follow_the_schema_and_name_real_files(finished_run):
+    results = json.loads((finished_run / "results.json").read_text())
+    schema = json.loads((REPO / "docs" / "results.schema.json").read_text())
+    jsonschema.validate(results, schema)
+    assert all(v == "done" for v in results["stages"].values())
+    assert results["data"]["n_images"] == 24 and results["data"]["skipped"] == []
+    (target,) = results["targets"]
+    assert target["selection"]["policy"] == "class" and target["selection"]["n"] == 24
+    assert target["k_chosen"] == 2 and len(target["facets"]) == 2
+    assert sum(f["size"] for f in target["facets"]) == 24
+    # the constructed neuron's two facets are its two classes
+    assert target["metrics"]["recovery"]["ari"] == pytest.approx(1.0)
+    for facet in target["facets"]:
+        assert len(facet["representatives"]) == 4
+        assert all(os.path.exists(p) for p in facet["members"])
+        assert (finished_run / facet["mean_image"]).exists()
+        visual = facet["visualizations"]["paper-mean"]
+        assert Image.open(finished_run / visual["path"]).size == (269, 269)
+        steps = sum(o.iters for o in schedule("paper-mean", 10))
+        assert np.load(finished_run / visual["trace"]).shape == (steps,)
+        assert np.isfinite(visual["activation"])
+        assert set(facet["metrics"]["paper-mean"]) >= {"activation_ratio", "fidelity",
+                                                       "centre_dominance"}
+    assert len(target["baselines"]["paper-mean"]) == 2
+    assert (finished_run / "index.html").exists()
+
+
+@pytest.mark.slow
+def test_mean_image_is_the_mean_of_its_representatives(finished_run):
+    from mfv.facets import load_facets
+    from mfv.pipeline import Run
+    from mfv.settings import make_settings
+
+    results = json.loads((finished_run / "results.json").read_text())
+    run = Run(make_settings(**{**results["settings"], "progress": False}))
+    facet = results["targets"][0]["facets"][0]
+    pixels = run.load_pixels(facet["representatives"]).astype(np.float64)
+    stored = np.load(finished_run / "targets" / results["targets"][0]["slug"] /
+                     "facet00_mean.npy")
+    np.testing.assert_allclose(stored, pixels.mean(0), atol=1e-4)
+    loaded = load_facets(finished_run / "facets" / results["targets"][0]["slug"])
+    assert loaded.facets[0].size == facet["size"]
+
+
+@pytest.mark.slow
+def test_stages_reuse_finished_work(finished_run, two_classes, capsys):
+    render_index = next((finished_run / "targets").glob("*/render.json"))
+    before = render_index.stat().st_mtime_ns
+    scan_before = (finished_run / "scan" / "manifest.json").stat().st_mtime_ns
+    code = main(["render", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
+                 "--facets", "2", "--mean-of", "4", "--steps", "10", "--out",
+                 str(finished_run), "--quiet", "--seed", "3"])
+    assert code == 0
+    assert render_index.stat().st_mtime_ns == before
+    assert (finished_run / "scan" / "manifest.json").stat().st_mtime_ns == scan_before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "_blocks.99:1"], "has no layer '_blocks.99'"),
+    (["--target", "_fc:1000"], "valid units are 0..999"),
+    (["--target", "crane"], "matches several classes"),
+    (["--target", "tench", "--images", "/no/such/folder"], "images not found"),
+    (["--target", "tench", "--facets", "0"], "at least 1"),
+])
+def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
+    base = ["run", "--out", str(tmp_path / "r"), "--quiet", "--images", str(tmp_path)]
+    code = main(base + args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+
+
+def test_slugs_stay_inside_the_run_directory():
+    for spec in ["../../etc/passwd", "/abs:1", "a b\\c:3", "<script>", ""]:
+        slug = slugify(7, spec)
+        assert "/" not in slug and "\\" not in slug and ".." not in slug
+        assert slug.startswith("t07_")
