@@ -1,0 +1,300 @@
+"""Facets stage core: selection, PCA + t-SNE + k-means clustering, options, storage."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from mfv.errors import MfvError
+from mfv.facets import (
+    FacetResult,
+    facet_mean_images,
+    find_facets,
+    load_facets,
+    mean_image,
+    save_facets,
+    select_images,
+)
+
+
+def blobs(n: int, k: int, dim: int = 1280, sep: float = 15.0, seed: int = 0):
+    """n unit-variance Gaussian codes around k near-orthogonal centres about `sep` apart."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, dim))
+    centres *= sep / np.sqrt(2) / np.linalg.norm(centres, axis=1, keepdims=True)
+    truth = np.arange(n) % k
+    rng.shuffle(truth)
+    codes = rng.normal(size=(n, dim)) + centres[truth]
+    acts = rng.uniform(0.5, 2.0, size=n)
+    return codes.astype(np.float32), acts, truth
+
+
+def facet_labels(result: FacetResult, n_rows: int) -> np.ndarray:
+    """Facet rank of every original row (-1 for rows not selected), built from the members."""
+    labels = np.full(n_rows, -1)
+    for f in result.facets:
+        labels[f.members] = f.rank
+    return labels
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_class_top_and_auto():
+    acts = np.array([0.5, 3.0, -1.0, 2.0, 0.0, 3.0])
+    labels = np.array([1, 2, 1, 2, 2, 0])
+    assert select_images(acts, labels, 2, "class").tolist() == [1, 3, 4]
+    # top: positive activations only, highest first, ties to the lower index
+    assert select_images(acts, None, None, "top", top_n=3).tolist() == [1, 5, 3]
+    assert select_images(acts, None, None, "top", top_n=100).tolist() == [1, 5, 3, 0]
+    assert select_images(acts, labels, 1, "auto").tolist() == [0, 2]
+    # auto falls back to top when the class has no images or there are no labels
+    assert select_images(acts, labels, 7, "auto", top_n=2).tolist() == [1, 5]
+    assert select_images(acts, None, 1, "auto", top_n=2).tolist() == [1, 5]
+
+
+def test_select_errors_name_the_target():
+    acts = np.array([0.0, -1.0, 0.0])
+    with pytest.raises(MfvError, match="no image activates unit 7"):
+        select_images(acts, None, None, "top", name="unit 7")
+    with pytest.raises(MfvError, match="no image has the class of tench"):
+        select_images(np.ones(3), np.array([1, 1, 2]), 0, "class", name="tench")
+    with pytest.raises(MfvError, match="needs image labels"):
+        select_images(np.ones(3), None, 0, "class")
+    with pytest.raises(MfvError, match="unknown selection policy"):
+        select_images(np.ones(3), None, None, "best")
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize("k_true", [2, 3])
+def test_recovers_blobs_with_true_k_and_auto_k(k_true):
+    codes, acts, truth = blobs(300, k_true)
+    fixed = find_facets(codes, acts, k=k_true, seed=0)
+    assert len(fixed.facets) == k_true
+    assert adjusted_rand_score(truth, facet_labels(fixed, 300)) >= 0.95
+
+    auto = find_facets(codes, acts, k="auto", seed=0)
+    assert auto.k_chosen == k_true
+    assert len(auto.facets) == k_true
+    assert sorted(auto.scores) == list(range(2, 11))
+    assert max(auto.scores, key=auto.scores.get) == k_true
+    assert adjusted_rand_score(truth, facet_labels(auto, 300)) >= 0.95
+
+
+def test_members_are_original_indices_and_ranked_by_size():
+    codes, acts, truth = blobs(400, 3, dim=256, seed=1)
+    rng = np.random.default_rng(2)
+    # an uneven subset, in shuffled order: 120 of blob 0, 60 of blob 1, 30 of blob 2
+    idx = np.concatenate([np.flatnonzero(truth == c)[:s] for c, s in [(0, 120), (1, 60), (2, 30)]])
+    rng.shuffle(idx)
+    res = find_facets(codes, acts, idx, k=3, m=15, embedding="pca", seed=0)
+    assert np.array_equal(res.selected, idx)
+    assert [f.size for f in res.facets] == [120, 60, 30]
+    assert [f.rank for f in res.facets] == [0, 1, 2]
+    for f in res.facets:
+        assert np.unique(truth[f.members]).size == 1  # members index the original list
+        assert np.all(np.isin(f.representatives, f.members))
+        assert f.code_centre.shape == (256,)
+        np.testing.assert_allclose(f.code_centre, codes[f.members].mean(0), rtol=1e-5, atol=1e-5)
+        assert f.activation_max == pytest.approx(acts[f.members].max())
+        assert f.activation_mean == pytest.approx(acts[f.members].mean())
+    assert res.coords_2d.shape == (210, 2)
+    assert np.array_equal(facet_labels(res, 400)[idx], res.assignment)
+
+
+def test_representatives_are_nearest_the_centre_and_small_facets_give_all():
+    codes, acts, truth = blobs(110, 2, dim=128, seed=3)
+    idx = np.concatenate([np.flatnonzero(truth == 0), np.flatnonzero(truth == 1)[:20]])
+    first = find_facets(codes, acts, idx, k=2, seed=0, tsne_iter=500)
+    small_size = min(f.size for f in first.facets)
+    m = small_size + 1  # m only picks representatives; the clustering does not depend on it
+    res = find_facets(codes, acts, idx, k=2, m=m, seed=0, tsne_iter=500)
+    big, small = res.facets
+    assert big.size > m > small.size
+    assert set(small.representatives.tolist()) == set(small.members.tolist())
+    for f in res.facets:
+        rows = np.flatnonzero(res.assignment == f.rank)
+        np.testing.assert_allclose(f.centre_2d, res.coords_2d[rows].mean(0))
+        dist = np.linalg.norm(res.coords_2d[rows] - f.centre_2d, axis=1)
+        expected = res.selected[rows[np.argsort(dist, kind="stable")[:m]]]
+        assert len(f.representatives) == min(m, f.size)
+        assert np.array_equal(f.representatives, expected)  # nearest first
+
+
+def test_deterministic_for_same_seed():
+    codes, acts, _ = blobs(150, 3, dim=200, seed=4)
+    a = find_facets(codes, acts, k="auto", seed=5, tsne_iter=500)
+    b = find_facets(codes, acts, k="auto", seed=5, tsne_iter=500)
+    assert np.array_equal(a.coords_2d, b.coords_2d)
+    assert np.array_equal(a.assignment, b.assignment)
+    assert a.scores == b.scores
+    for fa, fb in zip(a.facets, b.facets, strict=True):
+        assert np.array_equal(fa.members, fb.members)
+        assert np.array_equal(fa.representatives, fb.representatives)
+    c = find_facets(codes, acts, k="auto", seed=6, tsne_iter=500)
+    assert not np.array_equal(a.coords_2d, c.coords_2d)  # the seed is really used
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def test_merge_collapses_near_duplicates_of_one_blob():
+    codes, acts, _ = blobs(300, 1, seed=5)
+    auto = find_facets(codes, acts, k="auto", seed=0)  # merge is on by default for auto k
+    assert auto.k_chosen >= 2  # silhouette cannot pick 1 ...
+    assert len(auto.facets) == 1  # ... but the pieces of one blob are merged
+    assert auto.settings["merge"] is True
+    assert all(mg["separation"] < 0.5 for mg in auto.settings["merges"])
+
+
+def test_fixed_k_keeps_k_facets_unless_merge_is_asked():
+    codes, acts, truth = blobs(300, 3, seed=6)
+    paper = find_facets(codes, acts, k=10, seed=0, tsne_iter=500)
+    assert len(paper.facets) == 10 and paper.settings["merge"] is False
+    merged = find_facets(codes, acts, k=10, merge=True, seed=0, tsne_iter=500)
+    assert len(merged.facets) == 3
+    assert len(merged.settings["merges"]) == 7
+    assert adjusted_rand_score(truth, facet_labels(merged, 300)) >= 0.95
+
+
+def test_min_size_dissolves_small_clusters():
+    codes, acts, _ = blobs(300, 3, dim=128, seed=7)
+    res = find_facets(codes, acts, k=10, min_size=40, embedding="pca", seed=0)
+    sizes = [f.size for f in res.facets]
+    assert min(sizes) >= 40
+    assert sum(sizes) == 300
+    assert len(res.settings["dissolved"]) == 10 - len(sizes) > 0
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_pca_embedding_and_small_n():
+    codes, acts, truth = blobs(120, 3, dim=300, seed=8)
+    res = find_facets(codes, acts, k=3, embedding="pca", seed=0)
+    assert res.settings["embedding_used"] == "pca"
+    assert adjusted_rand_score(truth, facet_labels(res, 120)) >= 0.95
+    tiny = find_facets(codes[:7], acts[:7], k=2, seed=0)
+    assert tiny.settings["perplexity_used"] == pytest.approx(2.0)
+    assert sum(f.size for f in tiny.facets) == 7
+
+
+def test_sklearn_tsne_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openTSNE", None)  # import openTSNE now fails
+    codes, acts, truth = blobs(120, 2, dim=200, seed=9)
+    res = find_facets(codes, acts, k=2, seed=0, tsne_iter=500)
+    assert res.settings["embedding_used"] == "tsne (scikit-learn)"
+    assert res.settings["tsne_iter"] == 500
+    assert adjusted_rand_score(truth, facet_labels(res, 120)) >= 0.95
+
+
+def test_umap_without_umap_learn_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "umap", None)
+    codes, acts, _ = blobs(30, 2, dim=20)
+    with pytest.raises(MfvError, match="umap-learn"):
+        find_facets(codes, acts, k=2, embedding="umap")
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_more_facets_than_images_suggests_auto():
+    codes, acts, _ = blobs(8, 2, dim=20)
+    with pytest.raises(MfvError, match=r"10 facets but only 8 images.*--facets auto"):
+        find_facets(codes, acts, k=10, name="unit 3")
+
+
+@pytest.mark.parametrize("acts", [np.zeros(20), np.full(20, -2.0), np.full(20, 1.5)])
+def test_dead_target_is_an_error(acts):
+    codes, _, _ = blobs(20, 2, dim=20)
+    with pytest.raises(MfvError, match="no image activates conv5:12"):
+        find_facets(codes, acts, k=2, name="conv5:12")
+
+
+def test_identical_codes_give_one_facet_with_a_warning():
+    codes = np.ones((40, 16), np.float32)
+    acts = np.linspace(0.1, 1.0, 40)
+    with pytest.warns(UserWarning, match="identical"):
+        res = find_facets(codes, acts, k=10, m=5)
+    assert len(res.facets) == 1 and res.facets[0].size == 40
+    assert len(res.facets[0].representatives) == 5
+    # fewer distinct codes than k: k is lowered to the number of distinct codes
+    two = np.repeat(np.eye(2, 16, dtype=np.float32) * 5, 20, axis=0)
+    with pytest.warns(UserWarning, match="only 2 distinct codes"):
+        res = find_facets(two, acts, k=10)
+    assert sorted(f.size for f in res.facets) == [20, 20]
+
+
+def test_bad_arguments_are_clear_errors():
+    codes, acts, _ = blobs(30, 2, dim=20)
+    with pytest.raises(MfvError, match="unknown embedding"):
+        find_facets(codes, acts, embedding="mds")
+    with pytest.raises(MfvError, match="positive integer or 'auto'"):
+        find_facets(codes, acts, k=0)
+    with pytest.raises(MfvError, match="does not match"):
+        find_facets(codes, acts[:-1])
+    with pytest.raises(MfvError, match="indices must lie"):
+        find_facets(codes, acts, [0, 30], k=2)
+    bad = codes.copy()
+    bad[3, 0] = np.nan
+    with pytest.raises(MfvError, match="NaN"):
+        find_facets(bad, acts, k=2)
+
+
+# ----------------------------------------------------------------------------- mean images
+
+
+def test_mean_image_is_the_pixel_mean_of_the_representatives():
+    codes, acts, _ = blobs(100, 2, dim=64, seed=10)
+    res = find_facets(codes, acts, k=2, m=15, embedding="pca", seed=0)
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, size=(100, 8, 6, 3), dtype=np.uint8)
+    means = facet_mean_images(res, lambda ids: pool[ids])
+    for f, img in zip(res.facets, means, strict=True):
+        assert img.dtype == np.float32 and img.shape == (8, 6, 3)
+        expected = sum(pool[i].astype(np.float64) for i in f.representatives) / len(
+            f.representatives
+        )
+        np.testing.assert_allclose(img, expected, atol=1e-4)
+    as_float = mean_image(pool[:3].astype(np.float32))
+    np.testing.assert_allclose(as_float, pool[:3].mean(0), atol=1e-4)
+
+
+def test_mean_image_rejects_bad_input():
+    with pytest.raises(MfvError, match=r"\(m, H, W, 3\)"):
+        mean_image(np.zeros((4, 4, 3)))
+    with pytest.raises(MfvError, match="0..255"):
+        mean_image(np.full((2, 4, 4, 3), 300.0))
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_save_and_load_round_trip(tmp_path):
+    codes, acts, _ = blobs(120, 3, dim=64, seed=11)
+    res = find_facets(codes, acts, np.arange(5, 115), k="auto", embedding="pca", seed=0)
+    save_facets(res, tmp_path / "f")
+    doc = json.loads((tmp_path / "f" / "facets.json").read_text())
+    assert doc["k_requested"] == "auto" and len(doc["facets"]) == len(res.facets)
+    back = load_facets(tmp_path / "f")
+    assert back.k_requested == "auto" and back.k_chosen == res.k_chosen
+    assert back.scores == res.scores
+    assert back.settings == json.loads(json.dumps(res.settings))
+    assert np.array_equal(back.selected, res.selected)
+    assert np.array_equal(back.coords_2d, res.coords_2d)
+    assert np.array_equal(back.assignment, res.assignment)
+    for a, b in zip(res.facets, back.facets, strict=True):
+        assert (a.rank, a.activation_mean, a.activation_max) == (
+            b.rank,
+            b.activation_mean,
+            b.activation_max,
+        )
+        for name in ("members", "representatives", "centre_2d", "code_centre"):
+            assert np.array_equal(getattr(a, name), getattr(b, name)), name
+    assert not list((tmp_path / "f").glob("*.tmp"))
+    with pytest.raises(MfvError, match="missing facets.json"):
+        load_facets(tmp_path / "nothing")
