@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -114,3 +115,35 @@ def test_target_bank_equals_single_evaluations(tiny):
             singles = torch.stack([evaluate(t, acts) for t in targets], 1)
         assert values.shape == (3, 8)
         assert torch.allclose(values, singles, atol=1e-5)
+
+
+class TinyViT(torch.nn.Module):
+    """Patch embedding + one transformer block: token activations (B, N, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
+        self.block = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True,
+                                                      dropout=0.0)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, 16, 16)
+        return self.head(self.block(tokens).mean(1))
+
+
+def test_transformer_token_targets_and_rendering():
+    from mfv.models import Preprocess, load_model
+    from mfv.render.recipes import Job, render
+
+    torch.manual_seed(0)
+    vit = load_model(TinyViT(), preprocess=Preprocess(input_size=32, resize_size=32))
+    x = torch.rand(2, 3, 32, 32)
+    for reduction in ("center", "cls", "max", "mean"):
+        t = parse_target("block:5", vit, reduction=reduction)
+        values, _, acts = _values(vit, t, x)
+        assert acts["block"].shape == (2, 16, 16)
+        assert torch.allclose(values, reduce_unit(acts["block"], 5, reduction))
+    targets = [parse_target("block:5", vit, reduction="mean")]
+    result = render(vit, targets, [Job(0, None, 1)], "fourier", steps=15, progress=False)[0]
+    assert np.isfinite(result.activation) and result.trace[-1] > result.trace[0]

@@ -100,6 +100,19 @@ def _float(value: Any) -> float | None:
     return float(value) if value == value and abs(value) != float("inf") else None
 
 
+def _flatten(metrics: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested metrics ({recipe: {name: value}}) as readable rows: "name · recipe"."""
+    rows: list[tuple[str, Any]] = []
+    for key, value in metrics.items():
+        if isinstance(value, Mapping):
+            rows += _flatten(value, f"{key} · " if not prefix else f"{prefix}{key} · ")
+        elif isinstance(value, list):
+            rows.append((f"{prefix}{key}", ", ".join(_fmt(v) for v in value)))
+        else:
+            rows.append((f"{prefix}{key}", value))
+    return rows
+
+
 def _table(rows: Iterable[tuple[str, Any]], *, raw: bool = False) -> str:
     """A two-column key/value table; values are formatted and escaped unless `raw`."""
     body = "".join(
@@ -309,7 +322,7 @@ class Page:
             chips.append(f"max activation on real images {_fmt(t.get('activation_max_real'))}")
         if t.get("k_chosen") is not None:
             chips.append(f"{_fmt(t.get('k_chosen'))} facets (asked {_fmt(t.get('k_requested'))})")
-        for k, v in (t.get("metrics") or {}).items():
+        for k, v in _flatten(t.get("metrics") or {}):
             chips.append(f"{k} {_fmt(v)}")
         chip_html = "".join(f'<span class="chip">{_e(c)}</span>' for c in chips)
         cards = "".join(self.facet_card(f, j, activation) for j, f in enumerate(facets))
@@ -358,7 +371,7 @@ class Page:
         act = f.get("activation_real") or {}
         rows = [("activation on real, mean", act.get("mean")),
                 ("activation on real, max", act.get("max"))]
-        rows += list((f.get("metrics") or {}).items())
+        rows += _flatten(f.get("metrics") or {})
         return f"""<article class="card facet" data-facet="{rank}" style="--fc:{colour(rank)}"
  title="click to highlight this facet on the map">
 <header><span class="sw"></span><b>Facet {rank}</b>
