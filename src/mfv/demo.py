@@ -18,12 +18,12 @@ from mfv.settings import Settings
 DEMO_DEFAULTS = {
     "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",
     "scan_targets": ("_fc:*", "_blocks.10:*"), "selection": "top", "top_n": 60, "facets": 3,
-    "mean_of": 10, "steps": 80, "recipes": ("paper-mean",), "batch_size": 16,
+    "mean_of": 10, "steps": 60, "recipes": ("paper-mean",), "batch_size": 24,
 }
 MIN_CROPS = 20
 
 
-def choose_targets(result: ScanResult, n_classes: int = 3, n_channels: int = 2) -> list[str]:
+def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2) -> list[str]:
     """Class logits and mid-layer channels that the scanned pool serves well."""
     acts, valid = result.activations, result.valid
     specs = result.targets

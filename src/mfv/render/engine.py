@@ -50,12 +50,6 @@ class Objective:
         self.layers = list(dict.fromkeys([*self.bank.layers, *([self.logits] if
                                           self.logits else [])]))
 
-    def subset(self, rows: Sequence[int]) -> Objective:
-        other = object.__new__(Objective)
-        other.__dict__.update(self.__dict__)
-        other.assign, other.class_of = self.assign[list(rows)], self.class_of[list(rows)]
-        return other
-
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""
         with capture(self.model, self.layers) as store:
