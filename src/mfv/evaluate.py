@@ -56,12 +56,18 @@ def fidelity(codes: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def diversity(codes: np.ndarray) -> float:
-    """Mean pairwise cosine distance between codes (0 for identical images)."""
+    """Mean pairwise cosine distance between codes (0 for identical images).
+
+    Two all-zero codes (e.g. a dead post-ReLU layer) count as identical (distance 0), a zero
+    and a non-zero code as unrelated (distance 1).
+    """
     codes = np.asarray(codes, np.float64)
     if len(codes) < 2:
         return float("nan")
-    unit = codes / np.maximum(np.linalg.norm(codes, axis=1, keepdims=True), 1e-12)
-    sims = unit @ unit.T
+    norms = np.linalg.norm(codes, axis=1)
+    unit = codes / np.where(norms > 0, norms, 1.0)[:, None]
+    zero = norms == 0
+    sims = np.where(zero[:, None] & zero[None], 1.0, unit @ unit.T)
     upper = np.triu_indices(len(codes), 1)
     return float(np.mean(1 - sims[upper]))
 
@@ -141,6 +147,8 @@ def evaluate_run(run: Run) -> dict:
         by_recipe: dict[str, dict[str, list]] = {}
         for name in sorted(rendered):
             stem, recipe = name.split("_", 1)
+            if int(stem.removeprefix("facet").removeprefix("random")) >= len(facets.facets):
+                continue  # left by an earlier run of this directory with more facets
             image = np.asarray(Image.open(run.dir / "targets" / slug / rendered[name]["path"])
                                .convert("RGB"))
             group = by_recipe.setdefault(recipe, {"facet": [], "random": []})
