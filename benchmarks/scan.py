@@ -1,0 +1,127 @@
+"""Scan throughput against the bare model forward on pre-decoded tensors, on real photos.
+
+Usage: python benchmarks/scan.py [--images 640] [--batch-size 32] [--workers N] [--repeats 2]
+           [--threads N] [--model efficientnet_lite0] [--data ../shared/data/imagenette-train]
+
+Both sides run in one process on the same images at the same batch size:
+
+- forward: the images are decoded and preprocessed up front into one tensor, then
+  `model(x)` runs over batches under `torch.inference_mode()` (no hooks, nothing stored), at
+  torch's thread count and at the one the scan uses beside its decoding workers; the faster
+  counts, so the ratio cannot gain from a poor default;
+- scan: `mfv.scan.scan` from the files, for all 1000 logits and the penultimate codes, into a
+  fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge.
+
+The sides alternate `--repeats` times and the best time of each counts (least disturbed by other
+load). Prints images/s for both, their ratio (the acceptance goal is >= 0.9 on 2 CPU cores),
+and the machine: CPU count, torch threads, load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mfv.images import ImageList, from_folder, load_rgb
+from mfv.models import load_model
+from mfv.scan import _threads_beside_workers, scan
+from mfv.targets import parse_targets
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
+
+
+def _subset(images: ImageList, n: int) -> ImageList:
+    """n images spread evenly over the sorted collection (every class represented)."""
+    if n >= len(images):
+        return images
+    step = len(images) / n
+    items = tuple(images.items[int(i * step)] for i in range(n))
+    return ImageList(items, f"{n} of {images.source}")
+
+
+def _time_forward(model, x: torch.Tensor, batch_size: int) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for s in range(0, len(x), batch_size):
+            model(x[s:s + batch_size])
+    return time.perf_counter() - start
+
+
+def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int) -> float:
+    with tempfile.TemporaryDirectory() as run:
+        start = time.perf_counter()
+        result = scan(model, images, targets, run, batch_size=batch_size, workers=workers,
+                      progress=False)
+        seconds = time.perf_counter() - start
+    assert result is not None and not result.bad, "benchmark images should all decode"
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=640, help="how many photos (default 640)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None,
+                        help="scan decoding workers (default: scan()'s default)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for both sides (default: torch's own choice)")
+    parser.add_argument("--model", default="efficientnet_lite0")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model)
+    images = _subset(from_folder(args.data), args.images)
+    targets = parse_targets(["logits:*"], model)
+    n = len(images)
+    workers = (inspect.signature(scan).parameters["workers"].default if args.workers is None
+               else args.workers)
+    default_threads = torch.get_num_threads()
+    with _threads_beside_workers(model.device, workers):
+        scan_threads = torch.get_num_threads()
+    thread_counts = sorted({default_threads, scan_threads})
+    print(f"cpus={os.cpu_count()} torch threads={default_threads} (scan forward: {scan_threads})"
+          f" interop={torch.get_num_interop_threads()} device={model.device} "
+          f"load avg={_load()}")
+    print(f"model={args.model} images={n} batch={args.batch_size} targets={len(targets)} "
+          f"scan workers={workers}")
+
+    t0 = time.perf_counter()
+    x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in images])
+    x = x.to(model.device)
+    print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in one thread")
+    _time_forward(model, x[: args.batch_size * 2], args.batch_size)  # warm-up
+
+    forward: dict[int, list[float]] = {t: [] for t in thread_counts}
+    scanned = []
+    for _ in range(args.repeats):
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            forward[threads].append(n / _time_forward(model, x, args.batch_size))
+        torch.set_num_threads(default_threads)
+        scanned.append(n / _time_scan(model, images, targets, args.batch_size, workers))
+        print(f"  repeat done, load avg {_load()}", flush=True)
+    for threads, rates in forward.items():
+        print(f"forward, {threads} thread(s), img/s per run: "
+              + " ".join(f"{r:.1f}" for r in rates))
+    print("scan img/s per run: " + " ".join(f"{r:.1f}" for r in scanned))
+    f_rate = max(max(rates) for rates in forward.values())
+    s_rate = max(scanned)
+    print(f"forward {f_rate:.1f} img/s (best), scan {s_rate:.1f} img/s (best), "
+          f"ratio scan/forward = {s_rate / f_rate:.3f} (goal >= 0.9)")
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+if __name__ == "__main__":
+    main()
