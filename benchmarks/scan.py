@@ -13,7 +13,8 @@ Both sides run in one process on the same images at the same batch size:
   fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge.
 
 The sides alternate `--repeats` times and the best time of each counts (least disturbed by other
-load). Prints images/s for both, their ratio (the acceptance goal is >= 0.9 on 2 CPU cores),
+load). Prints images/s for both, their ratio (the acceptance goal is >= 0.9 on 2 CPU cores), the
+ratio within each repeat (a check on the best-of figure when other processes load the machine),
 and the machine: CPU count, torch threads, load average.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -113,6 +115,9 @@ def main() -> None:
         print(f"forward, {threads} thread(s), img/s per run: "
               + " ".join(f"{r:.1f}" for r in rates))
     print("scan img/s per run: " + " ".join(f"{r:.1f}" for r in scanned))
+    paired = [s / max(rates[i] for rates in forward.values()) for i, s in enumerate(scanned)]
+    print("scan/forward per repeat: " + " ".join(f"{r:.3f}" for r in paired)
+          + f" (median {statistics.median(paired):.3f})")
     f_rate = max(max(rates) for rates in forward.values())
     s_rate = max(scanned)
     print(f"forward {f_rate:.1f} img/s (best), scan {s_rate:.1f} img/s (best), "

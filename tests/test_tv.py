@@ -90,7 +90,7 @@ def test_float32_batch_matches_skimage_on_photos(photo_batch, backend, method):
 
 def test_auto_is_skimage_on_cpu(photo_batch):
     _, _, _, batch = photo_batch
-    x = batch[[1, 4]]
+    x = batch[[1, 4], :, :80, :90]
     torch.testing.assert_close(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="skimage"),
                                rtol=0, atol=0)
 

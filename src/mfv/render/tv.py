@@ -27,13 +27,20 @@ Backends (``backend=``):
     difference) of skimage on 0..255 photos for every weight 0.001..2 when isotropic. Anisotropic
     TV at weights <= 0.01 often reaches the cap unconverged, where the two sweeps differ by up
     to ~2.6 levels (0.1 at weight 0.3).
-- ``"auto"`` (default): ``"skimage"`` on the CPU, ``"torch"`` elsewhere (CUDA, MPS). Measured on a
-  2-core Xeon (AVX-512), 227x227x3, single-threaded, median over weights 0.01..2: skimage ~1.1
-  ms per iteration, torch ``"fast"`` ~1.3 ms (fewer iterations, so per image about the same as
-  skimage), torch ``"exact"`` ~2.4 ms (1.5-3x slower than skimage). With two torch threads on a
-  busy CPU the elementwise ops stall (OpenMP barriers) and torch becomes 5-100x slower, while
-  skimage's per-sample pool degrades gracefully. So on CPU the paper's own kernel is the fastest
-  correct choice; the torch port is for accelerators. ``benchmarks/render.py`` measures all of it.
+- ``"auto"`` (default): ``"skimage"`` on the CPU, ``"torch"`` elsewhere (CUDA, MPS).
+
+Why (``benchmarks/render.py``, 2-core AVX-512 Xeon shared with other jobs, load 4-7; 227x227x3,
+10 noisy photos, weights 0.01..2, ms per image, one torch thread): skimage 133, torch ``"fast"``
+124 (B=1) / 107 (B=10), torch ``"exact"`` 193 / 196; per iteration skimage ~1.1-1.5 ms, ``"fast"``
+~1.3-1.8, ``"exact"`` ~2.0-2.4. So on a CPU torch at best ties skimage's fused loop (each
+iteration is ~30 memory-bound passes), and with two torch threads on a busy CPU every op waits at
+an OpenMP barrier and torch becomes 2-50x slower (``"exact"`` 0.4-7 s per image), while
+skimage's per-sample work degrades gracefully. ``"auto"`` therefore keeps the paper's own kernel
+on the CPU, which also makes every sample independent of its batch. On accelerators the torch
+port is the only option; ``method="exact"`` stays the default there until GPU timings show
+``"fast"`` (fewer iterations, no FFT) to be worth its ~0.02-level deviation.
+(A plain Jacobi sweep is not offered: with the new ``d - b`` it diverges at weights <= 0.05; with
+skimage's mix of old and new values it is stable but needs 44-100 iterations.)
 
 Boundaries follow skimage: the virtual row above the image is image row 1 and the column left of
 it is image column 1 (reflect), the row below / column right repeat the last row / column
