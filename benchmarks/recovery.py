@@ -46,16 +46,25 @@ PAIRS = (
 )
 
 
-def link_classes(data: Path, wnids: Sequence[str], root: Path, per_class: int | None) -> Path:
-    """A class-subfolder tree of links to the first `per_class` photos (sorted) of each class.
+def spread(items: Sequence, n: int | None) -> list:
+    """n items evenly spaced over the sequence, first and last included (all when n is None)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, n).round()]
 
-    Rebuilt only when it differs, so the scan's image fingerprint (and the stored scan) holds.
+
+def link_classes(data: Path, wnids: Sequence[str], root: Path, per_class: int | None) -> Path:
+    """A class-subfolder tree of links to `per_class` photos of each class (all when None).
+
+    The photos are spread evenly over the sorted folder: its first files are ImageNet validation
+    photos (`ILSVRC2012_val_*`), not a typical sample of the class. Rebuilt only where it
+    differs, so the scan's image fingerprint (and the stored scan) holds.
     """
     for wnid in wnids:
         source = data / wnid
         if not source.is_dir():
             raise SystemExit(f"class folder not found: {source}")
-        files = sorted(source.iterdir())[:per_class]
+        files = spread(sorted(source.iterdir()), per_class)
         folder = root / wnid
         folder.mkdir(parents=True, exist_ok=True)
         wanted = {f.name for f in files}
@@ -124,10 +133,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "mean_of": 15, "device": args.device, "workers": args.workers, "seed": args.seed,
             "progress": False}
     targets = [pair_target(p) for p in pairs]
-    t0 = time.perf_counter()
     runs = {k: Run(make_settings(**base, targets=targets, facets=k)) for k in (2, "auto")}
+    manifest = args.out / "run" / "scan" / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
+    t0 = time.perf_counter()
     scan = runs[2].scan()
     scan_s = time.perf_counter() - t0
+    reused = stamp == manifest.stat().st_mtime_ns
     found = {k: run.facets() for k, run in runs.items()}
     labels = runs[2].class_labels(scan)
     names = runs[2].model.classes.names
@@ -149,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_images = len(scan.paths)
     lines = [f"# facet recovery, EfficientNet-Lite0 penultimate codes, t-SNE + k-means, seed "
              f"{args.seed}", f"# {machine()}",
-             f"# scan: {n_images} photos of {2 * len(pairs)} classes in {scan_s:.0f} s "
-             f"(reused when already in {args.out / 'run'})"]
+             f"# scan: {n_images} photos of {2 * len(pairs)} classes, "
+             + (f"reused from {args.out / 'run'}" if reused else f"{scan_s:.0f} s")]
     print("\n".join(lines))
     print(plain(header, rows))
     if not args.no_write:
@@ -159,7 +171,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         text = "\n".join(["# Facet recovery on neurons multifaceted by construction", "",
                           f"`{command.strip()}` on {machine()}.", "",
                           f"Scan: {n_images} photos of {2 * len(pairs)} Imagenette classes "
-                          f"(per class: {args.per_class or 'all'}).", "",
+                          f"(per class: {args.per_class or 'all'}), EfficientNet-Lite0"
+                          + ("." if reused else f", {scan_s:.0f} s."),
+                          "Clustering: PCA 50, t-SNE 2-D, k-means; seconds per target.", "",
                           markdown(header, rows), ""])
         atomic_write_text(RESULTS / "recovery.md", text)
 
