@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
-                        help="fewer steps and one repeat (a rough figure in ~2 minutes on CPU)")
+                        help="fewer steps and one repeat (a rough figure in minutes)")
     parser.add_argument("--only", choices=("tv", "engine", "facets"), action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--engine-tv", default="auto",

@@ -156,7 +156,7 @@ def _skimage_tv(images: Tensor, weights: list[float], max_iter: int, eps: float,
                 isotropic: bool) -> Tensor:
     """The paper's call on every sample of a CPU float64 batch, in a thread pool."""
     b, c, h, w = images.shape
-    arrays = images.permute(0, 2, 3, 1).numpy()
+    arrays = images.detach().permute(0, 2, 3, 1).numpy()
 
     def one(k: int) -> np.ndarray:
         out = denoise_tv_bregman(arrays[k], weight=weights[k], max_num_iter=max_iter, eps=eps,
