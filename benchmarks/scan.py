@@ -6,9 +6,7 @@ Usage: python benchmarks/scan.py [--images 640] [--batch-size 32] [--workers N] 
 Both sides run in one process on the same images at the same batch size:
 
 - forward: the images are decoded and preprocessed up front into one tensor, then
-  `model(x)` runs over batches under `torch.inference_mode()` (no hooks, nothing stored), at
-  torch's thread count and at the one the scan uses beside its decoding workers; the faster
-  counts, so the ratio cannot gain from a poor default;
+  `model(x)` runs over batches under `torch.inference_mode()` (no hooks, nothing stored);
 - scan: `mfv.scan.scan` from the files, for all 1000 logits and the penultimate codes, into a
   fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge.
 
@@ -32,7 +30,7 @@ import torch
 
 from mfv.images import ImageList, from_folder, load_rgb
 from mfv.models import load_model
-from mfv.scan import _threads_beside_workers, scan
+from mfv.scan import scan
 from mfv.targets import parse_targets
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
@@ -86,40 +84,28 @@ def main() -> None:
     n = len(images)
     workers = (inspect.signature(scan).parameters["workers"].default if args.workers is None
                else args.workers)
-    default_threads = torch.get_num_threads()
-    with _threads_beside_workers(model.device, workers):
-        scan_threads = torch.get_num_threads()
-    thread_counts = sorted({default_threads, scan_threads})
-    print(f"cpus={os.cpu_count()} torch threads={default_threads} (scan forward: {scan_threads})"
-          f" interop={torch.get_num_interop_threads()} device={model.device} "
-          f"load avg={_load()}")
+    print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()} "
+          f"interop={torch.get_num_interop_threads()} device={model.device} load avg={_load()}")
     print(f"model={args.model} images={n} batch={args.batch_size} targets={len(targets)} "
           f"scan workers={workers}")
 
     t0 = time.perf_counter()
     x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in images])
     x = x.to(model.device)
-    print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in one thread")
+    print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in the main process")
     _time_forward(model, x[: args.batch_size * 2], args.batch_size)  # warm-up
 
-    forward: dict[int, list[float]] = {t: [] for t in thread_counts}
-    scanned = []
+    forward, scanned = [], []
     for _ in range(args.repeats):
-        for threads in thread_counts:
-            torch.set_num_threads(threads)
-            forward[threads].append(n / _time_forward(model, x, args.batch_size))
-        torch.set_num_threads(default_threads)
+        forward.append(n / _time_forward(model, x, args.batch_size))
         scanned.append(n / _time_scan(model, images, targets, args.batch_size, workers))
         print(f"  repeat done, load avg {_load()}", flush=True)
-    for threads, rates in forward.items():
-        print(f"forward, {threads} thread(s), img/s per run: "
-              + " ".join(f"{r:.1f}" for r in rates))
-    print("scan img/s per run: " + " ".join(f"{r:.1f}" for r in scanned))
-    paired = [s / max(rates[i] for rates in forward.values()) for i, s in enumerate(scanned)]
+    print("forward img/s per run: " + " ".join(f"{r:.1f}" for r in forward))
+    print("scan img/s per run:    " + " ".join(f"{r:.1f}" for r in scanned))
+    paired = [s / f for s, f in zip(scanned, forward, strict=True)]
     print("scan/forward per repeat: " + " ".join(f"{r:.3f}" for r in paired)
           + f" (median {statistics.median(paired):.3f})")
-    f_rate = max(max(rates) for rates in forward.values())
-    s_rate = max(scanned)
+    f_rate, s_rate = max(forward), max(scanned)
     print(f"forward {f_rate:.1f} img/s (best), scan {s_rate:.1f} img/s (best), "
           f"ratio scan/forward = {s_rate / f_rate:.3f} (goal >= 0.9)")
 

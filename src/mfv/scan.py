@@ -14,13 +14,10 @@ processes every n-th chunk, so several processes or machines can share one scan.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -211,25 +208,6 @@ def _code_ref(model: LoadedModel, code_layer: str) -> LayerRef:
     return resolve_layer(model, code_layer)
 
 
-@contextlib.contextmanager
-def _threads_beside_workers(device: torch.device, workers: int) -> Iterator[None]:
-    """On CPU, leave a core to each decoding worker: the forward pass gets the remaining cores
-    (at least one, never more threads than were set), restored afterwards.
-
-    Oversubscribed cores stall torch's OpenMP barriers whenever a decoder takes one, and a
-    batched forward pass is mostly memory-bound, so on 2 cores one thread beside one decoding
-    worker outruns two threads sharing their cores with it.
-    """
-    before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, min(before, (cores or 1) - workers)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _scan_chunks(model, images, targets, directory, chunks, code_layer, batch_size, chunk,
                  workers, mode, top_n, progress) -> None:
     bank = TargetBank(targets)
@@ -246,8 +224,7 @@ def _scan_chunks(model, images, targets, directory, chunks, code_layer, batch_si
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, unit="img", desc="scan", disable=not progress, smoothing=0.1)
     pending: dict[int, dict] = {}
-    with (capture(model, [*bank.layers, code_ref]) as store, torch.inference_mode(),
-          _threads_beside_workers(device, workers)):
+    with capture(model, [*bank.layers, code_ref]) as store, torch.inference_mode():
         for (indices, pixels, bad), batch in zip(loader, batches, strict=True):
             c = batch[0] // chunk
             state = pending.setdefault(c, {"rows": [], "acts": [], "codes": [], "bad": [],
