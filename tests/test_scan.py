@@ -30,16 +30,18 @@ def _make_images(folder: Path, n: int, seed: int = 0) -> None:
         Image.fromarray(arr).save(folder / label / f"img{i:03d}.png")
 
 
-def _direct(model, items, targets_idx):
+def _direct(model, items):
+    """Logits and penultimate features of calling the model directly on the images."""
     x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in items])
     feats = {}
-    h = model.module.fc.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
+    head = model.module.get_submodule(model.logits_layer)
+    h = head.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
     try:
         with torch.inference_mode():
             logits = model(x)
     finally:
         h.remove()
-    return logits[:, targets_idx].numpy(), feats["code"].numpy()
+    return logits.numpy(), feats["code"].numpy()
 
 
 def test_scan_records_logits_and_codes(tmp_path, tiny):
@@ -48,7 +50,7 @@ def test_scan_records_logits_and_codes(tmp_path, tiny):
     targets = parse_targets(["fc:*", "conv2:1"], tiny)
     result = scan(tiny, images, targets, tmp_path / "run", batch_size=4, chunk_batches=2,
                   workers=0, progress=False)
-    logits, codes = _direct(tiny, images, list(range(5)))
+    logits, codes = _direct(tiny, images)
     assert result.activations.shape == (21, 6) and result.codes.shape == (21, 16)
     np.testing.assert_allclose(result.activations[:, :5], logits, atol=1e-5)
     np.testing.assert_allclose(result.codes, codes, atol=1e-5)
@@ -115,32 +117,22 @@ def test_shards_merge_to_the_same_arrays(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_real_model_on_imagenette(imagenette, lite0):
+def test_real_model_on_imagenette(imagenette, lite0, tmp_path):
     classes = sorted(p for p in imagenette.iterdir() if p.is_dir())[:2]
     images = from_folder(imagenette)
     chosen = [it for it in images.items if Path(it.path).parent in classes]
     items = tuple(chosen[:12] + chosen[-12:])
     sub = ImageList(items, "subset")
     targets = parse_targets(["_fc:*"], lite0)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        result = scan(lite0, sub, targets, tmp, batch_size=8, workers=1, progress=False)
-        x = torch.stack([lite0.preprocess.to_tensor(load_rgb(it.path)) for it in items])
-        feats = {}
-        h = lite0.module._fc.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
-        try:
-            with torch.inference_mode():
-                logits = lite0(x)
-        finally:
-            h.remove()
-        np.testing.assert_allclose(result.activations, logits.numpy(), atol=1e-5)
-        np.testing.assert_allclose(result.codes, feats["code"].numpy(), atol=1e-5)
-        assert result.labels[0] == classes[0].name  # WordNet id folders give labels
-        # most images have their own class in the top 5 (published top-5: ~94 %)
-        wnids = np.array([lite0.classes.lookup(lbl) for lbl in result.labels])
-        top5 = np.argsort(-result.activations, 1)[:, :5]
-        assert np.mean((top5 == wnids[:, None]).any(1)) > 0.8
+    result = scan(lite0, sub, targets, tmp_path, batch_size=8, workers=1, progress=False)
+    logits, codes = _direct(lite0, items)
+    np.testing.assert_allclose(result.activations, logits, atol=1e-5)
+    np.testing.assert_allclose(result.codes, codes, atol=1e-5)
+    assert result.labels[0] == classes[0].name  # WordNet id folders give labels
+    # most images have their own class in the top 5 (published top-5: ~94 %)
+    wnids = np.array([lite0.classes.lookup(lbl) for lbl in result.labels])
+    top5 = np.argsort(-result.activations, 1)[:, :5]
+    assert np.mean((top5 == wnids[:, None]).any(1)) > 0.8
 
 
 SCRIPT = textwrap.dedent("""

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mfv.facets import load_facets
-from mfv.io import atomic_write_json, read_json
+from mfv.io import read_json
+from mfv.scan import ScanResult
 
 if TYPE_CHECKING:
     from mfv.pipeline import Run
@@ -70,11 +71,12 @@ def build_results(run: Run) -> dict:
             "code_layer": manifest["code_layer"],
         }
     stages = {"scan": complete}
+    scan = ScanResult(root / "scan", manifest) if complete else None
     paths = [row[0] for row in manifest["images"]] if complete else []
     labels = [row[1] for row in manifest["images"]] if complete else []
     any_facets = any_render = False
-    for t_index, (target, slug) in enumerate(zip(run.targets, run.slugs, strict=True)):
-        entry = _target_entry(run, t_index, target, slug, paths, labels,
+    for target, slug in zip(run.targets, run.slugs, strict=True):
+        entry = _target_entry(run, scan, target, slug, paths, labels,
                               evaluation.get(slug, {}))
         any_facets |= bool(entry["facets"])
         any_render |= any(f["visualizations"] for f in entry["facets"])
@@ -87,7 +89,7 @@ def build_results(run: Run) -> dict:
     return results
 
 
-def _target_entry(run: Run, t_index: int, target, slug: str, paths: list[str],
+def _target_entry(run: Run, scan: ScanResult | None, target, slug: str, paths: list[str],
                   labels: list, metrics: dict) -> dict:
     classes = run.model.classes
     entry = {
@@ -99,10 +101,10 @@ def _target_entry(run: Run, t_index: int, target, slug: str, paths: list[str],
         "metrics": metrics.get("target", {}),
     }
     facet_dir = run.dir / "facets" / slug
-    if not (facet_dir / "facets.json").exists() or not paths:
+    if not (facet_dir / "facets.json").exists() or scan is None:
         return entry
     facets = load_facets(facet_dir)
-    scan_acts = _activations(run, t_index, facets.selected)
+    scan_acts = scan.activation_of(scan.target_index(target.spec), facets.selected)
     entry["selection"] = {"policy": facets.settings.get("selection_policy"),
                           "n": int(len(facets.selected)), "top_n": run.settings.top_n}
     entry["activation_max_real"] = float(np.nanmax(scan_acts)) if len(scan_acts) else None
@@ -147,15 +149,3 @@ def _target_entry(run: Run, t_index: int, target, slug: str, paths: list[str],
                  "trace": rel(record["trace"])})
     return entry
 
-
-def _activations(run: Run, t_index: int, rows: np.ndarray) -> np.ndarray:
-    from mfv.scan import ScanResult
-
-    result = ScanResult.load(run.dir / "scan")
-    return result.activation_of(result.target_index(run.targets[t_index].spec), rows)
-
-
-def write_results(run: Run) -> dict:
-    results = build_results(run)
-    atomic_write_json(run.dir / "results.json", results)
-    return results

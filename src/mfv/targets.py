@@ -76,23 +76,11 @@ class Target:
 
 
 def reduce_unit(activation: torch.Tensor, unit: int, reduction: str) -> torch.Tensor:
-    """One value per sample from a (B, C), (B, N, C) or (B, C, H, W) activation."""
-    if activation.dim() == 2:
-        return activation[:, unit]
-    if activation.dim() == 3:  # tokens
-        tokens = activation[:, :, unit]
-        if reduction == "center":
-            return tokens[:, tokens.shape[1] // 2]
-        if reduction == "cls":
-            return tokens[:, 0]
-        return tokens.amax(1) if reduction == "max" else tokens.mean(1)
-    if activation.dim() == 4:
-        channel = activation[:, unit]
-        if reduction in ("center", "cls"):
-            return channel[:, channel.shape[1] // 2, channel.shape[2] // 2]
-        flat = channel.flatten(1)
-        return flat.amax(1) if reduction == "max" else flat.mean(1)
-    raise MfvError(f"cannot address units of an activation of shape {tuple(activation.shape)}")
+    """One value per sample from a (B, C), (B, N, C) or (B, C, H, W) activation: `reduce_layer`
+    on that unit alone (sliced first, so only it is reduced)."""
+    if activation.dim() in (2, 3, 4):
+        activation = activation.narrow(2 if activation.dim() == 3 else 1, unit, 1)
+    return reduce_layer(activation, reduction)[:, 0]
 
 
 def evaluate(target: Target, activations: dict[str, torch.Tensor]) -> torch.Tensor:
