@@ -113,7 +113,8 @@ class Run:
     def scan(self) -> ScanResult:
         t0 = time.perf_counter()
         s = self.settings
-        result = scan(self.model, self.images, self.scan_targets, self.dir, code_layer=s.code_layer,
+        targets = self.scan_targets  # target typos are reported before the images are read
+        result = scan(self.model, self.images, targets, self.dir, code_layer=s.code_layer,
                       batch_size=s.scan_batch_size, workers=s.workers, top_n=max(s.top_n, 1),
                       progress=s.progress)
         if result is None:  # pragma: no cover - only with shards
