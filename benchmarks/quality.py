@@ -64,7 +64,8 @@ METHODS = (("MFV paper-mean", "paper-mean", "facet"),
            ("extra: fourier from means", "fourier", "facet"))
 PHASES = (("paper-mean", True), ("paper-center", False), ("fourier", True))
 HEADER = ("method", "n", "ARI (purity)", "cov. pair", "cov. top-1", "fidelity", "act. ratio",
-          "transfer top-1", "transfer top-5", "centre dom.", "diversity", "s / vis.")
+          "> facet max", "transfer top-1", "transfer top-5", "centre dom.", "diversity",
+          "s / vis.")
 
 
 def _rendered(run: Run) -> set[tuple[str, str, str]]:
@@ -157,17 +158,20 @@ def table_rows(run: Run, results: dict, seconds: dict[str, float]) -> list[list[
             ari = (f"{_fmt(_mean([r.get('ari') for r in scores]))} "
                    f"({_fmt(_mean([r.get('purity') for r in scores]))})")
             fidelity = _fmt(_mean([m.get("fidelity") for m in metrics]))
+            above = [m["activation_ratio_facet"] > 1 for m in metrics
+                     if m.get("activation_ratio_facet") is not None]
+            above_max = f"{sum(above)}/{len(above)}" if above else "–"
             diversity = [t["metrics"].get("diversity", {}).get(recipe) for t in targets]
         else:
             metrics = [t["metrics"].get("random", {}).get(recipe, {}) for t in targets]
             class_metrics = [t["metrics"].get("random", {}).get(recipe, {}) for t in targets
                              if t["class_index"] is not None]
-            ari = fidelity = "–"
+            ari = fidelity = above_max = "–"
             diversity = [t["metrics"].get("diversity_random", {}).get(recipe) for t in targets]
         pair, top1 = coverage(run, constructed, recipe, kind) if constructed else ("–", "–")
         rows.append([
             label, str(len(paths)), ari, pair, top1, fidelity,
-            _fmt(_mean([m.get("activation_ratio") for m in metrics])),
+            _fmt(_mean([m.get("activation_ratio") for m in metrics])), above_max,
             _fmt(_mean([m.get("transfer_top1") for m in class_metrics])),
             _fmt(_mean([m.get("transfer_top5") for m in class_metrics])),
             _fmt(_mean([m.get("centre_dominance") for m in metrics])),
@@ -189,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--judges", default=None,
+                    help="comma-separated models for transferability ('none': skip; default: "
+                         "the pipeline's)")
     ap.add_argument("--out", type=Path, default=ROOT / ".tmp" / "bench-quality")
     ap.add_argument("--no-write", action="store_true", help="do not write results/quality.md")
     args = ap.parse_args(argv)
@@ -206,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "selection": "class", "facets": args.k, "mean_of": args.mean_of,
             "steps": args.steps or None, "device": args.device, "seed": args.seed,
             "batch_size": args.batch_size, "progress": False}
+    if args.judges is not None:
+        base["judges"] = [] if args.judges == "none" else args.judges.split(",")
     start = time.perf_counter()
     Run(make_settings(**base)).facets()  # scan and facets once, before render is timed
     seconds = render_timed(base)
@@ -240,7 +249,9 @@ cov. top-1: constructed neurons whose two classes each get a visualization that 
 as that class (pair: the higher of the two class logits; top-1: Lite0's top-1 of 1000), with the
 share of classes covered. fidelity: share of visualizations whose code is nearest their own
 facet's centre. act. ratio: the target on the visualization over its maximum on the target's
-photos. transfer top-1/top-5: share of class-logit visualizations that Lite1 and Lite2 rank the
+photos. > facet max: visualizations whose activation exceeds the maximum over their own
+facet's photos (issue 5's acceptance: at least 90 % for MFV paper-mean). transfer
+top-1/top-5: share of class-logit visualizations that Lite1 and Lite2 rank the
 class first / in the top 5. centre dom.: (centre - mean corner) / (|centre| + |mean corner|) of
 the target on half-size crops. diversity: mean pairwise cosine distance of a target's
 visualizations' penultimate codes. s / vis.: render seconds per visualization of the recipe (the

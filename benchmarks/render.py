@@ -3,6 +3,7 @@ over the model's own forward+backward, and k facets in one batch against one by 
 
 Usage: python benchmarks/render.py [--device cpu|cuda] [--model efficientnet_lite0]
                                    [--threads N] [--repeats 2] [--quick] [--only tv|engine|facets]
+                                   [--batch 10 [--batch 64 ...]]
                                    [--engine-tv auto|skimage|torch-exact|torch-fast]
 
 Everything is measured in this one run, on the same inputs:
@@ -11,10 +12,11 @@ Everything is measured in this one run, on the same inputs:
    the paper's call (`skimage.restoration.denoise_tv_bregman`, float64, one image at a time) against
    `mfv.render.tv.tv_bregman` with each backend / method, one image per call (B=1) and the ten
    in one call (B=10). Speed-up = skimage time / variant time.
-2. The engine at batch 10, input = the model's size: seconds per step of `fourier_loop` and
-   `paper_loop` (paper-mean schedule rescaled to a few steps, its TV time shown apart; TV as
-   `--engine-tv` says, default `auto`), over one bare forward+backward of the model on a
-   (10, 3, S, S) input w.r.t. the input for one logit per sample, the same number of times.
+2. The engine at batch 10 (or each `--batch`), input = the model's size: seconds per step of
+   `fourier_loop` and `paper_loop` (paper-mean schedule rescaled to a few steps, its TV time
+   shown apart; TV as `--engine-tv` says, default `auto`), over one bare forward+backward of
+   the model on a (B, 3, S, S) input w.r.t. the input for one logit per sample, the same number
+   of times.
    Goals: <= 1.15 for fourier, <= 1.5 for the paper recipes.
 3. k=10 facets (10 start images, one target) with `mfv.render.recipes.render`, paper-mean:
    one batch of 10 against 10 runs of one.
@@ -139,18 +141,18 @@ def bench_tv(device: torch.device, repeats: int, sync) -> None:
 
 
 def bench_engine(model, steps: int, paper_steps: int, repeats: int, sync,
-                 tv_kwargs: dict) -> None:
+                 tv_kwargs: dict, batch: int = 10) -> None:
     size = model.preprocess.input_size
-    batch = len(IMAGENETTE_CLASSES)
     device = model.device
+    classes = [IMAGENETTE_CLASSES[b % len(IMAGENETTE_CLASSES)] for b in range(batch)]
     targets = parse_targets([f"logits:{c}" for c in IMAGENETTE_CLASSES], model)
-    objective = Objective(model, targets, list(range(batch)))
+    objective = Objective(model, targets, [b % len(targets) for b in range(batch)])
     starts = torch.from_numpy(_photos(batch, size)).permute(0, 3, 1, 2).float().contiguous()
     start_list = list(starts)
     seeds = list(range(batch))
     x0 = starts.to(device)
     rows = torch.arange(batch, device=device)
-    cls = torch.tensor(IMAGENETTE_CLASSES, device=device)
+    cls = torch.tensor(classes, device=device)
     octaves = schedule("paper-mean", paper_steps)
 
     def bare(n: int) -> None:
@@ -234,6 +236,8 @@ def main() -> None:
                         help="fewer steps and one repeat (a rough figure in minutes)")
     parser.add_argument("--only", choices=("tv", "engine", "facets"), action="append",
                         help="run only these sections (repeatable)")
+    parser.add_argument("--batch", type=int, action="append",
+                        help="engine batch size(s) for section 2 (repeatable; default 10)")
     parser.add_argument("--engine-tv", default="auto",
                         choices=("auto", "skimage", "torch-exact", "torch-fast"),
                         help="TV backend the engine uses in section 2 (default: auto)")
@@ -254,10 +258,10 @@ def main() -> None:
         print(f"(load {_load()})")
     if {"engine", "facets"} & set(sections):
         model = load_model(args.model, device=device)
-        if "engine" in sections:
+        for batch in (args.batch or [10]) if "engine" in sections else []:
             bench_engine(model, steps=3 if args.quick else 10,
                          paper_steps=8 if args.quick else 20, repeats=repeats, sync=sync,
-                         tv_kwargs=tv_kwargs)
+                         tv_kwargs=tv_kwargs, batch=batch)
             print(f"(load {_load()})")
         if "facets" in sections:
             bench_facets(model, steps=8 if args.quick else 16, repeats=repeats, sync=sync)

@@ -87,6 +87,34 @@ def test_mean_image_is_the_mean_of_its_representatives(finished_run):
 
 
 @pytest.mark.slow
+def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
+    """Codes and judges look at the central input-size crop the optimizer drove, at its scale:
+    evaluate's view of a saved canvas gives exactly what the renderer's `measure` gives on it,
+    and that is the recorded activation up to the PNG's 8-bit rounding."""
+    import torch
+
+    from mfv.evaluate import _to_input, codes_and_values, optimized_view
+    from mfv.models import load_model
+    from mfv.render.engine import Objective, measure
+    from mfv.targets import parse_target, resolve_layer
+
+    model = load_model("efficientnet_lite0")
+    target = parse_target("_fc:0 + _fc:701", model)
+    results = json.loads((finished_run / "results.json").read_text())
+    for facet in results["targets"][0]["facets"]:
+        visual = facet["visualizations"]["paper-mean"]
+        canvas = np.asarray(Image.open(finished_run / visual["path"]).convert("RGB"))
+        view = optimized_view(canvas, model.preprocess.input_size)
+        assert canvas.shape == (269, 269, 3) and view.shape == (224, 224, 3)
+        _, values = codes_and_values(model, resolve_layer(model, "penultimate"), [target],
+                                     _to_input(model, [view]))
+        pixels = torch.from_numpy(canvas.copy()).permute(2, 0, 1)[None].float()
+        rendered_view = measure(Objective(model, [target], [0]), pixels)
+        assert values[0, 0] == pytest.approx(rendered_view[0], abs=1e-3)
+        assert values[0, 0] == pytest.approx(visual["activation"], rel=0.03)
+
+
+@pytest.mark.slow
 def test_stages_reuse_finished_work(finished_run, two_classes, capsys):
     render_index = next((finished_run / "targets").glob("*/render.json"))
     before = render_index.stat().st_mtime_ns
@@ -97,6 +125,32 @@ def test_stages_reuse_finished_work(finished_run, two_classes, capsys):
     assert code == 0
     assert render_index.stat().st_mtime_ns == before
     assert (finished_run / "scan" / "manifest.json").stat().st_mtime_ns == scan_before
+
+
+@pytest.mark.slow
+def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two_classes,
+                                                                tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    render_index = next((run_dir / "targets").glob("*/render.json"))
+    before = json.loads(render_index.read_text())
+    baseline_png = render_index.parent / before["random00_paper-mean"]["path"]
+    baseline_mtime = baseline_png.stat().st_mtime_ns
+    code = main(["render", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
+                 "--facets", "1", "--mean-of", "3", "--steps", "10", "--out", str(run_dir),
+                 "--quiet", "--seed", "3"])
+    assert code == 0
+    after = json.loads(render_index.read_text())
+    assert set(after) == {"facet00_paper-mean", "random00_paper-mean"}
+    # a new mean image is a new start: the facet is rendered again; the noise start is reused
+    assert after["facet00_paper-mean"]["key"] != before["facet00_paper-mean"]["key"]
+    assert after["random00_paper-mean"] == before["random00_paper-mean"]
+    assert baseline_png.stat().st_mtime_ns == baseline_mtime
+    results = json.loads((run_dir / "results.json").read_text())
+    (target,) = results["targets"]
+    assert len(target["facets"]) == 1 and len(target["baselines"]["paper-mean"]) == 1
 
 
 @pytest.mark.parametrize("args, message", [

@@ -136,6 +136,27 @@ def test_batch_equals_each_sample_alone(backend, method):
     assert (longer - batched[:1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("method", ["exact", "fast"])
+def test_reading_the_stopping_test_less_often_changes_nothing(method):
+    """Accelerators read the per-sample stopping test back every few iterations only; samples
+    that stopped in between stay frozen, so the result equals checking every iteration."""
+    from mfv.render.tv import _torch_tv
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 20, 26, generator=gen, dtype=torch.float64) * 255.0
+    wt = torch.tensor([0.01, 0.5, 2.0], dtype=torch.float64).view(3, 1, 1, 1)
+    every = _torch_tv(x, wt, 100, 0.05, True, method, check_every=1)
+    sparse = _torch_tv(x, wt, 100, 0.05, True, method, check_every=8)
+    assert torch.equal(every, sparse)
+
+
+def test_a_bad_weight_is_refused_before_any_work():
+    x = torch.rand(1, 3, 8, 8)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), torch.tensor([0.1, -0.2])):
+        with pytest.raises(MfvError, match="weight"):
+            tv_bregman(torch.cat([x, x]), bad)
+
+
 def test_skimage_thread_pool_equals_one_call_per_sample():
     x = torch.rand(3, 3, 20, 17, generator=torch.Generator().manual_seed(2)) * 255.0
     weights = torch.tensor([0.01, 0.2, 1.5], dtype=torch.float64)

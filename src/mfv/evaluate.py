@@ -97,11 +97,19 @@ def class_rank(logits: np.ndarray, class_index: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- model helpers
-def _to_input(model: LoadedModel, images: Sequence[np.ndarray], policy: str = "crop"
+def _to_input(model: LoadedModel, images: Sequence[np.ndarray], policy: str = "squash"
               ) -> torch.Tensor:
-    """uint8 (H, W, 3) images through the model's own preprocessing, as a photo would be."""
+    """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1] (`squash`: warped)."""
     return torch.stack([model.preprocess.to_tensor(Image.fromarray(im), policy=policy)
                         for im in images]).to(model.device)
+
+
+def optimized_view(image: np.ndarray, size: int) -> np.ndarray:
+    """The central size×size crop of a canvas: the view the optimizer drove and `activation`
+    was measured on, so codes, fidelity and transfer judge the same pixels (no rescaling)."""
+    h, w = image.shape[:2]
+    top, left = max(0, (h - size) // 2), max(0, (w - size) // 2)
+    return image[top:top + size, left:left + size]
 
 
 def codes_and_values(model: LoadedModel, code_ref: LayerRef, targets: Sequence[Target],
@@ -150,7 +158,7 @@ def evaluate_run(run: Run) -> dict:
             if int(stem.removeprefix("facet").removeprefix("random")) >= len(facets.facets):
                 continue  # left by an earlier run of this directory with more facets
             image = np.asarray(Image.open(run.dir / "targets" / slug / rendered[name]["path"])
-                               .convert("RGB"))
+                               .convert("RGB"))  # the whole canvas
             group = by_recipe.setdefault(recipe, {"facet": [], "random": []})
             group["facet" if stem.startswith("facet") else "random"].append((stem, image))
         for recipe, group in by_recipe.items():
@@ -170,7 +178,7 @@ def evaluate_run(run: Run) -> dict:
 def _dominance(model: LoadedModel, code_ref: LayerRef, target: Target, image: np.ndarray
                ) -> float:
     crops = _centre_and_corners(image, model.preprocess.input_size)
-    _, values = codes_and_values(model, code_ref, [target], _to_input(model, crops, "squash"))
+    _, values = codes_and_values(model, code_ref, [target], _to_input(model, crops))
     return centre_dominance(values[0, 0], values[1:, 0])
 
 
@@ -183,10 +191,11 @@ def _judges(run: Run) -> list[LoadedModel]:
 
 def _evaluate_recipe(model, code_ref, target, t_index, recipe, group, facets, centres, real_max,
                      rendered, judges, entry, run) -> None:
+    size = model.preprocess.input_size
     stems = [s for s, _ in group["facet"]]
-    images = [im for _, im in group["facet"]]
-    if images:
-        codes, _ = codes_and_values(model, code_ref, [target], _to_input(model, images))
+    views = [optimized_view(im, size) for _, im in group["facet"]]
+    if views:
+        codes, _ = codes_and_values(model, code_ref, [target], _to_input(model, views))
         ranks = [int(s[5:]) for s in stems]
         ok, margin = fidelity(codes, centres[ranks]) if len(ranks) == len(centres) else (
             np.full(len(ranks), np.nan), np.full(len(ranks), np.nan))
@@ -198,19 +207,18 @@ def _evaluate_recipe(model, code_ref, target, t_index, recipe, group, facets, ce
                        "fidelity": None if np.isnan(margin[i]) else bool(ok[i]),
                        "fidelity_margin": None if np.isnan(margin[i]) else float(margin[i]),
                        "centre_dominance": _dominance(model, code_ref, target, image)}
-            metrics.update(_transfer(judges, target, image))
+            metrics.update(_transfer(judges, target, optimized_view(image, size)))
             entry["facets"].setdefault(stem, {})[recipe] = metrics
         entry["target"].setdefault("diversity", {})[recipe] = diversity(codes)
     if group["random"]:
-        rand_images = [im for _, im in group["random"]]
-        rand_codes, _ = codes_and_values(model, code_ref, [target],
-                                         _to_input(model, rand_images))
+        rand_views = [optimized_view(im, size) for _, im in group["random"]]
+        rand_codes, _ = codes_and_values(model, code_ref, [target], _to_input(model, rand_views))
         entry["target"].setdefault("diversity_random", {})[recipe] = diversity(rand_codes)
         ratios, doms, transfers = [], [], []
         for stem, image in group["random"]:
             ratios.append(activation_ratio(rendered[f"{stem}_{recipe}"]["activation"], real_max))
             doms.append(_dominance(model, code_ref, target, image))
-            transfers.append(_transfer(judges, target, image))
+            transfers.append(_transfer(judges, target, optimized_view(image, size)))
         entry["target"].setdefault("random", {})[recipe] = {
             "activation_ratio": float(np.mean(ratios)), "centre_dominance": float(np.mean(doms)),
             **_mean_transfer(transfers)}

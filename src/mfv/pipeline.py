@@ -56,9 +56,12 @@ def save_png(path: Path, image: np.ndarray) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def _hash(key: dict, stem: str) -> str:
-    return hashlib.sha256(json.dumps([key, stem], sort_keys=True, default=str).encode()
-                          ).hexdigest()[:16]
+def _hash(key: dict, stem: str, start: np.ndarray | None = None) -> str:
+    """Identity of one visualization: settings, which one, and its start image's pixels."""
+    digest = hashlib.sha256(json.dumps([key, stem], sort_keys=True, default=str).encode())
+    if start is not None:
+        digest.update(np.ascontiguousarray(start).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class Run:
@@ -222,49 +225,52 @@ class Run:
         s = self.settings
         key = self._render_key(recipe)
         jobs: list[Job] = []
-        names: list[tuple[str, str]] = []
+        names: list[tuple[str, str, str]] = []
         records: dict[str, dict] = {}
         for t_index, (slug, facets) in enumerate(zip(self.slugs, all_facets, strict=True)):
             directory = self.dir / "targets" / slug
             index_path = directory / "render.json"
-            done = read_json(index_path) if index_path.exists() else {}
-            records[slug] = done
-            wanted = [(f"facet{f.rank:02d}", f.rank) for f in facets.facets]
+            stored = read_json(index_path) if index_path.exists() else {}
+            stems = [f"facet{f.rank:02d}" for f in facets.facets]
             if s.baseline:
-                wanted += [(f"random{r:02d}", r) for r in range(len(facets.facets))]
-            for stem, _ in wanted:
+                stems += [f"random{r:02d}" for r in range(len(facets.facets))]
+            # Entries numbered beyond the facets (left by a run with more) are dropped.
+            done = {name: entry for name, entry in stored.items()
+                    if int(re.sub(r"\D", "", name.split("_")[0])) < len(facets.facets)}
+            if done != stored:
+                atomic_write_json(index_path, done)
+            records[slug] = done
+            for stem in stems:
                 name = f"{stem}_{recipe}"
+                mean = load_npy(directory / f"{stem}_mean.npy") if stem.startswith("facet") \
+                    else None
+                entry_key = _hash(key, stem, mean)
                 entry = done.get(name)
-                if entry and entry.get("key") == _hash(key, stem) and \
+                if entry and entry.get("key") == entry_key and \
                         (directory / entry["path"]).exists():
                     continue
-                start = None
-                if stem.startswith("facet"):
-                    mean = load_npy(directory / f"{stem}_mean.npy")
-                    start = torch.from_numpy(mean).permute(2, 0, 1).float()
+                start = None if mean is None else torch.from_numpy(mean).permute(2, 0, 1).float()
                 seed = derived_seed(s.seed, slug, stem, recipe)
                 jobs.append(Job(t_index, start, seed))
-                names.append((slug, name))
+                names.append((slug, name, entry_key))
         if not jobs:
             return records
 
         def save(rows: list[int], results: list[Result]) -> None:
             for row, res in zip(rows, results, strict=True):
-                slug, name = names[row]
+                slug, name, entry_key = names[row]
                 directory = self.dir / "targets" / slug
                 save_png(directory / f"{name}.png", res.image)
                 atomic_save_npy(directory / f"{name}_trace.npy", res.trace.astype(np.float32))
                 records[slug][name] = {"path": f"{name}.png", "trace": f"{name}_trace.npy",
                                        "activation": res.activation,
-                                       "key": _hash(key, name.split("_")[0])}
+                                       "key": entry_key}
             for slug in {names[r][0] for r in rows}:
                 atomic_write_json(self.dir / "targets" / slug / "render.json", records[slug])
 
         render(self.model, self.targets, jobs, recipe, steps=s.steps, quirks=s.quirks,
                batch_size=s.batch_size, progress=s.progress, on_batch=save)
         return records
-
-
 
     # ------------------------------------------------------------------ outputs
     def evaluate(self) -> dict:

@@ -124,22 +124,38 @@ def paper_loop(objective: Objective, starts: Sequence[torch.Tensor | None], seed
         slack = canvas.shape[-1] - size
         mask = _margin_mask(size, octave.margin, canvas)
         for i in range(octave.iters):
-            offsets = [_offsets(rng, slack, octave.window) for rng in rngs]
-            crops = torch.stack([canvas[b, :, ox:ox + size, oy:oy + size]
-                                 for b, (ox, oy) in enumerate(offsets)]).requires_grad_(True)
+            window = _CropWindow([_offsets(rng, slack, octave.window) for rng in rngs], size,
+                                 device)
+            crops = window.read(canvas).requires_grad_(True)
             value = objective(crops, octave.objective)
             (grad,) = torch.autograd.grad(value.sum(), crops)
-            trace.append(value.detach().float().cpu().numpy())
+            trace.append(value.detach().float())  # stays on the device: no wait per step
             if mask is not None:
                 grad = grad * mask
             with torch.no_grad():
                 crops = _normalized_step(crops.detach(), grad, octave.step_size(i, quirks))
-                crops = tv_bregman(crops.clamp_(0, 255), octave.tv(i, quirks))
-                for b, (ox, oy) in enumerate(offsets):
-                    canvas[b, :, ox:ox + size, oy:oy + size] = crops[b]
+                window.write(canvas, tv_bregman(crops.clamp_(0, 255), octave.tv(i, quirks)))
             bar.update()
     bar.close()
-    return Rendered(canvas.clamp(0, 255), np.stack(trace, axis=1))
+    return Rendered(canvas.clamp(0, 255), torch.stack(trace, dim=1).cpu().numpy())
+
+
+class _CropWindow:
+    """One size×size window per sample at its own offset, read and written with one indexing
+    kernel each (not two per sample)."""
+
+    def __init__(self, offsets: Sequence[tuple[int, int]], size: int, device: torch.device):
+        corner = torch.tensor(offsets, dtype=torch.long).view(-1, 2).to(device)
+        span = torch.arange(size, device=device)
+        self.index = (torch.arange(len(offsets), device=device).view(-1, 1, 1), slice(None),
+                      (corner[:, 0, None] + span).unsqueeze(2),
+                      (corner[:, 1, None] + span).unsqueeze(1))
+
+    def read(self, canvas: torch.Tensor) -> torch.Tensor:
+        return canvas[self.index].permute(0, 3, 1, 2).contiguous()  # indexing puts C last
+
+    def write(self, canvas: torch.Tensor, crops: torch.Tensor) -> None:
+        canvas[self.index] = crops.permute(0, 2, 3, 1)
 
 
 def _offsets(rng: np.random.RandomState, slack: int, window: float) -> tuple[int, int]:
@@ -190,11 +206,14 @@ def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
                          decorrelate=settings.decorrelate).to(device)
     optimizer = torch.optim.Adam(image.parameters(), lr=settings.lr)
     gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in seeds]
+    # Every step's transforms up front, moved to the device once (each sample's own stream).
+    thetas = torch.stack([torch.stack([_random_affine(g, settings, size) for g in gens])
+                          for _ in range(settings.steps)]).to(device) if settings.steps else None
     trace = []
-    for _ in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress,
-                  leave=False):
+    for step in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress,
+                     leave=False):
         pixels = image()
-        theta = torch.stack([_random_affine(g, settings, size) for g in gens]).to(pixels)
+        theta = thetas[step].to(pixels.dtype)
         padded = F.pad(pixels, [settings.pad] * 4, mode="reflect")
         grid = F.affine_grid(theta, list(padded.shape), align_corners=False)
         moved = F.grid_sample(padded, grid, mode="bilinear", padding_mode="reflection",
@@ -204,10 +223,10 @@ def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
         optimizer.zero_grad(set_to_none=True)
         (-value.sum()).backward()
         optimizer.step()
-        trace.append(value.detach().float().cpu().numpy())
+        trace.append(value.detach().float())
     with torch.no_grad():
         final = image().clamp(0, 255)
-    return Rendered(final, np.stack(trace, axis=1))
+    return Rendered(final, torch.stack(trace, dim=1).cpu().numpy())
 
 
 def measure(objective: Objective, images: torch.Tensor) -> np.ndarray:
