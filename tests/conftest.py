@@ -14,6 +14,14 @@ from mfv.models.classes import ClassNames
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Wall times worth seeing in every test run (e.g. `mfv demo`'s), printed in the summary.
+WALL_TIMES = pytest.StashKey[dict]()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for name, seconds in config.stash.get(WALL_TIMES, {}).items():
+        terminalreporter.write_line(f"wall time: {name}: {seconds:.0f} s")
+
 
 def shared_data() -> Path:
     """The project's real photos: $MFV_SHARED_DATA or ../shared/data beside the repository."""

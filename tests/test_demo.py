@@ -1,0 +1,99 @@
+"""`mfv demo` end to end, as the README's first command runs it: EfficientNet-Lite0 on the
+built-in pool, a results.json that follows its schema, and a report that works in headless
+Chromium. The demo's wall time is printed at the end of the test run."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from conftest import WALL_TIMES
+from mfv.cli import main
+from report_fixtures import (
+    ReportPage,
+    highlighted,
+    hover_point,
+    images_not_loaded,
+    map_points,
+    open_report,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "mfv-demo"
+    started = time.perf_counter()
+    code = main(["demo", "--out", str(out), "--quiet"])  # demo pool from the user's cache
+    seconds = time.perf_counter() - started
+    request.config.stash.setdefault(WALL_TIMES, {})["mfv demo"] = seconds
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_report(demo_run: Path) -> Iterator[ReportPage]:
+    with open_report(demo_run / "index.html") as rp:
+        yield rp
+
+
+@pytest.fixture(scope="module")
+def demo_results(demo_run: Path) -> dict:
+    return json.loads((demo_run / "results.json").read_text())
+
+
+def _section(results: dict, index: int) -> str:
+    return f"t{index}-{results['targets'][index]['slug']}"
+
+
+@pytest.mark.slow
+def test_demo_renders_class_logits_and_channels_with_baselines(demo_results, demo_run):
+    schema = json.loads((REPO / "docs" / "results.schema.json").read_text())
+    jsonschema.validate(demo_results, schema)
+    assert all(v == "done" for v in demo_results["stages"].values())
+    specs = [t["spec"] for t in demo_results["targets"]]
+    assert len(specs) == 4
+    assert sum(s.startswith("_fc:") for s in specs) == 2
+    assert sum(s.startswith("_blocks.10:") for s in specs) == 2
+    assert demo_results["data"]["n_images"] > 400 and demo_results["data"]["skipped"] == []
+    for target in demo_results["targets"]:
+        assert len(target["facets"]) == 3
+        assert len(target["baselines"]["paper-mean"]) == 3
+        for facet in target["facets"]:
+            assert (demo_run / facet["visualizations"]["paper-mean"]["path"]).is_file()
+            assert (demo_run / facet["mean_image"]).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_demo_report_loads_cleanly_offline(demo_report: ReportPage):
+    n, bad = images_not_loaded(demo_report.page)
+    assert n > 100 and bad == []
+    assert demo_report.console_errors == [] and demo_report.page_errors == []
+    assert all(u.startswith("file://") for u in demo_report.requests)
+    assert demo_report.page.locator("section.target").count() == 4
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_demo_map_hover_and_facet_highlight(demo_report: ReportPage, demo_results: dict):
+    page = demo_report.page
+    for index in range(len(demo_results["targets"])):
+        sid = _section(demo_results, index)
+        points = map_points(page, sid)
+        assert len(points) == 60  # the demo's top-N per target
+        shown = hover_point(page, sid, len(points) // 2)
+        assert shown["path"] == points[len(points) // 2]["p"] and shown["natural_width"] > 0
+        section = page.locator(f"section.target[id='{sid}']")
+        section.locator(".card.facet[data-facet='0'] header").click()
+        state = highlighted(page, sid)
+        assert state["on"] == sorted(i for i, p in enumerate(points) if p["f"] == 0)
+        assert state["on_opacity"] == 1 and state["off_opacity"] < 0.3
+        section.locator(".card.facet[data-facet='0'] header").click()  # toggle off again
+    assert demo_report.console_errors == [] and demo_report.page_errors == []
