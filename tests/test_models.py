@@ -103,3 +103,24 @@ def test_unknown_model_and_missing_optional_packages():
     except ImportError:
         with pytest.raises(MfvError, match=r"mfv\[timm\]"):
             load_model("timm:resnet18")
+
+
+def test_hugging_face_is_switched_offline_while_loading(monkeypatch):
+    """huggingface_hub reads HF_HUB_OFFLINE at import: the loader flips its constant too, and
+    puts everything back afterwards."""
+    import os
+    import sys
+    import types
+
+    from mfv.models import _offline_hub
+
+    package = types.ModuleType("huggingface_hub")
+    constants = types.ModuleType("huggingface_hub.constants")
+    constants.HF_HUB_OFFLINE = False
+    package.constants = constants
+    monkeypatch.setitem(sys.modules, "huggingface_hub", package)
+    monkeypatch.setitem(sys.modules, "huggingface_hub.constants", constants)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with _offline_hub():
+        assert constants.HF_HUB_OFFLINE is True and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert constants.HF_HUB_OFFLINE is False and "HF_HUB_OFFLINE" not in os.environ

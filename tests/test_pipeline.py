@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import jsonschema
@@ -162,10 +163,13 @@ def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     base = ["run", "--out", str(tmp_path / "r"), "--quiet", "--images", str(tmp_path)]
-    code = main(base + args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error once, no second report of the same cause
+        code = main(base + args)
     err = capsys.readouterr().err
     assert code == 2
     assert message in err and "Traceback" not in err
+    assert err.count(message) == 1
 
 
 def test_slugs_stay_inside_the_run_directory():

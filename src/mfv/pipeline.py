@@ -309,17 +309,19 @@ def run(settings: Settings | None = None, until: str = "evaluate", **options) ->
     stage = "evaluate" if until == "report" else until
     try:
         getattr(pipeline, stage)()
-    except BaseException:
-        _publish_partial(pipeline)
+    except BaseException as error:
+        _publish_partial(pipeline, error)
         raise
     return pipeline.publish()
 
 
-def _publish_partial(pipeline: Run) -> None:
-    """After a failure, refresh the public files so they show what is done (never mask it)."""
+def _publish_partial(pipeline: Run, error: BaseException) -> None:
+    """After a failure, refresh the public files so they show what is done (never mask it).
+    A refresh that fails for the stage's own reason (e.g. a bad target) says nothing more."""
     import warnings
 
     try:
         pipeline.publish()
     except Exception as exc:  # noqa: BLE001 - the stage's own error is the one to raise
-        warnings.warn(f"could not refresh results.json/index.html: {exc}", stacklevel=2)
+        if str(exc) != str(error):
+            warnings.warn(f"could not refresh results.json/index.html: {exc}", stacklevel=2)

@@ -109,12 +109,23 @@ def _torchscript(path: str, preprocess, classes, logits_layer) -> LoadedModel:
 
 @contextlib.contextmanager
 def _offline_hub():
-    """Make Hugging Face / torch.hub fail fast instead of waiting on a network that is absent."""
+    """Make Hugging Face fail fast instead of retrying a network that is absent (seen: 30 s of
+    retries per file). huggingface_hub reads HF_HUB_OFFLINE once, when it is imported, so its
+    constant is switched too while loading."""
     saved = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     try:
+        from huggingface_hub import constants as hub
+    except ImportError:
+        hub = None
+    hub_offline = getattr(hub, "HF_HUB_OFFLINE", None)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    try:
         yield
     finally:
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_offline
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
