@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from mfv import images
+from mfv.demo_pool import demo_pool
 from mfv.errors import MfvError
 from mfv.images import (
     BadImageError,
@@ -21,7 +22,6 @@ from mfv.images import (
     ImageItem,
     ImageList,
     collate_skip_bad,
-    demo_pool,
     from_folder,
     from_list,
     from_paths,
