@@ -154,12 +154,30 @@ def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two
     assert len(target["facets"]) == 1 and len(target["baselines"]["paper-mean"]) == 1
 
 
+@pytest.mark.slow
+def test_size_sets_the_input_size_of_every_stage(two_classes, tmp_path):
+    """--size 160: scanned at 160 (recorded), mean images at 160, canvases from 160 crops."""
+    out = tmp_path / "small"
+    code = main(["render", "--images", str(two_classes), "--target", "tench", "--facets", "1",
+                 "--mean-of", "3", "--steps", "10", "--size", "160", "--no-baseline",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    manifest = json.loads((out / "scan" / "manifest.json").read_text())
+    assert manifest["model"]["preprocess"]["input_size"] == 160
+    assert manifest["model"]["preprocess"]["resize_size"] == round(160 * 256 / 224)
+    (target_dir,) = (out / "targets").iterdir()
+    assert np.load(target_dir / "facet00_mean.npy").shape == (160, 160, 3)
+    canvas = Image.open(target_dir / "facet00_paper-mean.png")
+    assert canvas.size == (192, 192)  # the paper-mean canvas grows 1.2x from the input size
+
+
 @pytest.mark.parametrize("args, message", [
     (["--target", "_blocks.99:1"], "has no layer '_blocks.99'"),
     (["--target", "_fc:1000"], "valid units are 0..999"),
     (["--target", "crane"], "matches several classes"),
     (["--target", "tench", "--images", "/no/such/folder"], "images not found"),
     (["--target", "tench", "--facets", "0"], "at least 1"),
+    (["--target", "tench", "--size", "8"], "--size must be at least 32"),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     base = ["run", "--out", str(tmp_path / "r"), "--quiet", "--images", str(tmp_path)]

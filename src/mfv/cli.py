@@ -75,6 +75,9 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--activation", choices=["pre", "post"])
     p.add_argument("--code-layer", dest="code_layer", help="layer whose outputs are clustered")
     p.add_argument("--mean-resize", dest="mean_resize", choices=["crop", "squash"])
+    p.add_argument("--size", type=int, help="the model's input size in pixels for scanning, mean "
+                   "images and synthesis (default: the model's own, 224 for Lite0; the paper's "
+                   "CaffeNet used 227)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="synthesis batch size")
@@ -85,8 +88,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
 
 _OPTION_NAMES = ("out", "model", "weights", "images", "targets", "facets", "mean_of", "selection",
                  "top_n", "embedding", "min_facet_size", "recipes", "baseline", "steps",
-                 "quirks", "reduction", "activation", "code_layer", "mean_resize", "seed",
-                 "device", "batch_size", "scan_batch_size", "workers", "progress")
+                 "quirks", "reduction", "activation", "code_layer", "mean_resize", "size",
+                 "seed", "device", "batch_size", "scan_batch_size", "workers", "progress")
 
 
 def _settings(args: argparse.Namespace):

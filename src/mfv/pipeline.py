@@ -80,8 +80,11 @@ class Run:
     # ------------------------------------------------------------------ inputs
     @functools.cached_property
     def model(self) -> LoadedModel:
-        return load_model(self.settings.model, device=self.settings.device,
-                          weights=self.settings.weights)
+        model = load_model(self.settings.model, device=self.settings.device,
+                           weights=self.settings.weights)
+        if self.settings.size is not None:
+            model.preprocess = model.preprocess.resized(self.settings.size)
+        return model
 
     @functools.cached_property
     def images(self) -> ImageList:

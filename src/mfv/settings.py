@@ -46,6 +46,7 @@ class Settings:
     quirks: bool = True  # reproduce the authors' executed (Python 2) schedules
     seed: int = 0
     device: str = "cpu"
+    size: int | None = None  # the model's input size for scan, means and synthesis (None: its own)
     batch_size: int | None = None  # synthesis batch (None: automatic)
     scan_batch_size: int = 32
     workers: int = 1
@@ -69,6 +70,8 @@ class Settings:
             raise MfvError("--selection must be auto, class or top")
         if self.mean_resize not in ("crop", "squash"):
             raise MfvError("--mean-resize must be crop or squash")
+        if self.size is not None and self.size < 32:
+            raise MfvError("--size must be at least 32 pixels")
 
     @property
     def run_dir(self) -> Path:

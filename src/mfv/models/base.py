@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -61,6 +61,11 @@ class Preprocess:
             raise ValueError(f"unknown resize policy {policy!r}: use 'crop' or 'squash'")
         array = np.asarray(image.convert("RGB"), dtype=np.uint8)
         return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+    def resized(self, input_size: int) -> Preprocess:
+        """The same preprocessing for another input size (the resize keeps its crop ratio)."""
+        ratio = self.resize_size / self.input_size
+        return replace(self, input_size=input_size, resize_size=round(input_size * ratio))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 1] RGB batch → the network's input (differentiable, on x's device)."""
