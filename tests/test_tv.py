@@ -150,6 +150,13 @@ def test_reading_the_stopping_test_less_often_changes_nothing(method):
     assert torch.equal(every, sparse)
 
 
+def test_weights_as_numbers_arrays_lists_or_tensors_agree():
+    x = torch.rand(2, 3, 12, 12, generator=torch.Generator().manual_seed(3)) * 255.0
+    ref = tv_bregman(x, torch.tensor([0.3, 0.3], dtype=torch.float64))
+    for weight in (0.3, np.float64(0.3), np.array([0.3, 0.3]), [0.3, 0.3]):
+        torch.testing.assert_close(tv_bregman(x, weight), ref, rtol=0, atol=1e-6)
+
+
 def test_a_bad_weight_is_refused_before_any_work():
     x = torch.rand(1, 3, 8, 8)
     for bad in (0.0, -1.0, float("nan"), float("inf"), torch.tensor([0.1, -0.2])):

@@ -144,15 +144,16 @@ def tv_bregman(
     return out.to(images.dtype)
 
 
-def _per_sample_weight(weight: float | Tensor, batch: int, dtype: torch.dtype, device) -> Tensor:
+def _per_sample_weight(weight: float | Tensor | np.ndarray, batch: int, dtype: torch.dtype,
+                       device) -> Tensor:
     """Return the weight as a (B, 1, 1, 1) tensor, checking it is positive and finite (a plain
     number is checked before it goes to the device: no device round trip per call)."""
     bad = "TV weight must be positive and finite (smaller weight = more smoothing)."
-    if not isinstance(weight, Tensor):
+    if isinstance(weight, (int, float, np.integer, np.floating)):
         if not (math.isfinite(weight) and weight > 0):
             raise MfvError(bad)
         return torch.full((batch, 1, 1, 1), float(weight), dtype=dtype, device=device)
-    wt = weight.to(dtype=dtype, device=device)
+    wt = torch.as_tensor(weight).to(dtype=dtype, device=device)  # tensor, array or list
     if wt.ndim == 0:
         wt = wt.expand(batch)
     if wt.shape != (batch,):
