@@ -153,7 +153,9 @@ def _per_sample_weight(weight: float | Tensor | np.ndarray, batch: int, dtype: t
         if not (math.isfinite(weight) and weight > 0):
             raise MfvError(bad)
         return torch.full((batch, 1, 1, 1), float(weight), dtype=dtype, device=device)
-    wt = torch.as_tensor(weight).to(dtype=dtype, device=device)  # tensor, array or list
+    if not isinstance(weight, Tensor):  # an array or a list: keep its float64 values
+        weight = torch.as_tensor(weight, dtype=torch.float64)
+    wt = weight.to(dtype=dtype, device=device)
     if wt.ndim == 0:
         wt = wt.expand(batch)
     if wt.shape != (batch,):
