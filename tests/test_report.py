@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from html import escape as html_escape
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -106,6 +107,12 @@ def test_report_full_run(tmp_path: Path) -> None:
                 assert any(unquote(u) == rel for u in urls), rel
         for b in t["baselines"]["paper-mean"]:
             assert any(unquote(u) == b["path"] for u in urls)
+    # the overview leads with the targets (pictures), each tile naming its class, escaped
+    assert html.index("<h2>Targets</h2>") < html.index("<h2>Run</h2>")
+    tiles = re.findall(r'<a class="card tcard".*?</a>', html, flags=re.S)
+    assert len(tiles) == len(results["targets"])
+    assert f'<span class="muted small">{html_escape(EVIL_CLASS)} · 2 facets' in tiles[1]
+    assert EVIL_CLASS not in html
     # settings, versions, timings and skipped files (escaped) are shown
     assert "1 min 15 s" in html and "2.13.0" in html
     assert "2 skipped files" in html and "empty file (0 bytes)" in html

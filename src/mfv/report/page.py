@@ -242,7 +242,11 @@ class Page:
         grid = "".join(self.target_tile(t, i) for i, t in enumerate(targets))
         grid = (f'<div class="tgrid">{grid}</div>' if grid
                 else '<p class="muted">No targets yet.</p>')
+        # the pictures first; what produced them right below
         return f"""<section id="overview">
+<h2>Targets</h2>
+{grid}
+<h2>Run</h2>
 <div class="info">
 <div class="card"><h3>Model</h3>{_table(model_rows)}</div>
 <div class="card"><h3>Data</h3>{self.data_summary()}</div>
@@ -250,8 +254,6 @@ class Page:
 <div class="card"><h3>Timings</h3>{_table(timing_rows)}
 <h3>Versions</h3>{_table((r.get("versions") or {}).items())}</div>
 </div>
-<h2>Targets</h2>
-{grid}
 </section>"""
 
     def data_summary(self) -> str:
@@ -297,6 +299,8 @@ class Page:
         n = (t.get("selection") or {}).get("n")
         if n is not None:
             meta += f" · {_fmt(n)} images"
+        if t.get("class_name"):
+            meta = f"{t['class_name']} · {meta}"
         return (f'<a class="card tcard" href="#{_e(_slug_id(t, i))}">'
                 f'<span class="tspec">{_e(t.get("spec", f"target {i}"))}</span>'
                 f'<span class="muted small">{_e(meta)}</span>'
