@@ -178,6 +178,7 @@ def test_size_sets_the_input_size_of_every_stage(two_classes, tmp_path):
     (["--target", "tench", "--images", "/no/such/folder"], "images not found"),
     (["--target", "tench", "--facets", "0"], "at least 1"),
     (["--target", "tench", "--size", "8"], "--size must be at least 32"),
+    (["--target", "tench", "--model", "/no/such/net.pt"], "model file not found"),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     base = ["run", "--out", str(tmp_path / "r"), "--quiet", "--images", str(tmp_path)]
@@ -188,6 +189,15 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert err.count(message) == 1
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("not a directory")
+    code = main(["run", "--images", str(tmp_path), "--target", "tench", "--quiet",
+                 "--out", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a file; give a directory" in err and "Traceback" not in err
+    assert (tmp_path / "taken").read_text() == "not a directory"
 
 
 def test_slugs_stay_inside_the_run_directory():

@@ -70,7 +70,12 @@ class Run:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.dir = Path(settings.out)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.dir.exists() and not self.dir.is_dir():
+            raise MfvError(f"--out {self.dir} is a file; give a directory for the run")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MfvError(f"cannot create the run directory {self.dir}: {exc.strerror}") from None
         self.timings: dict[str, float] = {}
         previous = self.dir / "timings.json"
         if previous.exists():

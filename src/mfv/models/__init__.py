@@ -55,6 +55,8 @@ def load_model(model: str | nn.Module = DEFAULT_MODEL, device: str | torch.devic
         loaded = _torchvision(model.split(":", 1)[1])
     elif model.startswith("timm:"):
         loaded = _timm(model.split(":", 1)[1])
+    elif Path(model).suffix in (".pt", ".pth", ".ts", ".torchscript") or "/" in model:
+        raise MfvError(f"model file not found: {model}")
     else:
         known = ", ".join(BUILTIN)
         raise MfvError(f"unknown model {model!r}: use a built-in ({known}), "
