@@ -156,12 +156,17 @@ def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two
 
 @pytest.mark.slow
 def test_size_sets_the_input_size_of_every_stage(two_classes, tmp_path):
-    """--size 160: scanned at 160 (recorded), mean images at 160, canvases from 160 crops."""
+    """--size 160: scanned at 160 (recorded), mean images at 160, canvases from 160 crops;
+    --judges none: evaluated without the transferability judges."""
     out = tmp_path / "small"
-    code = main(["render", "--images", str(two_classes), "--target", "tench", "--facets", "1",
+    code = main(["evaluate", "--images", str(two_classes), "--target", "tench", "--facets", "1",
                  "--mean-of", "3", "--steps", "10", "--size", "160", "--no-baseline",
-                 "--out", str(out), "--quiet"])
+                 "--judges", "none", "--out", str(out), "--quiet"])
     assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["judges"] == [] and results["settings"]["size"] == 160
+    metrics = results["targets"][0]["facets"][0]["metrics"]["paper-mean"]
+    assert "activation_ratio" in metrics and "transfer_top1" not in metrics
     manifest = json.loads((out / "scan" / "manifest.json").read_text())
     assert manifest["model"]["preprocess"]["input_size"] == 160
     assert manifest["model"]["preprocess"]["resize_size"] == round(160 * 256 / 224)
@@ -189,6 +194,18 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     assert code == 2
     assert message in err and "Traceback" not in err
     assert err.count(message) == 1
+
+
+def test_judges_option_reads_names_or_none():
+    from mfv.cli import _settings, build_parser
+
+    def judges(*extra: str) -> tuple[str, ...]:
+        return _settings(build_parser().parse_args(["run", *extra])).judges
+
+    assert judges() == ("efficientnet_lite1", "efficientnet_lite2")
+    assert judges("--judges", "none") == ()
+    assert judges("--judges", "efficientnet_lite2, efficientnet_lite1") == (
+        "efficientnet_lite2", "efficientnet_lite1")
 
 
 def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys):

@@ -42,6 +42,11 @@ def _facets_value(text: str) -> int | str:
         raise argparse.ArgumentTypeError("a number or 'auto'") from None
 
 
+def _judges_value(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    return () if names == ("none",) else names
+
+
 def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--out", help="run directory (default: mfv-run, demo: mfv-demo)")
     p.add_argument("--config", help="TOML file with settings (options given here win)")
@@ -75,6 +80,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--activation", choices=["pre", "post"])
     p.add_argument("--code-layer", dest="code_layer", help="layer whose outputs are clustered")
     p.add_argument("--mean-resize", dest="mean_resize", choices=["crop", "squash"])
+    p.add_argument("--judges", type=_judges_value, help="models that judge transferability, "
+                   "comma-separated, or 'none' (default: efficientnet_lite1,efficientnet_lite2)")
     p.add_argument("--size", type=int, help="the model's input size in pixels for scanning, mean "
                    "images and synthesis (default: the model's own, 224 for Lite0; the paper's "
                    "CaffeNet used 227)")
@@ -88,8 +95,8 @@ def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
 
 _OPTION_NAMES = ("out", "model", "weights", "images", "targets", "facets", "mean_of", "selection",
                  "top_n", "embedding", "min_facet_size", "recipes", "baseline", "steps",
-                 "quirks", "reduction", "activation", "code_layer", "mean_resize", "size",
-                 "seed", "device", "batch_size", "scan_batch_size", "workers", "progress")
+                 "quirks", "reduction", "activation", "code_layer", "mean_resize", "judges",
+                 "size", "seed", "device", "batch_size", "scan_batch_size", "workers", "progress")
 
 
 def _settings(args: argparse.Namespace):
