@@ -192,6 +192,16 @@ def test_sklearn_tsne_fallback(monkeypatch):
     assert adjusted_rand_score(truth, facet_labels(res, 120)) >= 0.95
 
 
+def test_umap_embedding_recovers_blobs_and_is_seeded():
+    """umap-learn is in the test extras, so this runs in CI (no silent skip)."""
+    codes, acts, truth = blobs(150, 3, dim=100, seed=10)
+    res = find_facets(codes, acts, k=3, embedding="umap", seed=0)
+    assert res.settings["embedding_used"] == "umap"
+    assert adjusted_rand_score(truth, facet_labels(res, 150)) >= 0.95
+    again = find_facets(codes, acts, k=3, embedding="umap", seed=0)
+    np.testing.assert_array_equal(again.assignment, res.assignment)
+
+
 def test_umap_without_umap_learn_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)
     codes, acts, _ = blobs(30, 2, dim=20)

@@ -369,8 +369,10 @@ def _embed(reduced, embedding, perplexity, tsne_iter, seed, n_jobs, settings):
         n_neighbors = max(2, min(15, n - 1))
         settings["embedding_used"] = "umap"
         settings["umap_n_neighbors"] = n_neighbors
-        coords = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed)
-        coords = np.asarray(coords.fit_transform(reduced), dtype=np.float64)
+        reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
+        with warnings.catch_warnings():  # seeded, hence single-threaded: umap says so each time
+            warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+            coords = np.asarray(reducer.fit_transform(reduced), dtype=np.float64)
         return coords, coords
     coords = _tsne(reduced, perplexity, tsne_iter, seed, n_jobs, settings)
     return coords, coords
