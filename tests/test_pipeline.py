@@ -139,9 +139,9 @@ def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two
     before = json.loads(render_index.read_text())
     baseline_png = render_index.parent / before["random00_paper-mean"]["path"]
     baseline_mtime = baseline_png.stat().st_mtime_ns
-    code = main(["render", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
+    code = main(["evaluate", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
                  "--facets", "1", "--mean-of", "3", "--steps", "10", "--out", str(run_dir),
-                 "--quiet", "--seed", "3"])
+                 "--quiet", "--seed", "3", "--judges", "none"])
     assert code == 0
     after = json.loads(render_index.read_text())
     assert set(after) == {"facet00_paper-mean", "random00_paper-mean"}
@@ -152,6 +152,7 @@ def test_reclustering_renders_the_new_facets_and_drops_the_old(finished_run, two
     results = json.loads((run_dir / "results.json").read_text())
     (target,) = results["targets"]
     assert len(target["facets"]) == 1 and len(target["baselines"]["paper-mean"]) == 1
+    assert set(target["facets"][0]["metrics"]) == {"paper-mean"}  # evaluated: the new facet only
 
 
 @pytest.mark.slow

@@ -97,10 +97,10 @@ def class_rank(logits: np.ndarray, class_index: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- model helpers
-def _to_input(model: LoadedModel, images: Sequence[np.ndarray], policy: str = "squash"
-              ) -> torch.Tensor:
-    """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1] (`squash`: warped)."""
-    return torch.stack([model.preprocess.to_tensor(Image.fromarray(im), policy=policy)
+def _to_input(model: LoadedModel, images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1], warped to S×S
+    (the identity for views already at the input size)."""
+    return torch.stack([model.preprocess.to_tensor(Image.fromarray(im), policy="squash")
                         for im in images]).to(model.device)
 
 
@@ -154,9 +154,7 @@ def evaluate_run(run: Run) -> dict:
         entry: dict = {"facets": {}, "target": {}}
         by_recipe: dict[str, dict[str, list]] = {}
         for name in sorted(rendered):
-            stem, recipe = name.split("_", 1)
-            if int(stem.removeprefix("facet").removeprefix("random")) >= len(facets.facets):
-                continue  # left by an earlier run of this directory with more facets
+            stem, recipe = name.split("_", 1)  # render.json holds only the current facets
             image = np.asarray(Image.open(run.dir / "targets" / slug / rendered[name]["path"])
                                .convert("RGB"))  # the whole canvas
             group = by_recipe.setdefault(recipe, {"facet": [], "random": []})
@@ -207,7 +205,7 @@ def _evaluate_recipe(model, code_ref, target, t_index, recipe, group, facets, ce
                        "fidelity": None if np.isnan(margin[i]) else bool(ok[i]),
                        "fidelity_margin": None if np.isnan(margin[i]) else float(margin[i]),
                        "centre_dominance": _dominance(model, code_ref, target, image)}
-            metrics.update(_transfer(judges, target, optimized_view(image, size)))
+            metrics.update(_transfer(judges, target, views[i]))
             entry["facets"].setdefault(stem, {})[recipe] = metrics
         entry["target"].setdefault("diversity", {})[recipe] = diversity(codes)
     if group["random"]:
@@ -215,10 +213,10 @@ def _evaluate_recipe(model, code_ref, target, t_index, recipe, group, facets, ce
         rand_codes, _ = codes_and_values(model, code_ref, [target], _to_input(model, rand_views))
         entry["target"].setdefault("diversity_random", {})[recipe] = diversity(rand_codes)
         ratios, doms, transfers = [], [], []
-        for stem, image in group["random"]:
+        for (stem, image), view in zip(group["random"], rand_views, strict=True):
             ratios.append(activation_ratio(rendered[f"{stem}_{recipe}"]["activation"], real_max))
             doms.append(_dominance(model, code_ref, target, image))
-            transfers.append(_transfer(judges, target, optimized_view(image, size)))
+            transfers.append(_transfer(judges, target, view))
         entry["target"].setdefault("random", {})[recipe] = {
             "activation_ratio": float(np.mean(ratios)), "centre_dominance": float(np.mean(doms)),
             **_mean_transfer(transfers)}

@@ -64,6 +64,11 @@ def _hash(key: dict, stem: str, start: np.ndarray | None = None) -> str:
     return digest.hexdigest()[:16]
 
 
+def _rank_of(name: str) -> int:
+    """The facet number in a render.json name: `facet03_paper-mean`, `random03_fourier` → 3."""
+    return int(name.split("_")[0].removeprefix("facet").removeprefix("random"))
+
+
 class Run:
     """A run directory with its settings; stage methods are idempotent and resumable."""
 
@@ -242,9 +247,10 @@ class Run:
             stems = [f"facet{f.rank:02d}" for f in facets.facets]
             if s.baseline:
                 stems += [f"random{r:02d}" for r in range(len(facets.facets))]
-            # Entries numbered beyond the facets (left by a run with more) are dropped.
+            # Entries (`facetNN_recipe`, `randomNN_recipe`) numbered beyond the facets, left by
+            # a run with more, are dropped: later stages read render.json as the current set.
             done = {name: entry for name, entry in stored.items()
-                    if int(re.sub(r"\D", "", name.split("_")[0])) < len(facets.facets)}
+                    if _rank_of(name) < len(facets.facets)}
             if done != stored:
                 atomic_write_json(index_path, done)
             records[slug] = done

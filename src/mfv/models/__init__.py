@@ -19,6 +19,7 @@ from mfv.models.classes import ClassNames, imagenet_classes
 from mfv.models.efficientnet_lite import VARIANTS, efficientnet_lite
 
 BUILTIN = tuple(VARIANTS)
+SCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # TorchScript files by name
 DEFAULT_MODEL = "efficientnet_lite0"
 
 
@@ -49,13 +50,13 @@ def load_model(model: str | nn.Module = DEFAULT_MODEL, device: str | torch.devic
     elif model in VARIANTS:
         loaded = LoadedModel(model, efficientnet_lite(model), lite_preprocess(model),
                              imagenet_classes(), "_fc", {"source": "builtin"})
-    elif Path(model).suffix in (".pt", ".pth", ".ts", ".torchscript") and Path(model).exists():
+    elif Path(model).suffix in SCRIPT_SUFFIXES and Path(model).exists():
         loaded = _torchscript(model, preprocess, classes, logits_layer)
     elif model.startswith(("torchvision:", "tv:")):
         loaded = _torchvision(model.split(":", 1)[1])
     elif model.startswith("timm:"):
         loaded = _timm(model.split(":", 1)[1])
-    elif Path(model).suffix in (".pt", ".pth", ".ts", ".torchscript") or "/" in model:
+    elif Path(model).suffix in SCRIPT_SUFFIXES or "/" in model:
         raise MfvError(f"model file not found: {model}")
     else:
         known = ", ".join(BUILTIN)
