@@ -38,11 +38,13 @@ import torch
 from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
-import mfv.render.engine as engine
+import mfv.render.paper as paper
 from mfv.models import load_model
-from mfv.render.engine import FourierSettings, Objective, fourier_loop, paper_loop
-from mfv.render.recipes import Job, render
-from mfv.render.schedules import schedule
+from mfv.render.batch import Job, render_batches
+from mfv.render.fourier import fourier_loop
+from mfv.render.objective import Objective
+from mfv.render.paper import paper_loop
+from mfv.render.recipes import FourierSettings, schedule
 from mfv.render.tv import tv_bregman
 from mfv.targets import parse_targets
 
@@ -87,7 +89,7 @@ def _load() -> str:
 def _engine_tv(**kwargs) -> Iterator[list[float]]:
     """Make the engine's TV call use `kwargs` and record the seconds each call takes."""
     spent: list[float] = []
-    original = engine.tv_bregman
+    original = paper.tv_bregman
 
     def timed(images: torch.Tensor, weight, **kw) -> torch.Tensor:
         start = time.perf_counter()
@@ -97,11 +99,11 @@ def _engine_tv(**kwargs) -> Iterator[list[float]]:
         spent.append(time.perf_counter() - start)
         return out
 
-    engine.tv_bregman = timed
+    paper.tv_bregman = timed
     try:
         yield spent
     finally:
-        engine.tv_bregman = original
+        paper.tv_bregman = original
 
 
 def bench_tv(device: torch.device, repeats: int, sync) -> None:
@@ -209,11 +211,12 @@ def bench_facets(model, steps: int, repeats: int, sync) -> None:
     jobs = [Job(0, starts[i], seed=i) for i in range(k)]
 
     def together() -> None:
-        render(model, targets, jobs, "paper-mean", steps=steps, batch_size=k, progress=False)
+        render_batches(model, targets, jobs, "paper-mean", steps=steps, batch_size=k,
+                       progress=False)
 
     def alone() -> None:
         for job in jobs:
-            render(model, targets, [job], "paper-mean", steps=steps, progress=False)
+            render_batches(model, targets, [job], "paper-mean", steps=steps, progress=False)
 
     t_batch, t_alone = [], []
     for _ in range(repeats):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from mfv.cli import main
 from mfv.pipeline import slugify
-from mfv.render.schedules import schedule
+from mfv.render.recipes import schedule
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"n01440764": 0, "n03888257": 701}  # tench, parachute
@@ -96,7 +96,7 @@ def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
 
     from mfv.evaluate import _to_input, codes_and_values, optimized_view
     from mfv.models import load_model
-    from mfv.render.engine import Objective, measure
+    from mfv.render.objective import Objective, measure
     from mfv.targets import parse_target, resolve_layer
 
     model = load_model("efficientnet_lite0")

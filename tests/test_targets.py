@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
+from mfv.activations import capture, reduce_unit, target_value
 from mfv.errors import MfvError
-from mfv.targets import capture, evaluate, parse_target, reduce_unit
+from mfv.targets import parse_target
 
 
 def _values(model, target, x):
     with capture(model, target.layers) as acts, torch.no_grad():
         logits = model(x)
-    return evaluate(target, acts), logits, acts
+    return target_value(target, acts), logits, acts
 
 
 def test_logit_target_equals_model_output(tiny):
@@ -101,7 +102,8 @@ def test_post_activation_needs_a_following_activation(tiny):
 
 
 def test_target_bank_equals_single_evaluations(tiny):
-    from mfv.targets import TargetBank, parse_targets
+    from mfv.activations import TargetBank
+    from mfv.targets import parse_targets
 
     x = torch.rand(3, 3, 32, 32)
     for reduction in ("center", "max", "mean"):
@@ -112,7 +114,7 @@ def test_target_bank_equals_single_evaluations(tiny):
         with capture(tiny, bank.layers) as acts, torch.no_grad():
             tiny(x)
             values = bank(acts)
-            singles = torch.stack([evaluate(t, acts) for t in targets], 1)
+            singles = torch.stack([target_value(t, acts) for t in targets], 1)
         assert values.shape == (3, 8)
         assert torch.allclose(values, singles, atol=1e-5)
 
@@ -134,7 +136,7 @@ class TinyViT(torch.nn.Module):
 
 def test_transformer_token_targets_and_rendering():
     from mfv.models import Preprocess, load_model
-    from mfv.render.recipes import Job, render
+    from mfv.render.batch import Job, render_batches
 
     torch.manual_seed(0)
     vit = load_model(TinyViT(), preprocess=Preprocess(input_size=32, resize_size=32))
@@ -145,5 +147,5 @@ def test_transformer_token_targets_and_rendering():
         assert acts["block"].shape == (2, 16, 16)
         assert torch.allclose(values, reduce_unit(acts["block"], 5, reduction))
     targets = [parse_target("block:5", vit, reduction="mean")]
-    result = render(vit, targets, [Job(0, None, 1)], "fourier", steps=15, progress=False)[0]
+    result = render_batches(vit, targets, [Job(0, None, 1)], "fourier", steps=15, progress=False)[0]
     assert np.isfinite(result.activation) and result.trace[-1] > result.trace[0]

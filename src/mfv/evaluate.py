@@ -24,7 +24,8 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from mfv.io import atomic_write_json, read_json
 from mfv.models import LoadedModel, load_model
-from mfv.targets import LayerRef, Target, TargetBank, capture, resolve_layer
+from mfv.activations import TargetBank, capture
+from mfv.targets import LayerRef, Target, resolve_layer
 
 if TYPE_CHECKING:
     from mfv.pipeline import Run

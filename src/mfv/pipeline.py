@@ -27,7 +27,7 @@ from mfv.facets import FacetResult, find_facets, load_facets, mean_image, save_f
 from mfv.images import ImageList, load_rgb, open_images
 from mfv.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy, read_json
 from mfv.models import LoadedModel, load_model
-from mfv.render.recipes import Job, Result, render
+from mfv.render.batch import Job, Result, render_batches
 from mfv.scan import ScanResult, scan
 from mfv.settings import Settings
 from mfv.targets import Target, parse_targets
@@ -282,7 +282,7 @@ class Run:
             for slug in {names[r][0] for r in rows}:
                 atomic_write_json(self.dir / "targets" / slug / "render.json", records[slug])
 
-        render(self.model, self.targets, jobs, recipe, steps=s.steps, quirks=s.quirks,
+        render_batches(self.model, self.targets, jobs, recipe, steps=s.steps, quirks=s.quirks,
                batch_size=s.batch_size, progress=s.progress, on_batch=save)
         return records
 

@@ -29,7 +29,8 @@ from mfv.errors import MfvError
 from mfv.images import ImageDataset, ImageList, collate_skip_bad
 from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from mfv.models import LoadedModel
-from mfv.targets import LayerRef, Target, TargetBank, capture, resolve_layer
+from mfv.activations import TargetBank, capture
+from mfv.targets import LayerRef, Target, resolve_layer
 
 FULL_LIMIT_BYTES = 2 * 1024**3  # above this, activations are kept as a streaming top-N
 

@@ -1,29 +1,28 @@
-"""Neurons as objectives: parse `LAYER:UNIT` expressions, capture activations with hooks.
+"""Targets: what a neuron is, parsed from `LAYER:UNIT` expressions against a model.
 
 A target is a weighted sum of units, `"_fc:0 + _fc:701"`, `"_fc:1 - 0.5*_fc:2"`, or a class name
 (`"bell pepper"` → the model's logit for that class). Spatial maps (B, C, H, W) and token maps
 (B, N, C) reduce to one number per image by a policy: `center` (the paper: the unit at the
-central position), `max` or `mean` (and `cls`, token 0, for transformers).
+central position), `max` or `mean` (and `cls`, token 0, for transformers). Reading the values
+(hooks, reductions) is `mfv.activations`; this module needs no torch.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mfv.errors import MfvError
-from mfv.models.base import LoadedModel, units_of
 
-REDUCTIONS = ("center", "max", "mean", "cls")
+if TYPE_CHECKING:
+    from mfv.models.base import LoadedModel
+
+REDUCTIONS = ("center", "max", "mean", "cls")  # how a spatial or token map gives one number
+ACTIVATIONS = ("pre", "post")  # a layer's output as is, or after the activation that follows it
 ALIASES = ("logits", "penultimate")
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
-                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardsigmoid)
 _NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
 
@@ -37,7 +36,10 @@ class LayerRef:
 
     @property
     def key(self) -> str:
-        return f"{self.path}#in" if self.use_input else self.path
+        """Where a captured batch stores this layer: unique per path, input/output, activation."""
+        if self.use_input:
+            return f"{self.path}#in"
+        return f"{self.path}>{self.post_activation}" if self.post_activation else self.path
 
 
 @dataclass(frozen=True)
@@ -75,115 +77,6 @@ class Target:
                           for t in self.terms]}
 
 
-def reduce_unit(activation: torch.Tensor, unit: int, reduction: str) -> torch.Tensor:
-    """One value per sample from a (B, C), (B, N, C) or (B, C, H, W) activation: `reduce_layer`
-    on that unit alone (sliced first, so only it is reduced)."""
-    if activation.dim() in (2, 3, 4):
-        activation = activation.narrow(2 if activation.dim() == 3 else 1, unit, 1)
-    return reduce_layer(activation, reduction)[:, 0]
-
-
-def evaluate(target: Target, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The target's value for each sample of a captured batch, shape (B,)."""
-    total = None
-    for term in target.terms:
-        value = term.weight * reduce_unit(activations[term.layer.key], term.unit, target.reduction)
-        total = value if total is None else total + value
-    return total
-
-
-def reduce_layer(activation: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Every unit of a layer reduced to one value per sample: (B, units)."""
-    if activation.dim() == 2:
-        return activation
-    if activation.dim() == 3:  # tokens (B, N, C)
-        if reduction == "center":
-            return activation[:, activation.shape[1] // 2]
-        if reduction == "cls":
-            return activation[:, 0]
-        return activation.amax(1) if reduction == "max" else activation.mean(1)
-    if activation.dim() == 4:
-        if reduction in ("center", "cls"):
-            return activation[:, :, activation.shape[2] // 2, activation.shape[3] // 2]
-        flat = activation.flatten(2)
-        return flat.amax(2) if reduction == "max" else flat.mean(2)
-    raise MfvError(f"cannot address units of an activation of shape {tuple(activation.shape)}")
-
-
-class TargetBank:
-    """Many targets evaluated at once: per layer, reduced units times a weight matrix.
-
-    Scanning all 1000 logits or every channel of a layer costs one matrix product per layer,
-    not one Python call per target.
-    """
-
-    def __init__(self, targets: Sequence[Target]) -> None:
-        self.targets = list(targets)
-        self._groups: dict[tuple[LayerRef, str], list[tuple[int, int, float]]] = {}
-        for t_index, target in enumerate(self.targets):
-            for term in target.terms:
-                key = (term.layer, target.reduction)
-                self._groups.setdefault(key, []).append((t_index, term.unit, term.weight))
-        self._weights: dict = {}
-
-    @property
-    def layers(self) -> list[LayerRef]:
-        return list(dict.fromkeys(ref for ref, _ in self._groups))
-
-    def _matrix(self, key, units: int, like: torch.Tensor) -> torch.Tensor:
-        cache_key = (key, units, like.device, like.dtype)
-        if cache_key not in self._weights:
-            w = torch.zeros(len(self.targets), units, dtype=like.dtype)
-            for t_index, unit, weight in self._groups[key]:
-                w[t_index, unit] += weight
-            self._weights[cache_key] = w.to(like.device)
-        return self._weights[cache_key]
-
-    def __call__(self, activations: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Values of every target for every sample: (B, T)."""
-        total = None
-        for key in self._groups:
-            ref, reduction = key
-            reduced = reduce_layer(activations[ref.key], reduction)
-            part = reduced @ self._matrix(key, reduced.shape[1], reduced).T
-            total = part if total is None else total + part
-        return total
-
-
-def evaluate_all(targets: Sequence[Target], activations: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Every target on every sample, shape (B, T)."""
-    return TargetBank(targets)(activations)
-
-
-@contextmanager
-def capture(model: LoadedModel | nn.Module, layers: Sequence[LayerRef]
-            ) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the given layers' activations during forward passes inside the block.
-
-    The hooks are removed when the block ends, normally or by an exception.
-    """
-    module = model.module if isinstance(model, LoadedModel) else model
-    named = dict(module.named_modules())
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(ref: LayerRef):
-        activation = named[ref.post_activation] if ref.post_activation else None
-
-        def hook(_module, inputs, output):
-            value = inputs[0] if ref.use_input else output
-            store[ref.key] = activation(value) if activation is not None else value
-        return hook
-
-    try:
-        for ref in dict.fromkeys(layers):
-            handles.append(named[ref.path].register_forward_hook(hook_for(ref)))
-        yield store
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _closest(name: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
     if not close:
@@ -202,25 +95,15 @@ def resolve_layer(model: LoadedModel, path: str, activation: str = "pre") -> Lay
     if path not in modules:
         raise MfvError(f"model {model.name} has no layer {path!r}; closest: "
                        f"{_closest(path, list(modules))} (see `mfv layers {model.name}`)")
-    if activation == "post" and not isinstance(modules[path], _ACTIVATIONS):
-        follower = _next_activation(model.module, path)
+    if activation not in ACTIVATIONS:
+        raise MfvError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if activation == "post" and not model.is_activation(path):
+        follower = model.next_activation(path)
         if follower is None:
             raise MfvError(f"no activation module directly follows {path!r}; "
                            "use activation='pre' or address the activation layer itself")
         return LayerRef(path, post_activation=follower)
     return LayerRef(path)
-
-
-def _next_activation(module: nn.Module, path: str) -> str | None:
-    """The activation module registered right after `path` in the same parent, if any."""
-    parent_path, _, _ = path.rpartition(".")
-    parent = module.get_submodule(parent_path) if parent_path else module
-    names = list(parent._modules)
-    local = path.rpartition(".")[2]
-    i = names.index(local)
-    if i + 1 < len(names) and isinstance(parent._modules[names[i + 1]], _ACTIVATIONS):
-        return f"{parent_path}.{names[i + 1]}" if parent_path else names[i + 1]
-    return None
 
 
 def _parse_term(text: str, model: LoadedModel, activation: str) -> tuple[float, LayerRef, int,
@@ -284,10 +167,10 @@ def parse_target(spec: str, model: LoadedModel, reduction: str = "center",
 
 def _units(model: LoadedModel, ref: LayerRef, shapes: dict[str, int]) -> int:
     if ref.use_input:
-        layer = model.modules()[ref.path]
-        if isinstance(layer, nn.Linear):
-            return layer.in_features
-        raise MfvError(f"cannot tell the input size of layer {ref.path!r}")
+        units = model.input_units(ref.path)
+        if units is None:
+            raise MfvError(f"cannot tell the input size of layer {ref.path!r}")
+        return units
     return shapes[ref.path]
 
 
@@ -307,5 +190,5 @@ def parse_targets(specs: Sequence[str], model: LoadedModel, reduction: str = "ce
     return targets
 
 
-__all__ = ["Target", "Term", "LayerRef", "TargetBank", "parse_target", "parse_targets", "capture",
-           "evaluate", "evaluate_all", "reduce_unit", "reduce_layer", "resolve_layer", "units_of"]
+__all__ = ["Target", "Term", "LayerRef", "parse_target", "parse_targets", "resolve_layer",
+           "REDUCTIONS", "ACTIVATIONS"]

@@ -11,6 +11,8 @@ from torch import nn
 
 from mfv.models.classes import ClassNames
 
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+                nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardsigmoid)
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -125,6 +127,25 @@ class LoadedModel:
 
     def modules(self) -> dict[str, nn.Module]:
         return {name: m for name, m in self.module.named_modules() if name}
+
+    def is_activation(self, path: str) -> bool:
+        """Whether the module at `path` is an elementwise activation (ReLU, GELU, ...)."""
+        return isinstance(self.module.get_submodule(path), _ACTIVATIONS)
+
+    def next_activation(self, path: str) -> str | None:
+        """The activation module registered right after `path` in the same parent, if any."""
+        parent_path, _, local = path.rpartition(".")
+        parent = self.module.get_submodule(parent_path) if parent_path else self.module
+        names = list(parent._modules)
+        i = names.index(local)
+        if i + 1 < len(names) and isinstance(parent._modules[names[i + 1]], _ACTIVATIONS):
+            return f"{parent_path}.{names[i + 1]}" if parent_path else names[i + 1]
+        return None
+
+    def input_units(self, path: str) -> int | None:
+        """The width of a linear layer's input (the `penultimate` features), else None."""
+        layer = self.module.get_submodule(path)
+        return layer.in_features if isinstance(layer, nn.Linear) else None
 
     def layers(self, size: int | None = None) -> list[LayerInfo]:
         """Every named module with the shape of its output for one input of the given size."""

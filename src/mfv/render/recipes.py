@@ -1,92 +1,115 @@
-"""Recipes by name, and `render`: many jobs (targets × facets × starts) in as few batches as fit."""
+"""The recipes, as data: which optimizer, with which schedule or settings (no torch here).
+
+- `paper-mean`, `paper-center`: the paper's octave schedules (paper-spec §2.6), executed or as
+  written, run by `mfv.render.paper`;
+- `fourier`: Lucid's Fourier parameterization with its usual transforms, run by
+  `mfv.render.fourier`.
+
+
+Numbers are those of the authors' scripts `act_max.tvd.mean.py` (mean-image start) and
+`act_max.tvd.center.py` (center-biased regularization), for CaffeNet at 227 px in the 0..255
+domain. mfv keeps the 0..255 domain, so step sizes and TV weights mean what they meant, and scales
+sizes and margins with the model's input size (`margin` is given at 227 px).
+
+The scripts were Python 2, which changes two things (`quirks=True`, the default, reproduces them):
+- an all-integer step ramp (mean octave 1: 1 → 2) uses integer division, so the step stays 1;
+- the TV weight is computed as `start - (start - end*i) / n`, which ramps from ≈start to
+  ≈start+end rather than from start to end.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-import torch
-
 from mfv.errors import MfvError
-from mfv.models import LoadedModel
-from mfv.render.engine import FourierSettings, Objective, fourier_loop, measure, paper_loop
-from mfv.render.schedules import schedule
-from mfv.targets import Target
-
-RECIPES = ("paper-mean", "paper-center", "fourier")
 
 
 @dataclass(frozen=True)
-class Job:
-    """One visualization to make: which target, from which start image (None: noise), seed."""
+class Octave:
+    """One octave: optional upscale, then `iters` normalized-gradient steps on jittered crops."""
 
-    target: int
-    start: torch.Tensor | None = None  # (3, S, S) in 0..255 at the model's input size
-    seed: int = 0
+    iters: int
+    step: tuple[float, float]  # start, end (ints stay ints: see `quirks`)
+    tv_weight: tuple[float, float]
+    window: float  # crop offset sd as a fraction of the slack
+    scale: float | None = None  # upscale the canvas before the octave
+    margin: int = 0  # gradient mask width at 227 px
+    objective: str = "target"  # "target", or "prob": softmax probability of a class target
+
+    def step_size(self, i: int, quirks: bool = True) -> float:
+        start, end = self.step
+        if quirks and all(isinstance(v, int) for v in self.step):
+            return start + ((end - start) * i) // self.iters  # Python 2 integer division
+        return start + ((end - start) * i) / self.iters
+
+    def tv(self, i: int, quirks: bool = True) -> float:
+        start, end = self.tv_weight
+        if quirks:
+            return start - (start - end * i) / self.iters
+        return start + (end - start) * i / self.iters
+
+    def scaled(self, factor: float) -> Octave:
+        """The same octave with its iteration count scaled (at least two steps: with one, the
+        executed TV ramp `start·(1 − 1/n)` would give weight 0, i.e. infinite smoothing)."""
+        return Octave(max(2, round(self.iters * factor)), self.step, self.tv_weight, self.window,
+                      self.scale, self.margin, self.objective)
 
 
-@dataclass
-class Result:
-    image: np.ndarray  # (H, W, 3) uint8, the whole canvas
-    trace: np.ndarray  # objective per step
-    activation: float  # the target on the final image's central crop
+PAPER_MEAN = (
+    Octave(190, (1, 2), (0.4, 0.4), 0.3),
+    Octave(150, (1.0, 1.0), (0.01, 2.0), 0.3, scale=1.2),
+    Octave(20, (2.0, 2.0), (0.1, 2.0), 0.2, scale=1.0, margin=50),
+    Octave(10, (2.0, 2.0), (0.4, 2.0), 0.3),
+)
+
+PAPER_CENTER = (
+    Octave(190, (11.0, 11.0), (0.001, 0.05), 0.3, objective="prob"),
+    Octave(150, (6.0, 6.0), (0.01, 0.08), 0.3, scale=1.2, objective="prob"),
+    Octave(150, (1.0, 1.0), (0.01, 2.0), 0.3, scale=1.2),
+    Octave(30, (3.0, 3.0), (0.1, 2.0), 0.1, scale=1.0, margin=50),
+    Octave(10, (6.0, 3.0), (0.01, 2.0), 0.3),
+)
+
+SCHEDULES = {"paper-mean": PAPER_MEAN, "paper-center": PAPER_CENTER}
 
 
-def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], steps: int | None,
-               quirks: bool, progress: bool, desc: str):
-    starts, seeds = [j.start for j in jobs], [j.seed for j in jobs]
-    if recipe == "fourier":
-        settings = FourierSettings() if steps is None else replace(FourierSettings(), steps=steps)
-        return fourier_loop(objective, starts, seeds, settings, progress, desc)
-    return paper_loop(objective, starts, seeds, schedule(recipe, steps), quirks, progress, desc)
+@dataclass(frozen=True)
+class FourierSettings:
+    """Lucid's defaults: Adam 0.05, pad 12, jitter 8, scale ±5 %, rotate ±5°, jitter 4."""
+
+    steps: int = 256
+    lr: float = 0.05
+    pad: int = 12
+    jitter: int = 8
+    scales: tuple[float, ...] = (1.0, 0.975, 1.025, 0.95, 1.05)
+    degrees: float = 5.0
+    decorrelate: bool = True
+
+    def with_steps(self, steps: int | None) -> FourierSettings:
+        return self if steps is None else replace(self, steps=steps)
 
 
-def default_batch_size(model: LoadedModel) -> int:
-    """CPU: 8 (throughput barely grows beyond). CUDA: start large; `render` halves on OOM."""
-    return 8 if model.device.type == "cpu" else 64
+RECIPES = (*SCHEDULES, "fourier")  # every recipe `--recipe` accepts
 
 
-def render(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
-           recipe: str = "paper-mean", steps: int | None = None, quirks: bool = True,
-           batch_size: int | None = None, progress: bool = True,
-           on_batch: Callable[[list[int], list[Result]], None] | None = None) -> list[Result]:
-    """Make one visualization per job, `batch_size` jobs at a time (all targets mixed).
+def schedule(name: str, steps: int | None = None) -> tuple[Octave, ...]:
+    """A named schedule, optionally with its iterations rescaled to about `steps` in total."""
+    if name not in SCHEDULES:
+        raise MfvError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+    octaves = SCHEDULES[name]
+    if steps is None:
+        return octaves
+    if steps < 2 * len(octaves):
+        raise MfvError(f"{name} needs at least {2 * len(octaves)} steps (two per octave)")
+    factor = steps / sum(o.iters for o in octaves)
+    return tuple(o.scaled(factor) for o in octaves)
 
-    `steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, fourier 256).
-    `on_batch(indices, results)` is called after each batch, so callers can save as they go.
-    """
-    if recipe not in RECIPES:
-        raise MfvError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    size = model.preprocess.input_size
-    for job in jobs:
-        if job.start is not None and tuple(job.start.shape) != (3, size, size):
-            raise MfvError(f"start images must be (3, {size}, {size}) in 0..255, got "
-                           f"{tuple(job.start.shape)}")
-    batch = batch_size or default_batch_size(model)
-    results: list[Result | None] = [None] * len(jobs)
-    order = list(range(len(jobs)))
-    start = 0
-    while start < len(order):
-        rows = order[start:start + batch]
-        chosen = [jobs[i] for i in rows]
-        objective = Objective(model, targets, [j.target for j in chosen])
-        desc = f"{recipe} {start + len(rows)}/{len(jobs)}"
-        try:
-            out = _run_batch(recipe, objective, chosen, steps, quirks, progress, desc)
-        except torch.OutOfMemoryError:
-            if batch == 1:
-                raise
-            batch = max(1, batch // 2)
-            torch.cuda.empty_cache()
-            continue
-        finals = measure(objective, out.images)
-        images = out.images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]))
-                         for b in range(len(rows))]
-        for i, r in zip(rows, batch_results, strict=True):
-            results[i] = r
-        if on_batch is not None:
-            on_batch(rows, batch_results)
-        start += len(rows)
-    return results  # type: ignore[return-value]
+
+def canvas_sizes(octaves: tuple[Octave, ...], size: int) -> list[int]:
+    """Canvas size during each octave: 227 → 272 → 326 for CaffeNet."""
+    sizes = []
+    for octave in octaves:
+        if octave.scale is not None:
+            size = round(size * octave.scale)
+        sizes.append(size)
+    return sizes

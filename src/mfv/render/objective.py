@@ -1,0 +1,73 @@
+"""What every optimizer maximizes: per-sample objectives on a batch of images in 0..255.
+
+Sample b of a batch maximizes `targets[assign[b]]`, so one batch can hold the facets of many
+targets. Images live in the 0..255 RGB domain (the paper's: its step sizes and TV weights are in
+grey levels); the model's own preprocessing runs inside the forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mfv.activations import TargetBank, capture
+from mfv.models import LoadedModel
+from mfv.targets import LayerRef, Target
+
+
+class Objective:
+    """Per-sample objectives: sample b maximizes `targets[assign[b]]`.
+
+    `kind="prob"` uses the softmax probability of the target's class (the center-bias recipe's
+    first octaves); targets that are not a single class logit keep their own value.
+    """
+
+    def __init__(self, model: LoadedModel, targets: Sequence[Target], assign: Sequence[int]):
+        self.model = model
+        self.bank = TargetBank(targets)
+        self.assign = torch.as_tensor(list(assign), dtype=torch.long)
+        classes = [targets[a].class_index for a in assign]
+        self.class_of = torch.tensor([-1 if c is None else c for c in classes])
+        self.logits = LayerRef(model.logits_layer) if model.logits_layer else None
+        self.layers = list(dict.fromkeys([*self.bank.layers, *([self.logits] if
+                                          self.logits else [])]))
+
+    def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
+        """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""
+        with capture(self.model, self.layers) as store:
+            self.model(images / 255.0)
+            values = self.bank(store)
+            rows = torch.arange(len(images), device=values.device)
+            value = values[rows, self.assign.to(values.device)]
+            if kind == "prob" and self.logits is not None:
+                has_class = (self.class_of >= 0).to(values.device)
+                probs = store[self.logits.key].softmax(-1)
+                prob = probs[rows, self.class_of.clamp(min=0).to(values.device)]
+                value = torch.where(has_class, prob, value)
+        return value
+
+
+@dataclass
+class Rendered:
+    """Final canvases (B, 3, H, W) in 0..255 and the objective traced at every step (B, steps)."""
+
+    images: torch.Tensor
+    trace: np.ndarray
+
+
+def central_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """The central size×size window of (..., H, W) images: the view the optimizers drive (crops
+    of a larger canvas are centred on it on average) and on which activations are reported."""
+    top = max(0, (images.shape[-2] - size) // 2)
+    left = max(0, (images.shape[-1] - size) // 2)
+    return images[..., top:top + size, left:left + size]
+
+
+def measure(objective: Objective, images: torch.Tensor) -> np.ndarray:
+    """The objective on the central input-size crop of each canvas (what the optimizer saw)."""
+    crop = central_crop(images, objective.model.preprocess.input_size)
+    with torch.no_grad():
+        return objective(crop.to(objective.model.device, torch.float32)).float().cpu().numpy()
