@@ -52,10 +52,12 @@ class Objective:
 
 @dataclass
 class Rendered:
-    """Final canvases (B, 3, H, W) in 0..255 and the objective traced at every step (B, steps)."""
+    """Final canvases (B, 3, H, W) in 0..255 and the objective traced at every step (B, steps);
+    optionally a per-pixel importance map (B, H, W) in 0..1 (MACO's transparency)."""
 
     images: torch.Tensor
     trace: np.ndarray
+    alpha: torch.Tensor | None = None
 
 
 def central_crop(images: torch.Tensor, size: int) -> torch.Tensor:
