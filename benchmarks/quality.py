@@ -47,6 +47,7 @@ import torch
 from PIL import Image
 
 from mfv.io import atomic_write_json, atomic_write_text, read_json
+from mfv.models.base import to_tensor
 from mfv.models.classes import imagenet_classes
 from mfv.pipeline import Run
 from mfv.settings import make_settings
@@ -99,7 +100,7 @@ def render_timed(base: dict) -> dict[str, float]:
 def lite0_logits(run: Run, paths: Sequence[str]) -> np.ndarray:
     """Lite0's 1000 logits for images, preprocessed as a photo would be (resize, centre crop)."""
     model = run.model
-    batch = torch.stack([model.preprocess.to_tensor(Image.open(run.dir / p).convert("RGB"))
+    batch = torch.stack([to_tensor(model.preprocess, Image.open(run.dir / p).convert("RGB"))
                          for p in paths]).to(model.device)
     with torch.inference_mode():
         return model(batch).float().cpu().numpy()

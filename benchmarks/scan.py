@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from mfv.images import ImageList, from_folder, load_rgb
+from mfv.images import load_rgb
 from mfv.models import load_model
+from mfv.models.base import to_tensor
 from mfv.scan import scan
+from mfv.sources import ImageList, from_folder
 from mfv.targets import parse_targets
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
@@ -90,7 +92,7 @@ def main() -> None:
           f"scan workers={workers}")
 
     t0 = time.perf_counter()
-    x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in images])
+    x = torch.stack([to_tensor(model.preprocess, load_rgb(it.path)) for it in images])
     x = x.to(model.device)
     print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in the main process")
     _time_forward(model, x[: args.batch_size * 2], args.batch_size)  # warm-up

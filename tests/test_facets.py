@@ -10,15 +10,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from mfv.errors import MfvError
-from mfv.facets import (
-    FacetResult,
-    facet_mean_images,
-    find_facets,
-    load_facets,
-    mean_image,
-    save_facets,
-    select_images,
-)
+from mfv.facets import FacetResult, facet_means, find_facets, mean_image, select_images
+from mfv.rundir import RunDir
 
 
 def blobs(n: int, k: int, dim: int = 1280, sep: float = 15.0, seed: int = 0):
@@ -263,7 +256,7 @@ def test_mean_image_is_the_pixel_mean_of_the_representatives():
     res = find_facets(codes, acts, k=2, m=15, embedding="pca", seed=0)
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, size=(100, 8, 6, 3), dtype=np.uint8)
-    means = facet_mean_images(res, lambda ids: pool[ids])
+    means = facet_means(res, lambda ids: pool[ids])
     for f, img in zip(res.facets, means, strict=True):
         assert img.dtype == np.float32 and img.shape == (8, 6, 3)
         expected = sum(pool[i].astype(np.float64) for i in f.representatives) / len(
@@ -287,10 +280,13 @@ def test_mean_image_rejects_bad_input():
 def test_save_and_load_round_trip(tmp_path):
     codes, acts, _ = blobs(120, 3, dim=64, seed=11)
     res = find_facets(codes, acts, np.arange(5, 115), k="auto", embedding="pca", seed=0)
-    save_facets(res, tmp_path / "f")
-    doc = json.loads((tmp_path / "f" / "facets.json").read_text())
+    means = [np.full((8, 8, 3), 10.0 * f.rank, np.float32) for f in res.facets]
+    store = RunDir(tmp_path).target("t")
+    store.save_facets("k1", res, means)
+    (folder,) = (tmp_path / "targets" / "t" / "facets").iterdir()
+    doc = json.loads((folder / "facets.json").read_text())
     assert doc["k_requested"] == "auto" and len(doc["facets"]) == len(res.facets)
-    back = load_facets(tmp_path / "f")
+    back, back_means = store.load_facets("k1")
     assert back.k_requested == "auto" and back.k_chosen == res.k_chosen
     assert back.scores == res.scores
     assert back.settings == json.loads(json.dumps(res.settings))
@@ -305,6 +301,6 @@ def test_save_and_load_round_trip(tmp_path):
         )
         for name in ("members", "representatives", "centre_2d", "code_centre"):
             assert np.array_equal(getattr(a, name), getattr(b, name)), name
-    assert not list((tmp_path / "f").glob("*.tmp"))
-    with pytest.raises(MfvError, match="missing facets.json"):
-        load_facets(tmp_path / "nothing")
+    assert all(np.array_equal(a, b) for a, b in zip(means, back_means, strict=True))
+    assert not list(folder.parent.glob("*.tmp")) and not list(folder.glob("*.tmp"))
+    assert store.load_facets("k2") is None  # another key is another clustering

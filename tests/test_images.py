@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import io
+import json
 import os
+import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -16,18 +22,8 @@ from PIL import Image
 from mfv import images
 from mfv.demo_pool import demo_pool
 from mfv.errors import MfvError
-from mfv.images import (
-    BadImageError,
-    ImageDataset,
-    ImageItem,
-    ImageList,
-    collate_skip_bad,
-    from_folder,
-    from_list,
-    from_paths,
-    load_rgb,
-    open_images,
-)
+from mfv.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
+from mfv.sources import ImageItem, ImageList, from_folder, from_list, from_paths, open_images
 
 RNG = np.random.default_rng(0)
 
@@ -66,6 +62,27 @@ def write(path: Path, data: bytes) -> Path:
 
 
 # ------------------------------------------------------------------------------ sources
+
+
+def test_sources_images_and_demo_pool_import_one_way_only():
+    """sources -> demo_pool, and nothing back; decoding needs neither (no import cycle at all)."""
+    from mfv import demo_pool as demo_pool_module
+    from mfv import sources
+
+    def imported(module) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):  # function level too
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        return {n for n in names if n.startswith("mfv.")}
+
+    assert "mfv.demo_pool" in imported(sources)
+    assert not imported(demo_pool_module) & {"mfv.sources", "mfv.images"}
+    assert not imported(images) & {"mfv.sources", "mfv.demo_pool"}
+
 
 
 def test_folder_labels_come_from_immediate_subfolders(tmp_path):
@@ -212,11 +229,10 @@ def test_dataset_yields_tensors_for_good_files_and_reasons_for_bad_ones(tmp_path
         "grey.jpg": encode(Image.new("L", (20, 10), 77), "JPEG"),
         "palette.gif": encode(noise_rgb().convert("P"), "GIF"),
         "cmyk.jpg": encode(Image.new("CMYK", (9, 9), (0, 255, 255, 0)), "JPEG"),
-        "deep.png": encode(Image.fromarray(np.full((5, 7), 40000, np.uint16)), "PNG"),
+        "deep.png": encode(Image.fromarray(np.full((9, 8), 40000, np.uint16)), "PNG"),
         "alpha.png": encode(noise_rgb().convert("RGBA"), "PNG"),
         "bilevel.bmp": encode(Image.new("1", (8, 8), 1), "BMP"),
-        "tiny.png": encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"),
-        "wide.tif": encode(noise_rgb(300, 3), "TIFF"),
+        "wide.tif": encode(noise_rgb(300, 15), "TIFF"),  # exactly the 20:1 aspect limit
     }
     corrupt_png = bytearray(png)
     corrupt_png[len(png) // 2 : len(png) // 2 + 40] = RNG.integers(0, 256, 40, np.uint8).tobytes()
@@ -228,6 +244,7 @@ def test_dataset_yields_tensors_for_good_files_and_reasons_for_bad_ones(tmp_path
         "bomb.png": (png_header_only(12_000, 12_000), "too large"),
         "corrupt.png": (bytes(corrupt_png), "corrupt image data"),
         "header.png": (png[:8], "truncated PNG header"),
+        "tiny.png": (encode(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), "too small: 1x1"),
     }
     for name, data in good.items():
         write(root / name, data)
@@ -273,14 +290,14 @@ def test_dataloader_with_workers_and_an_all_bad_batch(tmp_path):
 
 
 def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path):
-    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (4, 1))
+    ramp = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (16, 1))
     p16 = write(tmp_path / "ramp16.png", encode(Image.fromarray(ramp), "PNG"))
     assert Image.open(p16).mode.startswith("I;16")
     out = np.asarray(load_rgb(p16))[..., 0].astype(int)
     assert out.min() == 0 and out.max() == 255
     assert np.all(np.diff(out[0]) >= 0) and len(np.unique(out)) > 200  # a ramp, not a clip
 
-    ramp32 = np.tile(np.linspace(0, 65535, 64).astype(np.int32), (2, 1))
+    ramp32 = np.tile(np.linspace(0, 65535, 64).astype(np.int32), (8, 1))
     p32 = write(tmp_path / "ramp32.tif", encode(Image.fromarray(ramp32), "TIFF"))
     assert Image.open(p32).mode == "I"
     out32 = np.asarray(load_rgb(p32))[..., 1]
@@ -298,7 +315,7 @@ def test_modes_orientation_and_alpha(tmp_path):
     r, g, b = rotated.getpixel((15, 4))  # top-left moved to the top-right
     assert r > 200 and b < 60
 
-    pal = Image.new("P", (4, 4), 1)
+    pal = Image.new("P", (8, 8), 1)
     pal.putpalette([255, 0, 0] + [0, 255, 0] * 255)
     pal.putpixel((0, 0), 0)
     decoded = load_rgb(write(tmp_path / "pal.png", encode(pal, "PNG", transparency=0)))
@@ -306,15 +323,15 @@ def test_modes_orientation_and_alpha(tmp_path):
     assert decoded.getpixel((0, 0)) == images.ALPHA_BACKGROUND  # transparent -> background
     assert decoded.getpixel((1, 1)) == (0, 255, 0)
 
-    rgba = Image.new("RGBA", (2, 1), (255, 255, 255, 0))
+    rgba = Image.new("RGBA", (8, 8), (255, 255, 255, 0))
     rgba.putpixel((1, 0), (10, 20, 30, 255))
     decoded = load_rgb(write(tmp_path / "rgba.png", encode(rgba, "PNG")))
     assert decoded.getpixel((0, 0)) == images.ALPHA_BACKGROUND
     assert decoded.getpixel((1, 0)) == (10, 20, 30)
 
-    la = load_rgb(write(tmp_path / "la.png", encode(Image.new("LA", (3, 3), (200, 255)), "PNG")))
+    la = load_rgb(write(tmp_path / "la.png", encode(Image.new("LA", (8, 8), (200, 255)), "PNG")))
     assert la.getpixel((1, 1)) == (200, 200, 200)
-    bilevel = load_rgb(write(tmp_path / "one.png", encode(Image.new("1", (3, 3), 1), "PNG")))
+    bilevel = load_rgb(write(tmp_path / "one.png", encode(Image.new("1", (8, 8), 1), "PNG")))
     assert bilevel.getpixel((0, 0)) == (255, 255, 255)
 
 
@@ -336,7 +353,7 @@ def test_pixel_limit_missing_unreadable_and_directory(tmp_path, monkeypatch):
     with pytest.raises(BadImageError, match="a directory"):
         load_rgb(tmp_path)
 
-    def denied(path: str) -> bytes:
+    def denied(path: str, max_bytes: int) -> bytes:
         raise PermissionError(13, "Permission denied", path)
 
     monkeypatch.setattr(images, "_read_file", denied)  # chmod does not stop root
@@ -353,12 +370,170 @@ def test_min_side_lets_large_jpegs_decode_smaller(tmp_path):
     assert load_rgb(png, min_side=50).size == (300, 200)  # other formats decode in full
 
 
+# ------------------------------------------------------------------ strange files (issue 15)
+
+# Runs in a child process so that a regression fails instead of hanging or exhausting the shared
+# machine: address space capped at what is mapped after the imports + 768 MiB, every decode
+# bounded by SIGALRM (which interrupts a blocking open() of a pipe), and a wall-clock backstop.
+GUARDED = textwrap.dedent("""
+    import json, os, resource, signal, sys
+    import torch
+    from mfv.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
+    from mfv.sources import from_folder
+
+    with open("/proc/self/status") as f:
+        mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = mapped + 768 * 2**20
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard < 0 else min(cap, hard), hard))
+
+    class Hung(BaseException):  # not an OSError, so load_rgb cannot turn it into a reason
+        pass
+
+    def on_alarm(signum, frame):
+        raise Hung
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    real_stat = os.stat
+
+    def guarded(name, work):
+        signal.alarm(10)
+        try:
+            out = work()
+        except BadImageError as exc:
+            out = exc.reason
+        except (Hung, MemoryError) as exc:
+            out = type(exc).__name__
+        finally:
+            signal.alarm(0)
+        print(json.dumps([name, out]), flush=True)
+
+    def decode(path, kwargs, stat_as):
+        # stat_as: make the first os.stat see another file, as if `path` were swapped after it
+        if stat_as:
+            os.stat = lambda p, *a, **k: real_stat(stat_as if p == path else p, *a, **k)
+        try:
+            return "decoded %dx%d" % load_rgb(path, **kwargs).size
+        finally:
+            os.stat = real_stat
+
+    def scan_folder(root):
+        listed = from_folder(root)
+        fingerprints = {listed.fingerprint(), from_folder(root).fingerprint()}
+        loader = torch.utils.data.DataLoader(
+            ImageDataset(listed, lambda im: torch.zeros(1)), batch_size=3,
+            collate_fn=collate_skip_bad)
+        good, bad = [], {}
+        for indices, _, failures in loader:
+            good += [os.path.relpath(listed[i].path, root) for i in indices.tolist()]
+            bad.update((os.path.relpath(listed[i].path, root), r) for i, r in failures)
+        return {"good": good, "bad": bad, "fingerprints": sorted(fingerprints)}
+
+    task, arg = sys.argv[1], json.loads(sys.argv[2])
+    if task == "decode":
+        for name, path, kwargs, stat_as in arg:
+            guarded(name, lambda: decode(path, kwargs, stat_as))
+    else:
+        guarded("folder", lambda: scan_folder(arg))
+""")
+
+
+def run_guarded(task: str, arg: object) -> dict[str, object]:
+    """{name: result} from GUARDED; a hang or crash fails naming the case that did not finish."""
+    cmd = [sys.executable, "-c", GUARDED, task, json.dumps(arg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        pytest.fail(f"child hung after {out.splitlines()[-1:]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return dict(json.loads(line) for line in proc.stdout.splitlines())
+
+
+def make_strange_files(root: Path) -> dict[str, str]:
+    """Files that are not usable images, each with (part of) the reason it must get."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(root / "pipe.jpg")
+    (root / "zero.jpg").symlink_to("/dev/zero")
+    (root / "gone.jpg").symlink_to(root / "nowhere.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(root / "sock.png"))  # the socket file stays after close
+    with open(root / "huge.png", "wb") as f:  # sparse: no disk used, nothing to read
+        f.truncate(images.DEFAULT_MAX_BYTES + 1)
+    write(root / "dot.png", encode(Image.new("RGB", (1, 1)), "PNG"))
+    write(root / "line.png", encode(Image.new("RGB", (1, 5000)), "PNG"))
+    write(root / "strip.png", encode(Image.new("RGB", (5000, 20)), "PNG"))
+    write(root / "sliver.png", encode(Image.new("RGB", (161, 8)), "PNG"))
+    return {
+        "pipe.jpg": "not a regular file (a named pipe)",
+        "zero.jpg": "not a regular file (a character device)",
+        "gone.jpg": "missing file (broken symbolic link)",
+        "sock.png": "not a regular file (a socket)",
+        "huge.png": "too large: file over 512 MiB",
+        "dot.png": "too small: 1x1 pixels (shorter side under 8 px)",
+        "line.png": "too small: 1x5000 pixels",
+        "strip.png": "too elongated: 5000x20 pixels (aspect ratio 250:1, limit 20:1)",
+        "sliver.png": "too elongated: 161x8 pixels (aspect ratio 20.1:1",
+    }
+
+
+def test_strange_files_get_a_reason_without_blocking_or_reading_them(tmp_path):
+    expected = make_strange_files(tmp_path)
+    (tmp_path / "x.jpg").mkdir()
+    expected["x.jpg"] = "not a regular file (a directory)"
+    regular = write(tmp_path / "ok.png", encode(noise_rgb(), "PNG"))
+    write(tmp_path / "edge.png", encode(Image.new("RGB", (160, 8)), "PNG"))
+    write(tmp_path / "small.png", encode(noise_rgb(1500, 1000), "PNG"))
+    cases = [[name, str(tmp_path / name), {}, None] for name in expected]
+    cases += [
+        ["edge.png", str(tmp_path / "edge.png"), {}, None],  # 8 px and 20:1: just usable
+        # A pipe swapped in after the stat: the open must not block, fstat must catch it.
+        ["race.jpg", str(tmp_path / "pipe.jpg"), {}, str(regular)],
+        # The byte limit holds even when the stat says 0 bytes (procfs) ...
+        ["proc.png", "/proc/self/status", {"max_bytes": 100}, None],
+        ["proc-default.png", "/proc/self/status", {}, None],  # ... and such files are read
+        ["small.png", str(tmp_path / "small.png"), {"max_bytes": 1000}, None],
+    ]
+    expected.update({
+        "edge.png": "decoded 160x8",
+        "race.jpg": "not a regular file (a named pipe)",
+        "proc.png": "too large: file over 100 bytes (raise max_bytes to allow)",
+        "proc-default.png": "not an image: looks like a text file",
+        "small.png": "too large: file over 1000 bytes",
+    })
+
+    results = run_guarded("decode", cases)
+
+    assert set(results) == set(expected)
+    for name, reason in expected.items():
+        assert str(results[name]).startswith(reason), (name, results[name])
+    assert (tmp_path / "pipe.jpg").is_fifo() and (tmp_path / "huge.png").stat().st_blocks < 64
+
+
+def test_folder_with_strange_files_lists_them_and_decodes_only_the_good_ones(tmp_path):
+    root = tmp_path / "mixed"
+    expected_bad = make_strange_files(root)
+    good = ["a.png", "b.jpg", "x.jpg/inside.png", "z.png"]  # x.jpg is a folder, walked into
+    for rel in good:
+        write(root / rel, encode(noise_rgb(), "JPEG" if rel.endswith("jpg") else "PNG"))
+
+    result = run_guarded("folder", str(root))["folder"]
+
+    assert isinstance(result, dict), result  # a reason string, Hung or MemoryError otherwise
+    assert sorted(result["good"]) == good
+    assert set(result["bad"]) == set(expected_bad)  # listed and reported, not silently dropped
+    for name, reason in expected_bad.items():
+        assert result["bad"][name].startswith(reason), (name, result["bad"][name])
+    assert len(result["fingerprints"]) == 1 and len(result["fingerprints"][0]) == 64
+
+
 # ---------------------------------------------------------------------------- demo pool
 
 
 def test_demo_pool_is_deterministic_cached_and_decodable(tmp_path):
     cache = tmp_path / "demo-pool"
-    first = demo_pool(cache)
+    pool = demo_pool(cache)
+    first = ImageList(tuple(ImageItem(path, label) for path, label in pool.files), pool.source)
     assert 300 <= len(first) <= 500
     assert {"chelsea", "coffee", "astronaut", "rocket"} <= set(first.labels)
     names = [Path(p).name for p in first.paths]
@@ -369,14 +544,14 @@ def test_demo_pool_is_deterministic_cached_and_decodable(tmp_path):
     built = {p: Path(p).read_bytes() for p in first.paths}
 
     mtimes = [os.stat(p).st_mtime_ns for p in first.paths]
-    assert demo_pool(cache) == first  # reused: nothing rewritten
+    assert demo_pool(cache) == pool  # reused: nothing rewritten
     assert open_images("demo", cache_dir=tmp_path) == first  # the CLI spelling, same cache
     assert [os.stat(p).st_mtime_ns for p in first.paths] == mtimes
 
     # A damaged cache is rebuilt from scratch; every crop comes out byte-identical again.
     Path(first.paths[5]).write_bytes(b"junk")
     (cache / "manifest.json").unlink()
-    assert demo_pool(cache) == first
+    assert demo_pool(cache) == pool
     assert {p: Path(p).read_bytes() for p in first.paths} == built
 
     sample = load_rgb(first.paths[0])

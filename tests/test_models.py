@@ -9,12 +9,13 @@ from PIL import Image
 
 from mfv.errors import MfvError
 from mfv.models import load_model, load_state_dict
+from mfv.models.base import to_tensor
 from mfv.models.classes import imagenet_classes
 from mfv.models.efficientnet_lite import weights_path
 
 
 def _top(model, array, k=5):
-    x = model.preprocess.to_tensor(Image.fromarray(array))[None]
+    x = to_tensor(model.preprocess, Image.fromarray(array))[None]
     with torch.inference_mode():
         probs = model(x).softmax(-1)[0]
     return [model.classes.names[i] for i in probs.topk(k).indices.tolist()]

@@ -15,8 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mfv.images import ImageList, from_folder, load_rgb
+from mfv.images import load_rgb
+from mfv.models.base import to_tensor
 from mfv.scan import ScanResult, scan
+from mfv.sources import ImageList, from_folder
 from mfv.targets import parse_targets
 
 
@@ -32,7 +34,7 @@ def _make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 def _direct(model, items):
     """Logits and penultimate features of calling the model directly on the images."""
-    x = torch.stack([model.preprocess.to_tensor(load_rgb(it.path)) for it in items])
+    x = torch.stack([to_tensor(model.preprocess, load_rgb(it.path)) for it in items])
     feats = {}
     head = model.module.get_submodule(model.logits_layer)
     h = head.register_forward_hook(lambda m, i, o: feats.update(code=i[0]))
@@ -137,7 +139,7 @@ def test_real_model_on_imagenette(imagenette, lite0, tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from mfv.images import open_images
+    from mfv.sources import open_images
     from mfv.models import load_model
     from mfv.scan import scan
     from mfv.targets import parse_targets

@@ -1,5 +1,8 @@
 """The embedded image pool: deterministic crops of the photos that scikit-image's wheel carries,
 so a fresh offline machine has several hundred varied images to scan (`mfv demo`, `--images demo`).
+
+It returns plain `(path, label)` pairs; `mfv.sources.open_images("demo")` wraps them in an
+`ImageList` (this module does not import `mfv.sources`, so the two never import each other).
 """
 
 from __future__ import annotations
@@ -13,11 +16,11 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
-from mfv.images import ImageItem, ImageList
 from mfv.io import atomic_write_bytes, atomic_write_json
 
 # (label, skimage.data loader name): photos that ship inside the scikit-image wheel (no download).
@@ -40,6 +43,13 @@ _DEMO_SCALES = ((1.0, 1), (0.75, 2), (0.5, 3), (1 / 3, 4))
 _DEMO_SIZE = 256
 _DEMO_JITTER = 0.08  # of the crop side
 _DEMO_VERSION = 1
+
+
+class DemoPool(NamedTuple):
+    """The pool's files as `(path, label)` pairs, in order, and a description of where from."""
+
+    files: tuple[tuple[str, str], ...]
+    source: str
 
 
 def _unit(key: str) -> float:
@@ -89,7 +99,7 @@ def _skimage_version() -> str:
     return importlib.metadata.version("scikit-image")
 
 
-def _cached_demo(cache: Path, manifest: Path) -> ImageList | None:
+def _cached_demo(cache: Path, manifest: Path) -> DemoPool | None:
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -104,8 +114,8 @@ def _cached_demo(cache: Path, manifest: Path) -> ImageList | None:
                 return None
         except OSError:
             return None
-        items.append(ImageItem(str(path), label))
-    return ImageList(tuple(items), data["source"]) if items else None
+        items.append((str(path), label))
+    return DemoPool(tuple(items), data["source"]) if items else None
 
 
 def _write_demo_photo(cache: Path, label: str, loader: str) -> list[tuple[str, str, int]]:
@@ -123,8 +133,9 @@ def _write_demo_photo(cache: Path, label: str, loader: str) -> list[tuple[str, s
     return files
 
 
-def demo_pool(cache_dir: str | os.PathLike) -> ImageList:
-    """The embedded image pool: 442 deterministic 256x256 crops of scikit-image's photos.
+def demo_pool(cache_dir: str | os.PathLike) -> DemoPool:
+    """The embedded image pool: 442 deterministic 256x256 crops of scikit-image's photos, as
+    `(path, label)` pairs (`mfv.sources.open_images("demo")` gives them as an `ImageList`).
 
     Crops are written once as PNG under `cache_dir` (named `<photo>_s<scale%>_<i>.png`, labelled
     by photo) with a manifest written last; later calls reuse them while the manifest, the file
@@ -140,10 +151,10 @@ def demo_pool(cache_dir: str | os.PathLike) -> ImageList:
     with ThreadPoolExecutor(workers) as pool:
         per_photo = pool.map(lambda photo: _write_demo_photo(cache, *photo), _DEMO_PHOTOS)
         files = [entry for entries in per_photo for entry in entries]
-    items = [ImageItem(str(cache / name), label) for name, label, _ in files]
+    items = tuple((str(cache / name), label) for name, label, _ in files)
     source = f"demo: {len(items)} crops of scikit-image {_skimage_version()} photos"
     atomic_write_json(
         manifest,
         {"version": _DEMO_VERSION, "skimage": _skimage_version(), "source": source, "files": files},
     )
-    return ImageList(tuple(items), source)
+    return DemoPool(items, source)

@@ -24,6 +24,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from mfv.io import atomic_write_json, read_json
 from mfv.models import LoadedModel, load_model
+from mfv.models.base import to_tensor
 from mfv.activations import TargetBank, capture
 from mfv.targets import LayerRef, Target, resolve_layer
 
@@ -101,7 +102,7 @@ def class_rank(logits: np.ndarray, class_index: int) -> np.ndarray:
 def _to_input(model: LoadedModel, images: Sequence[np.ndarray]) -> torch.Tensor:
     """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1], warped to S×S
     (the identity for views already at the input size)."""
-    return torch.stack([model.preprocess.to_tensor(Image.fromarray(im), policy="squash")
+    return torch.stack([to_tensor(model.preprocess, Image.fromarray(im), policy="squash")
                         for im in images]).to(model.device)
 
 

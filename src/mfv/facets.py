@@ -40,12 +40,10 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -55,11 +53,9 @@ from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
 from mfv.errors import MfvError
-from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 
 EMBEDDINGS = ("tsne", "pca", "umap")
 POLICIES = ("class", "top", "auto")
-FORMAT = "mfv.facets/1"
 AUTO_K_TOLERANCE = 0.02  # silhouette points: prefer fewer facets when scores are this close
 SILHOUETTE_SAMPLE = 4000  # silhouette on at most this many points (seeded sample) for speed
 LARGE_N = 5000  # above this, t-SNE uses FFT gradients and a shorter schedule
@@ -226,10 +222,14 @@ def find_facets(
 
     # Cap BLAS/OpenMP threads: on a busy machine k-means' spinning OpenMP threads run 50x slower.
     with threadpool_limits(limits=None if n_jobs < 0 else n_jobs):
-        labels, space, reduced, coords, k_chosen, scores = _cluster(
-            x, k, embedding, perplexity, pca_dims, tsne_iter, k_range, seed, n_jobs, name,
-            settings, notes, timings
-        )
+        clustering = _cluster(x, k, _Embedding(embedding, perplexity, pca_dims, tsne_iter, seed,
+                                               n_jobs), k_range, name)
+    settings.update(clustering.info)
+    notes += clustering.notes
+    timings.update(clustering.timings)
+    labels, space, reduced, coords = (clustering.labels, clustering.space, clustering.reduced,
+                                      clustering.coords)
+    k_chosen, scores = clustering.k_chosen, clustering.scores
 
     t = time.perf_counter()
     labels, dissolved = _dissolve_small(labels, space, min_size)
@@ -256,55 +256,80 @@ def find_facets(
     )
 
 
-def _cluster(x, k, embedding, perplexity, pca_dims, tsne_iter, k_range, seed, n_jobs, name,
-             settings, notes, timings):
-    """PCA, embedding and k-means (fixed or auto k); returns labels and the spaces used."""
+@dataclass(frozen=True)
+class _Embedding:
+    """How the codes are embedded before k-means (PCA dims, then the 2-D map)."""
+
+    kind: str
+    perplexity: float
+    pca_dims: int
+    tsne_iter: int | None
+    seed: int
+    n_jobs: int
+
+
+@dataclass
+class _Clustering:
+    """What `_cluster` found: labels, the spaces used, k, and what to record about it."""
+
+    labels: np.ndarray
+    space: np.ndarray  # the space k-means ran in (the 2-D map for t-SNE / UMAP)
+    reduced: np.ndarray  # the PCA codes
+    coords: np.ndarray  # the 2-D map shown
+    k_chosen: int
+    scores: dict[int, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _cluster(x: np.ndarray, k: int | str, how: _Embedding, k_range: tuple[int, int],
+             name: str) -> _Clustering:
+    """PCA, embedding and k-means (fixed or auto k) of the selected codes."""
     n = x.shape[0]
+    info: dict[str, Any] = {}
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+
+    def note(msg: str) -> None:
+        warnings.warn(msg, stacklevel=4)
+        notes.append(msg)
+
     t = time.perf_counter()
     n_distinct = int(np.unique(x, axis=0).shape[0])
     timings["distinct"] = time.perf_counter() - t
-    settings["n_distinct_codes"] = n_distinct
+    info["n_distinct_codes"] = n_distinct
     if n_distinct == 1:
-        msg = f"all {n} codes of {name} are identical: returning a single facet"
-        warnings.warn(msg, stacklevel=3)
-        notes.append(msg)
-        space = np.zeros((n, 1))
-        reduced = space
-        coords = np.zeros((n, 2))
-        labels = np.zeros(n, dtype=np.int64)
-        k_chosen = 1
-        scores: dict[int, float] = {}
-        settings["embedding_used"] = "none (identical codes)"
-    else:
-        t = time.perf_counter()
-        reduced = _pca(x, pca_dims, seed, settings)
-        timings["pca"] = time.perf_counter() - t
-        t = time.perf_counter()
-        space, coords = _embed(reduced, embedding, perplexity, tsne_iter, seed, n_jobs, settings)
-        timings["embed"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if k == "auto":
-            lo, hi = k_range[0], min(k_range[1], n_distinct, n - 1)
-            if lo > hi:
-                msg = f"too few distinct images ({n_distinct}) of {name} to choose k: one facet"
-                warnings.warn(msg, stacklevel=3)
-                notes.append(msg)
-                labels, k_chosen, scores = np.zeros(n, dtype=np.int64), 1, {}
-            else:
-                labels, k_chosen, scores = _auto_k(space, lo, hi, seed, settings)
+        note(f"all {n} codes of {name} are identical: returning a single facet")
+        info["embedding_used"] = "none (identical codes)"
+        zeros = np.zeros((n, 1))
+        return _Clustering(np.zeros(n, dtype=np.int64), zeros, zeros, np.zeros((n, 2)), 1,
+                           info=info, notes=notes, timings=timings)
+    t = time.perf_counter()
+    reduced = _pca(x, how.pca_dims, how.seed, info)
+    timings["pca"] = time.perf_counter() - t
+    t = time.perf_counter()
+    space, coords = _embed(reduced, how.kind, how.perplexity, how.tsne_iter, how.seed,
+                           how.n_jobs, info)
+    timings["embed"] = time.perf_counter() - t
+    t = time.perf_counter()
+    scores: dict[int, float] = {}
+    if k == "auto":
+        lo, hi = k_range[0], min(k_range[1], n_distinct, n - 1)
+        if lo > hi:
+            note(f"too few distinct images ({n_distinct}) of {name} to choose k: one facet")
+            labels, k_chosen = np.zeros(n, dtype=np.int64), 1
         else:
-            k_chosen, scores = int(k), {}
-            if k_chosen > n_distinct:
-                msg = (
-                    f"{name}: only {n_distinct} distinct codes among {n} images, so {k_chosen} "
-                    f"facets are not possible: using {n_distinct}"
-                )
-                warnings.warn(msg, stacklevel=3)
-                notes.append(msg)
-                k_chosen = n_distinct
-            labels = _kmeans(space, k_chosen, seed)
-        timings["kmeans"] = time.perf_counter() - t
-    return labels, space, reduced, coords, k_chosen, scores
+            labels, k_chosen, scores = _auto_k(space, lo, hi, how.seed, info)
+    else:
+        k_chosen = int(k)
+        if k_chosen > n_distinct:
+            note(f"{name}: only {n_distinct} distinct codes among {n} images, so {k_chosen} "
+                 f"facets are not possible: using {n_distinct}")
+            k_chosen = n_distinct
+        labels = _kmeans(space, k_chosen, how.seed)
+    timings["kmeans"] = time.perf_counter() - t
+    return _Clustering(labels, space, reduced, coords, k_chosen, scores, info, notes, timings)
 
 
 def _check_args(codes, acts, k, m, embedding, merge_threshold, min_size, k_range, pca_dims):
@@ -552,93 +577,8 @@ def mean_image(images: np.ndarray) -> np.ndarray:
     return arr.mean(axis=0, dtype=np.float64).astype(np.float32)
 
 
-def facet_mean_images(
-    result: FacetResult, fetch: Callable[[np.ndarray], np.ndarray]
-) -> list[np.ndarray]:
-    """Mean image of each facet's representatives; `fetch(indices)` returns (m, H, W, 3) images."""
-    return [mean_image(fetch(f.representatives)) for f in result.facets]
-
-
-# --------------------------------------------------------------------------- storage
-
-
-def save_facets(result: FacetResult, directory: str | os.PathLike) -> Path:
-    """Write `facets.json` plus .npy arrays (no pickle); the JSON is written last."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_save_npy(d / "selected.npy", result.selected)
-    atomic_save_npy(d / "coords_2d.npy", result.coords_2d)
-    atomic_save_npy(d / "assignment.npy", result.assignment)
-    dim = result.facets[0].code_centre.shape[0] if result.facets else 0
-    centres = [f.code_centre for f in result.facets]
-    atomic_save_npy(
-        d / "code_centres.npy", np.stack(centres) if centres else np.zeros((0, dim), np.float32)
-    )
-    doc = {
-        "format": FORMAT,
-        "k_requested": result.k_requested,
-        "k_chosen": result.k_chosen,
-        "settings": _jsonable(result.settings),
-        "scores": {str(kk): v for kk, v in result.scores.items()},
-        "timings": result.timings,
-        "facets": [
-            {
-                "rank": f.rank,
-                "size": f.size,
-                "representatives": f.representatives.tolist(),
-                "centre_2d": f.centre_2d.tolist(),
-                "activation_mean": f.activation_mean,
-                "activation_max": f.activation_max,
-            }
-            for f in result.facets
-        ],
-    }
-    return atomic_write_json(d / "facets.json", doc)
-
-
-def load_facets(directory: str | os.PathLike) -> FacetResult:
-    """Read what `save_facets` wrote."""
-    d = Path(directory)
-    path = d / "facets.json"
-    if not path.is_file():
-        raise MfvError(f"no facets found in {d} (missing facets.json); run the facets stage")
-    doc = read_json(path)
-    if doc.get("format") != FORMAT:
-        raise MfvError(f"{path} has format {doc.get('format')!r}, expected {FORMAT!r}")
-    selected = load_npy(d / "selected.npy")
-    assignment = load_npy(d / "assignment.npy")
-    centres = load_npy(d / "code_centres.npy")
-    facets = [
-        Facet(
-            rank=f["rank"],
-            members=selected[assignment == f["rank"]],
-            representatives=np.asarray(f["representatives"], dtype=np.int64),
-            centre_2d=np.asarray(f["centre_2d"], dtype=np.float64),
-            code_centre=centres[f["rank"]],
-            activation_mean=float(f["activation_mean"]),
-            activation_max=float(f["activation_max"]),
-        )
-        for f in doc["facets"]
-    ]
-    return FacetResult(
-        facets=facets,
-        coords_2d=load_npy(d / "coords_2d.npy"),
-        selected=selected,
-        assignment=assignment,
-        k_requested=doc["k_requested"],
-        k_chosen=doc["k_chosen"],
-        settings=doc["settings"],
-        scores={int(kk): float(v) for kk, v in doc["scores"].items()},
-        timings=doc["timings"],
-    )
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types for settings that may hold numpy scalars or tuples."""
-    if isinstance(obj, dict):
-        return {str(kk): _jsonable(v) for kk, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
+def facet_means(result: FacetResult, pixels: Callable[[np.ndarray], np.ndarray]
+                ) -> list[np.ndarray]:
+    """The mean image of each facet's representatives; `pixels(indices)` gives their (m, H, W, 3)
+    images in 0..255, resized as the run says."""
+    return [mean_image(pixels(f.representatives)) for f in result.facets]

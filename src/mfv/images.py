@@ -1,29 +1,43 @@
-"""Image input: list a user's images, decode any of them robustly, feed them to a DataLoader.
+"""Image decoding: turn any listed file into an 8-bit RGB image, or say in a few words why not.
 
-Sources (all give an `ImageList` of `ImageItem(path, label)`):
+`load_rgb` never trusts a file: missing, special, oversized, broken, truncated, non-image, tiny
+and degenerate files raise `BadImageError` with a short reason, and `ImageDataset` turns that
+into a per-item result so a scan counts and reports bad files instead of stopping. Listing the
+images is `mfv.sources`' job; this module needs nothing from it (an item is anything with a
+`.path`).
 
-- `from_folder(root)`: a folder tree; images under an immediate subfolder take its name as label
-  (like torchvision's ImageFolder), images directly in `root` have no label;
-- `from_list(txt)`: one path per line, optional `<TAB>label`, `#` comments;
-- `from_paths(paths)`: a Python list of files and folders;
-- `mfv.demo_pool.demo_pool(cache_dir)`: deterministic crops of the photos in scikit-image's wheel;
-- `open_images(spec)`: picks one of the above from a command-line argument.
+Limits, and why:
 
-Decoding (`load_rgb`) never trusts a file: broken, truncated, non-image and oversized files raise
-`BadImageError` with a short reason, and `ImageDataset` turns that into a per-item result so a
-scan counts and reports bad files instead of stopping.
+- Only regular files are read (after following symlinks). A named pipe blocks its reader until a
+  writer comes, and a device such as /dev/zero never ends, so `os.stat` refuses them before they
+  are opened (opening a device can itself have effects); the file is then opened non-blocking
+  and the open descriptor checked again, so a path swapped for a pipe in between cannot block.
+- `max_bytes` (`DEFAULT_MAX_BYTES`, 512 MiB): a file whose size is over it is refused unread, and
+  at most max_bytes + 1 bytes are ever read (procfs files and growing files report no or a stale
+  size). 512 MiB admits any image within the default pixel limit even stored uncompressed
+  (100 MP x 4 bytes of RGBA = 400 MB), while one strange file cannot fill memory.
+- `max_pixels` (`DEFAULT_MAX_PIXELS`, 100 MP): checked from the header, before any pixel is
+  decoded.
+- Shorter side at least `MIN_USABLE_SIDE` = 8 px. Smaller images (1x1 tracking pixels, spacers,
+  rules, bullets) hold a few dozen pixels at most and the models' preprocessing would upsample
+  them over 32x to ~256 px, so whatever a unit responds to there is interpolation, not content.
+  8 px still admits icon-sized datasets (16x16 icons, CIFAR's 32x32).
+- Aspect ratio (long side / short side) at most `MAX_ASPECT_RATIO` = 20. The crop preprocessing
+  scales the shorter side to ~256 px before the centre crop, so an image of aspect r becomes
+  256 x 256r: a 1x5000 image would be 256 x 1,280,000 (~1 GB of RGB) in the resize. At 20:1 the
+  resize stays at 1.3 MP and the crop still sees a twentieth of the image; panoramas (2:1 to
+  about 10:1) pass, banners and strips beyond 20:1 do not.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
+import stat
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,11 +45,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mfv.errors import MfvError
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
-LIST_EXTENSIONS = frozenset({".txt", ".lst"})
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 512 * 2**20
+MIN_USABLE_SIDE = 8
+MAX_ASPECT_RATIO = 20
 # Transparent pixels are composited onto mid-grey: neutral for the usual input normalizations
 # (it maps to ~0 for EfficientNet-Lite's mean 127.5 and close to 0 for ImageNet's mean/std).
 ALPHA_BACKGROUND = (128, 128, 128)
@@ -50,6 +63,17 @@ _MAGIC = (
     (b"MM\x00*", "TIFF"),
     (b"RIFF", "WEBP"),  # only when bytes 8..12 are "WEBP", see _not_an_image_reason
 )
+# Non-blocking so a pipe cannot stall open(); no controlling terminal from a tty; binary on Windows.
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = os.O_RDONLY | _NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+_READ_CHUNK = 2**20
+_SPECIAL_FILES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
 
 
 class BadImageError(MfvError):
@@ -61,193 +85,61 @@ class BadImageError(MfvError):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class ImageItem:
-    """One input image: its path exactly as given or found, and its label if the source has one."""
-
-    path: str
-    label: str | None = None
-
-
-@dataclass(frozen=True)
-class ImageList:
-    """An ordered collection of images plus a human-readable description of where it came from."""
-
-    items: tuple[ImageItem, ...]
-    source: str
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __iter__(self) -> Iterator[ImageItem]:
-        return iter(self.items)
-
-    def __getitem__(self, index: int) -> ImageItem:
-        return self.items[index]
-
+class _HasPath(Protocol):
     @property
-    def paths(self) -> list[str]:
-        return [item.path for item in self.items]
-
-    @property
-    def labels(self) -> list[str | None]:
-        return [item.label for item in self.items]
-
-    def fingerprint(self) -> str:
-        """sha256 over paths, labels, sizes and mtimes, in list order.
-
-        Stable across runs while nothing changes; changes when any file is added, removed,
-        reordered, relabelled or modified, so a resumed run can tell whether earlier work
-        still applies. Missing files hash as size/mtime -1 (they are reported when decoded).
-        """
-        digest = hashlib.sha256()
-        for item in self.items:
-            try:
-                st = os.stat(item.path)
-                size, mtime = st.st_size, st.st_mtime_ns
-            except OSError:
-                size, mtime = -1, -1
-            line = f"{item.path}\t{item.label or ''}\t{size}\t{mtime}\n"
-            digest.update(line.encode("utf-8", "surrogateescape"))
-        return digest.hexdigest()
+    def path(self) -> str: ...
 
 
-# --------------------------------------------------------------------------------- sources
+def _not_regular_reason(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for is_kind, name in _SPECIAL_FILES if is_kind(mode)), "a special file")
+    return f"not a regular file ({kind})"
 
 
-def _is_image_name(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_EXTENSIONS
+def _too_large_reason(max_bytes: int) -> str:
+    limit = f"{max_bytes / 2**20:g} MiB" if max_bytes >= 2**20 else f"{max_bytes} bytes"
+    return f"too large: file over {limit} (raise max_bytes to allow)"
 
 
-def _walk_images(root: str) -> list[str]:
-    """Relative paths of image files under `root`, recursively, skipping hidden entries."""
-    found: list[str] = []
-    seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop
-            dirnames[:] = []
-            continue
-        seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if not name.startswith(".") and _is_image_name(name):
-                found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
-    return sorted(found, key=lambda rel: Path(rel).parts)
+def _read_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, without blocking on anything else.
 
-
-def from_folder(root: str | os.PathLike) -> ImageList:
-    """Images in a folder tree, sorted; an immediate subfolder's name labels everything under it.
-
-    Only files with an image extension (case-insensitive) are listed; whether they really are
-    images is found out when they are decoded. Paths are `root` joined with the relative path.
+    Raises BadImageError for a file that is not regular or is too large, OSError when it cannot
+    be read.
     """
-    root_s = os.fspath(root)
-    if not os.path.isdir(root_s):
-        raise MfvError(f"image folder not found: {root_s!r}")
-    rels = _walk_images(root_s)
-    if not rels:
-        exts = " ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
-        raise MfvError(f"no image files in folder {root_s!r} (looked for extensions: {exts})")
-    items = []
-    for rel in rels:
-        parts = Path(rel).parts
-        items.append(ImageItem(os.path.join(root_s, rel), parts[0] if len(parts) > 1 else None))
-    return ImageList(tuple(items), f"folder {root_s}")
-
-
-def from_list(list_file: str | os.PathLike) -> ImageList:
-    """Images named in a text file: one path per line, optionally `<TAB>label`.
-
-    Relative paths are resolved against the list file's folder; blank lines and lines starting
-    with `#` are ignored. Listed files are not checked here: missing or broken ones are reported
-    when decoded, like every other bad image.
-    """
-    list_s = os.fspath(list_file)
+    reason = _not_regular_reason(os.stat(path).st_mode)
+    if reason:
+        raise BadImageError(path, reason)
+    fd = os.open(path, _OPEN_FLAGS)
     try:
-        text = Path(list_s).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MfvError(f"image list file not found: {list_s!r}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MfvError(f"cannot read image list {list_s!r}: {exc}") from None
-    base = os.path.dirname(list_s)
-    items = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        path, _, label = line.partition("\t")
-        path, label = path.strip(), label.strip()
-        if not os.path.isabs(path):
-            path = os.path.join(base, path)
-        items.append(ImageItem(path, label or None))
-    if not items:
-        raise MfvError(f"image list {list_s!r} names no images")
-    return ImageList(tuple(items), f"list {list_s}")
-
-
-def from_paths(paths: Iterable[str | os.PathLike]) -> ImageList:
-    """Images given one by one; a folder among them expands as `from_folder` (with its labels)."""
-    items: list[ImageItem] = []
-    for p in paths:
-        p_s = os.fspath(p)
-        if os.path.isdir(p_s):
-            items.extend(from_folder(p_s).items)
-        else:
-            items.append(ImageItem(p_s, None))
-    if not items:
-        raise MfvError("no images given")
-    return ImageList(tuple(items), f"{len(items)} paths")
-
-
-def default_cache_dir() -> Path:
-    """Cache root: `$MFV_CACHE_DIR`, else `$XDG_CACHE_HOME/mfv`, else `~/.cache/mfv`."""
-    if os.environ.get("MFV_CACHE_DIR"):
-        return Path(os.environ["MFV_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mfv"
-
-
-def open_images(
-    spec: str | os.PathLike | Sequence[str | os.PathLike],
-    cache_dir: str | os.PathLike | None = None,
-) -> ImageList:
-    """The image source a user named: a folder, a .txt/.lst list, one image file, a list of
-    paths, or the string "demo" (the embedded pool; a folder called demo must be given as ./demo).
-    """
-    if not isinstance(spec, (str, os.PathLike)):
-        return from_paths(spec)
-    spec_s = os.fspath(spec)
-    if spec_s == "demo":
-        from mfv.demo_pool import demo_pool
-
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        return demo_pool(cache / "demo-pool")
-    if os.path.isdir(spec_s):
-        return from_folder(spec_s)
-    if not os.path.exists(spec_s):
-        raise MfvError(
-            f"images not found: {spec_s!r} (give a folder, a .txt/.lst list of files, "
-            "an image file, or 'demo')"
-        )
-    suffix = Path(spec_s).suffix.lower()
-    if suffix in LIST_EXTENSIONS:
-        return from_list(spec_s)
-    if suffix in IMAGE_EXTENSIONS:
-        return ImageList((ImageItem(spec_s, None),), f"file {spec_s}")
-    raise MfvError(
-        f"don't know how to read images from {spec_s!r}: expected a folder, a .txt/.lst list "
-        "of image paths, or an image file"
-    )
-
-
-# -------------------------------------------------------------------------------- decoding
-
-
-def _read_file(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+        st = os.fstat(fd)  # what was opened: the path may have changed since the stat
+        reason = _not_regular_reason(st.st_mode)
+        if reason is None and st.st_size > max_bytes:
+            reason = _too_large_reason(max_bytes)
+        if reason:
+            raise BadImageError(path, reason)
+        if _NONBLOCK:
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    with f:
+        data = f.read(st.st_size + 1)
+        if len(data) > st.st_size:  # longer than its stat said (procfs, still growing): bounded
+            parts, total = [data], len(data)
+            while total <= max_bytes:
+                part = f.read(min(_READ_CHUNK, max_bytes + 1 - total))
+                if not part:
+                    break
+                parts.append(part)
+                total += len(part)
+            data = b"".join(parts)
+    if len(data) > max_bytes:
+        raise BadImageError(path, _too_large_reason(max_bytes))
+    return data
 
 
 def _not_an_image_reason(head: bytes) -> str:
@@ -307,7 +199,11 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 
 def load_rgb(
-    path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None
+    path: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    min_side: int | None = None,
 ) -> Image.Image:
     """Decode any image file to an 8-bit RGB Pillow image, upright by its EXIF orientation.
 
@@ -315,11 +211,14 @@ def load_rgb(
     alpha is composited over mid-grey. Multi-frame files give their first frame. Images larger
     than `max_pixels` are refused before any pixel is decoded (Pillow's own decompression-bomb
     check, up to ~179 MP, is also reported as too large; Pillow's global settings are untouched).
+    Files over `max_bytes` are refused unread, and so are pipes, sockets, devices and
+    directories; images with a shorter side under `MIN_USABLE_SIDE` or an aspect ratio over
+    `MAX_ASPECT_RATIO` are refused from the header (see the module docstring for why).
     `min_side` lets JPEG decoding shrink the image by up to 8x as long as its shorter side stays
     >= min_side, which is much faster for large photos that will be resized anyway.
 
-    Raises BadImageError(path, reason) for a missing, unreadable, empty, non-image, truncated,
-    corrupt or oversized file.
+    Raises BadImageError(path, reason) for a missing, unreadable, special, empty, non-image,
+    truncated, corrupt, oversized, too small or too elongated file.
     """
     p = os.fspath(path)
 
@@ -327,13 +226,14 @@ def load_rgb(
         return BadImageError(p, reason)
 
     try:
-        data = _read_file(p)
+        data = _read_file(p, max_bytes)
     except FileNotFoundError:
-        raise bad("missing file") from None
+        reason = "missing file (broken symbolic link)" if os.path.islink(p) else "missing file"
+        raise bad(reason) from None
     except PermissionError:
         raise bad("unreadable: permission denied") from None
-    except IsADirectoryError:
-        raise bad("not a file: a directory") from None
+    except MemoryError:
+        raise bad("too large to read into memory") from None
     except OSError as exc:
         raise bad(f"unreadable: {exc.strerror or exc}") from None
     if not data:
@@ -358,6 +258,13 @@ def load_rgb(
             )
         if w < 1 or h < 1:
             raise bad(f"empty image: {w}x{h} pixels")
+        if min(w, h) < MIN_USABLE_SIDE:
+            raise bad(f"too small: {w}x{h} pixels (shorter side under {MIN_USABLE_SIDE} px)")
+        if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+            raise bad(
+                f"too elongated: {w}x{h} pixels (aspect ratio {max(w, h) / min(w, h):.3g}:1, "
+                f"limit {MAX_ASPECT_RATIO}:1)"
+            )
         if min_side is not None:  # a no-op for formats other than JPEG
             im.draft(im.mode, (min_side, min_side))
         try:
@@ -385,22 +292,26 @@ def load_rgb(
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images by index; bad files give their reason instead of raising.
 
+    `items` are anything with a `.path` (an `mfv.sources.ImageList`, a list of `ImageItem`).
     `__getitem__(i)` returns `(i, tensor)` or `(i, reason)`; use `collate_skip_bad` as the
     DataLoader's `collate_fn`. `transform` maps an RGB Pillow image to a tensor (the model's
-    preprocessing); `min_side`, if given, lets large JPEGs decode at reduced size (see load_rgb).
+    preprocessing); `min_side`, if given, lets large JPEGs decode at reduced size, and
+    `max_pixels` / `max_bytes` are load_rgb's limits.
     """
 
     def __init__(
         self,
-        items: ImageList | Sequence[ImageItem],
+        items: Iterable[_HasPath],
         transform: Callable[[Image.Image], torch.Tensor],
         *,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
         min_side: int | None = None,
     ) -> None:
         self.items = tuple(items)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.min_side = min_side
 
     def __len__(self) -> int:
@@ -409,7 +320,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | str]:
         try:
             image = load_rgb(
-                self.items[index].path, max_pixels=self.max_pixels, min_side=self.min_side
+                self.items[index].path,
+                max_pixels=self.max_pixels,
+                max_bytes=self.max_bytes,
+                min_side=self.min_side,
             )
         except BadImageError as exc:
             return index, exc.reason

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -43,9 +44,21 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def load_npy(path: str | os.PathLike) -> np.ndarray:
-    """Load an array without ever unpickling objects."""
-    return np.load(path, allow_pickle=False)
+def load_npy(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
+    """Load an array without ever unpickling objects (memory-mapped if `mmap`)."""
+    return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """An (H, W, 3) image in 0..255 (any numeric dtype) as PNG bytes, rounded and clipped."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.round(image), 0, 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write an (H, W, 3) image in 0..255 as PNG, atomically."""
+    return atomic_write_bytes(path, png_bytes(image))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -24,12 +24,14 @@ from PIL import Image
 
 from mfv.errors import MfvError
 from mfv.facets import FacetResult, find_facets, load_facets, mean_image, save_facets, select_images
-from mfv.images import ImageList, load_rgb, open_images
+from mfv.images import load_rgb
 from mfv.io import atomic_save_npy, atomic_write_bytes, atomic_write_json, load_npy, read_json
 from mfv.models import LoadedModel, load_model
+from mfv.models.base import to_tensor
 from mfv.render.batch import Job, Result, render_batches
 from mfv.scan import ScanResult, scan
 from mfv.settings import Settings
+from mfv.sources import ImageList, open_images
 from mfv.targets import Target, parse_targets
 
 STAGES = ("scan", "facets", "render", "evaluate", "report")
@@ -207,7 +209,7 @@ class Run:
     def load_pixels(self, paths: Sequence[str]) -> np.ndarray:
         """(m, S, S, 3) uint8 images at the model's input size, resized as the settings say."""
         pre = self.model.preprocess
-        arrays = [(pre.to_tensor(load_rgb(p), policy=self.settings.mean_resize) * 255).round()
+        arrays = [(to_tensor(pre, load_rgb(p), policy=self.settings.mean_resize) * 255).round()
                   .byte().permute(1, 2, 0).numpy() for p in paths]
         return np.stack(arrays)
 

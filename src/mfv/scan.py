@@ -26,9 +26,11 @@ import torch
 from tqdm.auto import tqdm
 
 from mfv.errors import MfvError
-from mfv.images import ImageDataset, ImageList, collate_skip_bad
+from mfv.images import ImageDataset, collate_skip_bad
 from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json
 from mfv.models import LoadedModel
+from mfv.models.base import to_tensor
+from mfv.sources import ImageList
 from mfv.activations import TargetBank, capture
 from mfv.targets import LayerRef, Target, resolve_layer
 
@@ -213,7 +215,7 @@ def _scan_chunks(model, images, targets, directory, chunks, code_layer, batch_si
                  workers, mode, top_n, progress) -> None:
     bank = TargetBank(targets)
     code_ref = _code_ref(model, code_layer)
-    dataset = ImageDataset(images, model.preprocess.to_tensor,
+    dataset = ImageDataset(images, functools.partial(to_tensor, model.preprocess),
                            min_side=_decode_settings(model)["jpeg_draft_min_side"])
     batches = [list(range(s, min(s + batch_size, (c + 1) * chunk, len(images))))
                for c in chunks for s in range(c * chunk, min((c + 1) * chunk, len(images)),

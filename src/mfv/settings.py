@@ -1,118 +1,229 @@
-"""Every option of a run in one dataclass: from the CLI, a TOML file, or Python keywords.
+"""Every option of a run in one validated model: from the CLI, a TOML file, or Python keywords.
 
-The run directory records the exact settings (`RUN/settings.json`), so a run can be repeated.
+Types and ranges are checked once, here, so the command line, a settings file and the Python API
+reject a bad value with the same one-line message. The lists of allowed choices belong to the
+modules that implement them (recipes, reductions, selections, embeddings, resize policies);
+this module only reads them, and imports no torch. The run directory records the settings
+(`RUN/settings.json`), so a run can be repeated.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mfv.errors import MfvError
+from mfv.facets import EMBEDDINGS, POLICIES
+from mfv.preprocess import RESIZE_POLICIES
 from mfv.render.recipes import RECIPES
+from mfv.targets import ACTIVATIONS, REDUCTIONS
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
+_SEQUENCES = ("targets", "scan_targets", "recipes", "judges")
 
-@dataclass(frozen=True)
-class Settings:
+
+def _opt(flag: str | None, help_text: str, **extra: Any) -> Any:
+    """Field metadata: the command-line flag (None: not on the command line) and its help."""
+    return {"description": help_text, "json_schema_extra": {"flag": flag, **extra}}
+
+
+class Settings(BaseModel):
     """What to visualize, from which images, and how (defaults follow the paper)."""
 
-    out: str = "mfv-run"
-    model: str = "efficientnet_lite0"
-    weights: str | None = None
-    images: str = "demo"
-    targets: tuple[str, ...] = ()
-    scan_targets: tuple[str, ...] = ()  # recorded by the scan too (e.g. "_fc:*"), not rendered
-    reduction: str = "center"  # spatial maps: center (paper), max, mean
-    activation: str = "pre"  # pre- or post-activation (paper: pre-ReLU)
-    code_layer: str = "penultimate"  # the image codes that are clustered (paper: fc7)
-    selection: str = "auto"  # class (paper, class neurons) / top (hidden units) / auto
-    top_n: int = 200
-    facets: int | str = 10  # k, or "auto"
-    mean_of: int = 15  # m images per mean image
-    embedding: str = "tsne"  # tsne (paper), pca, umap
-    min_facet_size: int = 1
-    merge: bool | None = None  # merge near-duplicate facets (default: on for auto k)
-    mean_resize: str = "crop"  # how images are resized for the mean: crop (model's) / squash
-    recipes: tuple[str, ...] = ("paper-mean",)
-    baseline: bool = True  # also render from the paper's random start, for comparison
-    steps: int | None = None  # rescale the recipe's iterations (None: the paper's)
-    quirks: bool = True  # reproduce the authors' executed (Python 2) schedules
-    seed: int = 0
-    device: str = "cpu"
-    size: int | None = None  # the model's input size for scan, means and synthesis (None: its own)
-    batch_size: int | None = None  # synthesis batch (None: automatic)
-    scan_batch_size: int = 32
-    workers: int = 1
-    judges: tuple[str, ...] = ("efficientnet_lite1", "efficientnet_lite2")
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
-    def __post_init__(self) -> None:
-        for recipe in self.recipes:
-            if recipe not in RECIPES:
-                raise MfvError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
-        if not isinstance(self.facets, int) and self.facets != "auto":
-            raise MfvError(f"--facets must be a number or 'auto', not {self.facets!r}")
-        if isinstance(self.facets, int) and self.facets < 1:
-            raise MfvError("--facets must be at least 1")
-        if self.mean_of < 1:
-            raise MfvError("--mean-of must be at least 1")
-        if self.steps is not None and self.steps < 10:
-            raise MfvError("--steps must be at least 10 (two per octave of the paper recipes)")
-        if self.selection not in ("auto", "class", "top"):
-            raise MfvError("--selection must be auto, class or top")
-        if self.mean_resize not in ("crop", "squash"):
-            raise MfvError("--mean-resize must be crop or squash")
-        if self.size is not None and self.size < 32:
-            raise MfvError("--size must be at least 32 pixels")
+    out: str = Field("mfv-run", **_opt("--out", "run directory (default: mfv-run)"))
+    model: str = Field("efficientnet_lite0", **_opt(
+        "--model", "efficientnet_lite0 (default), torchvision:NAME, timm:NAME, or a torch.export "
+        "file (.pt2)"))
+    weights: str | None = Field(None, **_opt("--weights", "state dict (.safetensors / .pt) for "
+                                             "the model"))
+    images: str | tuple[str, ...] = Field("demo", **_opt(
+        "--images", "folder (class subfolders = labels), .txt list, an image file, or demo"))
+    targets: tuple[str, ...] = Field((), **_opt(
+        "--target", "LAYER:UNIT, a class name, or a sum like '_fc:0 + _fc:701' (repeatable; "
+        "LAYER:* = every unit, scan only)", dest="targets", repeat=True))
+    scan_targets: tuple[str, ...] = Field((), **_opt(None, "also recorded by the scan, not "
+                                                     "rendered (e.g. '_fc:*')"))
+    reduction: Literal[REDUCTIONS] = Field("center", **_opt(
+        "--reduction", "how a spatial or token map gives one number (default center, the "
+        "paper's)"))
+    activation: Literal[ACTIVATIONS] = Field("pre", **_opt(
+        "--activation", "a layer's output before (pre, the paper's) or after (post) the "
+        "activation that follows it"))
+    code_layer: str = Field("penultimate", **_opt("--code-layer", "layer whose outputs are "
+                                                  "clustered (default penultimate, the paper's "
+                                                  "fc7)"))
+    selection: Literal[POLICIES] = Field("auto", **_opt(
+        "--selection", "which images a target's facets come from (auto: the class's images for "
+        "class logits when labels exist, else the top-N)"))
+    top_n: int = Field(200, ge=1, **_opt("--top-n", "N for the top-N selection (200)"))
+    facets: int | Literal["auto"] = Field(10, **_opt("--facets", "number of facets k, or 'auto' "
+                                                     "(default 10, the paper's)"))
+    mean_of: int = Field(15, ge=1, **_opt("--mean-of", "images per mean image (15)"))
+    embedding: Literal[EMBEDDINGS] = Field("tsne", **_opt("--embedding", "2-D map that is "
+                                                          "clustered (tsne, the paper's)"))
+    min_facet_size: int = Field(1, ge=1, **_opt("--min-facet-size", "dissolve smaller facets"))
+    merge: bool | None = Field(None, **_opt(None, "merge near-duplicate facets (default: on for "
+                                            "automatic k)"))
+    mean_resize: Literal[RESIZE_POLICIES] = Field("crop", **_opt(
+        "--mean-resize", "how member images are resized for the mean image"))
+    recipes: tuple[Literal[RECIPES], ...] = Field(("paper-mean",), min_length=1, **_opt(
+        "--recipe", "synthesis recipe (repeatable; default paper-mean)", dest="recipes",
+        repeat=True))
+    baseline: bool = Field(True, **_opt("--no-baseline", "skip the random-start baseline "
+                                        "visualizations", negate=True))
+    steps: int | None = Field(None, ge=10, **_opt("--steps", "total optimization steps "
+                                                  "(default: the recipe's)"))
+    as_written: bool = Field(False, **_opt("--as-written", "use the paper's schedules as "
+                                           "written, not as the authors' Python 2 code ran them"))
+    seed: int = Field(0, ge=0, le=MAX_SEED, **_opt("--seed", "seed of every random choice (0)"))
+    device: str = Field("auto", **_opt("--device", "auto (CUDA, else MPS, else CPU), cpu, cuda, "
+                                       "cuda:1, mps"))
+    size: int | None = Field(None, ge=32, **_opt(
+        "--size", "the model's input size in pixels for scanning, mean images and synthesis "
+        "(default: the model's own)"))
+    batch_size: int | None = Field(None, ge=1, **_opt("--batch-size", "synthesis batch size "
+                                                      "(default: automatic)"))
+    scan_batch_size: int = Field(32, ge=1, **_opt("--scan-batch-size", "images per scan batch"))
+    workers: int = Field(1, ge=0, **_opt("--workers", "image decoding processes (default 1)"))
+    judges: tuple[str, ...] = Field(("efficientnet_lite1", "efficientnet_lite2"), **_opt(
+        "--judges", "models that judge transferability, comma-separated, or 'none'",
+        judges=True))
+    progress: bool = Field(True, **_opt("--quiet", "no progress bars", negate=True))
 
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out)
+    @field_validator("facets")
+    @classmethod
+    def _positive_facets(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or 'auto'")
+        return value
+
+    @field_validator("out", "model", "code_layer", "device")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        kind, _, index = value.partition(":")
+        if kind not in ("auto", "cpu", "cuda", "mps") or (index and not index.isdigit()) or (
+                index and kind != "cuda"):
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("targets", "scan_targets", "judges")
+    @classmethod
+    def _no_blank_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not v.strip() for v in value):
+            raise ValueError("entries must not be empty")
+        return value
 
     def to_dict(self) -> dict:
-        data = asdict(self)
-        data.pop("progress")
-        return data
+        """The settings as plain JSON types (what `RUN/settings.json` holds)."""
+        return self.model_dump(mode="json", exclude={"progress"})
 
     def updated(self, **changes: Any) -> Settings:
-        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+        """A copy with `changes` (None values ignored), validated like the original."""
+        return make_settings(**{**self.model_dump(), **{k: v for k, v in changes.items()
+                                                      if v is not None}})
+
+    @property
+    def given(self) -> set[str]:
+        """The settings the user set explicitly (others hold their defaults)."""
+        return set(self.model_fields_set)
 
 
-def _coerce(name: str, value: Any) -> Any:
-    if name in ("targets", "scan_targets", "recipes", "judges") and isinstance(value, str):
-        return (value,)
-    if name in ("targets", "scan_targets", "recipes", "judges"):
-        return tuple(value)
-    if name == "facets" and isinstance(value, str) and value != "auto":
-        try:
-            return int(value)
-        except ValueError:
-            raise MfvError(f"--facets must be a number or 'auto', not {value!r}") from None
-    return value
+def flag_of(name: str) -> str:
+    """How the user spells a setting: its command-line flag, else its name."""
+    extra = Settings.model_fields[name].json_schema_extra or {}
+    return extra.get("flag") or name
+
+
+def _coerce_sequences(values: dict[str, Any]) -> dict[str, Any]:
+    """One string for a list-valued setting means a list of one; lists become tuples."""
+    out = dict(values)
+    for name in _SEQUENCES:
+        if isinstance(out.get(name), str):
+            out[name] = (out[name],)
+        elif isinstance(out.get(name), list):
+            out[name] = tuple(out[name])
+    if isinstance(out.get("images"), list):
+        out["images"] = tuple(out["images"])
+    return out
+
+
+_PLAIN = {  # pydantic error types → what to write instead
+    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number", "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false", "string_type": "must be text (a string)",
+    "tuple_type": "must be a list", "literal_error": "must be one of {expected}",
+    "greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",
+    "too_short": "must not be empty",
+}
+
+
+def _message(error: ValidationError, origin: str) -> str:
+    """The first problem of a validation error as one line that names the setting as the user
+    wrote it (its flag on the command line and in Python, its name in a settings file)."""
+    problem = error.errors()[0]
+    loc = problem["loc"]
+    name = str(loc[0]) if loc else "settings"
+    if origin or flag_of(name) == name:
+        label = name
+    else:
+        label = f"{flag_of(name)} ({name})"
+    if len(loc) > 1 and isinstance(loc[1], int):
+        label += f", entry {loc[1] + 1}"
+    template = _PLAIN.get(problem["type"])
+    context = {k: v for k, v in (problem.get("ctx") or {}).items()}
+    text = template.format(**context) if template else problem["msg"].removeprefix(
+        "Value error, ")
+    given = problem.get("input")
+    shown = repr(given) if len(repr(given)) < 60 else type(given).__name__
+    where = f" in {origin}" if origin else ""
+    return f"setting {label}{where} {text} (got {shown})"
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The settings in a TOML file, with a clear error for a missing, unreadable or bad file."""
+    path = Path(path)
+    if path.is_dir():
+        raise MfvError(f"--config {path} is a directory; give a TOML settings file")
+    try:
+        return tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise MfvError(f"--config: settings file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MfvError(f"--config: cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MfvError(f"--config: {path} is not valid TOML: {exc}") from None
 
 
 def make_settings(config: str | Path | None = None, **options: Any) -> Settings:
     """Settings from an optional TOML file, overridden by keyword options that are not None."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        path = Path(config)
-        try:
-            values = tomllib.loads(path.read_text("utf-8"))
-        except FileNotFoundError:
-            raise MfvError(f"settings file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise MfvError(f"settings file {path} is not valid TOML: {exc}") from None
-    values.update({k: v for k, v in options.items() if v is not None})
-    known = {f.name for f in fields(Settings)}
-    unknown = sorted(set(values) - known)
+    from_file = load_toml(config) if config is not None else {}
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted((set(from_file) | set(given)) - set(Settings.model_fields))
     if unknown:
-        raise MfvError(f"unknown setting(s): {', '.join(unknown)}")
-    return Settings(**{k: _coerce(k, v) for k, v in values.items()})
+        where = f" in {config}" if unknown[0] in from_file else ""
+        raise MfvError(f"unknown setting(s){where}: {', '.join(unknown)} (see `mfv run --help`)")
+    try:
+        Settings(**_coerce_sequences(from_file))  # report a bad file value as the file's
+    except ValidationError as exc:
+        raise MfvError(_message(exc, str(config))) from None
+    try:
+        return Settings(**_coerce_sequences({**from_file, **given}))
+    except ValidationError as exc:
+        raise MfvError(_message(exc, "")) from None

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from mfv.errors import MfvError
-from mfv.models.base import LayerInfo, LoadedModel, Preprocess
+from mfv.models.base import LayerInfo, LoadedModel
 from mfv.models.classes import ClassNames, imagenet_classes
 from mfv.models.efficientnet_lite import VARIANTS, efficientnet_lite
+from mfv.preprocess import Preprocess
 
 BUILTIN = tuple(VARIANTS)
 SCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".torchscript")  # TorchScript files by name

@@ -2,85 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
 from mfv.models.classes import ClassNames
+from mfv.preprocess import Preprocess
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardsigmoid)
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """How a photo becomes the model's input.
-
-    Images travel through mfv as float tensors in [0, 1], RGB, (3, S, S); `normalize` maps them to
-    what the network expects (channel order, scale, mean/std) inside the forward pass, so
-    activation maximization can work in the image domain and stay differentiable.
-    """
-
-    input_size: int = 224
-    resize_size: int = 256  # shorter side before the centre crop
-    interpolation: str = "bicubic"
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    scale: float = 1.0  # 255.0 for networks fed 0..255 pixels (Caffe style)
-    channel_order: str = "RGB"
-
-    def __post_init__(self) -> None:
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise ValueError("channel_order must be 'RGB' or 'BGR'")
-
-    def to_tensor(self, image: Image.Image, policy: str = "crop", size: int | None = None
-                  ) -> torch.Tensor:
-        """RGB PIL image → (3, S, S) float in [0, 1].
-
-        `crop`: shorter side to `resize_size`, centre crop `input_size` (the evaluation transform);
-        `squash`: warp the whole image to S×S (how the paper's 227 px cluster images look).
-        """
-        size = size or self.input_size
-        resample = _RESAMPLE[self.interpolation]
-        if policy == "squash":
-            image = image.resize((size, size), resample)
-        elif policy == "crop":
-            short = round(self.resize_size * size / self.input_size)
-            w, h = image.size
-            scale = short / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            image = image.resize((nw, nh), resample)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-        else:
-            raise ValueError(f"unknown resize policy {policy!r}: use 'crop' or 'squash'")
-        array = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
-
-    def resized(self, input_size: int) -> Preprocess:
-        """The same preprocessing for another input size (the resize keeps its crop ratio)."""
-        ratio = self.resize_size / self.input_size
-        return replace(self, input_size=input_size, resize_size=round(input_size * ratio))
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[0, 1] RGB batch → the network's input (differentiable, on x's device)."""
-        if self.channel_order == "BGR":
-            x = x.flip(-3)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
-        if self.channel_order == "BGR":
-            mean, std = mean.flip(0), std.flip(0)
-        return (x * self.scale - mean) / std
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def to_tensor(preprocess: Preprocess, image: Image.Image, policy: str = "crop",
+              size: int | None = None) -> torch.Tensor:
+    """RGB image → (3, S, S) float tensor in [0, 1], resized as `preprocess` says."""
+    return torch.from_numpy(preprocess.to_array(image, policy, size))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,415 @@
+"""The run directory, `RUN/`: the one module that knows its layout.
+
+    RUN/
+      settings.json  model.json  timings.json      the last run's settings, model, seconds
+      scan/<key>/                                  one scan per key: manifest, chunks/, arrays
+      targets/<slug>/                              one folder per target definition
+        facets/<key>/                              one clustering per key, with its mean images
+        render.json                                the index of the target's visualizations
+        <kind><rank>_<recipe>_<key8>.png (+ _trace.npy, _alpha.png)
+        evaluate.json                              metrics, with the key they were computed for
+      results.json  index.html  report/thumbs/     the public face (see `mfv.results`)
+      sweep/                                       `mfv sweep`'s layer study
+
+Every stored result lives under a key: a digest of everything that determines it (settings that
+matter, the model's weights, the image list, the target, the start image, the seed), so a rerun
+reuses exactly what its settings would produce again and nothing else. A result is published
+whole (arrays before the record that names them; a clustering's folder by one rename), and older
+results stay on disk until the run that replaces them has finished (`prune`). One process writes
+a run directory at a time (`open_run`); a crashed holder's lock is released by the system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from filelock import FileLock, Timeout
+
+from mfv.errors import MfvError
+from mfv.facets import Facet, FacetResult
+from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save_png
+
+FACETS_FORMAT = "mfv.facets/2"
+_KEY_CHARS = 16
+
+
+# ------------------------------------------------------------------------------------- keys
+def digest(*parts: Any) -> str:
+    """A stable hex digest of JSON-like values and numpy arrays (by their bytes)."""
+    h = hashlib.sha256()
+    for part in parts:
+        _feed(h, part)
+    return h.hexdigest()
+
+
+def _feed(h: Any, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        h.update(f"<array {array.dtype.str} {array.shape}>".encode())
+        h.update(array.tobytes())
+    elif isinstance(value, Mapping):
+        h.update(b"{")
+        for k in sorted(value, key=str):
+            h.update(json.dumps(str(k)).encode())
+            _feed(h, value[k])
+        h.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        h.update(b"[")
+        for v in value:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(json.dumps(value, sort_keys=True, default=str).encode())
+    h.update(b";")
+
+
+def slug(spec: str, definition: Mapping[str, Any]) -> str:
+    """A folder name for a target: readable, and unique per definition (two targets that
+    read alike, such as `_fc:1 + _fc:2` and `_fc:1 - _fc:2`, get different folders)."""
+    text = re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-").lower()[:40] or "target"
+    return f"{text}-{digest(definition)[:8]}"
+
+
+# ----------------------------------------------------------------------------- render index
+@dataclass(frozen=True)
+class RenderEntry:
+    """One stored visualization of a target: a facet's (`kind="facet"`) or a random start's."""
+
+    kind: str  # "facet" or "random"
+    rank: int  # the facet's rank, or the random start's number
+    recipe: str
+    key: str
+    activation: float  # the target on the central view of the final image
+    files: dict[str, str] = field(default_factory=dict)  # role → file in the target folder
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.rank:02d}_{self.recipe}"
+
+    @property
+    def slot(self) -> tuple[str, int, str]:
+        return self.kind, self.rank, self.recipe
+
+
+# -------------------------------------------------------------------------------- the scan
+class ScanStore:
+    """One scan's folder: a manifest, finished chunks, and the merged arrays (all `.npy`)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def key(self) -> str:
+        return self.directory.name
+
+    def manifest(self) -> dict | None:
+        path = self.directory / "manifest.json"
+        return read_json(path) if path.exists() else None
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_json(self.directory / "manifest.json", manifest)
+
+    def _chunk(self, c: int) -> Path:
+        return self.directory / "chunks" / f"{c:06d}"
+
+    def chunk_done(self, c: int) -> bool:
+        return self._chunk(c).with_suffix(".json").exists()
+
+    def write_chunk(self, c: int, arrays: Mapping[str, np.ndarray], meta: dict) -> None:
+        """Arrays first, then the record that says the chunk is done."""
+        base = self._chunk(c)
+        for name, array in arrays.items():
+            atomic_save_npy(f"{base}.{name}.npy", array)
+        atomic_write_json(base.with_suffix(".json"), {**meta, "arrays": sorted(arrays)})
+
+    def read_chunk(self, c: int) -> tuple[dict[str, np.ndarray], dict]:
+        base = self._chunk(c)
+        meta = read_json(base.with_suffix(".json"))
+        return {name: load_npy(f"{base}.{name}.npy") for name in meta["arrays"]}, meta
+
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        atomic_save_npy(self.directory / f"{name}.npy", array)
+
+    def has_array(self, name: str) -> bool:
+        return (self.directory / f"{name}.npy").exists()
+
+    def read_array(self, name: str, mmap: bool = False) -> np.ndarray:
+        return load_npy(self.directory / f"{name}.npy", mmap=mmap)
+
+    def drop_chunks(self) -> None:
+        """Remove the chunks once their merge is complete (the arrays hold everything)."""
+        shutil.rmtree(self.directory / "chunks", ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------- a target
+class TargetDir:
+    """One target's folder: its clusterings (by key), its visualizations and their index, and
+    its evaluation."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def slug(self) -> str:
+        return self.directory.name
+
+    # facets -----------------------------------------------------------------------------
+    def _facets_dir(self, key: str) -> Path:
+        return self.directory / "facets" / key[:_KEY_CHARS]
+
+    def load_facets(self, key: str) -> tuple[FacetResult, list[np.ndarray]] | None:
+        """The clustering stored under `key` with its mean images, or None."""
+        d = self._facets_dir(key)
+        if not (d / "facets.json").is_file():
+            return None
+        doc = read_json(d / "facets.json")
+        if doc.get("format") != FACETS_FORMAT or doc.get("key") != key:
+            return None
+        selected = load_npy(d / "selected.npy")
+        assignment = load_npy(d / "assignment.npy")
+        centres = load_npy(d / "code_centres.npy")
+        facets = [Facet(rank=f["rank"], members=selected[assignment == f["rank"]],
+                        representatives=np.asarray(f["representatives"], dtype=np.int64),
+                        centre_2d=np.asarray(f["centre_2d"], dtype=np.float64),
+                        code_centre=centres[f["rank"]], activation_mean=f["activation_mean"],
+                        activation_max=f["activation_max"]) for f in doc["facets"]]
+        result = FacetResult(facets=facets, coords_2d=load_npy(d / "coords_2d.npy"),
+                             selected=selected, assignment=assignment,
+                             k_requested=doc["k_requested"], k_chosen=doc["k_chosen"],
+                             settings=doc["settings"],
+                             scores={int(k): float(v) for k, v in doc["scores"].items()},
+                             timings=doc["timings"])
+        means = [load_npy(d / f"mean{f.rank:02d}.npy") for f in facets]
+        return result, means
+
+    def save_facets(self, key: str, result: FacetResult, means: list[np.ndarray]) -> None:
+        """Store a clustering and its mean images under `key`, published by one rename."""
+        final = self._facets_dir(key)
+        staging = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        atomic_save_npy(staging / "selected.npy", result.selected)
+        atomic_save_npy(staging / "coords_2d.npy", result.coords_2d)
+        atomic_save_npy(staging / "assignment.npy", result.assignment)
+        atomic_save_npy(staging / "code_centres.npy",
+                        np.stack([f.code_centre for f in result.facets]))
+        for facet, mean in zip(result.facets, means, strict=True):
+            atomic_save_npy(staging / f"mean{facet.rank:02d}.npy", mean)
+            save_png(staging / f"mean{facet.rank:02d}.png", mean)
+        atomic_write_json(staging / "facets.json", {
+            "format": FACETS_FORMAT, "key": key, "k_requested": result.k_requested,
+            "k_chosen": result.k_chosen, "settings": _plain(result.settings),
+            "scores": {str(k): v for k, v in result.scores.items()}, "timings": result.timings,
+            "facets": [{"rank": f.rank, "size": f.size,
+                        "representatives": f.representatives.tolist(),
+                        "centre_2d": f.centre_2d.tolist(), "activation_mean": f.activation_mean,
+                        "activation_max": f.activation_max} for f in result.facets]})
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same key
+        staging.rename(final)
+
+    def mean_image_file(self, key: str, rank: int) -> Path:
+        return self._facets_dir(key) / f"mean{rank:02d}.png"
+
+    # visualizations ---------------------------------------------------------------------
+    def render_index(self) -> dict[tuple[str, int, str], RenderEntry]:
+        """Every stored visualization by its slot (kind, rank, recipe)."""
+        path = self.directory / "render.json"
+        if not path.exists():
+            return {}
+        entries = [RenderEntry(**e) for e in read_json(path).get("entries", [])]
+        return {e.slot: e for e in entries if all(
+            (self.directory / f).exists() for f in e.files.values())}
+
+    def write_visual(self, kind: str, rank: int, recipe: str, key: str, *, image: np.ndarray,
+                     trace: np.ndarray, activation: float, alpha: np.ndarray | None = None
+                     ) -> RenderEntry:
+        """Store one visualization's files (not yet its index entry: `record`)."""
+        stem = f"{kind}{rank:02d}_{recipe}_{key[:8]}"
+        files = {"image": f"{stem}.png", "trace": f"{stem}_trace.npy"}
+        save_png(self.directory / files["image"], image)
+        atomic_save_npy(self.directory / files["trace"], trace.astype(np.float32))
+        if alpha is not None:
+            files["alpha"] = f"{stem}_alpha.png"
+            save_png(self.directory / files["alpha"], np.repeat(alpha[..., None] * 255, 3, -1))
+        return RenderEntry(kind, rank, recipe, key, float(activation), files)
+
+    def record(self, entries: list[RenderEntry]) -> None:
+        """Add entries to the index (replacing their slots), then delete replaced files."""
+        index = self.render_index()
+        replaced = [index[e.slot] for e in entries if e.slot in index and index[e.slot] != e]
+        index.update({e.slot: e for e in entries})
+        self._write_index(index)
+        keep = {f for e in index.values() for f in e.files.values()}
+        for old in replaced:
+            for name in old.files.values():
+                if name not in keep:
+                    (self.directory / name).unlink(missing_ok=True)
+
+    def _write_index(self, index: Mapping[tuple[str, int, str], RenderEntry]) -> None:
+        entries = sorted(index.values(), key=lambda e: (e.kind, e.rank, e.recipe))
+        atomic_write_json(self.directory / "render.json",
+                          {"entries": [asdict(e) for e in entries]})
+
+    def file(self, name: str) -> Path:
+        return self.directory / name
+
+    # evaluation -------------------------------------------------------------------------
+    def load_evaluation(self, key: str) -> dict | None:
+        path = self.directory / "evaluate.json"
+        if not path.exists():
+            return None
+        doc = read_json(path)
+        return doc["metrics"] if doc.get("key") == key else None
+
+    def save_evaluation(self, key: str, metrics: dict) -> None:
+        atomic_write_json(self.directory / "evaluate.json", {"key": key, "metrics": metrics})
+
+    # pruning ----------------------------------------------------------------------------
+    def prune(self, facets_key: str | None, visuals: Mapping[tuple[str, int, str], str]) -> None:
+        """Keep only the clustering `facets_key` and the visualizations whose slot maps to
+        their key in `visuals`; delete everything else of this target."""
+        keep_facets = facets_key[:_KEY_CHARS] if facets_key else None
+        for d in (self.directory / "facets").glob("*") if (self.directory / "facets").exists() \
+                else []:
+            if d.name != keep_facets:
+                shutil.rmtree(d, ignore_errors=True)
+        index = self.render_index()
+        current = {s: e for s, e in index.items() if visuals.get(s) == e.key}
+        if current != index:
+            self._write_index(current)
+        keep = {f for e in current.values() for f in e.files.values()} | {
+            "render.json", "evaluate.json", "facets"}
+        for path in self.directory.iterdir():
+            if path.name not in keep:
+                _remove(path)
+
+
+# --------------------------------------------------------------------------------- the run
+class RunDir:
+    """A run directory: where each kind of result is stored, and which are current."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def scan(self, key: str) -> ScanStore:
+        return ScanStore(self.root / "scan" / key[:_KEY_CHARS])
+
+    def target(self, slug_name: str) -> TargetDir:
+        return TargetDir(self.root / "targets" / slug_name)
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / "sweep"
+
+    @property
+    def results_file(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def report_file(self) -> Path:
+        return self.root / "index.html"
+
+    @property
+    def thumbs_dir(self) -> Path:
+        return self.root / "report" / "thumbs"
+
+    def relative(self, path: Path) -> str:
+        """A path inside the run as results.json writes it (relative, with forward slashes)."""
+        return path.relative_to(self.root).as_posix()
+
+    def write_record(self, name: str, data: Any) -> None:
+        """`settings`, `model`: what the last run was asked to do, with what."""
+        atomic_write_json(self.root / f"{name}.json", data)
+
+    def read_record(self, name: str) -> Any:
+        path = self.root / f"{name}.json"
+        return read_json(path) if path.exists() else None
+
+    def add_timing(self, stage: str, seconds: float) -> dict[str, float]:
+        timings = self.read_record("timings") or {}
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
+        self.write_record("timings", timings)
+        return timings
+
+    def prune(self, scan_keys: set[str], targets: Mapping[str, tuple[str | None, Mapping]]
+              ) -> None:
+        """Delete what the current settings no longer produce: other scans, other targets'
+        folders, and within a target other clusterings and visualizations."""
+        keep = {k[:_KEY_CHARS] for k in scan_keys}
+        for d in (self.root / "scan").glob("*") if (self.root / "scan").exists() else []:
+            if d.name not in keep:
+                _remove(d)
+        folders = self.root / "targets"
+        for d in folders.glob("*") if folders.exists() else []:
+            if d.name in targets:
+                facets_key, visuals = targets[d.name]
+                self.target(d.name).prune(facets_key, visuals)
+            else:
+                _remove(d)
+
+
+@contextlib.contextmanager
+def open_run(root: str | os.PathLike) -> Iterator[RunDir]:
+    """Create (if needed) and lock a run directory for writing, for the duration of the block.
+
+    A second process on the same directory stops with a message naming the holder; the lock
+    dies with its process (flock), so a killed run never blocks the next one.
+    """
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise MfvError(f"--out {root} is a file; give a directory for the run")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MfvError(f"--out {root} is not writable ({exc.strerror}); choose another "
+                       "directory") from None
+    lock = FileLock(root / ".lock", timeout=0)
+    holder_file = root / ".lock.holder.json"
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = read_json(holder_file) if holder_file.exists() else {}
+        who = (f"process {holder.get('pid')} on {holder.get('host')} since "
+               f"{holder.get('since')}") if holder else "another process"
+        raise MfvError(f"--out {root} is in use by {who}; wait for it to finish or choose "
+                       "another --out") from None
+    try:
+        atomic_write_json(holder_file, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        yield RunDir(root)
+    finally:
+        holder_file.unlink(missing_ok=True)
+        lock.release()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _plain(obj: Any) -> Any:
+    """Plain JSON types for settings that may hold numpy scalars or tuples."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
