@@ -21,15 +21,14 @@ visualizations per target are made four ways (plus one extra row that comes for 
 - fourier, random start: the Lucid-style recipe from noise (its `random` baselines);
 - extra: fourier started from the facet means.
 
-Render runs one recipe at a time (so each recipe is timed) with the baselines the comparison
-needs: paper-center's random starts are not rendered. Metrics come from the run's results.json
-(written by `mfv evaluate`): activation ratio (over the maximum on the target's real photos),
+Render runs one recipe at a time (so each recipe is timed), each with its random starts. Metrics
+come from the run's results.json: activation ratio (over the maximum on the target's real photos),
 fidelity (the visualization's code is nearest its own facet's centre), diversity (mean pairwise
 cosine distance of a target's k codes), transferability (rank of the class when Lite1 and Lite2
 classify a class-logit visualization), centre dominance, and facet recovery ARI (constructed
 neurons). Coverage is computed here: a constructed neuron is covered when each of its two classes
-gets at least one of the k visualizations that Lite0 classifies as that class — "pair": the
-class has the higher of the two logits; "top-1": the class is Lite0's top-1 of all 1000.
+gets at least one of the k visualizations that Lite0 classifies as that class — "pair": the class
+has the higher of the two logits; "top-1": the class is Lite0's top-1 of all 1000.
 
 Prints one table and writes it, with the settings and machine, to benchmarks/results/quality.md.
 """
@@ -46,61 +45,52 @@ import numpy as np
 import torch
 from PIL import Image
 
+import mfv
 from mfv.io import atomic_write_json, atomic_write_text, read_json
 from mfv.models.base import to_tensor
 from mfv.models.classes import imagenet_classes
-from mfv.pipeline import Run
-from mfv.settings import make_settings
 from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"
 IMAGENETTE = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916",
               "n03417042", "n03425413", "n03445777", "n03888257")
 # (row label, recipe, kind of visualization): kind "facet" starts from a facet mean, "random"
-# from noise; render phases: (recipe, render random starts too).
+# from noise; every recipe is rendered from both.
 METHODS = (("MFV paper-mean", "paper-mean", "facet"),
            ("MFV paper-center", "paper-center", "facet"),
            ("random start (paper-mean)", "paper-mean", "random"),
            ("fourier, random start", "fourier", "random"),
            ("extra: fourier from means", "fourier", "facet"))
-PHASES = (("paper-mean", True), ("paper-center", False), ("fourier", True))
+RECIPES = ("paper-mean", "paper-center", "fourier")
 HEADER = ("method", "n", "ARI (purity)", "cov. pair", "cov. top-1", "fidelity", "act. ratio",
           "> facet max", "transfer top-1", "transfer top-5", "centre dom.", "diversity",
           "s / vis.")
 
 
-def _rendered(run: Run) -> set[tuple[str, str, str]]:
-    """(slug, name, key) of every visualization the run directory holds."""
-    out = set()
-    for slug in run.slugs:
-        path = run.dir / "targets" / slug / "render.json"
-        if path.exists():
-            out |= {(slug, name, rec["key"]) for name, rec in read_json(path).items()}
-    return out
+def _count(results: dict, recipe: str) -> int:
+    return sum(recipe in f["visualizations"] for t in results["targets"] for f in t["facets"]) \
+        + sum(len(t["baselines"].get(recipe, [])) for t in results["targets"])
 
 
 def render_timed(base: dict) -> dict[str, float]:
-    """Render recipe by recipe; seconds per visualization of each (as recorded when made)."""
+    """Render recipe by recipe (with its random starts); seconds per visualization of each, as
+    recorded when they were made (a rerun that reuses them keeps the recorded times)."""
     timing_path = Path(base["out"]) / "quality_timings.json"
     timings = read_json(timing_path) if timing_path.exists() else {}
-    for recipe, baseline in PHASES:
-        run = Run(make_settings(**base, recipes=[recipe], baseline=baseline))
-        before = _rendered(run)
+    for recipe in RECIPES:
         start = time.perf_counter()
-        run.render()
+        results = mfv.run(**base, recipes=[recipe], until="render")
         seconds = time.perf_counter() - start
-        made = len(_rendered(run) - before)
-        if made:
-            timings[recipe] = {"seconds": seconds, "count": made,
-                               "per_visualization": seconds / made}
+        if seconds > 5 or recipe not in timings:
+            timings[recipe] = {"seconds": seconds, "count": _count(results, recipe),
+                               "per_visualization": seconds / max(_count(results, recipe), 1)}
             atomic_write_json(timing_path, timings)
     return {r: t["per_visualization"] for r, t in timings.items()}
 
 
-def lite0_logits(run: Run, paths: Sequence[str]) -> np.ndarray:
+def lite0_logits(model, run_dir: Path, paths: Sequence[str]) -> np.ndarray:
     """Lite0's 1000 logits for images, preprocessed as a photo would be (resize, centre crop)."""
-    model = run.model
-    batch = torch.stack([to_tensor(model.preprocess, Image.open(run.dir / p).convert("RGB"))
+    batch = torch.stack([to_tensor(model.preprocess, Image.open(run_dir / p).convert("RGB"))
                          for p in paths]).to(model.device)
     with torch.inference_mode():
         return model(batch).float().cpu().numpy()
@@ -114,7 +104,8 @@ def visual_paths(target: dict, recipe: str, kind: str) -> list[str]:
     return [b["path"] for b in target["baselines"].get(recipe, [])][:len(target["facets"])]
 
 
-def coverage(run: Run, targets: Sequence[dict], recipe: str, kind: str) -> tuple[str, str]:
+def coverage(model, run_dir: Path, targets: Sequence[dict], recipe: str, kind: str
+             ) -> tuple[str, str]:
     """Constructed neurons whose every class gets a visualization classified as it, as 'x/n'
     (pair rule, top-1 rule), with the share of classes covered in parentheses."""
     neurons = {"pair": 0, "top1": 0}
@@ -122,7 +113,7 @@ def coverage(run: Run, targets: Sequence[dict], recipe: str, kind: str) -> tuple
     total = 0
     for target in targets:
         pair = [term["unit"] for term in target["target"]["terms"]]  # "_fc:A + _fc:B"
-        logits = lite0_logits(run, visual_paths(target, recipe, kind))
+        logits = lite0_logits(model, run_dir, visual_paths(target, recipe, kind))
         by_pair = np.asarray(pair)[logits[:, pair].argmax(1)]
         by_top1 = logits.argmax(1)
         for rule, got in (("pair", by_pair), ("top1", by_top1)):
@@ -143,7 +134,8 @@ def _fmt(value: float, digits: int = 2) -> str:
     return "–" if np.isnan(value) else f"{value:.{digits}f}"
 
 
-def table_rows(run: Run, results: dict, seconds: dict[str, float]) -> list[list[str]]:
+def table_rows(model, run_dir: Path, results: dict, seconds: dict[str, float]
+               ) -> list[list[str]]:
     targets = results["targets"]
     constructed = [t for t in targets if t["class_index"] is None]
     rows = []
@@ -169,7 +161,8 @@ def table_rows(run: Run, results: dict, seconds: dict[str, float]) -> list[list[
                              if t["class_index"] is not None]
             ari = fidelity = above_max = "–"
             diversity = [t["metrics"].get("diversity_random", {}).get(recipe) for t in targets]
-        pair, top1 = coverage(run, constructed, recipe, kind) if constructed else ("–", "–")
+        pair, top1 = coverage(model, run_dir, constructed, recipe, kind) if constructed \
+            else ("–", "–")
         rows.append([
             label, str(len(paths)), ari, pair, top1, fidelity,
             _fmt(_mean([m.get("activation_ratio") for m in metrics])), above_max,
@@ -217,12 +210,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.judges is not None:
         base["judges"] = [] if args.judges == "none" else args.judges.split(",")
     start = time.perf_counter()
-    Run(make_settings(**base)).facets()  # scan and facets once, before render is timed
+    mfv.run(**base, until="facets")  # scan and facets once, before render is timed
     seconds = render_timed(base)
-    run = Run(make_settings(**base, recipes=[r for r, _ in PHASES], baseline=False))
-    run.evaluate()  # evaluates every visualization in the run directory, baselines included
-    results = run.publish()
-    rows = table_rows(run, results, seconds)
+    results = mfv.run(**base, recipes=list(RECIPES))
+    model = mfv.load_model("efficientnet_lite0", device=args.device)
+    rows = table_rows(model, args.out / "run", results, seconds)
     elapsed = time.perf_counter() - start
     setting = (f"{args.classes} class logits + {args.pairs} constructed neurons, "
                f"{results['data']['n_images']} photos "

@@ -19,19 +19,17 @@ import argparse
 import os
 import platform
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mfv.evaluate import recovery
-from mfv.facets import FacetResult
+import mfv
 from mfv.io import atomic_write_text
+from mfv.metrics import recovery
 from mfv.models.classes import imagenet_classes
-from mfv.pipeline import Run
-from mfv.settings import make_settings
+from mfv.scan import ScanResult
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"
@@ -86,11 +84,17 @@ def pair_target(pair: Sequence[str], logits_layer: str = "_fc") -> str:
     return " + ".join(f"{logits_layer}:{classes.lookup(wnid)}" for wnid in pair)
 
 
-def class_purities(facets: FacetResult, truth: np.ndarray) -> list[float]:
+def facet_labels(target: dict, classes) -> tuple[np.ndarray, np.ndarray]:
+    """From a results.json target: each selected photo's true class and facet."""
+    return (np.array([classes.lookup(p["label"]) for p in target["map"]]),
+            np.array([p["facet"] for p in target["map"]]))
+
+
+def class_purities(assignment: np.ndarray, truth: np.ndarray) -> list[float]:
     """Per facet, the share of its members from its most common class."""
     out = []
-    for facet in facets.facets:
-        members = truth[facets.assignment == facet.rank]
+    for rank in np.unique(assignment):
+        members = truth[assignment == rank]
         out.append(float(np.bincount(np.unique(members, return_inverse=True)[1]).max()
                          / len(members)))
     return out
@@ -133,31 +137,33 @@ def main(argv: Sequence[str] | None = None) -> None:
             "mean_of": 15, "device": args.device, "workers": args.workers, "seed": args.seed,
             "progress": False}
     targets = [pair_target(p) for p in pairs]
-    runs = {k: Run(make_settings(**base, targets=targets, facets=k)) for k in (2, "auto")}
-    manifest = args.out / "run" / "scan" / "manifest.json"
-    stamp = manifest.stat().st_mtime_ns if manifest.exists() else None
-    t0 = time.perf_counter()
-    scan = runs[2].scan()
-    scan_s = time.perf_counter() - t0
-    reused = stamp == manifest.stat().st_mtime_ns
-    found = {k: run.facets() for k, run in runs.items()}
-    labels = runs[2].class_labels(scan)
-    names = runs[2].model.classes.names
+    scans = args.out / "run" / "scan"
+    before = {p.name for p in scans.iterdir()} if scans.exists() else set()
+    found = {k: mfv.run(**base, targets=targets, facets=k, until="facets")["targets"]
+             for k in (2, "auto")}
+    reused = {p.name for p in scans.iterdir()} <= before
+    (scan_dir,) = scans.iterdir()
+    scan = ScanResult.load(scan_dir)
+    scan_s = scan.manifest["seconds"]
+    classes = imagenet_classes()
+    names = classes.names
     header = ["pair", "n", "ARI k=2", "NMI k=2", "purity k=2", "auto k", "auto sizes",
               "min purity auto", "ARI auto", "s k=2", "s auto"]
     rows = []
     for i, target in enumerate(targets):
         two, auto = found[2][i], found["auto"][i]
-        truth = labels[two.selected]
-        fixed = recovery(two.assignment, truth)
-        classes = " + ".join(names[int(t.split(":")[1])] for t in target.split(" + "))
+        truth, assignment = facet_labels(two, classes)
+        truth_auto, assignment_auto = facet_labels(auto, classes)
+        fixed = recovery(assignment, truth)
+        pair = " + ".join(names[int(t.split(":")[1])] for t in target.split(" + "))
         rows.append([
-            classes, str(len(two.selected)), f"{fixed['ari']:.3f}", f"{fixed['nmi']:.3f}",
-            f"{fixed['purity']:.3f}", str(len(auto.facets)),
-            "/".join(str(f.size) for f in auto.facets),
-            f"{min(class_purities(auto, labels[auto.selected])):.3f}",
-            f"{recovery(auto.assignment, labels[auto.selected])['ari']:.3f}",
-            f"{two.timings['total']:.1f}", f"{auto.timings['total']:.1f}"])
+            pair, str(len(truth)), f"{fixed['ari']:.3f}", f"{fixed['nmi']:.3f}",
+            f"{fixed['purity']:.3f}", str(len(auto["facets"])),
+            "/".join(str(f["size"]) for f in auto["facets"]),
+            f"{min(class_purities(assignment_auto, truth_auto)):.3f}",
+            f"{recovery(assignment_auto, truth_auto)['ari']:.3f}",
+            f"{two['clustering']['timings']['total']:.1f}",
+            f"{auto['clustering']['timings']['total']:.1f}"])
     n_images = len(scan.paths)
     lines = [f"# facet recovery, EfficientNet-Lite0 penultimate codes, t-SNE + k-means, seed "
              f"{args.seed}", f"# {machine()}",

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.evaluate import (
-    _centre_and_corners,
+from mfv.evaluate import _centre_and_corners, codes_and_values
+from mfv.metrics import (
     activation_ratio,
     centre_dominance,
     class_rank,
-    codes_and_values,
     diversity,
     fidelity,
     recovery,

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mfv.evaluate import recovery
-from mfv.pipeline import Run
-from mfv.settings import make_settings
+import mfv
+from mfv.metrics import recovery
+from mfv.models.classes import imagenet_classes
 
 PER_CLASS = 60
 PAIRS = {  # target -> the Imagenette folders of its two classes
@@ -45,49 +45,49 @@ def six_classes(tmp_path_factory, imagenette) -> Path:
 
 @pytest.fixture(scope="module")
 def found(six_classes, tmp_path_factory) -> dict:
-    """Facets of every pair with k=2 and with auto k, from one scan; with each image's class."""
+    """Facets of every pair with k=2 and with auto k, from one scan, as `mfv.run` publishes
+    them: per target, each selected photo's facet and true class."""
     out = tmp_path_factory.mktemp("recovery") / "run"
     base = {"images": str(six_classes), "targets": list(PAIRS), "out": str(out),
-            "mean_of": 5, "selection": "class", "progress": False, "seed": 0}
-    found: dict = {"scan_stamps": []}
+            "mean_of": 5, "selection": "class", "progress": False, "seed": 0, "device": "cpu"}
+    found: dict = {"scans": []}
+    classes = imagenet_classes()
     for k in (2, "auto"):
-        run = Run(make_settings(**base, facets=k))
-        found[k] = run.facets()
-        found["scan_stamps"].append((out / "scan" / "manifest.json").stat().st_mtime_ns)
-    found["labels"] = run.class_labels(run.scan())
+        results = mfv.run(**base, facets=k, until="facets")
+        found["scans"].append([(p.name, p.stat().st_mtime_ns) for p in (out / "scan").iterdir()])
+        found[k] = {t["spec"]: (np.array([p["facet"] for p in t["map"]]),
+                                np.array([classes.lookup(p["label"]) for p in t["map"]]),
+                                len(t["facets"])) for t in results["targets"]}
     return found
 
 
 @pytest.mark.slow
 def test_the_scan_is_shared_by_both_settings_of_k(found):
-    first, second = found["scan_stamps"]
-    assert first == second
+    first, second = found["scans"]
+    assert first == second and len(first) == 1
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(PAIRS))
 def test_two_facets_are_the_two_classes(found, target):
-    facets = found[2][list(PAIRS).index(target)]
-    truth = found["labels"][facets.selected]
+    assignment, truth, n_facets = found[2][target]
     classes = [int(c) for c in target.replace("_fc:", "").split(" + ")]
     assert sorted(set(truth.tolist())) == classes  # "class" selection: both classes, nothing else
-    assert len(facets.selected) == 2 * PER_CLASS
-    assert len(facets.facets) == 2
-    scores = recovery(facets.assignment, truth)
+    assert len(truth) == 2 * PER_CLASS
+    assert n_facets == 2
+    scores = recovery(assignment, truth)
     assert scores["ari"] >= 0.9, scores
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("target", list(PAIRS))
 def test_auto_k_finds_a_few_class_pure_facets(found, target):
-    facets = found["auto"][list(PAIRS).index(target)]
-    truth = found["labels"][facets.selected]
-    assert 2 <= len(facets.facets) <= 4, [f.size for f in facets.facets]
-    for rank in range(len(facets.facets)):
-        members = truth[facets.assignment == rank]
+    assignment, truth, n_facets = found["auto"][target]
+    assert 2 <= n_facets <= 4, np.bincount(assignment)
+    for rank in range(n_facets):
+        members = truth[assignment == rank]
         share = np.bincount(np.unique(members, return_inverse=True)[1]).max() / len(members)
         assert share >= 0.95, (rank, len(members), share)
     # each class is the majority of some facet: no class is lost in a mixed facet
-    majorities = {np.bincount(truth[facets.assignment == r]).argmax()
-                  for r in range(len(facets.facets))}
+    majorities = {np.bincount(truth[assignment == r]).argmax() for r in range(n_facets)}
     assert majorities == set(truth.tolist())

@@ -86,14 +86,64 @@ def test_state_dict_files_load_safely(tmp_path, tiny):
         load_state_dict(tmp_path / "missing.pth")
 
 
-def test_torchscript_archive_and_plain_module(tmp_path, tiny):
-    scripted = torch.jit.script(tiny.module)
+def test_torch_export_file_is_unflattened_so_layers_can_be_hooked(tmp_path, tiny):
+    """A `.pt2` program (torch.export, the current convention) loads with its module tree:
+    layers are listed, hooks capture inner layers and the penultimate features, gradients
+    reach the input, and the outputs equal the original module's."""
+    from mfv.activations import capture
+    from mfv.targets import parse_target
+
+    example = torch.rand(2, 3, 32, 32)
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.export.export(tiny.module, (example,), dynamic_shapes=(dims,))
+    torch.export.save(program, tmp_path / "tiny.pt2")
+    model = load_model(str(tmp_path / "tiny.pt2"), preprocess=tiny.preprocess)
+    assert model.logits_layer == "fc" and model.source["source"] == "torch.export"
+    assert [i.path for i in model.layers()] == [i.path for i in tiny.layers()]
+    target = parse_target("fc:2 + conv2:1", model)
+    x = torch.rand(3, 3, 40, 40, requires_grad=True)
+    with capture(model, [*target.layers, parse_target("penultimate:3", model).terms[0].layer]
+                 ) as store:
+        logits = model(x)
+    assert store["conv2"].shape == (3, 16, 20, 20) and store["fc#in"].shape == (3, 16)
+    assert torch.allclose(logits, tiny(x), atol=1e-6)
+    logits[:, 0].sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert model.describe()["parameters"] == tiny.describe()["parameters"]
+
+
+def test_torchscript_files_are_refused_with_what_to_use_instead(tmp_path, tiny):
+    import warnings
+
+    from mfv.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit itself is deprecated
+        scripted = torch.jit.script(tiny.module)
     scripted.save(str(tmp_path / "tiny.pt"))
-    model = load_model(str(tmp_path / "tiny.pt"), preprocess=tiny.preprocess)
-    x = torch.rand(1, 3, 32, 32)
-    with torch.inference_mode():
-        assert torch.allclose(model(x), tiny(x))
-    assert tiny.logits_layer == "fc"
+    with pytest.raises(MfvError, match=r"TorchScript.*torch\.export.*\.pt2"):
+        load_model(str(tmp_path / "tiny.pt"))
+    with pytest.raises(MfvError, match="TorchScript module"):
+        load_model(scripted)
+    assert main(["layers", str(tmp_path / "tiny.pt")]) == 2
+
+
+def test_weights_that_do_not_fit_get_one_line(tmp_path, tiny):
+    from safetensors.torch import save_file
+
+    (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file at all")
+    with pytest.raises(MfvError, match="not a readable safetensors file"):
+        load_model(type(tiny.module)(), weights=tmp_path / "garbage.safetensors")
+    state = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    state["extra.weight"] = state.pop("fc.weight")
+    save_file(state, tmp_path / "wrong.safetensors")
+    with pytest.raises(MfvError, match=r"missing 1 key\(s\) \(fc\.weight\); unexpected 1 "):
+        load_model(type(tiny.module)(), weights=tmp_path / "wrong.safetensors")
+    state = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    state["fc.bias"] = torch.zeros(7)
+    save_file(state, tmp_path / "shape.safetensors")
+    with pytest.raises(MfvError, match=r"fc\.bias is \(7,\), the model expects \(5,\)"):
+        load_model(type(tiny.module)(), weights=tmp_path / "shape.safetensors")
 
 
 def test_unknown_model_and_missing_optional_packages():

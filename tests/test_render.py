@@ -14,10 +14,10 @@ from mfv.render.recipes import PAPER_CENTER, PAPER_MEAN, canvas_sizes, schedule
 from mfv.targets import parse_targets
 
 
-def _ramp(octave, quirks=True):
+def _ramp(octave, as_written=False):
     n = octave.iters
-    return ([octave.step_size(i, quirks) for i in (0, n - 1)],
-            [round(octave.tv(i, quirks), 4) for i in (0, n - 1)])
+    return ([octave.step_size(i, as_written) for i in (0, n - 1)],
+            [round(octave.tv(i, as_written), 4) for i in (0, n - 1)])
 
 
 def test_paper_mean_schedule_matches_spec_table():
@@ -31,9 +31,9 @@ def test_paper_mean_schedule_matches_spec_table():
                 ([2, 2], [0.095, 1.995]), ([2, 2], [0.36, 2.16])]
     assert [_ramp(o) for o in PAPER_MEAN] == expected
     # as written, octave 1 ramps 1 → 2 and the TV weight goes from start to end
-    assert PAPER_MEAN[0].step_size(189, quirks=False) == pytest.approx(1 + 189 / 190)
-    assert PAPER_MEAN[1].tv(0, quirks=False) == pytest.approx(0.01)
-    assert PAPER_MEAN[1].tv(150, quirks=False) == pytest.approx(2.0)
+    assert PAPER_MEAN[0].step_size(189, as_written=True) == pytest.approx(1 + 189 / 190)
+    assert PAPER_MEAN[1].tv(0, as_written=True) == pytest.approx(0.01)
+    assert PAPER_MEAN[1].tv(150, as_written=True) == pytest.approx(2.0)
 
 
 def test_paper_center_schedule_matches_spec_table():

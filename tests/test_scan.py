@@ -60,9 +60,10 @@ def test_scan_records_logits_and_codes(tmp_path, tiny):
     idx, vals = result.top(2, 5)
     assert np.all(np.diff(vals) <= 0) and vals[0] == result.activations[:, 2].max()
     # a second call reuses the stored scan; a changed input invalidates it
-    manifest_mtime = (tmp_path / "run/scan/manifest.json").stat().st_mtime_ns
+    manifest = result.store.directory / "manifest.json"
+    manifest_mtime = manifest.stat().st_mtime_ns
     again = scan(tiny, images, targets, tmp_path / "run", progress=False)
-    assert (tmp_path / "run/scan/manifest.json").stat().st_mtime_ns == manifest_mtime
+    assert manifest.stat().st_mtime_ns == manifest_mtime
     np.testing.assert_array_equal(again.activations, result.activations)
     Image.new("RGB", (30, 30), "white").save(images[0].path)
     changed = scan(tiny, from_folder(tmp_path / "imgs"), targets, tmp_path / "run",
@@ -160,17 +161,19 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, imagenette):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(script), str(listing), str(run)])
     deadline = time.time() + 120
-    while len(list((run / "scan/chunks").glob("*.json"))) < 3 and time.time() < deadline:
+    while len(list(run.glob("scan/*/chunks/*.json"))) < 3 and time.time() < deadline:
         assert proc.poll() is None, "scan finished before it could be killed"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = len(list((run / "scan/chunks").glob("*.json")))
+    done_before = len(list(run.glob("scan/*/chunks/*.json")))
     assert 3 <= done_before < 10
     subprocess.run([sys.executable, str(script), str(listing), str(run)], check=True)
     subprocess.run([sys.executable, str(script), str(listing), str(tmp_path / "clean")],
                    check=True)
-    resumed, clean = ScanResult.load(run / "scan"), ScanResult.load(tmp_path / "clean/scan")
+    (resumed_dir,), (clean_dir,) = (run / "scan").iterdir(), (tmp_path / "clean/scan").iterdir()
+    assert resumed_dir.name == clean_dir.name  # the same key
+    resumed, clean = ScanResult.load(resumed_dir), ScanResult.load(clean_dir)
     np.testing.assert_array_equal(resumed.activations, clean.activations)
     np.testing.assert_array_equal(resumed.codes, clean.codes)
     assert resumed.manifest["images"] == clean.manifest["images"]

@@ -1,3 +1,34 @@
-"""mfv: Multifaceted Feature Visualization for PyTorch vision models."""
+"""mfv: Multifaceted Feature Visualization for PyTorch vision models.
+
+    import mfv
+    results = mfv.run(model=my_module, preprocess=mfv.Preprocess(...), images="photos/",
+                      targets=["_fc:0 + _fc:701"], facets="auto", out="runs/pair")
+
+The names below load on first use, so `import mfv` (and the torch-free modules such as
+`mfv.settings`) stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "run": "mfv.pipeline", "scan_images": "mfv.pipeline",
+    "Settings": "mfv.settings", "make_settings": "mfv.settings",
+    "load_model": "mfv.models", "LoadedModel": "mfv.models", "Preprocess": "mfv.preprocess",
+    "MfvError": "mfv.errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mfv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

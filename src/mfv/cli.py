@@ -1,10 +1,19 @@
-"""The `mfv` command: a thin layer over the Python API (`mfv.run`, `mfv.models`, ...)."""
+"""The `mfv` command: a thin layer over the Python API (`mfv.run`, `mfv.demo`, `mfv.sweep`).
+
+Every run option comes from `mfv.settings.Settings` (its flag, help text, type and choices), so
+the command line, a TOML file and Python keywords accept the same values with the same checks.
+A user's mistake prints one line and exits with status 2; `--debug` (or MFV_DEBUG=1) shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
+import typing
+from typing import Any
 
 from mfv.errors import MfvError
 
@@ -16,6 +25,73 @@ STAGE_HELP = {
     "evaluate": "measure the quality of facets and visualizations",
     "report": "write RUN/index.html and RUN/results.json (runs earlier stages if needed)",
 }
+_DEMO_HIDDEN = ("model", "weights", "images", "targets")  # the demo chooses these itself
+
+
+def _facets_value(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a number or 'auto'") from None
+
+
+def _judges_value(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    return () if names == ("none",) else names
+
+
+def _choices(annotation: Any) -> tuple[str, ...] | None:
+    """The allowed strings of a Literal (also inside a tuple or an Optional)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    for arg in typing.get_args(annotation):
+        found = _choices(arg)
+        if found:
+            return found
+    return None
+
+
+def _scalar(annotation: Any) -> type:
+    """int for integer settings (also Optional ones), else str."""
+    return int if annotation is int or int in typing.get_args(annotation) else str
+
+
+def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
+    """One option per setting that has a flag (defaults stay None: unset means the default)."""
+    from mfv.settings import Settings
+
+    p.add_argument("--config", help="TOML file with settings (options given here win)")
+    for name, info in Settings.model_fields.items():
+        extra = info.json_schema_extra or {}
+        flag = extra.get("flag")
+        if not flag or name in hidden:
+            continue
+        help_text = info.description
+        if extra.get("negate"):
+            p.add_argument(flag, dest=name, action="store_false", default=None, help=help_text)
+        elif info.annotation is bool:
+            p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        elif extra.get("repeat"):
+            p.add_argument(flag, dest=name, action="append", choices=_choices(info.annotation),
+                           help=help_text, metavar=None if _choices(info.annotation) else
+                           flag.strip("-").upper())
+        elif extra.get("judges"):
+            p.add_argument(flag, dest=name, type=_judges_value, help=help_text)
+        elif name == "facets":
+            p.add_argument(flag, dest=name, type=_facets_value, help=help_text)
+        else:
+            p.add_argument(flag, dest=name, type=_scalar(info.annotation),
+                           choices=_choices(info.annotation), help=help_text)
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
+
+def _settings(args: argparse.Namespace):
+    from mfv.settings import Settings, make_settings
+
+    options = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return make_settings(args.config, **options)
 
 
 def _cmd_layers(args: argparse.Namespace) -> None:
@@ -33,86 +109,13 @@ def _cmd_layers(args: argparse.Namespace) -> None:
               f"{model.logits_layer}")
 
 
-def _facets_value(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a number or 'auto'") from None
-
-
-def _judges_value(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    return () if names == ("none",) else names
-
-
-def _add_run_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
-    p.add_argument("--out", help="run directory (default: mfv-run, demo: mfv-demo)")
-    p.add_argument("--config", help="TOML file with settings (options given here win)")
-    if not demo:
-        p.add_argument("--model", help="efficientnet_lite0 (default), torchvision:NAME, "
-                       "timm:NAME or a TorchScript file")
-        p.add_argument("--weights", help="state dict (.safetensors / .pt) for the model")
-        p.add_argument("--images", help="folder (class subfolders = labels), .txt list, or demo")
-        p.add_argument("--target", dest="targets", action="append", metavar="TARGET",
-                       help="LAYER:UNIT, a class name, or a sum like '_fc:0 + _fc:701' "
-                       "(repeatable; LAYER:* = every unit)")
-    p.add_argument("--facets", type=_facets_value, help="number of facets k, or 'auto' "
-                   "(default 10, the paper's)")
-    p.add_argument("--mean-of", type=int, dest="mean_of", help="images per mean image (15)")
-    p.add_argument("--selection", choices=["auto", "class", "top"],
-                   help="which images a target's facets come from (default auto: the class's "
-                   "images for class logits when labels exist, else the top-N)")
-    p.add_argument("--top-n", type=int, dest="top_n", help="N for the top-N selection (200)")
-    p.add_argument("--embedding", choices=["tsne", "pca", "umap"])
-    p.add_argument("--min-facet-size", type=int, dest="min_facet_size")
-    p.add_argument("--recipe", dest="recipes", action="append",
-                   choices=["paper-mean", "paper-center", "fourier"],
-                   help="synthesis recipe (repeatable; default paper-mean)")
-    p.add_argument("--no-baseline", dest="baseline", action="store_false", default=None,
-                   help="skip the random-start baseline visualizations")
-    p.add_argument("--steps", type=int, help="total optimization steps (default: the recipe's)")
-    p.add_argument("--as-written", dest="quirks", action="store_false", default=None,
-                   help="use the paper's schedules as written, not as the authors' code ran")
-    p.add_argument("--reduction", choices=["center", "max", "mean", "cls"],
-                   help="how a spatial map gives one number (default center, the paper's)")
-    p.add_argument("--activation", choices=["pre", "post"])
-    p.add_argument("--code-layer", dest="code_layer", help="layer whose outputs are clustered")
-    p.add_argument("--mean-resize", dest="mean_resize", choices=["crop", "squash"])
-    p.add_argument("--judges", type=_judges_value, help="models that judge transferability, "
-                   "comma-separated, or 'none' (default: efficientnet_lite1,efficientnet_lite2)")
-    p.add_argument("--size", type=int, help="the model's input size in pixels for scanning, mean "
-                   "images and synthesis (default: the model's own, 224 for Lite0; the paper's "
-                   "CaffeNet used 227)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ...")
-    p.add_argument("--batch-size", type=int, dest="batch_size", help="synthesis batch size")
-    p.add_argument("--scan-batch-size", type=int, dest="scan_batch_size")
-    p.add_argument("--workers", type=int, help="image decoding processes (default 1)")
-    p.add_argument("--quiet", dest="progress", action="store_false", default=None)
-
-
-_OPTION_NAMES = ("out", "model", "weights", "images", "targets", "facets", "mean_of", "selection",
-                 "top_n", "embedding", "min_facet_size", "recipes", "baseline", "steps",
-                 "quirks", "reduction", "activation", "code_layer", "mean_resize", "judges",
-                 "size", "seed", "device", "batch_size", "scan_batch_size", "workers", "progress")
-
-
-def _settings(args: argparse.Namespace):
-    from mfv.settings import make_settings
-
-    options = {name: getattr(args, name, None) for name in _OPTION_NAMES}
-    return make_settings(args.config, **options)
-
-
 def _cmd_stage(args: argparse.Namespace) -> None:
     import mfv.pipeline
 
     started = time.perf_counter()
     until = "report" if args.command == "run" else args.command
     results = mfv.pipeline.run(_settings(args), until=until)
-    _summary(results, args, time.perf_counter() - started)
+    _summary(results, time.perf_counter() - started)
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
@@ -120,10 +123,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     results = demo(_settings(args))
-    _summary(results, args, time.perf_counter() - started)
+    _summary(results, time.perf_counter() - started)
 
 
-def _summary(results: dict, args: argparse.Namespace, seconds: float) -> None:
+def _summary(results: dict, seconds: float) -> None:
     out = results["settings"]["out"]
     for target in results["targets"]:
         sizes = ", ".join(str(f["size"]) for f in target["facets"])
@@ -139,24 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
     layers = sub.add_parser("layers", help="list every addressable layer of a model")
     layers.add_argument("model", nargs="?", default="efficientnet_lite0")
     layers.add_argument("--size", type=int, default=None, help="input size (default: model's)")
-    layers.add_argument("--device", default="cpu")
+    layers.add_argument("--device", default="auto")
+    layers.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     layers.set_defaults(func=_cmd_layers)
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text, description=text)
-        _add_run_options(stage)
+        _add_settings(stage)
         stage.set_defaults(func=_cmd_stage)
     demo = sub.add_parser("demo", help="the whole pipeline on EfficientNet-Lite0 and the "
                           "built-in photo pool (offline, a few minutes on a CPU)")
-    _add_run_options(demo, demo=True)
+    _add_settings(demo, hidden=_DEMO_HIDDEN)
     demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("MFV_DEBUG") == "1"
     try:
         args.func(args)
     except MfvError as exc:
+        if debug:
+            raise
         print(f"mfv: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

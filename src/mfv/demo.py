@@ -4,18 +4,19 @@ The pool is several hundred crops of the photos in scikit-image's wheel. The dem
 every class logit and every channel of a middle block, then picks neurons the pool can serve:
 class logits that are the top-1 prediction of many crops (from different photos when possible),
 and channels whose most activating crops come from several different photos (multifaceted
-within this pool). Settings are scaled down to finish in a few minutes on a laptop CPU.
+within this pool). Its preset is scaled down to finish in a few minutes on a laptop CPU; every
+option the user gives wins over the preset, also when it equals mfv's general default.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from mfv.pipeline import Run, run
+from mfv.pipeline import run, scan_images
 from mfv.scan import ScanResult
-from mfv.settings import Settings
+from mfv.settings import Settings, make_settings
 
-DEMO_DEFAULTS = {
+PRESET = {
     "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",
     "scan_targets": ("_fc:*", "_blocks.10:*"), "selection": "top", "top_n": 60, "facets": 3,
     "mean_of": 10, "steps": 30, "recipes": ("paper-mean",), "batch_size": 24,
@@ -23,7 +24,8 @@ DEMO_DEFAULTS = {
 MIN_CROPS = 20
 
 
-def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2) -> list[str]:
+def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2,
+                   top_n: int = PRESET["top_n"]) -> list[str]:
     """Class logits and mid-layer channels that the scanned pool serves well."""
     acts, valid = result.activations, result.valid
     specs = result.targets
@@ -46,8 +48,8 @@ def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2) 
     scored = []
     for col in channel_cols:
         values = np.where(valid, acts[:, col], -np.inf)
-        top = np.argsort(-values, kind="stable")[:DEMO_DEFAULTS["top_n"]]
-        if np.sum(values[top] > 0) < DEMO_DEFAULTS["top_n"]:
+        top = np.argsort(-values, kind="stable")[:top_n]
+        if np.sum(values[top] > 0) < top_n:
             continue
         _, freq = np.unique(photos[top], return_counts=True)
         p = freq / freq.sum()
@@ -56,15 +58,18 @@ def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2) 
     return chosen
 
 
+def demo_settings(settings: Settings | None = None) -> Settings:
+    """The demo's preset, overridden by every option set in `settings` (`Settings.given`),
+    whatever its value (targets excepted: the demo chooses them)."""
+    given = {} if settings is None else {
+        k: v for k, v in settings.model_dump().items()
+        if k in settings.given and k not in ("targets", "scan_targets")}
+    return make_settings(**{**PRESET, **given})
+
+
 def demo(settings: Settings | None = None) -> dict:
-    """Run the demo; options the user set (e.g. `out`, `steps`, `device`) override the preset."""
-    defaults = Settings()
-    preset = Settings(**{**defaults.to_dict(), "progress": True, **DEMO_DEFAULTS})
-    if settings is not None:
-        changed = {k: v for k, v in settings.to_dict().items()
-                   if v != getattr(defaults, k) and k not in ("targets", "scan_targets")}
-        preset = preset.updated(**changed, progress=settings.progress)
-    scanning = Run(preset.updated(targets=()))
-    chosen = choose_targets(scanning.scan())
+    """Run the demo (`demo_settings`): scan the pool, choose targets, run the pipeline."""
+    preset = demo_settings(settings)
+    chosen = choose_targets(scan_images(preset.updated(targets=())), top_n=preset.top_n)
     print("demo targets: " + ", ".join(chosen))
-    return run(preset.updated(targets=tuple(chosen)), until="report")
+    return run(preset.updated(targets=tuple(chosen)))

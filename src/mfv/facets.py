@@ -152,6 +152,54 @@ def select_images(
 # --------------------------------------------------------------------------- facets
 
 
+@dataclass(frozen=True)
+class FacetOptions:
+    """How a target's facets are found (the run's settings of the facets stage)."""
+
+    selection: str = "auto"
+    top_n: int = 200
+    k: int | str = 10
+    m: int = 15
+    embedding: str = "tsne"
+    merge: bool | None = None
+    min_size: int = 1
+    seed: int = 0
+
+
+def facets_of_target(activations: np.ndarray, codes: np.ndarray, valid: np.ndarray,
+                     labels: np.ndarray | None, classes: tuple[int, ...],
+                     options: FacetOptions, name: str = "target") -> FacetResult:
+    """The facets of one target over a scanned collection.
+
+    `activations` (N,) hold the target on every image (NaN where unknown), `codes` (N, D) the
+    images' codes, `valid` (N,) which images decoded, `labels` (N,) their class indices (or
+    None), `classes` the classes whose images drive the target (its positively weighted class
+    logits). Selection follows the paper: all images of the class for a class neuron (for a sum
+    of class logits, of any of its classes), the top-N for other units.
+    """
+    in_class = None
+    if labels is not None and classes:
+        in_class = (np.isin(labels, classes) & valid).astype(np.int64)
+    if options.selection == "class" and (in_class is None or not in_class.any()):
+        listed = ", ".join(map(str, classes)) or "none"
+        raise MfvError(f"--selection class: no readable image of the source is labelled with "
+                       f"the class(es) of {name!r} (class indices: {listed}); label folders by "
+                       "WordNet id or class name, or use --selection top")
+    chosen = select_images(activations, in_class, 1 if in_class is not None else None,
+                           options.selection, options.top_n, name=name)
+    chosen = chosen[valid[chosen]]
+    result = find_facets(codes, np.nan_to_num(activations, nan=0.0), chosen, k=options.k,
+                         m=options.m, embedding=options.embedding, merge=options.merge,
+                         min_size=options.min_size, seed=options.seed, name=name)
+    by_class = (in_class is not None and options.selection != "top"
+                and bool(np.all(in_class[chosen] == 1)))
+    result.settings["selection_policy"] = "class" if by_class else "top"
+    result.settings["selection_classes"] = list(classes) if by_class else []
+    return result
+
+
+
+
 def find_facets(
     codes: np.ndarray,
     activations: np.ndarray,

@@ -1,29 +1,44 @@
-"""`RUN/results.json`: the machine-readable face of a run (schema `mfv.results/1`).
+"""`RUN/results.json`: the machine-readable face of a run (schema `mfv.results/2`).
 
-Built from whatever the run directory holds, so it can be refreshed after every stage. Paths of
-generated files are relative to the run directory; input images keep the path they were given
-with (relative ones resolve against `data.base`). The schema is documented in `docs/results.md`.
+Built from the plain objects the pipeline holds (the scan, each target's facets, visualizations
+and metrics), never by reading files back, so it says exactly what the current settings have
+produced. Paths of generated files are relative to the run directory; input images keep the path
+they were given with (relative ones resolve against `data.base`). The schema is
+`docs/results.schema.json`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mfv.facets import load_facets
-from mfv.io import read_json
+from mfv.facets import FacetResult
+from mfv.rundir import RenderEntry, RunDir
 from mfv.scan import ScanResult
+from mfv.targets import Target
 
-if TYPE_CHECKING:
-    from mfv.pipeline import Run
+SCHEMA = "mfv.results/2"
+STAGES = ("scan", "facets", "render", "evaluate", "report")
 
-SCHEMA = "mfv.results/1"
+
+@dataclass
+class TargetRecord:
+    """What the run holds for one target, as far as it got."""
+
+    target: Target
+    slug: str
+    class_name: str | None = None
+    facets: FacetResult | None = None
+    facets_key: str | None = None
+    visuals: list[RenderEntry] = field(default_factory=list)  # current ones only
+    metrics: dict | None = None
 
 
 def versions() -> dict[str, str]:
@@ -37,115 +52,82 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _now() -> str:
+def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build_results(run: Run) -> dict:
-    """Assemble results.json content from the run directory's current state."""
-    root = run.dir
-    previous = root / "results.json"
-    created = read_json(previous).get("created") if previous.exists() else None
-    scan_manifest = root / "scan" / "manifest.json"
-    manifest = read_json(scan_manifest) if scan_manifest.exists() else None
-    complete = manifest is not None and manifest.get("status") == "complete"
-    evaluation = read_json(root / "evaluate.json") if (root / "evaluate.json").exists() else {}
+def build(run: RunDir, *, settings: dict, model: dict, scan: ScanResult | None,
+          records: Sequence[TargetRecord], timings: dict, done: set[str],
+          error: str | None = None, created: str | None = None,
+          evaluation: dict | None = None) -> dict:
+    """The results object: `done` names the stages finished for the current settings; `error`
+    says why the run stopped early (the results then cover what was finished)."""
     results: dict = {
-        "schema": SCHEMA,
-        "mfv_version": versions().get("mfv", "unknown"),
-        "created": created or _now(),
-        "updated": _now(),
-        "stages": {},
-        "model": run.model.describe(),
-        "data": None,
-        "settings": run.settings.to_dict(),
-        "versions": versions(),
-        "timings": dict(run.timings),
-        "targets": [],
+        "schema": SCHEMA, "mfv_version": versions().get("mfv", "unknown"),
+        "created": created or now(), "updated": now(),
+        "status": "failed" if error else ("complete" if done >= set(STAGES) else "partial"),
+        "error": error,
+        "stages": {stage: "done" if stage in done else "missing" for stage in STAGES},
+        "model": model, "data": None, "settings": settings, "versions": versions(),
+        "timings": dict(timings), "targets": [],
     }
-    if complete:
-        results["data"] = {
-            "source": manifest["source"], "base": os.getcwd(),
-            "n_images": len(manifest["images"]), "n_valid": manifest["n_valid"],
-            "fingerprint": manifest["fingerprint"], "skipped": manifest["bad"],
-            "code_layer": manifest["code_layer"],
-        }
-    stages = {"scan": complete}
-    scan = ScanResult(root / "scan", manifest) if complete else None
-    paths = [row[0] for row in manifest["images"]] if complete else []
-    labels = [row[1] for row in manifest["images"]] if complete else []
-    any_facets = any_render = False
-    for target, slug in zip(run.targets, run.slugs, strict=True):
-        entry = _target_entry(run, scan, target, slug, paths, labels,
-                              evaluation.get(slug, {}))
-        any_facets |= bool(entry["facets"])
-        any_render |= any(f["visualizations"] for f in entry["facets"])
-        results["targets"].append(entry)
-    stages.update(facets=any_facets, render=any_render, evaluate=bool(evaluation),
-                  report=(root / "index.html").exists())
-    results["stages"] = {k: "done" if v else "missing" for k, v in stages.items()}
-    if evaluation.get("_summary"):
-        results["evaluation"] = evaluation["_summary"]
-    return results
+    if scan is not None:
+        m = scan.manifest
+        results["data"] = {"source": m["source"], "base": os.getcwd(), "n_images": len(m["images"]),
+                           "n_valid": m["n_valid"], "fingerprint": m["fingerprint"],
+                           "skipped": m["bad"], "code_layer": m["code_layer"]}
+    for record in records:
+        results["targets"].append(_target(run, scan, record, settings))
+    if evaluation:
+        results["evaluation"] = evaluation
+    return json.loads(json.dumps(results))  # plain JSON types: exactly what results.json holds
 
 
-def _target_entry(run: Run, scan: ScanResult | None, target, slug: str, paths: list[str],
-                  labels: list, metrics: dict) -> dict:
-    classes = run.model.classes
-    entry = {
-        "spec": target.spec, "slug": slug, "class_index": target.class_index,
-        "class_name": (classes.names[target.class_index]
-                       if classes is not None and target.class_index is not None else None),
-        "target": target.to_dict(), "selection": None, "activation_max_real": None,
-        "k_requested": None, "k_chosen": None, "map": [], "facets": [], "baselines": {},
-        "metrics": metrics.get("target", {}),
+def _target(run: RunDir, scan: ScanResult | None, record: TargetRecord, settings: dict) -> dict:
+    target = record.target
+    entry: dict = {
+        "spec": target.spec, "slug": record.slug, "class_index": target.class_index,
+        "class_name": record.class_name, "target": target.to_dict(), "selection": None,
+        "activation_max_real": None, "k_requested": None, "k_chosen": None, "map": [],
+        "facets": [], "baselines": {}, "metrics": (record.metrics or {}).get("target", {}),
     }
-    facet_dir = run.dir / "facets" / slug
-    if not (facet_dir / "facets.json").exists() or scan is None:
+    facets = record.facets
+    if facets is None or scan is None:
         return entry
-    facets = load_facets(facet_dir)
-    scan_acts = scan.activation_of(scan.target_index(target.spec), facets.selected)
+    paths, labels = scan.paths, scan.labels
+    acts = scan.activation_of(scan.target_index(target.spec), facets.selected)
     entry["selection"] = {"policy": facets.settings.get("selection_policy"),
-                          "n": int(len(facets.selected)), "top_n": run.settings.top_n}
-    entry["activation_max_real"] = float(np.nanmax(scan_acts)) if len(scan_acts) else None
+                          "n": int(len(facets.selected)), "top_n": settings.get("top_n")}
+    entry["activation_max_real"] = float(np.nanmax(acts)) if len(acts) else None
     entry["k_requested"], entry["k_chosen"] = facets.k_requested, facets.k_chosen
     entry["clustering"] = {"settings": facets.settings, "timings": facets.timings,
                            "scores": {str(k): v for k, v in facets.scores.items()}}
     entry["map"] = [
-        {"path": paths[i], "x": round(float(x), 4), "y": round(float(y), 4),
-         "facet": int(f), "activation": round(float(a), 5), "label": labels[i]}
-        for i, (x, y), f, a in zip(facets.selected, facets.coords_2d, facets.assignment,
-                                   scan_acts, strict=True)]
-    target_dir = run.dir / "targets" / slug
-    rendered = read_json(target_dir / "render.json") if (target_dir / "render.json").exists() \
-        else {}
+        {"path": paths[i], "x": round(float(x), 4), "y": round(float(y), 4), "facet": int(f),
+         "activation": round(float(a), 5), "label": labels[i]}
+        for i, (x, y), f, a in zip(facets.selected, facets.coords_2d, facets.assignment, acts,
+                                   strict=True)]
+    store = run.target(record.slug)
 
-    def rel(name: str) -> str:
-        return Path("targets", slug, name).as_posix()
+    def visual(e: RenderEntry) -> dict:
+        out = {"path": run.relative(store.file(e.files["image"])), "activation": e.activation,
+               "trace": run.relative(store.file(e.files["trace"]))}
+        if "alpha" in e.files:
+            out["alpha"] = run.relative(store.file(e.files["alpha"]))
+        return out
 
-    facet_metrics = metrics.get("facets", {})
+    facet_metrics = (record.metrics or {}).get("facets", {})
     for facet in facets.facets:
-        stem = f"facet{facet.rank:02d}"
-        visuals = {}
-        for name, record in rendered.items():
-            if name.startswith(stem + "_"):
-                recipe = name[len(stem) + 1:]
-                visuals[recipe] = {"path": rel(record["path"]), "activation": record["activation"],
-                                   "trace": rel(record["trace"])}
         entry["facets"].append({
             "rank": facet.rank, "size": facet.size,
             "members": [paths[i] for i in facet.members],
             "representatives": [paths[i] for i in facet.representatives],
-            "mean_image": rel(f"{stem}_mean.png"),
+            "mean_image": run.relative(store.mean_image_file(record.facets_key, facet.rank)),
             "activation_real": {"mean": facet.activation_mean, "max": facet.activation_max},
-            "visualizations": visuals,
-            "metrics": facet_metrics.get(stem, {}),
+            "visualizations": {e.recipe: visual(e) for e in record.visuals
+                               if e.kind == "facet" and e.rank == facet.rank},
+            "metrics": facet_metrics.get(f"facet{facet.rank:02d}", {}),
         })
-    for name, record in sorted(rendered.items()):
-        if name.startswith("random"):
-            recipe = name.split("_", 1)[1]
-            entry["baselines"].setdefault(recipe, []).append(
-                {"path": rel(record["path"]), "activation": record["activation"],
-                 "trace": rel(record["trace"])})
+    for e in sorted((e for e in record.visuals if e.kind == "random"), key=lambda e: e.rank):
+        entry["baselines"].setdefault(e.recipe, []).append(visual(e))
     return entry
-

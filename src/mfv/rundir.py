@@ -360,6 +360,16 @@ class RunDir:
                 _remove(d)
 
 
+def check_out(root: str | os.PathLike) -> None:
+    """Reject an `--out` that cannot become a run directory, without creating anything."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise MfvError(f"--out {root} is a file; give a directory for the run")
+    existing = next(p for p in (root, *root.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise MfvError(f"--out {root}: {existing} is not writable; choose another directory")
+
+
 @contextlib.contextmanager
 def open_run(root: str | os.PathLike) -> Iterator[RunDir]:
     """Create (if needed) and lock a run directory for writing, for the duration of the block.
@@ -368,8 +378,7 @@ def open_run(root: str | os.PathLike) -> Iterator[RunDir]:
     dies with its process (flock), so a killed run never blocks the next one.
     """
     root = Path(root)
-    if root.exists() and not root.is_dir():
-        raise MfvError(f"--out {root} is a file; give a directory for the run")
+    check_out(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"

@@ -180,16 +180,12 @@ def _message(error: ValidationError, origin: str) -> str:
     problem = error.errors()[0]
     loc = problem["loc"]
     name = str(loc[0]) if loc else "settings"
-    if origin or flag_of(name) == name:
-        label = name
-    else:
-        label = f"{flag_of(name)} ({name})"
+    label = name if origin or flag_of(name) == name else f"{flag_of(name)} ({name})"
     if len(loc) > 1 and isinstance(loc[1], int):
         label += f", entry {loc[1] + 1}"
     template = _PLAIN.get(problem["type"])
-    context = {k: v for k, v in (problem.get("ctx") or {}).items()}
-    text = template.format(**context) if template else problem["msg"].removeprefix(
-        "Value error, ")
+    text = (template.format(**(problem.get("ctx") or {})) if template
+            else problem["msg"].removeprefix("Value error, "))
     given = problem.get("input")
     shown = repr(given) if len(repr(given)) < 60 else type(given).__name__
     where = f" in {origin}" if origin else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +49,7 @@ class LoadedModel:
     classes: ClassNames | None = None
     logits_layer: str | None = None
     source: dict = field(default_factory=dict)
-    _layer_cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -83,13 +84,29 @@ class LoadedModel:
     def input_units(self, path: str) -> int | None:
         """The width of a linear layer's input (the `penultimate` features), else None."""
         layer = self.module.get_submodule(path)
-        return layer.in_features if isinstance(layer, nn.Linear) else None
+        if isinstance(layer, nn.Linear):
+            return layer.in_features
+        weight = layer._parameters.get("weight")  # a generic module of a torch.export program
+        return int(weight.shape[1]) if weight is not None and weight.dim() == 2 else None
+
+    def fingerprint(self) -> str:
+        """A digest of the architecture's parameter names and shapes and of every weight's
+        bytes: two models with the same fingerprint compute the same function (for the same
+        module code), so stored results can be reused; weights changed in place are noticed."""
+        if "fingerprint" not in self._cache:
+            h = hashlib.sha256(type(self.module).__name__.encode())
+            for name, tensor in self.module.state_dict().items():
+                array = tensor.detach().to("cpu").contiguous()
+                h.update(f"{name}:{array.dtype}:{tuple(array.shape)};".encode())
+                h.update(array.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._cache["fingerprint"] = h.hexdigest()
+        return self._cache["fingerprint"]
 
     def layers(self, size: int | None = None) -> list[LayerInfo]:
         """Every named module with the shape of its output for one input of the given size."""
         size = size or self.preprocess.input_size
-        if size in self._layer_cache:
-            return self._layer_cache[size]
+        if size in self._cache:
+            return self._cache[size]
         shapes: dict[str, tuple[int, ...]] = {}
         handles = []
 
@@ -110,11 +127,14 @@ class LoadedModel:
                 h.remove()
         infos = [LayerInfo(n, type(modules[n]).__name__, shapes[n], units_of(shapes[n]))
                  for n in modules if n in shapes]
-        self._layer_cache[size] = infos
+        self._cache[size] = infos
         return infos
 
     def describe(self) -> dict:
-        """What a run records about the model, so it can be reproduced."""
-        return {"name": self.name, "preprocess": self.preprocess.to_dict(),
+        """What a run records about the model, so it can be reproduced and recognized: name,
+        class, parameter count, weights' fingerprint, preprocessing, classifier layer."""
+        return {"name": self.name, "class": type(self.module).__name__,
+                "parameters": sum(p.numel() for p in self.module.parameters()),
+                "fingerprint": self.fingerprint(), "preprocess": self.preprocess.to_dict(),
                 "logits_layer": self.logits_layer,
                 "num_classes": len(self.classes) if self.classes else None, **self.source}

@@ -29,18 +29,22 @@ class Job:
 
 @dataclass
 class Result:
+    """One finished visualization."""
+
     image: np.ndarray  # (H, W, 3) uint8, the whole canvas
     trace: np.ndarray  # objective per step
     activation: float  # the target on the final image's central crop
+    alpha: np.ndarray | None = None  # (H, W) importance in 0..1, where the recipe makes one
 
 
 def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], steps: int | None,
-               quirks: bool, progress: bool, desc: str) -> Rendered:
+               as_written: bool, progress: bool, desc: str) -> Rendered:
     starts, seeds = [j.start for j in jobs], [j.seed for j in jobs]
     if recipe == "fourier":
         return fourier_loop(objective, starts, seeds, FourierSettings().with_steps(steps),
                             progress, desc)
-    return paper_loop(objective, starts, seeds, schedule(recipe, steps), quirks, progress, desc)
+    return paper_loop(objective, starts, seeds, schedule(recipe, steps), as_written, progress,
+                      desc)
 
 
 def default_batch_size(model: LoadedModel) -> int:
@@ -49,9 +53,11 @@ def default_batch_size(model: LoadedModel) -> int:
 
 
 def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
-           recipe: str = "paper-mean", steps: int | None = None, quirks: bool = True,
-           batch_size: int | None = None, progress: bool = True,
-           on_batch: Callable[[list[int], list[Result]], None] | None = None) -> list[Result]:
+                   recipe: str = "paper-mean", steps: int | None = None,
+                   as_written: bool = False, batch_size: int | None = None,
+                   progress: bool = True,
+                   on_batch: Callable[[list[int], list[Result]], None] | None = None
+                   ) -> list[Result]:
     """Make one visualization per job, `batch_size` jobs at a time (all targets mixed).
 
     `steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, fourier 256).
@@ -74,7 +80,7 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
         objective = Objective(model, targets, [j.target for j in chosen])
         desc = f"{recipe} {start + len(rows)}/{len(jobs)}"
         try:
-            out = _run_batch(recipe, objective, chosen, steps, quirks, progress, desc)
+            out = _run_batch(recipe, objective, chosen, steps, as_written, progress, desc)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise
@@ -83,8 +89,9 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
             continue
         finals = measure(objective, out.images)
         images = out.images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
-        batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]))
-                         for b in range(len(rows))]
+        alphas = out.alpha.float().cpu().numpy() if out.alpha is not None else None
+        batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]),
+                                None if alphas is None else alphas[b]) for b in range(len(rows))]
         for i, r in zip(rows, batch_results, strict=True):
             results[i] = r
         if on_batch is not None:

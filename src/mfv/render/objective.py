@@ -60,12 +60,18 @@ class Rendered:
     alpha: torch.Tensor | None = None
 
 
+def central_box(height: int, width: int, size: int) -> tuple[slice, slice]:
+    """Rows and columns of the central size×size window of a height×width canvas: the view the
+    optimizers drive (crops of a larger canvas are centred on it on average) and on which
+    activations are reported."""
+    top, left = max(0, (height - size) // 2), max(0, (width - size) // 2)
+    return slice(top, top + size), slice(left, left + size)
+
+
 def central_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """The central size×size window of (..., H, W) images: the view the optimizers drive (crops
-    of a larger canvas are centred on it on average) and on which activations are reported."""
-    top = max(0, (images.shape[-2] - size) // 2)
-    left = max(0, (images.shape[-1] - size) // 2)
-    return images[..., top:top + size, left:left + size]
+    """The central window (`central_box`) of (..., H, W) images."""
+    rows, cols = central_box(images.shape[-2], images.shape[-1], size)
+    return images[..., rows, cols]
 
 
 def measure(objective: Objective, images: torch.Tensor) -> np.ndarray:

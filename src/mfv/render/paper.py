@@ -53,7 +53,7 @@ def _normalized_step(crops: torch.Tensor, grad: torch.Tensor, step: float) -> to
 
 
 def paper_loop(objective: Objective, starts: Sequence[torch.Tensor | None], seeds: Sequence[int],
-               octaves: Sequence[Octave], quirks: bool = True, progress: bool = False,
+               octaves: Sequence[Octave], as_written: bool = False, progress: bool = False,
                desc: str = "render") -> Rendered:
     """The authors' engine on a batch. `starts[b]` is a (3, S, S) 0..255 image or None (noise)."""
     model = objective.model
@@ -85,8 +85,8 @@ def paper_loop(objective: Objective, starts: Sequence[torch.Tensor | None], seed
             if mask is not None:
                 grad = grad * mask
             with torch.no_grad():
-                crops = _normalized_step(crops.detach(), grad, octave.step_size(i, quirks))
-                window.write(canvas, tv_bregman(crops.clamp_(0, 255), octave.tv(i, quirks)))
+                crops = _normalized_step(crops.detach(), grad, octave.step_size(i, as_written))
+                window.write(canvas, tv_bregman(crops.clamp_(0, 255), octave.tv(i, as_written)))
             bar.update()
     bar.close()
     return Rendered(canvas.clamp(0, 255), torch.stack(trace, dim=1).cpu().numpy())

@@ -11,7 +11,7 @@ Numbers are those of the authors' scripts `act_max.tvd.mean.py` (mean-image star
 domain. mfv keeps the 0..255 domain, so step sizes and TV weights mean what they meant, and scales
 sizes and margins with the model's input size (`margin` is given at 227 px).
 
-The scripts were Python 2, which changes two things (`quirks=True`, the default, reproduces them):
+The scripts were Python 2, which changes two things (reproduced unless `as_written=True`):
 - an all-integer step ramp (mean octave 1: 1 → 2) uses integer division, so the step stays 1;
 - the TV weight is computed as `start - (start - end*i) / n`, which ramps from ≈start to
   ≈start+end rather than from start to end.
@@ -29,22 +29,22 @@ class Octave:
     """One octave: optional upscale, then `iters` normalized-gradient steps on jittered crops."""
 
     iters: int
-    step: tuple[float, float]  # start, end (ints stay ints: see `quirks`)
+    step: tuple[float, float]  # start, end (ints stay ints: see `as_written`)
     tv_weight: tuple[float, float]
     window: float  # crop offset sd as a fraction of the slack
     scale: float | None = None  # upscale the canvas before the octave
     margin: int = 0  # gradient mask width at 227 px
     objective: str = "target"  # "target", or "prob": softmax probability of a class target
 
-    def step_size(self, i: int, quirks: bool = True) -> float:
+    def step_size(self, i: int, as_written: bool = False) -> float:
         start, end = self.step
-        if quirks and all(isinstance(v, int) for v in self.step):
+        if not as_written and all(isinstance(v, int) for v in self.step):
             return start + ((end - start) * i) // self.iters  # Python 2 integer division
         return start + ((end - start) * i) / self.iters
 
-    def tv(self, i: int, quirks: bool = True) -> float:
+    def tv(self, i: int, as_written: bool = False) -> float:
         start, end = self.tv_weight
-        if quirks:
+        if not as_written:
             return start - (start - end * i) / self.iters
         return start + (end - start) * i / self.iters
 

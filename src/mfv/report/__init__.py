@@ -1,9 +1,9 @@
 """The report stage: RUN/index.html, a self-contained page that shows each target's facets.
 
-`write_report(run_dir, results)` renders whatever the results hold (a run with only facets
-and no visualizations yet gives a report of the facets), makes thumbnails of the input images
-it shows under RUN/report/thumbs, and writes the page atomically. The page needs no network:
-its CSS and script are inline and its images are files inside the run directory.
+`write_report(run, results)` renders whatever the results hold (a run with only facets and no
+visualizations yet gives a report of the facets), makes thumbnails of the input images it shows
+(in the run directory's thumbnail folder), and writes the page atomically. The page needs no
+network: its CSS and script are inline and its images are files inside the run directory.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ from typing import Any
 from mfv.io import atomic_write_text
 from mfv.report.page import Page, thumb_paths
 from mfv.report.thumbs import make_thumbs
+from mfv.rundir import RunDir
 
 __all__ = ["write_report"]
 
 
-def write_report(
-    run_dir: str | Path, results: Mapping[str, Any], *, progress: bool = True
-) -> Path:
-    """Write RUN/index.html for `results` (schema mfv.results/1) and return its path."""
-    run_dir = Path(run_dir)
+def write_report(run: RunDir | str | Path, results: Mapping[str, Any], *,
+                 progress: bool = True) -> Path:
+    """Write the run's report page for `results` (schema mfv.results/2) and return its path."""
+    run = run if isinstance(run, RunDir) else RunDir(run)
     base = (results.get("data") or {}).get("base")
-    thumbs = make_thumbs(run_dir, thumb_paths(results), base, progress=progress)
-    page = Page(run_dir, results, thumbs).render()
-    return atomic_write_text(run_dir / "index.html", page)
+    thumbs = make_thumbs(run.thumbs_dir, run.relative(run.thumbs_dir), thumb_paths(results),
+                         base, progress=progress)
+    page = Page(run.root, results, thumbs).render()
+    return atomic_write_text(run.report_file, page)

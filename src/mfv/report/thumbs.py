@@ -23,7 +23,6 @@ from mfv.images import BadImageError, load_rgb
 from mfv.io import atomic_write_bytes
 
 THUMB_PX = 128
-THUMB_DIR = "report/thumbs"
 
 
 @dataclass(frozen=True)
@@ -43,10 +42,11 @@ def resolve_input(path: str, base: str | None) -> Path:
 
 
 def make_thumbs(
-    run_dir: Path, paths: Iterable[str], base: str | None, *, progress: bool = True
+    folder: Path, url_prefix: str, paths: Iterable[str], base: str | None, *,
+    progress: bool = True,
 ) -> dict[str, Thumb]:
-    """Thumbnails of `paths` (input paths as given), made in parallel; unreadable ones give
-    their reason instead of failing the report."""
+    """Thumbnails of `paths` (input paths as given) in `folder`, made in parallel, with URLs
+    `url_prefix/<name>`; unreadable images give their reason instead of failing the report."""
     unique = list(dict.fromkeys(paths))
     if not unique:
         return {}
@@ -57,7 +57,8 @@ def make_thumbs(
         disable=not progress or len(unique) < 200,
     ) as bar:
         for path, thumb in zip(
-            unique, pool.map(lambda p: _thumb(run_dir, resolve_input(p, base)), unique),
+            unique, pool.map(lambda p: _thumb(folder, url_prefix, resolve_input(p, base)),
+                              unique),
             strict=True,
         ):
             out[path] = thumb
@@ -65,10 +66,10 @@ def make_thumbs(
     return out
 
 
-def _thumb(run_dir: Path, src: Path) -> Thumb:
+def _thumb(folder: Path, url_prefix: str, src: Path) -> Thumb:
     name = hashlib.sha1(os.fsencode(src)).hexdigest() + ".jpg"
-    dest = run_dir / THUMB_DIR / name
-    url = f"{THUMB_DIR}/{name}"
+    dest = folder / name
+    url = f"{url_prefix}/{name}"
     try:
         if dest.stat().st_mtime_ns >= src.stat().st_mtime_ns:
             return Thumb(url)

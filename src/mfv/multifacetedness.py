@@ -1,0 +1,267 @@
+"""How multifaceted is a unit: measures on its top-N images, a chance level and per-layer CIs.
+
+The paper's claim (higher layers are more multifaceted) is qualitative; these make it a number.
+Per unit, its top-N images are clustered into facets with the paper's pipeline
+(`mfv.facets.find_facets`), which gives k and the facets; the facets are then scored in an
+*independent* embedding (another network's penultimate codes), so a score does not just echo
+the space the clustering was done in:
+
+* `mono_score` (MonoScore, Pach et al., NeurIPS 2025, arXiv 2504.02821, reference code
+  ExplainableML/sae-for-vlm `metric.py`): activation-weighted mean pairwise cosine similarity
+  of the images; `1 - mono_score` is the polysemanticity score. Needs no clustering.
+* `separation_ratio` (PURE, Dreyer et al., CVPRW 2024, maxdreyer/PURE
+  `experiments/disentangling/eval_CLIP_alignment.py`): mean Euclidean distance between images
+  of different facets over the mean distance between images of the same facet.
+* `silhouette`: the mean silhouette of the facets in the clustering's own space.
+
+`chance` gives the level a measure reaches on random image sets of the same size, and
+`bootstrap_ci` a percentile-bootstrap CI of a layer's mean over its units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from scipy.spatial.distance import pdist
+from sklearn.decomposition import PCA
+from sklearn.metrics import silhouette_score
+
+from mfv.errors import MfvError
+from mfv.facets import find_facets
+
+_EPS = 1e-8  # norm floor of the cosine similarity, as torch.nn.functional.cosine_similarity
+
+
+def _matrix(x: np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 2:
+        raise MfvError(f"{what} must be a 2-D array (images x features), got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise MfvError(f"{what} contain NaN or inf")
+    return arr
+
+
+def _labels(labels: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise MfvError(f"labels must have one entry per row ({n}), got shape {lab.shape}")
+    return lab
+
+
+def mono_score(
+    embeddings: np.ndarray, activations: np.ndarray | None = None, *,
+    act_min: float | None = None,
+) -> float:
+    """MonoScore: activation-weighted mean pairwise cosine similarity of a unit's images.
+
+    MS = sum_{i != j} w_i w_j cos(e_i, e_j) / sum_{i != j} w_i w_j, with e the rows of
+    `embeddings` and w the min-max scaled activations w = (a - act_min) / (max(a) - act_min),
+    clipped to [0, 1]. This is the definition of Pach et al. and their reference code:
+    cosine similarity of the raw (uncentred) embeddings, product weights, self-pairs excluded,
+    activations min-max scaled per unit. There the minimum is over the whole image collection;
+    here only the unit's top images are given, so pass that collection-wide minimum as
+    `act_min` (`StreamingTopN.minimum()`) to match it. `act_min=None` scales over the given
+    activations, which gives the least activating given image weight 0. `activations=None`
+    weights all images equally (plain mean pairwise similarity, e.g. for a chance level).
+    NaN when no pair has weight (fewer than two images, or all activations equal).
+    Computed in O(N D) as |sum_i w_i u_i|^2 - sum_i w_i^2 |u_i|^2 over unit vectors u_i.
+    """
+    x = _matrix(embeddings, "embeddings")
+    n = x.shape[0]
+    if activations is None:
+        w = np.ones(n)
+    else:
+        a = np.asarray(activations, dtype=np.float64)
+        if a.shape != (n,) or not np.all(np.isfinite(a)):
+            raise MfvError(f"activations must be {n} finite values, one per embedding row")
+        if n == 0:
+            return float("nan")
+        lo = float(a.min()) if act_min is None else float(act_min)
+        hi = float(a.max())
+        if not hi > lo:
+            return float("nan")
+        w = np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+    s = w @ u
+    num = float(s @ s - np.sum(w**2 * np.sum(u * u, axis=1)))
+    den = float(w.sum() ** 2 - np.sum(w**2))
+    return num / den if den > 0 else float("nan")
+
+
+def separation_ratio(embeddings: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
+    """Mean distance between images of different facets over mean distance within a facet.
+
+    Both means are over image pairs (i < j), pooled over all facets, Euclidean distance in
+    `embeddings`, as PURE's evaluation. With one facet (or only singleton facets) one of the
+    two sets of pairs is empty and, as in PURE's code, it is taken equal to the other: the
+    ratio is 1.0, the value a structureless partition gets, so a one-facet unit counts as "not
+    separated" in a layer's mean instead of dropping out of it (NaN would bias the mean up).
+    inf when facets are points apart from each other (within distance 0); NaN for < 2 images.
+    """
+    x = _matrix(embeddings, "embeddings")
+    lab = _labels(labels, x.shape[0])
+    if x.shape[0] < 2:
+        return float("nan")
+    d = pdist(x)
+    i, j = np.triu_indices(x.shape[0], k=1)  # pdist's condensed order
+    same = lab[i] == lab[j]
+    within = d[same].mean() if same.any() else None
+    between = d[~same].mean() if (~same).any() else None
+    within = between if within is None else within
+    between = within if between is None else between
+    if within == 0:
+        return 1.0 if between == 0 else float("inf")
+    return float(between / within)
+
+
+def silhouette(space: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
+    """Mean silhouette of `labels` in `space` (Euclidean); NaN unless 2 <= k <= n - 1."""
+    x = _matrix(space, "space")
+    lab = _labels(labels, x.shape[0])
+    k = np.unique(lab).size
+    if not 2 <= k <= x.shape[0] - 1:
+        return float("nan")
+    return float(silhouette_score(x, lab))
+
+
+@dataclass(frozen=True)
+class Chance:
+    """A measure on random image sets: mean and standard deviation over the draws (NaN-aware)."""
+
+    mean: float
+    std: float
+    values: np.ndarray  # one value per draw, in draw order
+
+
+def chance(
+    measure: Callable[[np.ndarray], float],
+    pool_rows: np.ndarray | Sequence[int],
+    size: int,
+    n_repeats: int = 20,
+    seed: int = 0,
+) -> Chance:
+    """The chance level of `measure`: its value on `n_repeats` random sets of `size` rows.
+
+    Each set is drawn without replacement from `pool_rows` (e.g. every valid image of the
+    collection); `measure(rows)` scores one set, e.g. `lambda r: unit_measures(codes[r], ...)`.
+    Same arguments and seed, same draws.
+    """
+    pool = np.asarray(pool_rows)
+    if pool.ndim != 1:
+        raise MfvError("pool_rows must be a 1-D array of row indices")
+    if not 1 <= size <= pool.size:
+        raise MfvError(f"cannot draw sets of {size} images from a pool of {pool.size}")
+    if n_repeats < 1:
+        raise MfvError(f"n_repeats must be at least 1, got {n_repeats}")
+    rng = np.random.default_rng(seed)
+    values = np.array([float(measure(rng.choice(pool, size, replace=False)))
+                       for _ in range(n_repeats)])
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return Chance(float("nan"), float("nan"), values)
+    return Chance(float(finite.mean()), float(finite.std()), values)
+
+
+def bootstrap_ci(
+    values: np.ndarray | Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean over units and its percentile-bootstrap CI.
+
+    NaN values (units a measure is undefined for) are left out; no finite value gives NaNs.
+    Resamples the units with replacement `n_boot` times (seeded: same inputs, same CI).
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    if not 0 < level < 1:
+        raise MfvError(f"level must lie strictly between 0 and 1, got {level}")
+    if n_boot < 1:
+        raise MfvError(f"n_boot must be at least 1, got {n_boot}")
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    step = max(1, 2_000_000 // v.size)  # bound the (draws x units) index block
+    for s in range(0, n_boot, step):
+        b = min(step, n_boot - s)
+        means[s : s + b] = v[rng.integers(0, v.size, (b, v.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(v.mean()), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class UnitMeasures:
+    """How multifaceted one unit is, from its clustered top images."""
+
+    k: int  # facets after the clustering's merging
+    sizes: list[int]  # facet sizes, largest first
+    members: list[np.ndarray]  # row indices of each facet's images, same order as sizes
+    silhouette: float  # in the clustering's own space; NaN for k = 1
+    mono_score: float  # MonoScore in the independent embedding
+    separation: float  # PURE-style separation ratio in the independent embedding
+
+    @property
+    def polysemanticity(self) -> float:
+        """1 - MonoScore: high when the unit's top images are dissimilar."""
+        return 1.0 - self.mono_score
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON types."""
+        return {
+            "k": self.k,
+            "sizes": list(self.sizes),
+            "members": [m.tolist() for m in self.members],
+            "silhouette": self.silhouette,
+            "mono_score": self.mono_score,
+            "polysemanticity": self.polysemanticity,
+            "separation": self.separation,
+        }
+
+
+def unit_measures(
+    cluster_codes: np.ndarray,
+    independent_embedding: np.ndarray,
+    activations: np.ndarray,
+    *,
+    seed: int,
+    k: int | Literal["auto"] = "auto",
+    m: int = 15,
+    embedding: Literal["tsne", "pca", "umap"] = "tsne",
+    act_min: float | None = None,
+) -> UnitMeasures:
+    """Cluster one unit's top images into facets and measure how multifaceted it is.
+
+    Row r of `cluster_codes` (the codes the paper clusters), `independent_embedding` (another
+    network's codes of the same image) and `activations` (the unit's) is one image. Facets are
+    those of `find_facets` after its near-duplicate merging (auto k merges by default); their
+    members are row indices. The silhouette is taken in the space k-means ran in (the t-SNE or
+    UMAP map, or the PCA codes for embedding "pca"); MonoScore (weights: `activations`, scaled
+    with `act_min`, see `mono_score`) and the separation ratio in the independent embedding.
+    Raises `MfvError` for a dead unit (no positive activation), as `find_facets` does.
+    """
+    codes = _matrix(cluster_codes, "cluster_codes")
+    other = _matrix(independent_embedding, "independent_embedding")
+    if other.shape[0] != codes.shape[0]:
+        raise MfvError(f"independent_embedding has {other.shape[0]} rows, cluster_codes "
+                       f"{codes.shape[0]}: they must describe the same images")
+    result = find_facets(codes, activations, k=k, m=m, embedding=embedding, seed=seed)
+    labels = np.empty(codes.shape[0], dtype=np.int64)
+    labels[result.selected] = result.assignment
+    sil = float("nan")
+    if len(result.facets) > 1:
+        space = result.coords_2d
+        if embedding == "pca":  # k-means ran on the PCA codes, not their first two components
+            dims = int(result.settings["pca_dims"])
+            space = PCA(n_components=dims, random_state=seed).fit_transform(codes)
+        sil = silhouette(space, labels)
+    return UnitMeasures(
+        k=len(result.facets),
+        sizes=[f.size for f in result.facets],
+        members=[f.members.copy() for f in result.facets],
+        silhouette=sil,
+        mono_score=mono_score(other, activations, act_min=act_min),
+        separation=separation_ratio(other, labels),
+    )

@@ -1,0 +1,77 @@
+"""The render stage's plan: every visualization a run asks for, each with the key of what
+determines it, so a rerun renders exactly what its settings would produce differently.
+
+A run renders, per target and recipe, one picture per facet (started from the facet's mean
+image) and, as the pre-MFV baseline, as many pictures from the recipe's random start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mfv.rundir import digest
+
+KINDS = ("facet", "random")
+
+
+@dataclass(frozen=True)
+class Visual:
+    """One visualization to have: which target (index), which facet or random start, recipe."""
+
+    target: int
+    kind: str
+    rank: int
+    recipe: str
+    seed: int
+    key: str
+    start: np.ndarray | None = None  # (S, S, 3) float32 in 0..255: the facet's mean image
+
+    @property
+    def slot(self) -> tuple[str, int, str]:
+        return self.kind, self.rank, self.recipe
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What, besides the target and start, decides a picture."""
+
+    recipes: tuple[str, ...]
+    baseline: bool
+    steps: int | None
+    as_written: bool
+    seed: int
+    size: int  # the model's input size
+    model: str  # the model's fingerprint
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 31-bit seed from the run seed and what is being made."""
+    raw = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(raw[:4], "big") & 0x7FFFFFFF
+
+
+def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence[np.ndarray]],
+         settings: RenderSettings) -> list[Visual]:
+    """Every visualization of every target: `targets[i]` is target i's definition
+    (`Target.to_dict()`), `means[i]` its facets' mean images by rank."""
+    out = []
+    for t, (definition, slug_name, facet_means) in enumerate(zip(targets, slugs, means,
+                                                                strict=True)):
+        for recipe in settings.recipes:
+            starts: list[tuple[str, int, np.ndarray | None]] = [
+                ("facet", rank, mean) for rank, mean in enumerate(facet_means)]
+            if settings.baseline:
+                starts += [("random", rank, None) for rank in range(len(facet_means))]
+            for kind, rank, start in starts:
+                seed = derived_seed(settings.seed, slug_name, kind, rank, recipe)
+                key = digest({"recipe": recipe, "steps": settings.steps,
+                              "as_written": settings.as_written, "seed": seed,
+                              "size": settings.size, "model": settings.model,
+                              "target": definition, "kind": kind, "rank": rank},
+                             start if start is not None else "noise")
+                out.append(Visual(t, kind, rank, recipe, seed, key, start))
+    return out

@@ -1,0 +1,321 @@
+"""The orchestration, fast: the whole pipeline on the tiny test network and 20 synthetic images.
+
+Every rerun case must give what a fresh run with its settings gives (keys that cannot lie),
+finished work survives failures, stale results are dropped from the published ones, one process
+writes a run directory at a time, and a custom `nn.Module` works through `mfv.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mfv
+from conftest import TinyNet
+from mfv.cli import main
+from mfv.errors import MfvError
+from mfv.models.classes import ClassNames
+from mfv.preprocess import Preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+PRE = Preprocess(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
+CLASSES = ClassNames(("red thing", "green thing", "blue thing", "grey-ish thing", "dark"))
+FAST = dict(facets=2, mean_of=3, steps=10, embedding="pca", progress=False, device="cpu")
+
+
+def make_images(root: Path, n: int = 20, seed: int = 0) -> Path:
+    """n small photos in two labelled folders, red-ish and blue-ish."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = ("red thing", "blue thing")[i % 2]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        arr[..., 0 if i % 2 == 0 else 2] = 250
+        Image.fromarray(arr).save(root / label / f"img{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("orch") / "imgs")
+
+
+def net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet()
+
+
+def tiny_run(out: Path, images: Path, **options) -> dict:
+    """The pipeline on a fresh TinyNet (same seed, same weights) with the tests' class names, so
+    the folders "red thing" / "blue thing" label the photos as classes 0 and 2."""
+    settings = {**FAST, "images": str(images), "targets": ["fc:0 + fc:2", "conv2:3"],
+                "out": str(out), **options}
+    model = mfv.load_model(net(), preprocess=PRE, classes=CLASSES)
+    return mfv.run(model=model, **settings)
+
+
+def comparable(results: dict) -> dict:
+    """What two runs with the same settings must agree on (not times, dates or file names,
+    which carry keys)."""
+    out = []
+    for t in results["targets"]:
+        out.append({
+            "spec": t["spec"], "slug": t["slug"], "k": t["k_chosen"],
+            "facets": [(f["size"], f["members"], {r: round(v["activation"], 4)
+                                                 for r, v in f["visualizations"].items()})
+                       for f in t["facets"]],
+            "baselines": {r: [round(b["activation"], 4) for b in bs]
+                          for r, bs in t["baselines"].items()},
+            "metrics": sorted(json.dumps(t["metrics"], sort_keys=True, default=str)),
+        })
+    return {"targets": out, "stages": results["stages"], "status": results["status"]}
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and p.parent.name != "thumbs" and p.suffix in (".npy", ".png")}
+
+
+def test_a_custom_module_runs_the_whole_pipeline(tmp_path, images):
+    results = tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
+    schema = json.loads((REPO / "docs" / "results.schema.json").read_text())
+    jsonschema.validate(results, schema)
+    assert results["status"] == "complete" and set(results["stages"].values()) == {"done"}
+    assert results["model"]["class"] == "TinyNet" and results["model"]["parameters"] == 1477
+    assert len(results["model"]["fingerprint"]) == 64
+    assert results["settings"]["model"] == "TinyNet"
+    for target in results["targets"]:
+        assert len(target["facets"]) == 2
+        assert set(target["baselines"]) == {"paper-mean", "fourier"}
+        for facet in target["facets"]:
+            for rel in (facet["mean_image"], *(v["path"] for v in
+                                               facet["visualizations"].values())):
+                assert (tmp_path / "run" / rel).is_file()
+            assert set(facet["metrics"]) == {"paper-mean", "fourier"}
+    pair = results["targets"][0]
+    assert pair["metrics"]["recovery"]["ari"] == pytest.approx(1.0)  # red vs blue photos
+    assert (tmp_path / "run" / "index.html").is_file()
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+
+
+def test_a_rerun_reuses_every_finished_result(tmp_path, images):
+    first = tiny_run(tmp_path / "run", images)
+    before = mtimes(tmp_path / "run")
+    started = time.perf_counter()
+    again = tiny_run(tmp_path / "run", images)
+    assert time.perf_counter() - started < 5
+    assert mtimes(tmp_path / "run") == before
+    assert comparable(again) == comparable(first)
+
+
+def test_post_activation_is_a_different_scan(tmp_path, images):
+    pre_act = tiny_run(tmp_path / "run", images, targets=["conv1:3"], activation="pre")
+    post = tiny_run(tmp_path / "run", images, targets=["conv1:3"], activation="post")
+    fresh = tiny_run(tmp_path / "fresh", images, targets=["conv1:3"], activation="post")
+    assert comparable(post) == comparable(fresh)
+    assert comparable(post) != comparable(pre_act)
+    assert min(p["activation"] for p in post["targets"][0]["map"]) >= 0  # after the ReLU
+
+
+def test_weights_changed_in_place_are_noticed(tmp_path, images):
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "w.safetensors"
+    state = net().state_dict()
+    save_file(state, weights)
+    tiny_run(tmp_path / "run", images, weights=str(weights))
+    state["conv2.weight"] = state["conv2.weight"] * 1.5
+    save_file(state, weights)  # same path, other content
+    changed = tiny_run(tmp_path / "run", images, weights=str(weights))
+    fresh = tiny_run(tmp_path / "fresh", images, weights=str(weights))
+    assert comparable(changed) == comparable(fresh)
+    assert changed["model"]["fingerprint"] == fresh["model"]["fingerprint"]
+
+
+def test_a_sum_and_a_difference_get_their_own_folders_and_baselines(tmp_path, images):
+    tiny_run(tmp_path / "run", images, targets=["fc:1 + fc:2"])
+    diff = tiny_run(tmp_path / "run", images, targets=["fc:1 - fc:2"])
+    fresh = tiny_run(tmp_path / "fresh", images, targets=["fc:1 - fc:2"])
+    assert comparable(diff) == comparable(fresh)
+    assert [p.name for p in (tmp_path / "run" / "targets").iterdir()] == [diff["targets"][0]
+                                                                           ["slug"]]
+    none = tiny_run(tmp_path / "run", images, targets=["fc:1 - fc:2"], baseline=False)
+    assert none["targets"][0]["baselines"] == {}
+    assert all(not m.startswith("random") for m in none["targets"][0]["metrics"])
+
+
+def test_a_recipe_no_longer_asked_for_is_not_published(tmp_path, images):
+    tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
+    make_images(tmp_path / "other", seed=5)
+    now = tiny_run(tmp_path / "run", tmp_path / "other", recipes=["paper-mean"])
+    fresh = tiny_run(tmp_path / "fresh", tmp_path / "other", recipes=["paper-mean"])
+    assert comparable(now) == comparable(fresh)
+    for target in now["targets"]:
+        assert set(target["baselines"]) == {"paper-mean"}
+        assert all(set(f["visualizations"]) == set(f["metrics"]) == {"paper-mean"}
+                   for f in target["facets"])
+    assert not list((tmp_path / "run").rglob("*fourier*"))  # pruned after the complete run
+
+
+def test_a_failing_rerun_keeps_the_finished_work(tmp_path, images):
+    first = tiny_run(tmp_path / "run", images)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"b{i}.jpg").write_bytes(b"not an image")
+    before = mtimes(tmp_path / "run")
+    with pytest.raises(MfvError, match="could be read"):
+        tiny_run(tmp_path / "run", broken)
+    failed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert failed["status"] == "failed" and "could be read" in failed["error"]
+    assert failed["stages"]["scan"] == "missing" and failed["targets"][0]["facets"] == []
+    assert {k: v for k, v in mtimes(tmp_path / "run").items() if k in before} == before
+    again = tiny_run(tmp_path / "run", images)
+    assert comparable(again) == comparable(first)
+    assert {k: v for k, v in mtimes(tmp_path / "run").items() if k in before} == before
+
+
+def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, monkeypatch):
+    import mfv.pipeline
+
+    real = mfv.pipeline.render_batches
+    calls = []
+
+    def fail_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("GPU fell off the bus")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mfv.pipeline, "render_batches", fail_second_batch)
+    with pytest.raises(RuntimeError, match="fell off"):
+        tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
+    partial = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert partial["status"] == "failed" and partial["stages"]["facets"] == "done"
+    assert partial["stages"]["render"] == "missing"
+    shown = [f["visualizations"] for t in partial["targets"] for f in t["facets"]]
+    assert all(set(v) == {"paper-mean"} for v in shown)  # the first recipe's batch is kept
+    monkeypatch.setattr(mfv.pipeline, "render_batches", real)
+    done = tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
+    fresh = tiny_run(tmp_path / "fresh", images, recipes=["paper-mean", "fourier"])
+    assert comparable(done) == comparable(fresh)
+
+
+def test_reclustering_renders_the_new_facets_and_drops_the_old(tmp_path, images):
+    first = tiny_run(tmp_path / "run", images, targets=["fc:0 + fc:2"])
+    slug = first["targets"][0]["slug"]
+    index = tmp_path / "run" / "targets" / slug / "render.json"
+    old = {(e["kind"], e["rank"]): e for e in json.loads(index.read_text())["entries"]}
+    noise = tmp_path / "run" / "targets" / slug / old[("random", 0)]["files"]["image"]
+    noise_mtime = noise.stat().st_mtime_ns
+    one = tiny_run(tmp_path / "run", images, targets=["fc:0 + fc:2"], facets=1)
+    new = {(e["kind"], e["rank"]): e for e in json.loads(index.read_text())["entries"]}
+    assert set(new) == {("facet", 0), ("random", 0)}
+    assert new[("facet", 0)]["key"] != old[("facet", 0)]["key"]  # a new mean: a new start
+    assert new[("random", 0)] == old[("random", 0)] and noise.stat().st_mtime_ns == noise_mtime
+    (target,) = one["targets"]
+    assert len(target["facets"]) == 1 and len(target["baselines"]["paper-mean"]) == 1
+    assert len(list((tmp_path / "run" / "targets" / slug / "facets").iterdir())) == 1
+
+
+def test_stage_commands_stop_after_their_stage_and_show_what_still_holds(tmp_path, images):
+    tiny_run(tmp_path / "run", images)
+    facets_only = tiny_run(tmp_path / "run", images, until="facets")
+    assert facets_only["stages"]["render"] == "done"  # stored and still current: shown
+    fresh = tiny_run(tmp_path / "fresh", images, until="facets")
+    assert fresh["status"] == "partial"
+    assert fresh["stages"] == {"scan": "done", "facets": "done", "render": "missing",
+                               "evaluate": "missing", "report": "done"}
+    assert all(f["visualizations"] == {} for t in fresh["targets"] for f in t["facets"])
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from mfv.rundir import open_run
+    with open_run(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(60)
+""")
+
+
+def test_one_writer_at_a_time_and_a_killed_holder_does_not_block(tmp_path, images):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MfvError, match=rf"in use by process {holder.pid} on "):
+            tiny_run(tmp_path / "run", images)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert tiny_run(tmp_path / "run", images)["status"] == "complete"
+
+
+def test_an_exported_model_file_runs_from_the_command_line(tmp_path, images, capsys):
+    module = net().eval()
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.export.export(module, (torch.rand(2, 3, 32, 32),), dynamic_shapes=(dims,))
+    torch.export.save(program, tmp_path / "tiny.pt2")
+    code = main(["run", "--model", str(tmp_path / "tiny.pt2"), "--images", str(images),
+                 "--target", "fc:1", "--target", "conv2:3", "--size", "32", "--facets", "2",
+                 "--mean-of", "3", "--steps", "10", "--embedding", "pca", "--device", "cpu",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "complete" and results["model"]["source"] == "torch.export"
+    assert all(len(t["facets"]) == 2 for t in results["targets"])
+
+
+def test_demo_settings_keep_every_option_the_user_gave():
+    from mfv.demo import PRESET, demo_settings
+    from mfv.settings import Settings, make_settings
+
+    defaults = Settings()
+    given = make_settings(facets=defaults.facets, steps=40, out="x")
+    chosen = demo_settings(given)
+    assert chosen.facets == defaults.facets != PRESET["facets"]  # equal to the default: kept
+    assert chosen.steps == 40 and chosen.out == "x" and chosen.mean_of == PRESET["mean_of"]
+    assert demo_settings(None).facets == PRESET["facets"]
+
+
+def readme_python_example() -> str:
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n", text.index("### Python API")) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, images, monkeypatch):
+    os.symlink(images, tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_python_example(), "README.md", "exec"), namespace)  # noqa: S102
+    results = namespace["results"]
+    assert results["status"] == "complete"
+    assert json.loads((tmp_path / "runs" / "pair" / "results.json").read_text()) == results
+
+
+def test_size_sets_the_input_size_of_every_stage(tmp_path, images):
+    """--size 40: scanned at 40 (recorded), mean images at 40, paper-mean canvases grown 1.2x
+    from 40-pixel crops."""
+    results = tiny_run(tmp_path / "run", images, size=40, targets=["fc:1"], baseline=False)
+    scan_manifest = json.loads(next((tmp_path / "run" / "scan").glob("*/manifest.json"))
+                               .read_text())
+    assert scan_manifest["model"]["preprocess"]["input_size"] == 40
+    assert scan_manifest["model"]["preprocess"]["resize_size"] == round(40 * 36 / 32)
+    facet = results["targets"][0]["facets"][0]
+    assert np.load((tmp_path / "run" / facet["mean_image"]).with_suffix(".npy")).shape == \
+        (40, 40, 3)
+    assert Image.open(tmp_path / "run" / facet["visualizations"]["paper-mean"]["path"]).size \
+        == (48, 48)
