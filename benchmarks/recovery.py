@@ -29,6 +29,7 @@ import mfv
 from mfv.io import atomic_write_text
 from mfv.metrics import recovery
 from mfv.models.classes import imagenet_classes
+from mfv.rundir import RunDir
 from mfv.scan import ScanResult
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,13 +138,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             "mean_of": 15, "device": args.device, "workers": args.workers, "seed": args.seed,
             "progress": False}
     targets = [pair_target(p) for p in pairs]
-    scans = args.out / "run" / "scan"
-    before = {p.name for p in scans.iterdir()} if scans.exists() else set()
-    found = {k: mfv.run(**base, targets=targets, facets=k, until="facets")["targets"]
-             for k in (2, "auto")}
-    reused = {p.name for p in scans.iterdir()} <= before
-    (scan_dir,) = scans.iterdir()
-    scan = ScanResult.load(scan_dir)
+    run = RunDir(args.out / "run")
+    previous = run.read_record("results") if run.results_file.exists() else None
+    results = {k: mfv.run(**base, targets=targets, facets=k, until="facets") for k in (2, "auto")}
+    found = {k: r["targets"] for k, r in results.items()}
+    key = results[2]["data"]["scan_key"]
+    reused = previous is not None and (previous.get("data") or {}).get("scan_key") == key
+    scan = ScanResult.load(run.scan(key))
     scan_s = scan.manifest["seconds"]
     classes = imagenet_classes()
     names = classes.names

@@ -40,7 +40,7 @@ from skimage.restoration import denoise_tv_bregman
 
 import mfv.render.paper as paper
 from mfv.models import load_model
-from mfv.render.batch import Job, render_batches
+from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.fourier import fourier_loop
 from mfv.render.objective import Objective
 from mfv.render.paper import paper_loop
@@ -211,12 +211,14 @@ def bench_facets(model, steps: int, repeats: int, sync) -> None:
     jobs = [Job(0, starts[i], seed=i) for i in range(k)]
 
     def together() -> None:
-        render_batches(model, targets, jobs, "paper-mean", steps=steps, batch_size=k,
+        render_batches(model, targets, jobs, "paper-mean", RenderOptions(steps=steps),
+                       batch_size=k,
                        progress=False)
 
     def alone() -> None:
         for job in jobs:
-            render_batches(model, targets, [job], "paper-mean", steps=steps, progress=False)
+            render_batches(model, targets, [job], "paper-mean", RenderOptions(steps=steps),
+                           progress=False)
 
     t_batch, t_alone = [], []
     for _ in range(repeats):

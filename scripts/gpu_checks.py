@@ -30,7 +30,7 @@ import mfv.pipeline
 from mfv.cli import main as cli
 from mfv.errors import MfvError
 from mfv.models import Preprocess, load_model
-from mfv.render.batch import Job, render_batches
+from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.tv import tv_bregman
 from mfv.targets import parse_targets
 
@@ -70,9 +70,11 @@ def batch_against_alone() -> None:
     starts = torch.from_numpy(photos).permute(0, 3, 1, 2).float()
     jobs = [Job(0, starts[0], 1), Job(1, starts[1], 2), Job(2, None, 3), Job(0, None, 4)]
     for recipe in ("paper-mean", "paper-center", "fourier"):
-        together = render_batches(model, targets, jobs, recipe, steps=20, batch_size=4,
+        together = render_batches(model, targets, jobs, recipe, RenderOptions(steps=20),
+                                  batch_size=4,
                                   progress=False)
-        alone = [render_batches(model, targets, [j], recipe, steps=20, progress=False)[0]
+        alone = [render_batches(model, targets, [j], recipe, RenderOptions(steps=20),
+                                progress=False)[0]
                  for j in jobs]
         diff = [np.abs(a.image.astype(int) - b.image.astype(int))
                 for a, b in zip(together, alone, strict=True)]
@@ -134,7 +136,7 @@ def timm_models() -> None:
         parse_targets(["blocks.6.mlp.fc1:10"], model, reduction="mean")
     jobs = [Job(0, None, 1), Job(1, None, 2), Job(0, torch.full((3, 224, 224), 120.0), 3)]
     for recipe in ("paper-mean", "fourier"):
-        out = render_batches(model, targets, jobs, recipe, steps=20, progress=False)
+        out = render_batches(model, targets, jobs, recipe, RenderOptions(steps=20), progress=False)
         print(recipe, "(first, final):",
               [(round(float(r.trace[0]), 3), round(r.activation, 3)) for r in out])
         assert all(r.activation > r.trace[0] for r in out)

@@ -11,7 +11,6 @@ from mfv.render.param import (
     COLOR_CORRELATION_SVD_SQRT,
     SIGMOID_MARGIN,
     FourierImage,
-    PixelImage,
 )
 
 
@@ -92,32 +91,8 @@ def test_fourier_random_init_is_seeded():
     assert (a - 127.5).abs().max() < 20.0 and a.std() > 0.05
 
 
-def test_pixel_image_init_random_and_gradients():
-    img = _test_image(2, 16, 12)
-    param = PixelImage(2, (16, 12), init=img)
-    torch.testing.assert_close(param(), img, rtol=0, atol=0)
-    assert param() is param.pixels  # recipes clip / denoise param.pixels in place
-    img.add_(1.0)  # the parameter holds its own copy
-    assert not torch.equal(param(), img)
-
-    (param() * 2.0).sum().backward()
-    assert torch.equal(param.pixels.grad, torch.full_like(img, 2.0))
-
-    param.set_image(img)
-    torch.testing.assert_close(param(), img, rtol=0, atol=0)
-
-    def make(seed: int) -> torch.Tensor:
-        return PixelImage(1, (100, 100), generator=torch.Generator().manual_seed(seed))()
-
-    rand = make(1)
-    torch.testing.assert_close(rand, make(1), rtol=0, atol=0)
-    assert not torch.equal(rand, make(2))
-    # The paper's start image: grey 175 plus N(0, 8^2) noise.
-    assert abs(rand.mean().item() - 175.0) < 0.5 and abs(rand.std().item() - 8.0) < 0.3
-
-
-@pytest.mark.parametrize("cls", [PixelImage, FourierImage])
-def test_bad_init_raises(cls):
+def test_bad_init_raises():
+    cls = FourierImage
     with pytest.raises(MfvError):
         cls(2, (8, 8), init=torch.zeros(1, 3, 8, 8))  # wrong batch
     with pytest.raises(MfvError):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mfv.errors import MfvError
-from mfv.render.batch import Job, render_batches
+from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.objective import Objective, measure
 from mfv.render.paper import _normalized_step, paper_noise
 from mfv.render.recipes import PAPER_CENTER, PAPER_MEAN, canvas_sizes, schedule
@@ -82,7 +82,7 @@ def test_each_recipe_increases_the_objective(tiny, recipe):
     targets = parse_targets(["fc:1", "conv2:3"], tiny, reduction="mean")
     grey = torch.full((3, 32, 32), 120.0)
     jobs = [Job(0, None, seed=3), Job(1, grey, seed=4)]
-    results = render_batches(tiny, targets, jobs, recipe, steps=60, progress=False)
+    results = render_batches(tiny, targets, jobs, recipe, RenderOptions(steps=60), progress=False)
     before = measure(Objective(tiny, targets, [0, 1]),
                      torch.stack([torch.from_numpy(paper_noise(3, 32)).float(), grey]))
     after = np.array([r.activation for r in results])
@@ -100,8 +100,10 @@ def test_batched_equals_one_by_one(tiny, recipe):
     targets = parse_targets(["fc:0", "fc:2", "conv2:1"], tiny)
     start = torch.rand(3, 32, 32) * 255
     jobs = [Job(0, start, 1), Job(1, None, 2), Job(2, start, 3)]
-    together = render_batches(tiny, targets, jobs, recipe, steps=20, batch_size=3, progress=False)
-    alone = [render_batches(tiny, targets, [j], recipe, steps=20, progress=False)[0] for j in jobs]
+    together = render_batches(tiny, targets, jobs, recipe, RenderOptions(steps=20), batch_size=3,
+                              progress=False)
+    alone = [render_batches(tiny, targets, [j], recipe, RenderOptions(steps=20), progress=False)[0]
+             for j in jobs]
     for a, b in zip(together, alone, strict=True):
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 1
         np.testing.assert_allclose(a.trace, b.trace, rtol=1e-3, atol=1e-3)

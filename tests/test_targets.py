@@ -136,7 +136,7 @@ class TinyViT(torch.nn.Module):
 
 def test_transformer_token_targets_and_rendering():
     from mfv.models import Preprocess, load_model
-    from mfv.render.batch import Job, render_batches
+    from mfv.render.batch import Job, RenderOptions, render_batches
 
     torch.manual_seed(0)
     vit = load_model(TinyViT(), preprocess=Preprocess(input_size=32, resize_size=32))
@@ -147,5 +147,6 @@ def test_transformer_token_targets_and_rendering():
         assert acts["block"].shape == (2, 16, 16)
         assert torch.allclose(values, reduce_unit(acts["block"], 5, reduction))
     targets = [parse_target("block:5", vit, reduction="mean")]
-    result = render_batches(vit, targets, [Job(0, None, 1)], "fourier", steps=15, progress=False)[0]
+    result = render_batches(vit, targets, [Job(0, None, 1)], "fourier", RenderOptions(steps=15),
+                            progress=False)[0]
     assert np.isfinite(result.activation) and result.trace[-1] > result.trace[0]

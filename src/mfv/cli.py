@@ -28,13 +28,13 @@ STAGE_HELP = {
 _DEMO_HIDDEN = ("model", "weights", "images", "targets")  # the demo chooses these itself
 
 
-def _facets_value(text: str) -> int | str:
-    if text == "auto":
-        return text
+def _number(text: str) -> int | str:
+    """An integer option's value as an int; anything else stays text, so that the settings model
+    rejects it with the message a settings file or a Python keyword gets for the same value."""
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError("a number or 'auto'") from None
+        return text
 
 
 def _judges_value(text: str) -> tuple[str, ...]:
@@ -53,9 +53,9 @@ def _choices(annotation: Any) -> tuple[str, ...] | None:
     return None
 
 
-def _scalar(annotation: Any) -> type:
-    """int for integer settings (also Optional ones), else str."""
-    return int if annotation is int or int in typing.get_args(annotation) else str
+def _scalar(annotation: Any) -> Any:
+    """How an option's text is read: `_number` for integer settings (also Optional ones)."""
+    return _number if annotation is int or int in typing.get_args(annotation) else str
 
 
 def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
@@ -80,7 +80,7 @@ def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> N
         elif extra.get("judges"):
             p.add_argument(flag, dest=name, type=_judges_value, help=help_text)
         elif name == "facets":
-            p.add_argument(flag, dest=name, type=_facets_value, help=help_text)
+            p.add_argument(flag, dest=name, type=_number, help=help_text)
         else:
             p.add_argument(flag, dest=name, type=_scalar(info.annotation),
                            choices=_choices(info.annotation), help=help_text)

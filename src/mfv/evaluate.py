@@ -1,9 +1,16 @@
 """Stage 4, evaluate: how far to trust one target's facets and pictures, in numbers.
 
 The metrics themselves are pure functions in `mfv.metrics`; this module runs the networks they
-need: the code of each picture's optimized view (its central input-size crop, the pixels whose
-activation was recorded), the target on the centre and the corners, and independent judge
-networks for transferability.
+need. Every picture is judged twice:
+
+- **as seen**: the saved image file, resized and centre-cropped the way the network's own
+  preprocessing treats a photo — what a user looking at the file would show the network;
+- **central**: the central input-size window of the canvas at its own scale, the pixels the
+  optimizer drove and whose activation the renderer recorded (`*_central` keys).
+
+Independent judge networks (not the one that was optimized) classify class-logit pictures and
+embed every picture, so coverage, transferability and plausibility cannot be passed by fooling
+the optimized network alone.
 """
 
 from __future__ import annotations
@@ -17,18 +24,26 @@ from PIL import Image
 
 from mfv.activations import TargetBank, capture
 from mfv.facets import FacetResult
+from mfv.images import BadImageError, load_rgb
 from mfv.metrics import (
     activation_ratio,
     centre_dominance,
     class_rank,
+    coverage,
     diversity,
     fidelity,
+    path_similarity,
+    plausibility,
     recovery,
 )
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
+from mfv.render.anchor import depth_layers
 from mfv.render.objective import central_box
-from mfv.targets import LayerRef, Target
+from mfv.targets import LayerRef, Target, resolve_layer
+
+PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
+PATH_LAYERS = 5  # layers along the depth where the activation path is compared
 
 
 @dataclass(frozen=True)
@@ -38,14 +53,15 @@ class Picture:
     kind: str  # "facet" or "random"
     rank: int
     recipe: str
-    activation: float
+    activation: float  # recorded by the renderer on the central view
     image: np.ndarray  # (H, W, 3) uint8, the whole canvas
 
 
-def to_input(model: LoadedModel, images: Sequence[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1], warped to S×S
-    (the identity for views already at the input size)."""
-    return torch.stack([to_tensor(model.preprocess, Image.fromarray(im), policy="squash")
+def to_input(model: LoadedModel, images: Sequence[np.ndarray], policy: str = "squash"
+             ) -> torch.Tensor:
+    """uint8 (H, W, 3) images as the model's (B, 3, S, S) input in [0, 1]: `squash` warps to
+    S×S (the identity for views already at the input size), `crop` is a photo's treatment."""
+    return torch.stack([to_tensor(model.preprocess, Image.fromarray(im), policy=policy)
                         for im in images]).to(model.device)
 
 
@@ -65,11 +81,51 @@ def codes_and_values(model: LoadedModel, code_ref: LayerRef, targets: Sequence[T
                 bank(store).float().cpu().numpy())
 
 
-def load_judges(model: LoadedModel, names: Sequence[str]) -> list[LoadedModel]:
-    """Independent classifiers for transferability (only for ImageNet-1k classifiers)."""
+@dataclass(frozen=True)
+class Network:
+    """A network evaluate runs, with the layers it reads: its code (penultimate) and the layers
+    of its activation path."""
+
+    model: LoadedModel
+    code: LayerRef
+    path: tuple[LayerRef, ...] = ()
+
+    def read(self, images: torch.Tensor, targets: Sequence[Target] = ()) -> dict[str, np.ndarray]:
+        """For a [0, 1] batch: logits (if a classifier), codes, channel means along the path,
+        and the targets' values."""
+        bank = TargetBank(targets) if targets else None
+        logits_ref = LayerRef(self.model.logits_layer) if self.model.logits_layer else None
+        layers = [self.code, *self.path, *(bank.layers if bank else []),
+                  *([logits_ref] if logits_ref else [])]
+        with capture(self.model, layers) as store, torch.inference_mode():
+            self.model(images)
+            out = {"code": store[self.code.key].flatten(1).float().cpu().numpy(),
+                   "path": [_channel_means(store[ref.key]) for ref in self.path]}
+            if logits_ref is not None:
+                out["logits"] = store[logits_ref.key].float().cpu().numpy()
+            if bank is not None:
+                out["values"] = bank(store).float().cpu().numpy()
+        return out
+
+
+def _channel_means(acts: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) or tokens (B, N, C) → (B, C): each channel's mean over positions."""
+    acts = acts.float()
+    if acts.dim() == 4:
+        return acts.mean(dim=(2, 3)).cpu().numpy()
+    return (acts.mean(dim=1) if acts.dim() == 3 else acts).cpu().numpy()
+
+
+def networks(model: LoadedModel, code_ref: LayerRef, judge_names: Sequence[str]
+             ) -> tuple[Network, list[Network]]:
+    """The optimized network and the independent judges (only for ImageNet-1k classifiers)."""
+    own = Network(model, code_ref, tuple(resolve_layer(model, p)
+                                         for p in depth_layers(model, PATH_LAYERS)))
     if model.classes is None or len(model.classes) != 1000:
-        return []
-    return [load_model(name, device=model.device) for name in names if name != model.name]
+        return own, []
+    judges = [load_model(name, device=model.device) for name in judge_names
+              if name != model.name]
+    return own, [Network(j, resolve_layer(j, "penultimate")) for j in judges]
 
 
 def _centre_and_corners(image: np.ndarray, size: int) -> list[np.ndarray]:
@@ -81,77 +137,142 @@ def _centre_and_corners(image: np.ndarray, size: int) -> list[np.ndarray]:
         (size, size), Image.Resampling.BICUBIC)) for t, left in boxes]
 
 
-def _dominance(model: LoadedModel, code_ref: LayerRef, target: Target, image: np.ndarray
-               ) -> float:
-    crops = _centre_and_corners(image, model.preprocess.input_size)
-    _, values = codes_and_values(model, code_ref, [target], to_input(model, crops))
-    return centre_dominance(values[0, 0], values[1:, 0])
+def _photos(paths: Sequence[str], net: LoadedModel) -> torch.Tensor | None:
+    """Real photos as a network's input (its own photo preprocessing); unreadable ones skipped."""
+    tensors = []
+    for path in paths:
+        try:
+            tensors.append(to_tensor(net.preprocess, load_rgb(path)))
+        except BadImageError:
+            continue
+    return torch.stack(tensors).to(net.device) if tensors else None
 
 
-def _transfer(judges: Sequence[LoadedModel], target: Target, view: np.ndarray) -> dict:
-    if target.class_index is None or not judges:
-        return {}
-    ranks = []
-    for judge in judges:
-        with torch.inference_mode():
-            logits = judge(to_input(judge, [view])).float().cpu().numpy()
-        ranks.append(int(class_rank(logits, target.class_index)[0]))
-    return {"judge_ranks": ranks, "transfer_top1": float(np.mean([r == 1 for r in ranks])),
-            "transfer_top5": float(np.mean([r <= 5 for r in ranks]))}
+class _Judgement:
+    """What the networks make of a group of pictures, as seen and centrally."""
+
+    def __init__(self, own: Network, judges: Sequence[Network], target: Target,
+                 pictures: Sequence[Picture]) -> None:
+        size = own.model.preprocess.input_size
+        canvases = [p.image for p in pictures]
+        central = [optimized_view(im, size) for im in canvases]
+        self.seen = own.read(to_input(own.model, canvases, "crop"), [target])
+        self.central = own.read(to_input(own.model, central), [target])
+        self.judges_seen = [j.read(to_input(j.model, canvases, "crop")) for j in judges]
+        self.judges_central = [j.read(to_input(j.model, central)) for j in judges]
 
 
-def _mean_transfer(transfers: list[dict]) -> dict:
-    keys = ("transfer_top1", "transfer_top5")
-    return {k: float(np.mean([t[k] for t in transfers])) for k in keys
-            if transfers and all(k in t for t in transfers)}
-
-
-def evaluate_target(model: LoadedModel, code_ref: LayerRef, target: Target,
-                    facets: FacetResult, pictures: Sequence[Picture], real_max: float,
-                    truth: np.ndarray | None, judges: Sequence[LoadedModel]) -> dict:
+def evaluate_target(own: Network, judges: Sequence[Network], target: Target,
+                    facets: FacetResult, pictures: Sequence[Picture],
+                    members: Sequence[Sequence[str]], real_max: float,
+                    truth: np.ndarray | None, seed: int = 0) -> dict:
     """Every metric of one target: per facet and recipe, and for the target as a whole.
 
-    `real_max` is the target's maximum over its selected real images; `truth` holds the true
-    sub-type label of each selected image (for facet recovery), or None.
+    `members[r]` are the paths of facet r's member photos, `real_max` the target's maximum over
+    its selected photos, `truth` the true sub-type label of each selected photo (for facet
+    recovery), or None.
     """
-    size = model.preprocess.input_size
     centres = np.stack([f.code_centre for f in facets.facets])
     entry: dict = {"facets": {}, "target": {"activation_max_real": real_max}}
     if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
         entry["target"]["recovery"] = recovery(facets.assignment, truth)
+    reference = _references(own, judges, members, seed)
     for recipe in dict.fromkeys(p.recipe for p in pictures):
-        group = [p for p in pictures if p.recipe == recipe]
-        seeded = sorted((p for p in group if p.kind == "facet"), key=lambda p: p.rank)
-        random = sorted((p for p in group if p.kind == "random"), key=lambda p: p.rank)
-        if seeded:
-            views = [optimized_view(p.image, size) for p in seeded]
-            codes, _ = codes_and_values(model, code_ref, [target], to_input(model, views))
-            ranks = [p.rank for p in seeded]
-            complete = ranks == list(range(len(centres)))
-            ok, margin = fidelity(codes, centres) if complete else (
-                np.full(len(ranks), np.nan), np.full(len(ranks), np.nan))
-            for i, picture in enumerate(seeded):
-                metrics = {
-                    "activation_ratio": activation_ratio(picture.activation, real_max),
-                    "activation_ratio_facet": activation_ratio(
-                        picture.activation, facets.facets[picture.rank].activation_max),
-                    "fidelity": None if np.isnan(margin[i]) else bool(ok[i]),
-                    "fidelity_margin": None if np.isnan(margin[i]) else float(margin[i]),
-                    "centre_dominance": _dominance(model, code_ref, target, picture.image),
-                    **_transfer(judges, target, views[i])}
-                entry["facets"].setdefault(f"facet{picture.rank:02d}", {})[recipe] = metrics
-            entry["target"].setdefault("diversity", {})[recipe] = diversity(codes)
-        if random:
-            views = [optimized_view(p.image, size) for p in random]
-            codes, _ = codes_and_values(model, code_ref, [target], to_input(model, views))
-            entry["target"].setdefault("diversity_random", {})[recipe] = diversity(codes)
-            entry["target"].setdefault("random", {})[recipe] = {
-                "activation_ratio": float(np.mean([activation_ratio(p.activation, real_max)
-                                                   for p in random])),
-                "centre_dominance": float(np.mean([_dominance(model, code_ref, target, p.image)
-                                                   for p in random])),
-                **_mean_transfer([_transfer(judges, target, v) for v in views])}
+        for kind in ("facet", "random"):
+            group = sorted((p for p in pictures if p.recipe == recipe and p.kind == kind),
+                           key=lambda p: p.rank)
+            if group:
+                _evaluate_group(entry, own, judges, target, facets, centres, group, recipe,
+                                kind, real_max, reference)
     return entry
+
+
+def _references(own: Network, judges: Sequence[Network], members: Sequence[Sequence[str]],
+                seed: int) -> list[dict]:
+    """Per facet: a seeded sample of its members as the own network and the last judge see
+    them (path channel means, judge codes)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for paths in members:
+        chosen = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths),
+                                                                      PLAUSIBILITY_MEMBERS),
+                                                      replace=False))]
+        ref: dict = {}
+        photos = _photos(chosen, own.model)
+        if photos is not None and own.path:
+            ref["path"] = [p.mean(0) for p in own.read(photos)["path"]]
+        if judges:
+            judge = judges[-1]
+            photos = _photos(chosen, judge.model)
+            if photos is not None:
+                ref["judge_codes"] = judge.read(photos)["code"]
+        out.append(ref)
+    return out
+
+
+def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target: Target,
+                    facets: FacetResult, centres: np.ndarray, group: Sequence[Picture],
+                    recipe: str, kind: str, real_max: float, reference: list[dict]) -> None:
+    seen = _Judgement(own, judges, target, group)
+    per: list[dict] = []
+    for i, picture in enumerate(group):
+        facet = facets.facets[picture.rank] if picture.rank < len(facets.facets) else None
+        m: dict = {}
+        for view, data in (("", seen.seen), ("_central", seen.central)):
+            value = float(data["values"][i, 0])
+            m[f"activation{view}"] = value
+            m[f"activation_ratio{view}"] = activation_ratio(value, real_max)
+            if facet is not None:
+                m[f"activation_ratio_facet{view}"] = activation_ratio(value, facet.activation_max)
+        m["centre_dominance"] = _dominance(own, target, picture.image)
+        if kind == "facet" and facet is not None:
+            ref = reference[picture.rank]
+            if "path" in ref:
+                layers = path_similarity([p[i] for p in seen.seen["path"]], ref["path"])
+                m["path_similarity"] = float(np.mean(layers))
+                m["path_similarity_layers"] = layers
+            if "judge_codes" in ref:
+                m["plausibility"] = plausibility(seen.judges_seen[-1]["code"][i],
+                                                 ref["judge_codes"])
+        if target.class_index is not None and judges:
+            for view, data in (("", seen.judges_seen), ("_central", seen.judges_central)):
+                ranks = [int(class_rank(d["logits"][i:i + 1], target.class_index)[0])
+                         for d in data]
+                m[f"judge_ranks{view}"] = ranks
+                m[f"transfer_top1{view}"] = float(np.mean([r == 1 for r in ranks]))
+                m[f"transfer_top5{view}"] = float(np.mean([r <= 5 for r in ranks]))
+        per.append(m)
+    if kind == "facet" and [p.rank for p in group] == list(range(len(centres))):
+        for view, data in (("", seen.seen), ("_central", seen.central)):
+            ok, margin = fidelity(data["code"], centres)
+            for m, o, g in zip(per, ok, margin, strict=True):
+                m[f"fidelity{view}"] = None if np.isnan(g) else bool(o)
+                m[f"fidelity_margin{view}"] = None if np.isnan(g) else float(g)
+    if kind == "facet":
+        for picture, m in zip(group, per, strict=True):
+            entry["facets"].setdefault(f"facet{picture.rank:02d}", {})[recipe] = m
+    stats = _means(per) if kind == "random" else {}
+    stats["diversity"] = diversity(seen.seen["code"])
+    stats["diversity_central"] = diversity(seen.central["code"])
+    if target.classes:
+        nets = [(own.model.name, seen.seen.get("logits"))] + [
+            (j.model.name, d.get("logits")) for j, d in zip(judges, seen.judges_seen, strict=True)]
+        stats["coverage"] = {name: coverage(logits, target.classes) for name, logits in nets
+                             if logits is not None}
+    entry["target"].setdefault(kind, {})[recipe] = stats
+
+
+def _means(per: Sequence[dict]) -> dict:
+    """Means of the numeric metrics of several pictures (random starts)."""
+    keys = [k for k in per[0] if isinstance(per[0][k], (int, float)) and
+            not isinstance(per[0][k], bool)]
+    return {k: float(np.mean([m[k] for m in per if m.get(k) is not None])) for k in keys}
+
+
+def _dominance(own: Network, target: Target, image: np.ndarray) -> float:
+    crops = _centre_and_corners(image, own.model.preprocess.input_size)
+    values = own.read(to_input(own.model, crops), [target])["values"]
+    return centre_dominance(values[0, 0], values[1:, 0])
 
 
 def summary(per_target: dict[str, dict]) -> dict:

@@ -73,6 +73,7 @@ class Facet:
     representatives: np.ndarray  # the (up to) m members nearest the centre, nearest first
     centre_2d: np.ndarray  # (2,) mean 2-D map position of the members
     code_centre: np.ndarray  # (D,) mean code of the members
+    code_spread: float  # mean squared distance of the members' codes to the centre
     activation_mean: float
     activation_max: float
 
@@ -600,6 +601,7 @@ def _build_facets(labels, space, coords, x, acts, selected, m) -> tuple[list[Fac
                 representatives=selected[nearest],
                 centre_2d=coords[rows].mean(axis=0).astype(np.float64),
                 code_centre=x[rows].mean(axis=0).astype(np.float32),
+                code_spread=float(((x[rows] - x[rows].mean(axis=0)) ** 2).sum(axis=1).mean()),
                 activation_mean=float(acts[rows].mean()),
                 activation_max=float(acts[rows].max()),
             )

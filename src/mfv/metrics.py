@@ -5,7 +5,12 @@
 - diversity: mean pairwise cosine distance of a target's visualizations' codes;
 - centre dominance: the target on the central crop against crops of its corners;
 - facet recovery: ARI / NMI / purity of the facets against known sub-type labels;
-- class rank: where a class lands when a network classifies a picture (transferability).
+- class rank: where a class lands when a network classifies a picture (transferability);
+- coverage: the share of a target's classes that get a picture classified as them;
+- plausibility (MACO's): how close a picture is to real images of its facet in a network's
+  feature space;
+- path similarity ("Don't trust your eyes", Geirhos et al. 2023): whether a picture takes the
+  same activation path through the network's layers as its facet's photos.
 """
 
 from __future__ import annotations
@@ -79,3 +84,38 @@ def class_rank(logits: np.ndarray, class_index: int) -> np.ndarray:
     """1-based rank of a class in each row of logits."""
     logits = np.asarray(logits)
     return 1 + np.sum(logits > logits[:, [class_index]], axis=1)
+
+
+def coverage(logits: np.ndarray, classes: Sequence[int]) -> float:
+    """Share of `classes` for which some picture (a row of logits) is classified as that class
+    among `classes` — the pair rule for a neuron built from several class logits (which of its
+    classes does each picture show?); for one class, whether any picture's top-1 is it."""
+    logits = np.asarray(logits)
+    classes = list(classes)
+    if len(classes) == 1:
+        return float(np.any(logits.argmax(1) == classes[0]))
+    shown = {classes[i] for i in logits[:, classes].argmax(1)}
+    return len(shown) / len(classes)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def plausibility(code: np.ndarray, references: np.ndarray, top: int = 5) -> float:
+    """Mean cosine similarity of a picture's code to its `top` most similar reference codes
+    (real images of its facet, embedded by an independent network): 1 = as close as a near
+    duplicate of a real photo. After MACO's plausibility (similarity to the nearest natural
+    images of the class in a network's feature space)."""
+    sims = _unit(references) @ _unit(code)
+    return float(np.sort(sims)[::-1][:top].mean())
+
+
+def path_similarity(picture: Sequence[np.ndarray], photos: Sequence[np.ndarray]) -> list[float]:
+    """Per layer along the network's depth: the cosine similarity of the picture's channel means
+    with the mean channel means of its facet's photos. A picture that drives the target through
+    other internal features than real images of its facet (Geirhos et al. 2023) scores low in
+    the layers where the paths part."""
+    return [float(_unit(a) @ _unit(b)) for a, b in zip(picture, photos, strict=True)]

@@ -22,13 +22,15 @@ from PIL import Image
 from torch import nn
 
 from mfv.errors import MfvError
-from mfv.evaluate import Picture, evaluate_target, load_judges, summary
+from mfv.evaluate import Picture, evaluate_target, networks, summary
 from mfv.facets import FacetOptions, facet_means, facets_of_target
 from mfv.images import load_rgb
 from mfv.models import LoadedModel, load_model
 from mfv.preprocess import Preprocess
-from mfv.render.batch import Job, Result, render_batches
+from mfv.render.anchor import Anchor
+from mfv.render.batch import Job, RenderOptions, Result, render_batches
 from mfv.render.plan import RenderSettings, Visual, plan
+from mfv.render.recipes import FACET_RECIPES, AnchorSettings
 from mfv.report import write_report
 from mfv.results import STAGES, TargetRecord, build
 from mfv.rundir import RunDir, check_out, digest, open_run, slug
@@ -37,7 +39,7 @@ from mfv.settings import Settings, make_settings
 from mfv.sources import ImageList, open_images
 from mfv.targets import Target, parse_targets, resolve_layer
 
-METRICS_VERSION = 2  # bump when evaluate's metrics change, so stored ones are recomputed
+METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are recomputed
 
 
 def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
@@ -220,9 +222,7 @@ class _Line:
         s = self.settings
         self.planned = plan([r.target.to_dict() for r in self.records],
                             [r.slug for r in self.records], self.means,
-                            RenderSettings(s.recipes, s.baseline, s.steps, s.as_written, s.seed,
-                                           self.model.preprocess.input_size,
-                                           self.model.fingerprint()))
+                            [r.facets_key for r in self.records], self._render_settings())
         stores = [self.rundir.target(r.slug) for r in self.records]
         indexes = [store.render_index() for store in stores]
         todo = [v for v in self.planned
@@ -234,6 +234,25 @@ class _Line:
         if self._collect_visuals() == len(self.planned):
             self.done.add("render")
         return worked
+
+    def _render_settings(self) -> RenderSettings:
+        s = self.settings
+        return RenderSettings(s.recipes, s.baseline, s.steps, s.as_written, s.seed,
+                              self.model.preprocess.input_size, self.model.fingerprint(),
+                              s.code_layer, self._anchor_settings())
+
+    def _anchor_settings(self) -> AnchorSettings:
+        s = self.settings
+        return AnchorSettings(s.anchor_weight, s.match_weight, s.match_layers)
+
+    def _anchor(self, visual: Visual) -> Anchor | None:
+        """The facet a visualization of an anchored recipe keeps to (None for random starts)."""
+        if visual.kind != "facet" or visual.recipe not in FACET_RECIPES:
+            return None
+        facet = self.records[visual.target].facets.facets[visual.rank]
+        photos = self._pixels(self.scanned.paths, facet.representatives)
+        return Anchor(facet.code_centre, facet.code_spread, facet.activation_max,
+                      photos.transpose(0, 3, 1, 2).astype(np.float32))
 
     def _collect_visuals(self) -> int:
         """Give each record the stored visualizations that the plan still asks for; how many."""
@@ -261,48 +280,49 @@ class _Line:
                 stores[t].record(entries)
 
         jobs = [Job(v.target, None if v.start is None else
-                    torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed)
-                for v in todo]
-        render_batches(self.model, self.targets, jobs, recipe, steps=s.steps,
-                       as_written=s.as_written, batch_size=s.batch_size, progress=s.progress,
-                       on_batch=save)
+                    torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed,
+                    self._anchor(v)) for v in todo]
+        options = RenderOptions(s.steps, s.as_written, s.code_layer, self._anchor_settings())
+        render_batches(self.model, self.targets, jobs, recipe, options,
+                       batch_size=s.batch_size, progress=s.progress, on_batch=save)
 
     def _evaluate(self, execute: bool) -> bool:
         if "render" not in self.done:
             return False
         s, result = self.settings, self.scanned
         labels = result.class_labels(self.model.classes)
-        judges = None
+        nets = None
         worked = False
         for record in self.records:
             store = self.rundir.target(record.slug)
             key = digest({"visuals": sorted(e.key for e in record.visuals),
                           "facets": record.facets_key, "judges": list(s.judges),
-                          "code_layer": s.code_layer, "version": METRICS_VERSION})
+                          "code_layer": s.code_layer, "seed": s.seed,
+                          "version": METRICS_VERSION})
             metrics = store.load_evaluation(key)
             if metrics is None and not execute:
                 return worked
             if metrics is None:
-                if judges is None:
-                    judges = load_judges(self.model, s.judges)
-                metrics = self._evaluate_target(record, labels, judges)
+                if nets is None:
+                    nets = networks(self.model, resolve_layer(self.model, s.code_layer),
+                                    s.judges)
+                metrics = self._evaluate_target(record, labels, *nets)
                 store.save_evaluation(key, metrics)
                 worked = True
             record.metrics = metrics
         self.done.add("evaluate")
         return worked
 
-    def _evaluate_target(self, record: TargetRecord, labels, judges) -> dict:
+    def _evaluate_target(self, record: TargetRecord, labels, own, judges) -> dict:
         result, facets = self.scanned, record.facets
         store = self.rundir.target(record.slug)
         real = result.activation_of(result.target_index(record.target.spec), facets.selected)
         pictures = [Picture(e.kind, e.rank, e.recipe, e.activation,
-                            np.asarray(_open_rgb(store.file(e.files["image"]))))
-                    for e in record.visuals]
+                            _open_rgb(store.file(e.files["image"]))) for e in record.visuals]
+        members = [[result.paths[i] for i in f.members] for f in facets.facets]
         truth = labels[facets.selected] if labels is not None else None
-        return evaluate_target(self.model, resolve_layer(self.model, self.settings.code_layer),
-                               record.target, facets, pictures, float(np.nanmax(real)), truth,
-                               judges)
+        return evaluate_target(own, judges, record.target, facets, pictures, members,
+                               float(np.nanmax(real)), truth, self.settings.seed)
 
     # ----------------------------------------------------------------------------- outputs
     def _publish(self, error: str | None = None) -> dict:

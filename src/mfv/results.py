@@ -75,7 +75,8 @@ def build(run: RunDir, *, settings: dict, model: dict, scan: ScanResult | None,
         m = scan.manifest
         results["data"] = {"source": m["source"], "base": os.getcwd(), "n_images": len(m["images"]),
                            "n_valid": m["n_valid"], "fingerprint": m["fingerprint"],
-                           "skipped": m["bad"], "code_layer": m["code_layer"]}
+                           "skipped": m["bad"], "code_layer": m["code_layer"],
+                           "scan_key": m["key"]}
     for record in records:
         results["targets"].append(_target(run, scan, record, settings))
     if evaluation:

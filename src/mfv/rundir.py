@@ -41,7 +41,7 @@ from mfv.errors import MfvError
 from mfv.facets import Facet, FacetResult
 from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save_png
 
-FACETS_FORMAT = "mfv.facets/2"
+FACETS_FORMAT = "mfv.facets/3"
 _KEY_CHARS = 16
 
 
@@ -183,7 +183,8 @@ class TargetDir:
         facets = [Facet(rank=f["rank"], members=selected[assignment == f["rank"]],
                         representatives=np.asarray(f["representatives"], dtype=np.int64),
                         centre_2d=np.asarray(f["centre_2d"], dtype=np.float64),
-                        code_centre=centres[f["rank"]], activation_mean=f["activation_mean"],
+                        code_centre=centres[f["rank"]], code_spread=f["code_spread"],
+                        activation_mean=f["activation_mean"],
                         activation_max=f["activation_max"]) for f in doc["facets"]]
         result = FacetResult(facets=facets, coords_2d=load_npy(d / "coords_2d.npy"),
                              selected=selected, assignment=assignment,
@@ -214,7 +215,8 @@ class TargetDir:
             "scores": {str(k): v for k, v in result.scores.items()}, "timings": result.timings,
             "facets": [{"rank": f.rank, "size": f.size,
                         "representatives": f.representatives.tolist(),
-                        "centre_2d": f.centre_2d.tolist(), "activation_mean": f.activation_mean,
+                        "centre_2d": f.centre_2d.tolist(), "code_spread": f.code_spread,
+                        "activation_mean": f.activation_mean,
                         "activation_max": f.activation_max} for f in result.facets]})
         shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same key
         staging.rename(final)
@@ -363,9 +365,14 @@ class RunDir:
 def check_out(root: str | os.PathLike) -> None:
     """Reject an `--out` that cannot become a run directory, without creating anything."""
     root = Path(root)
-    if root.exists() and not root.is_dir():
+    try:
+        is_file = root.exists() and not root.is_dir()
+        existing = next(p for p in (root, *root.absolute().parents) if p.exists())
+    except OSError as exc:  # a folder on the way that this user may not enter
+        raise MfvError(f"--out {root} cannot be reached ({exc.strerror}: {exc.filename}); "
+                       "choose another directory") from None
+    if is_file:
         raise MfvError(f"--out {root} is a file; give a directory for the run")
-    existing = next(p for p in (root, *root.absolute().parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise MfvError(f"--out {root}: {existing} is not writable; choose another directory")
 

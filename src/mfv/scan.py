@@ -47,9 +47,10 @@ class ScanResult:
         self.manifest = manifest
 
     @classmethod
-    def load(cls, directory: str | Path) -> ScanResult:
-        """The finished scan stored in one scan folder (`RUN/scan/<key>`)."""
-        store = ScanStore(Path(directory))
+    def load(cls, where: ScanStore | str | Path) -> ScanResult:
+        """The finished scan in a store (`RunDir(run).scan(key)`) or its folder."""
+        store = where if isinstance(where, ScanStore) else ScanStore(Path(where))
+        directory = store.directory
         manifest = store.manifest()
         if manifest is None or manifest.get("status") != "complete":
             raise MfvError(f"the scan in {directory} is not complete; run `mfv scan` to "

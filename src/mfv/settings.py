@@ -27,7 +27,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
-_SEQUENCES = ("targets", "scan_targets", "recipes", "judges")
+_SEQUENCES = ("targets", "scan_targets", "recipes", "judges", "match_layers")
 
 
 def _opt(flag: str | None, help_text: str, **extra: Any) -> Any:
@@ -85,6 +85,15 @@ class Settings(BaseModel):
                                                   "(default: the recipe's)"))
     as_written: bool = Field(False, **_opt("--as-written", "use the paper's schedules as "
                                            "written, not as the authors' Python 2 code ran them"))
+    anchor_weight: float = Field(1.0, ge=0, **_opt(
+        "--anchor-weight", "anchored recipe: pull of the picture's code toward its facet's "
+        "centre, in facet radii² per best-photo activation (1)"))
+    match_weight: float = Field(0.0, ge=0, **_opt(
+        "--match-weight", "anchored recipe: weight of matching intermediate activation "
+        "distributions to the facet's photos (0: off)"))
+    match_layers: tuple[str, ...] = Field((), **_opt(
+        "--match-layer", "anchored recipe: a layer whose activations are matched (repeatable; "
+        "default: three along the depth)", repeat=True))
     seed: int = Field(0, ge=0, le=MAX_SEED, **_opt("--seed", "seed of every random choice (0)"))
     device: str = Field("auto", **_opt("--device", "auto (CUDA, else MPS, else CPU), cpu, cuda, "
                                        "cuda:1, mps"))
@@ -99,6 +108,13 @@ class Settings(BaseModel):
         "--judges", "models that judge transferability, comma-separated, or 'none'",
         judges=True))
     progress: bool = Field(True, **_opt("--quiet", "no progress bars", negate=True))
+
+    @field_validator("facets", mode="before")
+    @classmethod
+    def _facets_kind(cls, value: Any) -> Any:
+        if value != "auto" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ValueError("must be a whole number or 'auto'")
+        return value
 
     @field_validator("facets")
     @classmethod
@@ -123,7 +139,7 @@ class Settings(BaseModel):
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
 
-    @field_validator("targets", "scan_targets", "judges")
+    @field_validator("targets", "scan_targets", "judges", "match_layers")
     @classmethod
     def _no_blank_entries(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if any(not v.strip() for v in value):
@@ -166,7 +182,8 @@ def _coerce_sequences(values: dict[str, Any]) -> dict[str, Any]:
 
 _PLAIN = {  # pydantic error types → what to write instead
     "int_type": "must be a whole number", "int_parsing": "must be a whole number",
-    "int_from_float": "must be a whole number", "bool_type": "must be true or false",
+    "int_from_float": "must be a whole number", "float_type": "must be a number",
+    "float_parsing": "must be a number", "bool_type": "must be true or false",
     "bool_parsing": "must be true or false", "string_type": "must be text (a string)",
     "tuple_type": "must be a list", "literal_error": "must be one of {expected}",
     "greater_than_equal": "must be at least {ge}", "less_than_equal": "must be at most {le}",

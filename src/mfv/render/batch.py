@@ -4,27 +4,40 @@ fit on the device, each result handed back as soon as its batch is done."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from mfv.errors import MfvError
 from mfv.models import LoadedModel
+from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
 from mfv.render.fourier import fourier_loop
 from mfv.render.objective import Objective, Rendered, measure
 from mfv.render.paper import paper_loop
-from mfv.render.recipes import RECIPES, FourierSettings, schedule
-from mfv.targets import Target
+from mfv.render.recipes import RECIPES, AnchorSettings, FourierSettings, schedule
+from mfv.targets import Target, resolve_layer
 
 
 @dataclass(frozen=True)
 class Job:
-    """One visualization to make: which target, from which start image (None: noise), seed."""
+    """One visualization to make: which target, from which start image (None: noise), seed,
+    and for the anchored recipe its facet (None: the target alone)."""
 
     target: int
     start: torch.Tensor | None = None  # (3, S, S) in 0..255 at the model's input size
     seed: int = 0
+    anchor: Anchor | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What a recipe needs besides its jobs."""
+
+    steps: int | None = None  # rescale the recipe's iterations (None: its own)
+    as_written: bool = False  # the paper's schedules as written, not as the authors' code ran
+    code_layer: str = "penultimate"  # where the anchored recipe pulls toward the facet
+    anchor: AnchorSettings = field(default_factory=AnchorSettings)
 
 
 @dataclass
@@ -37,14 +50,21 @@ class Result:
     alpha: np.ndarray | None = None  # (H, W) importance in 0..1, where the recipe makes one
 
 
-def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], steps: int | None,
-               as_written: bool, progress: bool, desc: str) -> Rendered:
+def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], options: RenderOptions,
+               progress: bool, desc: str) -> Rendered:
     starts, seeds = [j.start for j in jobs], [j.seed for j in jobs]
+    fourier = FourierSettings().with_steps(options.steps)
     if recipe == "fourier":
-        return fourier_loop(objective, starts, seeds, FourierSettings().with_steps(steps),
-                            progress, desc)
-    return paper_loop(objective, starts, seeds, schedule(recipe, steps), as_written, progress,
-                      desc)
+        return fourier_loop(objective, starts, seeds, fourier, progress, desc)
+    if recipe == "anchored":
+        model = objective.model
+        match = options.anchor.match_layers or default_match_layers(model)
+        anchored = AnchoredObjective(
+            objective, [j.anchor for j in jobs], resolve_layer(model, options.code_layer),
+            options.anchor, [resolve_layer(model, path) for path in match])
+        return fourier_loop(anchored, starts, seeds, fourier, progress, desc)
+    return paper_loop(objective, starts, seeds, schedule(recipe, options.steps),
+                      options.as_written, progress, desc)
 
 
 def default_batch_size(model: LoadedModel) -> int:
@@ -53,16 +73,17 @@ def default_batch_size(model: LoadedModel) -> int:
 
 
 def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
-                   recipe: str = "paper-mean", steps: int | None = None,
-                   as_written: bool = False, batch_size: int | None = None,
-                   progress: bool = True,
+                   recipe: str = "paper-mean", options: RenderOptions | None = None,
+                   batch_size: int | None = None, progress: bool = True,
                    on_batch: Callable[[list[int], list[Result]], None] | None = None
                    ) -> list[Result]:
     """Make one visualization per job, `batch_size` jobs at a time (all targets mixed).
 
-    `steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, fourier 256).
-    `on_batch(indices, results)` is called after each batch, so callers can save as they go.
+    `options.steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, the
+    Fourier recipes' 256). `on_batch(indices, results)` is called after each batch, so callers
+    can save as they go.
     """
+    options = options or RenderOptions()
     if recipe not in RECIPES:
         raise MfvError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     size = model.preprocess.input_size
@@ -80,7 +101,7 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
         objective = Objective(model, targets, [j.target for j in chosen])
         desc = f"{recipe} {start + len(rows)}/{len(jobs)}"
         try:
-            out = _run_batch(recipe, objective, chosen, steps, as_written, progress, desc)
+            out = _run_batch(recipe, objective, chosen, options, progress, desc)
         except torch.OutOfMemoryError:
             if batch == 1:
                 raise

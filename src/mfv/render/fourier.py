@@ -57,9 +57,9 @@ def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
         moved = F.grid_sample(padded, grid, mode="bilinear", padding_mode="reflection",
                               align_corners=False)
         crop = moved[..., settings.pad:settings.pad + size, settings.pad:settings.pad + size]
-        value = objective(crop)
+        ascend, value = objective.maximize(crop)
         optimizer.zero_grad(set_to_none=True)
-        (-value.sum()).backward()
+        (-ascend.sum()).backward()
         optimizer.step()
         trace.append(value.detach().float())
     with torch.no_grad():

@@ -35,19 +35,29 @@ class Objective:
         self.layers = list(dict.fromkeys([*self.bank.layers, *([self.logits] if
                                           self.logits else [])]))
 
+    def values(self, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """Each sample's own target, from a captured batch (differentiable)."""
+        values = self.bank(store)
+        rows = torch.arange(batch, device=values.device)
+        return values[rows, self.assign.to(values.device)]
+
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""
         with capture(self.model, self.layers) as store:
             self.model(images / 255.0)
-            values = self.bank(store)
-            rows = torch.arange(len(images), device=values.device)
-            value = values[rows, self.assign.to(values.device)]
+            value = self.values(store, len(images))
             if kind == "prob" and self.logits is not None:
-                has_class = (self.class_of >= 0).to(values.device)
+                rows = torch.arange(len(images), device=value.device)
+                has_class = (self.class_of >= 0).to(value.device)
                 probs = store[self.logits.key].softmax(-1)
-                prob = probs[rows, self.class_of.clamp(min=0).to(values.device)]
+                prob = probs[rows, self.class_of.clamp(min=0).to(value.device)]
                 value = torch.where(has_class, prob, value)
         return value
+
+    def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what an optimizer ascends, the target's value): the same for a plain objective."""
+        value = self(images)
+        return value, value
 
 
 @dataclass

@@ -5,12 +5,13 @@ the **0..255** domain. That is the paper's domain: its step sizes (mean |step| i
 and its TV-Bregman weights (tuned on 0..255 input; TV denoising is not scale invariant) are both
 in grey levels, so keeping the image in 0..255 lets a recipe use them verbatim.
 
-- ``PixelImage``: raw pixels, what the paper optimizes (clipping and TV denoising are applied to
-  ``pixels`` in place between gradient steps).
+(The paper's own raw-pixel parameterization needs no module: `mfv.render.paper` steps the pixels
+of its canvas directly.)
+
 - ``FourierImage``: Lucid-style image: an rfft2 spectrum scaled by 1/frequency, optionally
   colour-decorrelated with Lucid's ImageNet colour matrix, squashed by a sigmoid into 0..255.
 
-Both take ``init`` (a (B, 3, H, W) 0..255 tensor) and ``set_image(images)`` sets the parameters so
+It takes ``init`` (a (B, 3, H, W) 0..255 tensor) and ``set_image(images)`` sets the parameters so
 that ``forward()`` reproduces the image. For ``FourierImage`` that uses the exact inverse of every
 stage (logit, inverse colour matrix, forward FFT divided by the spectrum scale); because the
 sigmoid never reaches 0 or 255, the image is first clamped to [0.5, 254.5] (``SIGMOID_MARGIN``),
@@ -31,40 +32,6 @@ COLOR_CORRELATION_SVD_SQRT = ((0.26, 0.09, 0.02), (0.27, 0.00, -0.05), (0.27, -0
 SIGMOID_MARGIN = 0.5
 # Lucid divides the irfft output by this constant so that the default sd gives a grey image.
 _FFT_MAGIC = 4.0
-
-
-class PixelImage(nn.Module):
-    """Raw pixels in 0..255, a (B, 3, H, W) parameter ``pixels``; ``forward()`` returns it.
-
-    Without ``init`` the pixels start at the paper's random image: grey ``mean`` plus per-pixel
-    N(0, sd**2) noise (175 and 8 in MFV), drawn from ``generator``.
-    """
-
-    def __init__(
-        self,
-        batch: int,
-        size: tuple[int, int],
-        init: Tensor | None = None,
-        mean: float = 175.0,
-        sd: float = 8.0,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        super().__init__()
-        shape = _image_shape(batch, size)
-        if init is None:
-            device = generator.device if generator is not None else None
-            pixels = torch.randn(shape, generator=generator, device=device).mul_(sd).add_(mean)
-        else:
-            pixels = _checked_init(init, shape).detach().clone()
-        self.pixels = nn.Parameter(pixels)
-
-    def forward(self) -> Tensor:
-        return self.pixels
-
-    @torch.no_grad()
-    def set_image(self, images: Tensor) -> None:
-        """Replace the pixels by ``images`` ((B, 3, H, W), 0..255)."""
-        self.pixels.copy_(_checked_init(images, tuple(self.pixels.shape)))
 
 
 class FourierImage(nn.Module):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfv.render.recipes import FACET_RECIPES, AnchorSettings
 from mfv.rundir import digest
 
 KINDS = ("facet", "random")
@@ -46,6 +47,8 @@ class RenderSettings:
     seed: int
     size: int  # the model's input size
     model: str  # the model's fingerprint
+    code_layer: str = "penultimate"
+    anchor: AnchorSettings = AnchorSettings()
 
 
 def derived_seed(*parts: object) -> int:
@@ -55,12 +58,13 @@ def derived_seed(*parts: object) -> int:
 
 
 def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence[np.ndarray]],
-         settings: RenderSettings) -> list[Visual]:
+         facet_keys: Sequence[str], settings: RenderSettings) -> list[Visual]:
     """Every visualization of every target: `targets[i]` is target i's definition
-    (`Target.to_dict()`), `means[i]` its facets' mean images by rank."""
+    (`Target.to_dict()`), `means[i]` its facets' mean images by rank, `facet_keys[i]` the key
+    of its clustering (which fixes each facet's anchor: centre, spread, photos)."""
     out = []
-    for t, (definition, slug_name, facet_means) in enumerate(zip(targets, slugs, means,
-                                                                strict=True)):
+    for t, (definition, slug_name, facet_means, facets_key) in enumerate(
+            zip(targets, slugs, means, facet_keys, strict=True)):
         for recipe in settings.recipes:
             starts: list[tuple[str, int, np.ndarray | None]] = [
                 ("facet", rank, mean) for rank, mean in enumerate(facet_means)]
@@ -68,10 +72,14 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
                 starts += [("random", rank, None) for rank in range(len(facet_means))]
             for kind, rank, start in starts:
                 seed = derived_seed(settings.seed, slug_name, kind, rank, recipe)
-                key = digest({"recipe": recipe, "steps": settings.steps,
-                              "as_written": settings.as_written, "seed": seed,
-                              "size": settings.size, "model": settings.model,
-                              "target": definition, "kind": kind, "rank": rank},
-                             start if start is not None else "noise")
+                material = {"recipe": recipe, "steps": settings.steps,
+                            "as_written": settings.as_written, "seed": seed,
+                            "size": settings.size, "model": settings.model,
+                            "target": definition, "kind": kind, "rank": rank}
+                if recipe in FACET_RECIPES:
+                    material.update(code_layer=settings.code_layer,
+                                    anchor=settings.anchor.__dict__,
+                                    facet=facets_key if kind == "facet" else None)
+                key = digest(material, start if start is not None else "noise")
                 out.append(Visual(t, kind, rank, recipe, seed, key, start))
     return out

@@ -3,7 +3,10 @@
 - `paper-mean`, `paper-center`: the paper's octave schedules (paper-spec §2.6), executed or as
   written, run by `mfv.render.paper`;
 - `fourier`: Lucid's Fourier parameterization with its usual transforms, run by
-  `mfv.render.fourier`.
+  `mfv.render.fourier`;
+- `anchored`: the same optimizer from the facet's mean image, with the target's objective
+  anchored to the facet (`mfv.render.anchor`: a pull of the code toward the facet's centre and,
+  optionally, sort-matching of intermediate activations to the facet's photos).
 
 
 Numbers are those of the authors' scripts `act_max.tvd.mean.py` (mean-image start) and
@@ -89,7 +92,18 @@ class FourierSettings:
         return self if steps is None else replace(self, steps=steps)
 
 
-RECIPES = (*SCHEDULES, "fourier")  # every recipe `--recipe` accepts
+@dataclass(frozen=True)
+class AnchorSettings:
+    """Weights of the anchored objective's terms (dimensionless, see `mfv.render.anchor`) and
+    the layers whose activation distributions are matched (empty: chosen along the depth)."""
+
+    code_weight: float = 1.0
+    match_weight: float = 0.0
+    match_layers: tuple[str, ...] = ()
+
+
+RECIPES = (*SCHEDULES, "fourier", "anchored")  # every recipe `--recipe` accepts
+FACET_RECIPES = ("anchored",)  # recipes that need their facet (random starts run without)
 
 
 def schedule(name: str, steps: int | None = None) -> tuple[Octave, ...]:

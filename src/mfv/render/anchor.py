@@ -1,0 +1,146 @@
+"""Anchors: what keeps a facet's picture in its facet while the target is maximized.
+
+Maximizing a target alone from a facet's mean image lets the picture drift to whatever raises the
+target fastest — for a neuron that answers to two kinds of images, often the other kind (see
+`benchmarks/diagnose.py`). An anchor adds to each sample's objective two dimensionless terms,
+in the spirit of Feature Accentuation (a seed image's latent activations kept close) and VITAL
+(the distribution of intermediate activations matched to real images):
+
+    maximize   target / a_f  −  w · |φ(x) − μ_f|² / s_f  −  v · Σ_l SW_l(x, facet)
+
+- `a_f`: the target's maximum over the facet's real images, so the first term is the picture's
+  activation in units of its facet's best photo (1 = as strong as the best photo);
+- `φ` the code layer (the space the facets were found in), `μ_f` the facet's mean code and `s_f`
+  the mean squared distance of its members' codes to it: the pull is 1 for a picture as far from
+  the centre as a typical member, so `w = 1` (the default) trades one facet radius² for one
+  best-photo's worth of activation;
+- `SW_l`: per channel of layer l, the squared distance between the sorted activations of the
+  picture and the quantiles of the facet's reference images' activations (a 1-D Wasserstein
+  distance, VITAL's sort-matching), divided by the references' variance of that channel and
+  averaged over channels — again 1 for a difference as large as the facets' own spread.
+
+Samples without an anchor (random starts) maximize the target alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mfv.activations import capture
+from mfv.models import LoadedModel
+from mfv.render.objective import Objective
+from mfv.render.recipes import AnchorSettings
+from mfv.targets import LayerRef
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """A facet, as the anchored objective needs it."""
+
+    centre: np.ndarray  # (D,) the facet's mean code
+    spread: float  # mean squared distance of its members' codes to the centre
+    scale: float  # the target's maximum over the facet's real images
+    references: np.ndarray | None = None  # (m, 3, S, S) 0..255: images of the facet's members
+
+
+class AnchoredObjective:
+    """`Objective` plus each sample's anchor terms (module doc); `maximize` gives what the
+    optimizer ascends and the target's own value (what traces and reports show)."""
+
+    def __init__(self, base: Objective, anchors: Sequence[Anchor | None], code: LayerRef,
+                 settings: AnchorSettings, match: Sequence[LayerRef] = ()) -> None:
+        self.base, self.model, self.code, self.settings = base, base.model, code, settings
+        device = base.model.device
+        anchored = [a is not None for a in anchors]
+        self.has_anchor = torch.tensor(anchored, device=device)
+        dim = next((a.centre.shape[0] for a in anchors if a is not None), 1)
+        self.centres = torch.stack([torch.as_tensor(a.centre if a else np.zeros(dim),
+                                                    dtype=torch.float32) for a in anchors]
+                                   ).to(device)
+        self.spreads = torch.tensor([max(a.spread, 1e-12) if a else 1.0 for a in anchors],
+                                    device=device)
+        self.scales = torch.tensor([a.scale if a and a.scale > 0 else 1.0 for a in anchors],
+                                   device=device)
+        self.match = list(match) if settings.match_weight > 0 else []
+        self.quantiles = self._reference_quantiles(anchors) if self.match else {}
+
+    @torch.no_grad()
+    def _reference_quantiles(self, anchors: Sequence[Anchor | None]
+                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per matched layer: (B, C, N) sorted reference values at the picture's N positions,
+        and (B, C, 1) their variance (zeros and ones for samples without references)."""
+        out: dict[str, list] = {ref.key: [] for ref in self.match}
+        size = self.model.preprocess.input_size
+        for anchor in anchors:
+            refs = None if anchor is None else anchor.references
+            pixels = torch.zeros(1, 3, size, size, device=self.model.device) if refs is None \
+                else torch.as_tensor(refs, dtype=torch.float32, device=self.model.device)
+            with capture(self.model, self.match) as store:
+                self.model(pixels / 255.0)
+            for ref in self.match:
+                acts = store[ref.key].float()  # (m, C, H, W) or (m, N, C)
+                values = _per_channel(acts)  # (C, m * N)
+                n = values.shape[1] // len(pixels)
+                ordered = values.sort(dim=1).values
+                picks = torch.linspace(0, ordered.shape[1] - 1, n, device=ordered.device).round()
+                quant = ordered[:, picks.long()]
+                var = values.var(dim=1, keepdim=True).clamp(min=1e-8)
+                if refs is None:
+                    quant, var = torch.zeros_like(quant), torch.ones_like(var)
+                out[ref.key].append((quant, var))
+        return {k: (torch.stack([q for q, _ in v]), torch.stack([s for _, s in v]))
+                for k, v in out.items()}
+
+    def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
+        return self.base(images, kind)
+
+    def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch."""
+        layers = [*self.base.layers, self.code, *self.match]
+        with capture(self.model, layers) as store:
+            self.model(images / 255.0)
+            target = self.base.values(store, len(images))
+            code = store[self.code.key].flatten(1).float()
+            pull = ((code - self.centres) ** 2).sum(1) / self.spreads
+            total = target / self.scales - self.settings.code_weight * pull
+            for ref in self.match:
+                quant, var = self.quantiles[ref.key]
+                mine = _per_channel_batch(store[ref.key].float()).sort(dim=2).values
+                match = (((mine - quant) ** 2) / var).mean(dim=(1, 2))
+                total = total - self.settings.match_weight * match
+        return torch.where(self.has_anchor, total, target), target
+
+
+def default_match_layers(model: LoadedModel) -> tuple[str, ...]:
+    """Three layers at a quarter, a half and three quarters of the network's depth (among its
+    blocks: see `depth_layers`)."""
+    layers = depth_layers(model, 5)
+    return layers[1:-1] if len(layers) == 5 else layers
+
+
+def depth_layers(model: LoadedModel, count: int) -> tuple[str, ...]:
+    """`count` layers evenly spaced along a network's depth: among the modules at most two
+    levels deep (blocks and stages, not their inner convolutions) whose output is a spatial or
+    token map and that are not bare activations, from the first to the last."""
+    infos = [i for i in model.layers() if len(i.shape) in (2, 3) and i.path.count(".") <= 1
+             and not model.is_activation(i.path)]
+    if not infos:
+        return ()
+    picks = np.linspace(0, len(infos) - 1, min(count, len(infos))).round().astype(int)
+    return tuple(infos[i].path for i in dict.fromkeys(picks.tolist()))
+
+
+def _per_channel(acts: torch.Tensor) -> torch.Tensor:
+    """(m, C, H, W) or tokens (m, N, C) → (C, m·positions)."""
+    if acts.dim() == 4:
+        return acts.permute(1, 0, 2, 3).flatten(1)
+    return acts.permute(2, 0, 1).flatten(1)
+
+
+def _per_channel_batch(acts: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) or (B, N, C) → (B, C, positions)."""
+    return acts.flatten(2) if acts.dim() == 4 else acts.transpose(1, 2)
