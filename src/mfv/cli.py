@@ -37,6 +37,14 @@ def _number(text: str) -> int | str:
         return text
 
 
+def _real(text: str) -> float | str:
+    """A decimal option's value as a float; anything else stays text (as `_number`)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _judges_value(text: str) -> tuple[str, ...]:
     names = tuple(name.strip() for name in text.split(",") if name.strip())
     return () if names == ("none",) else names
@@ -54,8 +62,10 @@ def _choices(annotation: Any) -> tuple[str, ...] | None:
 
 
 def _scalar(annotation: Any) -> Any:
-    """How an option's text is read: `_number` for integer settings (also Optional ones)."""
-    return _number if annotation is int or int in typing.get_args(annotation) else str
+    """How an option's text is read: `_number` for integer settings, `_real` for decimal ones
+    (also Optional ones), else as it is."""
+    kinds = {annotation, *typing.get_args(annotation)}
+    return _number if int in kinds else _real if float in kinds else str
 
 
 def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
@@ -69,21 +79,22 @@ def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> N
         if not flag or name in hidden:
             continue
         help_text = info.description
+        choices = _choices(info.annotation)  # shown in the help; checked by Settings, like a file's
+        shown = "{" + ",".join(choices) + "}" if choices else None
         if extra.get("negate"):
             p.add_argument(flag, dest=name, action="store_false", default=None, help=help_text)
         elif info.annotation is bool:
             p.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
         elif extra.get("repeat"):
-            p.add_argument(flag, dest=name, action="append", choices=_choices(info.annotation),
-                           help=help_text, metavar=None if _choices(info.annotation) else
-                           flag.strip("-").upper())
+            p.add_argument(flag, dest=name, action="append", help=help_text,
+                           metavar=shown or flag.strip("-").upper())
         elif extra.get("judges"):
             p.add_argument(flag, dest=name, type=_judges_value, help=help_text)
         elif name == "facets":
             p.add_argument(flag, dest=name, type=_number, help=help_text)
         else:
-            p.add_argument(flag, dest=name, type=_scalar(info.annotation),
-                           choices=_choices(info.annotation), help=help_text)
+            p.add_argument(flag, dest=name, type=_scalar(info.annotation), metavar=shown,
+                           help=help_text)
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
 
 

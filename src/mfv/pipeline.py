@@ -332,6 +332,7 @@ class _Line:
         evaluation = summary({r.slug: r.metrics for r in self.records if r.metrics}) \
             if "evaluate" in done else None
         common = dict(settings=self.settings.to_dict(), model=self.model.describe(),
+                      device=str(self.model.device),
                       scan=self.scanned, records=self.records, timings=self.timings,
                       error=error, created=(previous or {}).get("created"),
                       evaluation=evaluation)

@@ -56,7 +56,7 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build(run: RunDir, *, settings: dict, model: dict, scan: ScanResult | None,
+def build(run: RunDir, *, settings: dict, model: dict, device: str, scan: ScanResult | None,
           records: Sequence[TargetRecord], timings: dict, done: set[str],
           error: str | None = None, created: str | None = None,
           evaluation: dict | None = None) -> dict:
@@ -68,7 +68,8 @@ def build(run: RunDir, *, settings: dict, model: dict, scan: ScanResult | None,
         "status": "failed" if error else ("complete" if done >= set(STAGES) else "partial"),
         "error": error,
         "stages": {stage: "done" if stage in done else "missing" for stage in STAGES},
-        "model": model, "data": None, "settings": settings, "versions": versions(),
+        "model": model, "device": device, "data": None, "settings": settings,
+        "versions": versions(),
         "timings": dict(timings), "targets": [],
     }
     if scan is not None:

@@ -316,36 +316,46 @@ def _write_chunk(job: _Pass, c: int, state: _Chunk) -> None:
 
 
 def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
+    """Fold the chunks, one at a time, into the scan's arrays: a top-N scan keeps only the
+    running top-N per target in memory (targets × N), never images × targets."""
     store = job.store
-    chunks = [store.read_chunk(c) for c in range(job.n_chunks)]
-    valid = np.concatenate([arrays["valid"] for arrays, _ in chunks])
-    if not valid.any():
-        raise MfvError(f"no image of {job.images.source} could be read; see the skipped files "
-                       "and their reasons in the report's data section or the scan manifest")
-    dim = next(arrays["codes"].shape[1] for arrays, _ in chunks if "codes" in arrays)
-    store.write_array("codes", np.concatenate([
-        arrays["codes"] if "codes" in arrays else np.full((meta["size"], dim), np.nan, np.float32)
-        for arrays, meta in chunks]))
-    store.write_array("valid", valid)
+    valid, codes, acts, bad = [], [], [], []
     spectrum = AmplitudeSpectrum()
-    for arrays, _ in chunks:
+    top: tuple[np.ndarray, np.ndarray] | None = None
+    for c in range(job.n_chunks):
+        arrays, meta = store.read_chunk(c)
+        valid.append(arrays["valid"])
+        codes.append(arrays.get("codes"))
+        bad += [{"path": p, "reason": r} for p, r in meta["bad"]]
         if "codes" in arrays:
             spectrum.merge(AmplitudeSpectrum.from_state(
                 {k.removeprefix("spectrum_"): v for k, v in arrays.items()
                  if k.startswith("spectrum_")}))
+        if job.mode == "full":
+            acts.append(arrays["acts"])
+        else:
+            pair = (arrays["topv"], arrays["topi"])
+            if top is not None:
+                pair = (np.concatenate([top[0], pair[0]], axis=1),
+                        np.concatenate([top[1], pair[1]], axis=1))
+            top = merge_top(*pair, job.top_n)
+    valid = np.concatenate(valid)
+    if not valid.any():
+        raise MfvError(f"no image of {job.images.source} could be read; see the skipped files "
+                       "and their reasons in the report's data section or the scan manifest")
+    dim = next(block.shape[1] for block in codes if block is not None)
+    store.write_array("codes", np.concatenate([
+        block if block is not None else np.full((job.chunk_size(c), dim), np.nan, np.float32)
+        for c, block in enumerate(codes)]))
+    store.write_array("valid", valid)
     store.write_array("spectrum", spectrum.result().numpy())
     if job.mode == "full":
-        store.write_array("activations", np.concatenate([a["acts"] for a, _ in chunks]))
+        store.write_array("activations", np.concatenate(acts))
     else:
-        values = np.concatenate([a["topv"] for a, _ in chunks], axis=1)
-        indices = np.concatenate([a["topi"] for a, _ in chunks], axis=1)
-        values, indices = merge_top(values, indices, job.top_n)
-        store.write_array("top_values", values)
-        store.write_array("top_indices", indices)
-    manifest = {**manifest, "status": "complete", "bad": [
-        {"path": p, "reason": r} for _, meta in chunks for p, r in meta["bad"]],
-        "n_valid": int(valid.sum()), "code_dim": int(dim),
-        "seconds": manifest.get("seconds", 0.0) + seconds}
+        store.write_array("top_values", top[0])
+        store.write_array("top_indices", top[1])
+    manifest = {**manifest, "status": "complete", "bad": bad, "n_valid": int(valid.sum()),
+                "code_dim": int(dim), "seconds": manifest.get("seconds", 0.0) + seconds}
     store.write_manifest(manifest)
     store.drop_chunks()
     return ScanResult(store, manifest)

@@ -145,12 +145,14 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise MfvError(f"{path} is not a plain state dict that can be read safely "
-                       f"(weights_only=True): {exc}") from exc
+        raise MfvError(f"--weights {path} is not a state dict that can be read safely "
+                       f"(torch.load with weights_only=True failed: {type(exc).__name__}); give "
+                       "a .safetensors file or one saved with torch.save(model.state_dict(), "
+                       "path)") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise MfvError(f"{path} does not hold a state dict")
+        raise MfvError(f"--weights {path} does not hold a state dict")
     return state
 
 
@@ -170,10 +172,10 @@ def _exported(path: str, preprocess, classes, logits_layer) -> LoadedModel:
         with warnings.catch_warnings():  # torch's own loader warns about its internals
             warnings.simplefilter("ignore", FutureWarning)
             program = torch.export.load(path)
+            module = torch.export.unflatten(program)
     except Exception as exc:  # a zip that is not an exported program, a newer format, ...
         raise MfvError(f"--model {path} is not a torch.export program that this torch "
                        f"({torch.__version__}) can load: {type(exc).__name__}: {exc}") from None
-    module = torch.export.unflatten(program)
     return LoadedModel(Path(path).stem, module, preprocess or Preprocess(), classes,
                        logits_layer or _last_linear(module),
                        {"source": "torch.export", "file": str(path)})
