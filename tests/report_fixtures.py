@@ -2,8 +2,11 @@
 
 `make_fake_run(root)` writes small PNG inputs under root/inputs (one named with a `<script>`
 tag, one broken, one listed but missing), generated images under root/run/targets, and
-returns (run_dir, results) following schema mfv.results/1. `drop_stages` strips the results
-back to what an earlier stage would have written. `open_report` and the helpers after it
+returns (run_dir, results) following schema mfv.results/2 (docs/results.schema.json): two
+recipes, paper-mean and maco (maco's pictures with transparency maps), traces as .npy files,
+metrics as evaluate writes them (as seen and `_central`); paper-mean beats its random starts,
+maco loses to its own on coverage and activation. `drop_stages` strips the results back to
+what an earlier stage would have written. `open_report` and the helpers after it
 drive any report in headless Chromium (Playwright); the demo's browser test can reuse them.
 """
 
@@ -24,7 +27,10 @@ from PIL import Image
 EVIL_NAME = "x<script>alert(1)<\\script> & \"q\" 'a'.png"
 EVIL_LABEL = "<img src=x onerror=alert(2)>"
 EVIL_CLASS = "<script>alert(3)</script>"
+EVIL_JUDGE = "judge<script>alert(4)</script>\"&'"  # an independent network's name
 ODD_VIS_NAME = "facet00 #1 %20.png"  # needs URL quoting to load
+RECIPES = ("paper-mean", "maco")  # maco pictures carry a transparency map (`alpha`)
+LONG_TRACE = 500  # steps of target 0 facet 1's paper-mean trace (the chart downsamples it)
 
 
 def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 48) -> None:
@@ -32,6 +38,44 @@ def _png(path: Path, colour: tuple[int, int, int], seed: int, size: int = 48) ->
     a = np.clip(np.array(colour) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(a).save(path)
+
+
+def fake_trace(steps: int, start: float, end: float, seed: int) -> np.ndarray:
+    """A rising, wiggly optimization trace from `start` to `end`."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, steps)
+    wiggle = 0.05 * (end - start) * rng.normal(size=steps)
+    wiggle[0] = wiggle[-1] = 0
+    return (start + (end - start) * np.sqrt(t) + wiggle).astype(np.float32)
+
+
+def _picture_metrics(activation: float, real_max: float, facet_max: float, *, facet: bool,
+                     fidelity: bool, judged: bool, k: int) -> dict[str, Any]:
+    """One picture's metrics as evaluate writes them: as seen, and `_central`."""
+    m: dict[str, Any] = {}
+    for view, a in (("", activation), ("_central", activation * 1.1)):
+        m[f"activation{view}"] = a
+        m[f"activation_ratio{view}"] = a / real_max
+        m[f"activation_ratio_facet{view}"] = a / facet_max
+    m["centre_dominance"] = 0.3 - 0.1 * k
+    if facet:
+        m["path_similarity_layers"] = [0.95, 0.81, 0.62 - 0.05 * k]
+        m["path_similarity"] = float(np.mean(m["path_similarity_layers"]))
+        m["plausibility"] = 0.41 + 0.01 * k
+    if judged:
+        for view, ranks in (("", [1, 4 + k]), ("_central", [1, 1])):
+            m[f"judge_ranks{view}"] = ranks
+            m[f"transfer_top1{view}"] = float(np.mean([r == 1 for r in ranks]))
+            m[f"transfer_top5{view}"] = float(np.mean([r <= 5 for r in ranks]))
+    if facet:
+        m["fidelity"], m["fidelity_central"] = fidelity, True
+        m["fidelity_margin"], m["fidelity_margin_central"] = (0.12 if fidelity else -0.2), 0.3
+    return m
+
+
+def _means(per: list[dict[str, Any]]) -> dict[str, float]:
+    keys = [k for k, v in per[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return {k: float(np.mean([m[k] for m in per])) for k in keys}
 
 
 def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
@@ -57,6 +101,18 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
         _png(run / rel, colour, seed, size)
         return rel
 
+    def visual(stem: str, colour: tuple[int, int, int], recipe: str, activation: float,
+               steps: int = 40) -> dict[str, Any]:
+        nonlocal seed
+        seed += 1
+        name = f"{stem}.png"
+        out = {"path": generated(name, colour, 96), "activation": activation,
+               "trace": name[:-4] + "_trace.npy"}
+        np.save(run / out["trace"], fake_trace(steps, 0.1 * activation, activation, seed))
+        if recipe == "maco":
+            out["alpha"] = generated(name[:-4] + "_alpha.png", (128, 128, 128))
+        return out
+
     evil = f"inputs/odd/{EVIL_NAME}"
     _png(root / evil, (230, 200, 40), 999)
     broken = "inputs/odd/broken.png"
@@ -64,9 +120,14 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
     missing = "inputs/odd/missing.png"
     absolute = str((root / "inputs" / "abs_one.png").resolve())
     _png(Path(absolute), (90, 90, 90), 777)
+    real_max = 12.5
+    networks = ["tinynet", EVIL_JUDGE]  # the optimized one and an independent judge
+    # coverage of each recipe's facet pictures vs its random starts: paper-mean wins, maco loses
+    coverage = {"paper-mean": (1.0, 0.5), "maco": (0.5, 1.0)}
 
     def target(i: int, spec: str, sizes: list[int], class_name: str | None) -> dict[str, Any]:
-        slug = f"t{i:02d}_fake"
+        slug = f"t{i:02d}-fake-{i:08x}"
+        folder = f"targets/{slug}"
         facets, points = [], []
         for r, n in enumerate(sizes):
             members = inputs(f"t{i}f{r}", n, colours[r % 3])
@@ -76,19 +137,24 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
             if i == 1 and r == 0:
                 members.append(absolute)
             reps = members[:3]
-            vis_name = ODD_VIS_NAME if (i == 0 and r == 0) else f"facet{r:02d}_paper-mean.png"
+            facet_max = 9.5 + r
+            vis = {}
+            for recipe in RECIPES:
+                odd = i == 0 and r == 0 and recipe == "paper-mean"
+                name = ODD_VIS_NAME[:-4] if odd else f"facet{r:02d}_{recipe}"
+                stem = f"{folder}/{name}"
+                steps = LONG_TRACE if (i == 0 and r == 1 and recipe == "paper-mean") else 40
+                activation = (20.0 + r) if recipe == "paper-mean" else (8.0 + r)
+                vis[recipe] = visual(stem, colours[r % 3], recipe, activation, steps)
             facets.append({
                 "rank": r, "size": len(members), "members": members, "representatives": reps,
-                "mean_image": generated(f"targets/{slug}/facet{r:02d}_mean.png", colours[r % 3]),
-                "activation_real": {"mean": 3.0 + r, "max": 9.5 + r},
-                "visualizations": {
-                    "paper-mean": {
-                        "path": generated(f"targets/{slug}/{vis_name}", colours[r % 3], 96),
-                        "activation": 20.0 + r, "trace": None,
-                    }
-                },
-                "metrics": {"activation_ratio": 2.1 - 0.1 * r, "fidelity": r != 2,
-                            "fidelity_margin": 0.12},
+                "mean_image": generated(f"{folder}/facets/0123456789abcdef/mean{r:02d}.png",
+                                        colours[r % 3]),
+                "activation_real": {"mean": 3.0 + r, "max": facet_max},
+                "visualizations": vis,
+                "metrics": {recipe: _picture_metrics(
+                    v["activation"], real_max, facet_max, facet=True, judged=i == 1, k=r,
+                    fidelity=recipe == "paper-mean" or r == 0) for recipe, v in vis.items()},
             })
             cx, cy = 12.0 * math.cos(2.1 * r), 12.0 * math.sin(2.1 * r)
             for k, path in enumerate(members):
@@ -98,40 +164,66 @@ def make_fake_run(root: Path) -> tuple[Path, dict[str, Any]]:
                                "y": cy + rad * math.sin(angle), "facet": r,
                                "activation": 5.0 + 0.1 * k,
                                "label": EVIL_LABEL if path == evil else f"class{r}"})
-        baselines = {"paper-mean": [
-            {"path": generated(f"targets/{slug}/random{k:02d}_paper-mean.png", (128, 128, 128)),
-             "activation": 11.0 + k} for k in range(len(sizes))
-        ]}
+        baselines = {recipe: [
+            visual(f"{folder}/random{k:02d}_{recipe}", (128, 128, 128), recipe, 11.0 + k)
+            for k in range(len(sizes))] for recipe in RECIPES}
+        metrics: dict[str, Any] = {"activation_max_real": real_max, "facet": {}, "random": {}}
+        if i == 0:
+            metrics["recovery"] = {"ari": 0.62, "nmi": 0.7, "purity": 0.85}
+        for recipe in RECIPES:
+            mfv_cov, random_cov = coverage[recipe]
+            random = [_picture_metrics(b["activation"], real_max, 9.5 + k, facet=False,
+                                       fidelity=False, judged=i == 1, k=k)
+                      for k, b in enumerate(baselines[recipe])]
+            metrics["facet"][recipe] = {"diversity": 0.41, "diversity_central": 0.39}
+            metrics["random"][recipe] = {**_means(random), "diversity": 0.22,
+                                         "diversity_central": 0.2}
+            if i == 0:
+                metrics["facet"][recipe]["coverage"] = {n: mfv_cov for n in networks}
+                metrics["random"][recipe]["coverage"] = {n: random_cov for n in networks}
+        terms = ([{"weight": 1.0, "layer": "_fc", "unit": 0},
+                  {"weight": 1.0, "layer": "_fc", "unit": 701}] if i == 0
+                 else [{"weight": 1.0, "layer": "conv", "unit": 3}])
         return {
             "spec": spec, "slug": slug, "class_index": None if class_name is None else 3,
             "class_name": class_name,
+            "target": {"spec": spec, "reduction": "center",
+                       "class_index": None if class_name is None else 3, "terms": terms},
             "selection": {"policy": "top", "n": sum(sizes), "top_n": 200},
-            "activation_max_real": 12.5, "k_requested": len(sizes), "k_chosen": len(sizes),
-            "map": points, "facets": facets, "baselines": baselines,
-            "metrics": {"diversity": 0.41, "diversity_random": 0.22},
+            "activation_max_real": real_max, "k_requested": len(sizes), "k_chosen": len(sizes),
+            "map": points, "facets": facets, "baselines": baselines, "metrics": metrics,
         }
 
     targets = [
         target(0, "_fc:0 + _fc:701", [20, 6, 5], None),
         target(1, f"conv:3 <b>bold</b> {EVIL_CLASS}", [5, 4], EVIL_CLASS),
     ]
+    evaluation = {}
+    for recipe in RECIPES:
+        per = [f["metrics"][recipe] for t in targets for f in t["facets"]]
+        evaluation[recipe] = {k: float(np.mean([float(m[k]) for m in per if k in m]))
+                              for k in per[0] if not isinstance(per[0][k], list)}
     results: dict[str, Any] = {
-        "schema": "mfv.results/1", "mfv_version": "0.1.0",
+        "schema": "mfv.results/2", "mfv_version": "0.1.0",
         "created": "2026-11-26T15:00:00Z", "updated": "2026-11-26T15:05:00Z",
+        "status": "complete", "error": None, "device": "cpu",
         "stages": {"scan": "done", "facets": "done", "render": "done", "evaluate": "done",
                    "report": "done"},
-        "model": {"name": "tinynet", "preprocess": {"input_size": 32, "mean": [0.5] * 3},
+        "model": {"name": "tinynet", "class": "TinyNet", "parameters": 1477,
+                  "fingerprint": "cd" * 32,
+                  "preprocess": {"input_size": 32, "mean": [0.5] * 3},
                   "logits_layer": "fc", "num_classes": 5},
         "data": {"source": "folder inputs", "base": str(root.resolve()), "n_images": 60,
-                 "n_valid": 58, "fingerprint": "sha256:" + "ab" * 32,
+                 "n_valid": 58, "fingerprint": "sha256:" + "ab" * 32, "code_layer": "penultimate",
                  "skipped": [{"path": f"inputs/{EVIL_CLASS}.jpg", "reason": "truncated file"},
                              {"path": "inputs/empty.png", "reason": "empty file (0 bytes)"}]},
         "settings": {"targets": [t["spec"] for t in targets], "facets": 3, "mean_of": 3,
-                     "recipes": ["paper-mean"], "steps": None, "seed": 0, "device": "cpu",
-                     "note": EVIL_CLASS},
-        "versions": {"python": "3.11", "torch": "2.13.0", "mfv": "0.1.0"},
+                     "recipes": list(RECIPES), "steps": None, "seed": 0, "device": "cpu",
+                     "judges": [EVIL_JUDGE], "note": EVIL_CLASS},
+        "versions": {"python": "3.11", "torch": "2.13.0", "numpy": "2.4.6", "mfv": "0.1.0"},
         "timings": {"scan": 1.5, "facets": 0.7, "render": 75.0, "evaluate": 0.2},
         "targets": targets,
+        "evaluation": evaluation,
     }
     return run, results
 

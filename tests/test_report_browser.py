@@ -1,5 +1,6 @@
 """The report in real headless Chromium from file://: loads cleanly, every image shows,
-the facet map's tooltip and highlighting work, and hostile file names stay text."""
+the facet map's tooltip and highlighting work, hostile file names stay text, metrics read by
+their plain names with explanations on hover, and the trace charts are drawn."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import pytest
 from PIL import Image
 
 from mfv.report import write_report
+from mfv.report.glossary import METRICS
 from report_fixtures import (
     EVIL_CLASS,
+    EVIL_JUDGE,
     EVIL_LABEL,
     EVIL_NAME,
+    RECIPES,
     ReportPage,
     highlighted,
     hover_point,
@@ -23,13 +27,18 @@ from report_fixtures import (
     open_report,
 )
 
-T0 = "t0-t00_fake"  # section id of the first target
+T0 = "t0-t00-fake-00000000"  # section ids of the two targets
+T1 = "t1-t01-fake-00000001"
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ReportPage]:
-    root = tmp_path_factory.mktemp("fake_run")
-    run, results = make_fake_run(root)
+def fake_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return make_fake_run(tmp_path_factory.mktemp("fake_run"))
+
+
+@pytest.fixture(scope="module")
+def report(fake_results: tuple[Path, dict]) -> Iterator[ReportPage]:
+    run, results = fake_results
     index = write_report(run, results, progress=False)
     # a missing browser or Playwright is a failure, not a skip: CI installs both
     with open_report(index) as rp:
@@ -42,7 +51,9 @@ def test_loads_cleanly_and_offline(report: ReportPage) -> None:
     assert report.console_errors == [] and report.page_errors == []
     assert report.requests and all(u.startswith("file://") for u in report.requests)
     assert report.page.locator("section.target").count() == 2
-    assert report.page.locator("section.target[id='t0-t00_fake'] .card.facet").count() == 3
+    assert report.page.locator(f"section.target[id='{T0}'] .card.facet").count() == 3
+    # every maco picture shows its transparency map (loaded, as every image above)
+    assert report.page.locator("img.alpha").count() == 10
 
 
 def test_hover_shows_the_image(report: ReportPage) -> None:
@@ -69,8 +80,60 @@ def test_hostile_names_are_text(report: ReportPage) -> None:
     assert page.get_by_text(EVIL_CLASS).first.is_visible()
     assert page.locator("section.target h2 code").nth(1).inner_text().endswith(EVIL_CLASS)
     assert page.locator("b", has_text="bold").count() == 0  # '<b>bold</b>' in a spec stays text
+    assert page.get_by_text(f"coverage by {EVIL_JUDGE}").first.is_visible()
     assert report.dialogs == []
     assert page.evaluate("document.scripts.length") == 2
+
+
+def test_metrics_have_plain_names_and_explanations(report: ReportPage,
+                                                   fake_results: tuple[Path, dict]) -> None:
+    page = report.page
+    text = page.evaluate("document.body.innerText")
+    raw = set()
+    for t in fake_results[1]["targets"]:
+        for f in t["facets"]:
+            for m in f["metrics"].values():
+                raw |= {k for k in m if "_" in k}
+        for level in ("facet", "random"):
+            for m in t["metrics"][level].values():
+                raw |= {k for k in m if "_" in k}
+    assert {"activation_ratio_facet", "judge_ranks", "transfer_top1_central"} <= raw
+    assert not [k for k in raw if k in text]
+    labels = page.evaluate("""() => [...document.querySelectorAll('table.metrics .m')].map(
+        e => ({label: e.textContent, title: e.title, row: e.closest('tr').dataset.metric,
+               visible: e.getBoundingClientRect().width > 0}))""")
+    assert len(labels) > 50
+    for item in labels:
+        info = METRICS[item["row"]]
+        assert item["label"].startswith(info.label) and item["title"].startswith(
+            info.explanation)
+    # the central crop's value stands beside the value as seen, in grey
+    grey = page.evaluate("""() => { const c = document.querySelector('table.metrics .cv');
+        return getComputedStyle(c).color; }""")
+    assert grey == "rgb(152, 162, 179)"
+
+
+def test_verdicts_and_trace_charts(report: ReportPage, fake_results: tuple[Path, dict]) -> None:
+    page = report.page
+    section = page.locator(f"section.target[id='{T0}']")
+    verdicts = section.locator(".verdict")
+    assert verdicts.count() == len(RECIPES)
+    assert verdicts.nth(0).get_attribute("data-outcome") == "better"
+    assert "covers 2/2 classes vs 1/2 from random starts" in verdicts.nth(0).inner_text()
+    worse = verdicts.nth(1).locator(".clause[data-outcome='worse']")
+    assert worse.count() == 2 and "0.72× the best photo vs 0.96×" in worse.nth(1).inner_text()
+    assert worse.nth(0).evaluate("e => getComputedStyle(e).color") == "rgb(164, 38, 44)"
+    charts = page.evaluate("""() => [...document.querySelectorAll('.spark')].map(s => {
+        const line = s.querySelector('polyline'), box = line.getBoundingClientRect();
+        return {n: line.points.numberOfItems, w: box.width, h: box.height,
+                ends: s.querySelector('.ends').textContent, title: s.title}; })""")
+    results = fake_results[1]
+    pictures = sum(len(f["visualizations"]) for t in results["targets"] for f in t["facets"])
+    pictures += sum(len(b) for t in results["targets"] for b in t["baselines"].values())
+    assert len(charts) == pictures == page.locator("figure.pic img.vis:not(.alpha)").count()
+    for chart in charts:
+        assert chart["n"] >= 2 and chart["w"] > 60 and chart["h"] > 3
+        assert " → " in chart["ends"] and "per optimization step" in chart["title"]
 
 
 def test_clicking_a_facet_highlights_its_members(report: ReportPage) -> None:
@@ -93,7 +156,7 @@ def test_clicking_a_facet_highlights_its_members(report: ReportPage) -> None:
     state = highlighted(page, T0)
     assert state["on"] == [] and state["off_opacity"] == 1
     # the other target's map is untouched
-    assert highlighted(page, "t1-t01_fake")["on"] == []
+    assert highlighted(page, T1)["on"] == []
 
 
 def test_screenshot(report: ReportPage, tmp_path: Path) -> None:

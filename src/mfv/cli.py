@@ -26,6 +26,9 @@ STAGE_HELP = {
     "report": "write RUN/index.html and RUN/results.json (runs earlier stages if needed)",
 }
 _DEMO_HIDDEN = ("model", "weights", "images", "targets")  # the demo chooses these itself
+_SWEEP_HIDDEN = ("targets", "facets", "baseline", "steps", "as_written", "anchor_weight",
+                 "match_weight", "match_layers", "judges", "min_facet_size", "merge",
+                 "selection", "mean_resize", "scan_mode")  # the sweep decides these
 
 
 def _number(text: str) -> int | str:
@@ -68,15 +71,17 @@ def _scalar(annotation: Any) -> Any:
     return _number if int in kinds else _real if float in kinds else str
 
 
-def _add_settings(p: argparse.ArgumentParser, hidden: tuple[str, ...] = ()) -> None:
-    """One option per setting that has a flag (defaults stay None: unset means the default)."""
+def _add_settings(p: argparse.ArgumentParser, command: str,
+                  hidden: tuple[str, ...] = ()) -> None:
+    """One option per setting that has a flag and belongs to `command` (defaults stay None:
+    unset means the default)."""
     from mfv.settings import Settings
 
     p.add_argument("--config", help="TOML file with settings (options given here win)")
     for name, info in Settings.model_fields.items():
         extra = info.json_schema_extra or {}
         flag = extra.get("flag")
-        if not flag or name in hidden:
+        if not flag or name in hidden or command not in extra.get("commands", (command,)):
             continue
         help_text = info.description
         choices = _choices(info.annotation)  # shown in the help; checked by Settings, like a file's
@@ -137,6 +142,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     _summary(results, time.perf_counter() - started)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from mfv.layer_sweep import sweep, sweep_summary
+
+    started = time.perf_counter()
+    doc = sweep(_settings(args))
+    for row in sweep_summary(doc):
+        cells = "  ".join(f"{name} {row[name]['mean']:.3g}" for name in doc["measures"])
+        print(f"{row['layer']}: {row['units']} units  {cells}")
+    out = doc["settings"]["out"]
+    print(f"sweep: {out}/sweep/sweep.json  plot: {out}/{doc['plot']['png']}  "
+          f"({time.perf_counter() - started:.0f} s)")
+
+
 def _summary(results: dict, seconds: float) -> None:
     out = results["settings"]["out"]
     for target in results["targets"]:
@@ -158,12 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     layers.set_defaults(func=_cmd_layers)
     for name, text in STAGE_HELP.items():
         stage = sub.add_parser(name, help=text, description=text)
-        _add_settings(stage)
+        _add_settings(stage, name)
         stage.set_defaults(func=_cmd_stage)
     demo = sub.add_parser("demo", help="the whole pipeline on EfficientNet-Lite0 and the "
                           "built-in photo pool (offline, a few minutes on a CPU)")
-    _add_settings(demo, hidden=_DEMO_HIDDEN)
+    _add_settings(demo, "demo", hidden=_DEMO_HIDDEN)
     demo.set_defaults(func=_cmd_demo)
+    text = "how multifaceted is each layer: facets of sampled units per layer, measured"
+    sweep = sub.add_parser("sweep", help=text, description=text)
+    _add_settings(sweep, "sweep", hidden=_SWEEP_HIDDEN)
+    sweep.set_defaults(func=_cmd_sweep)
     return parser
 
 

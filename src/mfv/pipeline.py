@@ -176,7 +176,8 @@ class _Line:
         merged = list({t.spec: t for t in [*self.scan_targets, *self.targets]}.values())
         self.scanned = scan(self.model, self.images, merged, self.rundir,
                             code_layer=s.code_layer, batch_size=s.scan_batch_size,
-                            workers=s.workers, top_n=s.top_n, progress=s.progress)
+                            workers=s.workers, mode=s.scan_mode, top_n=s.top_n,
+                            progress=s.progress)
         if self.scanned is None:  # pragma: no cover - only with shards
             raise MfvError("the scan is incomplete")
         self.done.add("scan")

@@ -43,6 +43,8 @@ from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save
 
 FACETS_FORMAT = "mfv.facets/3"
 _KEY_CHARS = 16
+SCAN_MODES = ("auto", "full", "topn")  # how a scan stores activations (`choose_mode`)
+FULL_LIMIT_BYTES = 2 * 1024**3  # above this, `auto` keeps a streaming top-N per target
 
 
 # ------------------------------------------------------------------------------------- keys
@@ -104,6 +106,16 @@ class RenderEntry:
 
 
 # -------------------------------------------------------------------------------- the scan
+def choose_mode(mode: str, n_images: int, n_targets: int) -> str:
+    """`full` activation vectors (images × targets) when they fit in FULL_LIMIT_BYTES, else a
+    streaming top-N per target (targets × N)."""
+    if mode == "auto":
+        return "full" if n_images * n_targets * 4 <= FULL_LIMIT_BYTES else "topn"
+    if mode not in SCAN_MODES:
+        raise MfvError(f"unknown scan mode {mode!r}: use {', '.join(SCAN_MODES)}")
+    return mode
+
+
 class ScanStore:
     """One scan's folder: a manifest, finished chunks, and the merged arrays (all `.npy`)."""
 
@@ -298,6 +310,52 @@ class TargetDir:
                 _remove(path)
 
 
+# ------------------------------------------------------------------------------ the sweep
+class SweepStore:
+    """`RUN/sweep/`: the layer sweep's results, per-unit measures (by key), the independent
+    embedding's codes, example facets' mean images and the plot."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def write(self, name: str, doc: dict) -> None:
+        atomic_write_json(self.directory / f"{name}.json", doc)
+
+    def read(self, name: str) -> dict | None:
+        path = self.directory / f"{name}.json"
+        return read_json(path) if path.exists() else None
+
+    def read_unit(self, key: str) -> dict | None:
+        path = self.directory / "units" / f"{key[:_KEY_CHARS]}.json"
+        if not path.exists():
+            return None
+        doc = read_json(path)
+        return doc["measures"] if doc.get("key") == key else None
+
+    def write_unit(self, key: str, measures: dict) -> None:
+        atomic_write_json(self.directory / "units" / f"{key[:_KEY_CHARS]}.json",
+                          {"key": key, "measures": measures})
+
+    def read_array(self, name: str) -> np.ndarray | None:
+        path = self.directory / f"{name}.npy"
+        return load_npy(path) if path.exists() else None
+
+    def write_array(self, name: str, array: np.ndarray) -> None:
+        atomic_save_npy(self.directory / f"{name}.npy", array)
+
+    def example_dir(self, layer_slug: str, unit: int) -> Path:
+        return self.directory / "examples" / layer_slug / f"u{unit:05d}"
+
+    def write_image(self, path: Path, image: np.ndarray) -> None:
+        if not path.is_relative_to(self.directory):
+            raise MfvError(f"{path} lies outside the sweep's folder")
+        save_png(path, image)
+
+    @property
+    def plot_stem(self) -> Path:
+        return self.directory / "measures"
+
+
 # --------------------------------------------------------------------------------- the run
 class RunDir:
     """A run directory: where each kind of result is stored, and which are current."""
@@ -312,8 +370,12 @@ class RunDir:
         return TargetDir(self.root / "targets" / slug_name)
 
     @property
-    def sweep_dir(self) -> Path:
-        return self.root / "sweep"
+    def sweep(self) -> SweepStore:
+        return SweepStore(self.root / "sweep")
+
+    @property
+    def layers_page(self) -> Path:
+        return self.root / "layers.html"
 
     @property
     def results_file(self) -> Path:

@@ -29,14 +29,11 @@ from mfv.errors import MfvError
 from mfv.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, collate_skip_bad
 from mfv.models import LoadedModel
 from mfv.models.base import to_tensor
-from mfv.rundir import RunDir, ScanStore, digest
+from mfv.rundir import RunDir, ScanStore, choose_mode, digest
 from mfv.sources import ImageList
 from mfv.spectrum import AmplitudeSpectrum
 from mfv.targets import Target, resolve_layer
 from mfv.topn import merge_top
-
-FULL_LIMIT_BYTES = 2 * 1024**3  # above this, activations are kept as a streaming top-N
-MODES = ("auto", "full", "topn")
 
 
 class ScanResult:
@@ -148,15 +145,6 @@ def decode_settings(model: LoadedModel) -> dict:
     size or aspect limits are skipped."""
     return {"jpeg_draft_min_side": model.preprocess.resize_size, "min_side": MIN_USABLE_SIDE,
             "max_aspect": MAX_ASPECT_RATIO}
-
-
-def choose_mode(mode: str, n_images: int, n_targets: int) -> str:
-    """`full` vectors when they fit in FULL_LIMIT_BYTES, else a streaming top-N per target."""
-    if mode == "auto":
-        return "full" if n_images * n_targets * 4 <= FULL_LIMIT_BYTES else "topn"
-    if mode not in MODES:
-        raise MfvError(f"unknown scan mode {mode!r}: use {', '.join(MODES)}")
-    return mode
 
 
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,

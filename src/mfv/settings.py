@@ -19,6 +19,7 @@ from mfv.errors import MfvError
 from mfv.facets import EMBEDDINGS, POLICIES
 from mfv.preprocess import RESIZE_POLICIES
 from mfv.render.recipes import RECIPES
+from mfv.rundir import SCAN_MODES
 from mfv.targets import ACTIVATIONS, REDUCTIONS
 
 if sys.version_info >= (3, 11):
@@ -104,6 +105,20 @@ class Settings(BaseModel):
                                                       "(default: automatic)"))
     scan_batch_size: int = Field(32, ge=1, **_opt("--scan-batch-size", "images per scan batch"))
     workers: int = Field(1, ge=0, **_opt("--workers", "image decoding processes (default 1)"))
+    scan_mode: Literal[SCAN_MODES] = Field("auto", **_opt(
+        "--scan-mode", "full activation vectors, a streaming top-N per target (topn), or auto "
+        "(full when they fit in 2 GB)"))
+    layers: str = Field("auto", **_opt(
+        "--layers", "sweep: 'auto' (every block output plus the logits) or L1,L2,...",
+        commands=("sweep",)))
+    units: int | Literal["all"] = Field(8, **_opt(
+        "--units", "sweep: units per layer (a seeded sample), or 'all'", commands=("sweep",)))
+    render: int = Field(0, ge=0, **_opt(
+        "--render", "sweep: also render the facets of this many units per layer",
+        commands=("sweep",)))
+    embedder: str = Field("efficientnet_lite2", **_opt(
+        "--embedder", "sweep: the independent network whose codes score the facets",
+        commands=("sweep",)))
     judges: tuple[str, ...] = Field(("efficientnet_lite1", "efficientnet_lite2"), **_opt(
         "--judges", "models that judge transferability, comma-separated, or 'none'",
         judges=True))
@@ -114,6 +129,13 @@ class Settings(BaseModel):
     def _facets_kind(cls, value: Any) -> Any:
         if value != "auto" and (not isinstance(value, int) or isinstance(value, bool)):
             raise ValueError("must be a whole number or 'auto'")
+        return value
+
+    @field_validator("units")
+    @classmethod
+    def _positive_units(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be at least 1, or 'all'")
         return value
 
     @field_validator("facets")

@@ -4,6 +4,9 @@
 visualizations yet gives a report of the facets), makes thumbnails of the input images it shows
 (in the run directory's thumbnail folder), and writes the page atomically. The page needs no
 network: its CSS and script are inline and its images are files inside the run directory.
+
+Pages are Jinja2 templates on one base layout (`mfv.report.pages` says how to add one);
+metric names and explanations live in `mfv.report.glossary`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfv.io import atomic_write_text
-from mfv.report.page import Page, thumb_paths
+from mfv.report.pages import KV, PAGES, Img, Links, PageSpec, render_page, write_page
+from mfv.report.run_page import RunPage, thumb_paths
 from mfv.report.thumbs import make_thumbs
 from mfv.rundir import RunDir
 
-__all__ = ["write_report"]
+__all__ = ["KV", "PAGES", "Img", "Links", "PageSpec", "render_page", "write_page",
+           "write_report"]
 
 
 def write_report(run: RunDir | str | Path, results: Mapping[str, Any], *,
@@ -27,5 +31,5 @@ def write_report(run: RunDir | str | Path, results: Mapping[str, Any], *,
     base = (results.get("data") or {}).get("base")
     thumbs = make_thumbs(run.thumbs_dir, run.relative(run.thumbs_dir), thumb_paths(results),
                          base, progress=progress)
-    page = Page(run.root, results, thumbs).render()
-    return atomic_write_text(run.report_file, page)
+    context = RunPage(results, Links(run, PAGES["run"]), thumbs).context()
+    return write_page(run, "run", context)

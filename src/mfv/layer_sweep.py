@@ -1,0 +1,341 @@
+"""`mfv sweep`: how multifaceted is each layer of a network? (the paper's RQ1/RQ3, measured)
+
+1. One streaming scan records, for every unit of every chosen layer, its top-N images (spatial
+   maps reduced as `--reduction` says) and each image's code — in memory units × N, never
+   images × units (`mfv.scan` in top-N mode, chunked and resumable).
+2. A seeded sample of units per layer (`--units`): each unit's top-N images are clustered into
+   facets by the paper's pipeline (automatic k), and scored (`mfv.multifacetedness`): the number
+   of facets, their silhouette (the clustering's own space), 1 − MonoScore and the PURE-style
+   separation ratio in an **independent** embedding (another network's penultimate codes), each
+   against its chance level: the same measure on random image sets of the same size.
+3. Per layer: the mean over its units with a bootstrap confidence interval, plotted against
+   depth; a few example units per layer keep their facets' mean images and members for the
+   report's Layers page; `--render N` also runs the pipeline (default recipe) on N units per
+   layer, over the same scan.
+
+Everything lands in `RUN/sweep/` (`mfv.rundir.SweepStore`), results in `RUN/sweep/sweep.json`
+(format `mfv.sweep/1`, described in `docs/sweep.md`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mfv.activations import capture
+from mfv.errors import MfvError
+from mfv.images import BadImageError, load_rgb
+from mfv.models import LoadedModel, load_model
+from mfv.models.base import to_tensor
+from mfv.multifacetedness import bootstrap_ci, mono_score, unit_measures
+from mfv.pipeline import prepare_model
+from mfv.pipeline import run as run_pipeline
+from mfv.plots import plot_layer_measures
+from mfv.preprocess import Preprocess
+from mfv.rundir import RunDir, check_out, digest, open_run, slug
+from mfv.scan import ScanResult, scan
+from mfv.settings import Settings, make_settings
+from mfv.sources import open_images
+from mfv.targets import parse_targets, resolve_layer
+
+SWEEP_FORMAT = "mfv.sweep/1"
+MEASURES = ("k", "silhouette", "polysemanticity", "separation")
+CHANCE_REPEATS = 20
+EXAMPLES = 3  # example units per layer whose facets the Layers page shows
+EMBED_BATCH = 32
+
+
+def block_layers(model: LoadedModel) -> list[str]:
+    """The outputs of a network's blocks (the children of its Sequential / ModuleList stages
+    that are themselves made of modules: EfficientNet's MBConv blocks, ResNet's bottlenecks, a
+    ViT's transformer blocks), in order, then the logits layer."""
+    shapes = {info.path: info.shape for info in model.layers()}
+    blocks = []
+    for name, module in model.module.named_modules():
+        for child, sub in module.named_children():
+            path = f"{name}.{child}" if name else child
+            if isinstance(module, (nn.Sequential, nn.ModuleList)) and any(True for _ in
+                                                                          sub.children()) \
+                    and len(shapes.get(path, ())) in (2, 3):
+                blocks.append(path)
+    if not blocks:
+        raise MfvError(f"found no blocks in {model.name}; give --layers L1,L2,... "
+                       "(see `mfv layers`)")
+    return [*blocks, *([model.logits_layer] if model.logits_layer else [])]
+
+
+def choose_layers(model: LoadedModel, spec: str) -> list[str]:
+    """`auto` (every block output plus the logits) or a comma-separated list of module paths."""
+    if spec == "auto":
+        return block_layers(model)
+    layers = [p.strip() for p in spec.split(",") if p.strip()]
+    for path in layers:
+        resolve_layer(model, path)  # a clear error for a typo
+    if not layers:
+        raise MfvError("--layers: give 'auto' or a comma-separated list of layers")
+    return layers
+
+
+@dataclass(frozen=True)
+class _Unit:
+    layer: str
+    unit: int
+    rows: np.ndarray  # the unit's top-N images (scan rows), best first
+    values: np.ndarray  # its activations on them
+
+
+def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
+          preprocess: Preprocess | None = None, **options) -> dict:
+    """Run the layer sweep and return what `RUN/sweep/sweep.json` holds."""
+    settings = settings.updated(**options) if settings is not None else make_settings(**options)
+    check_out(settings.out)
+    loaded = prepare_model(settings, model, preprocess)
+    layers = choose_layers(loaded, settings.layers)
+    targets = parse_targets([f"{layer}:*" for layer in layers], loaded, settings.reduction,
+                            settings.activation)
+    images = open_images(settings.images)
+    started = time.perf_counter()
+    with open_run(settings.out) as run:
+        result = scan(loaded, images, targets, run, code_layer=settings.code_layer,
+                      batch_size=settings.scan_batch_size, workers=settings.workers,
+                      mode="topn", top_n=settings.top_n, progress=settings.progress)
+        doc = _measure(run, settings, loaded, layers, result)
+        doc["timings"]["total"] = round(time.perf_counter() - started, 3)
+        run.sweep.write("sweep", doc)
+    if settings.render:
+        _render(settings, loaded, doc)
+    return doc
+
+
+def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
+                   ) -> dict[str, list[_Unit]]:
+    """Per layer, the units to measure (a seeded sample, or all) that some image activates."""
+    rng = np.random.default_rng(settings.seed)
+    by_layer: dict[str, list[int]] = {}
+    for column, spec in enumerate(result.targets):
+        layer = spec.rsplit(":", 1)[0]
+        by_layer.setdefault(layer, []).append(column)
+    out = {}
+    for layer in layers:
+        columns = by_layer[layer]
+        if settings.units != "all" and len(columns) > settings.units:
+            columns = sorted(rng.choice(columns, settings.units, replace=False).tolist())
+        units = []
+        for column in columns:
+            rows, values = result.top(column, settings.top_n)
+            if len(rows) >= 2 and values.max() > 0 and np.ptp(values) > 0:
+                units.append(_Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
+                                   rows, values))
+        out[layer] = units
+    return out
+
+
+def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequence[str],
+             result: ScanResult) -> dict:
+    t0 = time.perf_counter()
+    units = _sampled_units(settings, result, layers)
+    pool = np.flatnonzero(result.valid)
+    size = settings.top_n
+    rng = np.random.default_rng(settings.seed + 1)
+    chance_sets = [np.sort(rng.choice(pool, min(size, pool.size), replace=False))
+                   for _ in range(CHANCE_REPEATS)]
+    needed = np.unique(np.concatenate([*(u.rows for us in units.values() for u in us),
+                                       *chance_sets]))
+    embedder, embedding = _independent_codes(run, settings, model, result, needed)
+    t1 = time.perf_counter()
+    codes = np.asarray(result.codes)
+    row_of = {int(r): i for i, r in enumerate(needed)}
+    options = {"top_n": size, "embedding": settings.embedding, "mean_of": settings.mean_of,
+               "seed": settings.seed, "embedder": embedder, "version": 1}
+
+    def measure(u: _Unit) -> dict:
+        key = digest(result.key, options, u.layer, u.unit)
+        stored = run.sweep.read_unit(key)
+        if stored is not None:
+            return stored
+        m = unit_measures(codes[u.rows], embedding[[row_of[int(r)] for r in u.rows]], u.values,
+                          seed=settings.seed, m=settings.mean_of, embedding=settings.embedding)
+        doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
+               **m.to_dict(), "members": [[result.paths[int(u.rows[i])] for i in members]
+                                          for members in m.members]}
+        run.sweep.write_unit(key, doc)
+        return doc
+
+    per_layer = []
+    bar = tqdm(total=sum(len(v) for v in units.values()), desc="sweep: facets", unit="unit",
+               disable=not settings.progress)
+    for depth, layer in enumerate(layers):
+        measured = []
+        for u in units[layer]:
+            measured.append(measure(u))
+            bar.update()
+        per_layer.append({"layer": layer, "depth": depth, "units": measured})
+    bar.close()
+    t2 = time.perf_counter()
+    chance_key = digest(result.key, options, chance_sets)[:16]
+    level = run.sweep.read(f"chance-{chance_key}")
+    if level is None:
+        level = _chance(codes, embedding, row_of, chance_sets, settings)
+        run.sweep.write(f"chance-{chance_key}", level)
+    for entry in per_layer:
+        entry["summary"] = {name: dict(zip(("mean", "low", "high"), bootstrap_ci(
+            [u[name] for u in entry["units"]], seed=settings.seed), strict=True))
+            for name in MEASURES}
+        entry["examples"] = _examples(run, settings, model, result, entry)
+    stem = run.sweep.plot_stem
+    plot_layer_measures(
+        [e["layer"] for e in per_layer],
+        {name: [tuple(e["summary"][name][k] for k in ("mean", "low", "high"))
+                for e in per_layer] for name in MEASURES},
+        {name: [level[name]["mean"]] * len(per_layer) for name in MEASURES}, stem)
+    return {
+        "format": SWEEP_FORMAT, "model": model.describe(), "device": str(model.device),
+        "settings": settings.to_dict(), "scan_key": result.key,
+        "data": {"source": result.manifest["source"], "n_images": len(result.paths),
+                 "n_valid": int(result.valid.sum())},
+        "embedder": embedder, "measures": list(MEASURES), "chance": level,
+        "plot": {fmt: run.relative(stem.with_name(f"{stem.name}.{fmt}"))
+                 for fmt in ("png", "svg")},
+        "layers": per_layer, "answer": _answer(per_layer, level),
+        "timings": {"scan": round(result.manifest["seconds"], 3),
+                    "embedding": round(t1 - t0, 3), "facets": round(t2 - t1, 3),
+                    "summary": round(time.perf_counter() - t2, 3)},
+    }
+
+
+def _independent_codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
+                       rows: np.ndarray) -> tuple[str, np.ndarray]:
+    """Penultimate codes of the given images by the independent network (`--embedder`), in the
+    order of `rows`; stored under a key of the network and the rows."""
+    name = settings.embedder
+    if name == model.name:
+        raise MfvError(f"--embedder {name} is the network being swept; an independent embedding "
+                       "needs another network (e.g. efficientnet_lite2)")
+    embedder = load_model(name, device=model.device)
+    key = digest(result.key, embedder.fingerprint(), rows)
+    stored = run.sweep.read_array(f"embedding-{key[:16]}")
+    if stored is not None:
+        return name, stored
+    code = resolve_layer(embedder, "penultimate")
+    out = []
+    bar = tqdm(total=len(rows), desc="sweep: independent codes", unit="img",
+               disable=not settings.progress)
+    for start in range(0, len(rows), EMBED_BATCH):
+        batch = []
+        for r in rows[start:start + EMBED_BATCH]:
+            try:
+                batch.append(to_tensor(embedder.preprocess, load_rgb(result.paths[int(r)])))
+            except BadImageError:  # it decoded in the scan; a file changed since: zeros
+                batch.append(torch.zeros(3, embedder.preprocess.input_size,
+                                         embedder.preprocess.input_size))
+        with capture(embedder, [code]) as store, torch.inference_mode():
+            embedder(torch.stack(batch).to(embedder.device))
+            out.append(store[code.key].flatten(1).float().cpu().numpy())
+        bar.update(len(batch))
+    bar.close()
+    codes = np.concatenate(out)
+    run.sweep.write_array(f"embedding-{key[:16]}", codes)
+    return name, codes
+
+
+def _chance(codes: np.ndarray, embedding: np.ndarray, row_of: dict[int, int],
+            sets: Sequence[np.ndarray], settings: Settings) -> dict:
+    """Every measure on random image sets of the unit's size (equal weights for MonoScore)."""
+    draws: dict[str, list[float]] = {name: [] for name in MEASURES}
+    for rows in sets:
+        other = embedding[[row_of[int(r)] for r in rows]]
+        # a random set has no activations: a ramp stands in (it only orders the facets)
+        m = unit_measures(codes[rows], other, np.linspace(2.0, 1.0, len(rows)),
+                          seed=settings.seed, m=settings.mean_of, embedding=settings.embedding)
+        draws["k"].append(m.k)
+        draws["silhouette"].append(m.silhouette)
+        draws["polysemanticity"].append(1.0 - mono_score(other))
+        draws["separation"].append(m.separation)
+    out = {}
+    for name, values in draws.items():
+        v = np.asarray(values, np.float64)
+        finite = v[np.isfinite(v)]
+        out[name] = {"mean": float(finite.mean()) if finite.size else float("nan"),
+                     "std": float(finite.std()) if finite.size else float("nan"),
+                     "draws": len(v)}
+    return out
+
+
+def _examples(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
+              entry: dict) -> list[dict]:
+    """The first few measured units of a layer, with their facets' mean images stored."""
+    out = []
+    for unit in entry["units"][:EXAMPLES]:
+        row_of = {p: i for i, p in enumerate(result.paths)}
+        folder = run.sweep.example_dir(slug(entry["layer"], {"layer": entry["layer"]}),
+                                       unit["unit"])
+        facets = []
+        for rank, members in enumerate(unit["members"]):
+            rows = np.array([row_of[p] for p in members])
+            centre = np.asarray(result.codes)[rows].mean(0)
+            nearest = rows[np.argsort(((np.asarray(result.codes)[rows] - centre) ** 2).sum(1),
+                                      kind="stable")[:settings.mean_of]]
+            mean_file = folder / f"mean{rank:02d}.png"
+            if not mean_file.exists():
+                pixels = np.stack([np.round(model.preprocess.to_array(
+                    load_rgb(result.paths[int(i)])) * 255).astype(np.uint8).transpose(1, 2, 0)
+                    for i in nearest])
+                run.sweep.write_image(mean_file, pixels.mean(0))
+            facets.append({"rank": rank, "size": len(members),
+                           "mean_image": run.relative(mean_file),
+                           "members": members[:12]})
+        out.append({"unit": unit["unit"], "k": unit["k"], "facets": facets})
+    return out
+
+
+def _answer(per_layer: Sequence[dict], level: dict) -> dict:
+    """Does multifacetedness grow with depth? The slope of each measure's layer means against
+    depth (per layer of depth), with a bootstrap interval over units, and the first-vs-last
+    quarter contrast."""
+    out = {}
+    rng = np.random.default_rng(0)
+    for name in MEASURES:
+        depth = np.array([e["depth"] for e in per_layer], np.float64)
+        per_unit = [np.array([u[name] for u in e["units"]], np.float64) for e in per_layer]
+        means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_unit])
+        ok = np.isfinite(means)
+        if ok.sum() < 2:
+            out[name] = {"slope": float("nan"), "low": float("nan"), "high": float("nan")}
+            continue
+        slope = float(np.polyfit(depth[ok], means[ok], 1)[0])
+        boots = []
+        for _ in range(1000):
+            resampled = np.array([np.nanmean(rng.choice(v[np.isfinite(v)], np.isfinite(v).sum()))
+                                  if np.isfinite(v).any() else np.nan for v in per_unit])
+            good = np.isfinite(resampled)
+            if good.sum() >= 2:
+                boots.append(np.polyfit(depth[good], resampled[good], 1)[0])
+        low, high = np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan)
+        quarter = max(1, len(per_layer) // 4)
+        first, last = np.nanmean(means[:quarter]), np.nanmean(means[-quarter:])
+        out[name] = {"slope": slope, "low": float(low), "high": float(high),
+                     "first_quarter": float(first), "last_quarter": float(last),
+                     "chance": level[name]["mean"]}
+    return out
+
+
+def _render(settings: Settings, model: LoadedModel, doc: dict) -> None:
+    """The pipeline (default recipe) on the first `--render` measured units of each layer,
+    over the sweep's scan (the same targets and top-N mode: the same scan key)."""
+    chosen = [f"{e['layer']}:{u['unit']}" for e in doc["layers"]
+              for u in e["units"][:settings.render]]
+    run_pipeline(settings.updated(targets=tuple(chosen), scan_targets=tuple(
+        f"{layer['layer']}:*" for layer in doc["layers"]), selection="top", facets="auto",
+        scan_mode="topn"), model=model)
+
+
+def sweep_summary(doc: dict) -> list[dict]:
+    """One row per layer: its measures' means and CIs (for printing and the README table)."""
+    return [{"layer": e["layer"], "units": len(e["units"]),
+             **{name: e["summary"][name] for name in MEASURES}} for e in doc["layers"]]

@@ -1,0 +1,167 @@
+"""The report's pages: Jinja2 templates with autoescaping on one base layout.
+
+Every page is a template in `mfv/report/templates/` that extends `base.html` (the header, the
+navigation between the run's pages, the inline CSS and script, the footer) and fills its
+`content` block; `macros.html` holds the pieces pages share (pictures with placeholders, member
+strips, key/value and metric tables, sparklines). Autoescaping is on for every template, so any
+string a context holds (file names, class names, labels, targets) reaches the page as text;
+data for the page's script goes through the `script_json` filter, which no string can break out
+of. Pages need no network: CSS and script are inline, images are files of the run directory,
+linked relative to the page (`Links`).
+
+Adding a page (e.g. the "Layers" page of `mfv sweep`):
+
+1. write `templates/<name>.html`: `{% extends "base.html" %}`, fill `{% block content %}`
+   (optionally `header`, under the page's heading, and `footer`), and import what it needs
+   from `macros.html` (`picture`, `member_strip`, `kv_table`, `metric_table`, `sparkline`);
+2. add `PageSpec("<name>", "<nav label>", attrgetter("<RunDir path property>"))` to `PAGES`
+   (their order is the navigation's; a page is listed once its file exists, so the run page
+   links to the Layers page only in runs that have one);
+3. build the context: `title`, what the template uses (`Img` pictures with URLs from
+   `Links(run, PAGES["<name>"])`, thumbnails from `mfv.report.thumbs.make_thumbs`, `KV` rows),
+   optionally `script_data` for report.js; then `write_page(run, "<name>", context)`.
+
+report.js runs on every page: a `section.target` with `.card.facet[data-facet]` cards and a
+`.mapbox` gets the run page's highlighting and map tooltips there too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata, resources
+from operator import attrgetter
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import quote
+
+import jinja2
+from markupsafe import Markup
+
+from mfv.io import atomic_write_text
+from mfv.report.thumbs import Thumb
+from mfv.rundir import RunDir
+
+
+@dataclass(frozen=True)
+class PageSpec:
+    """One page of the report: its template `<name>.html`, its label in the navigation and
+    where the run directory keeps it."""
+
+    name: str
+    label: str
+    file: Callable[[RunDir], Path]
+
+    @property
+    def template(self) -> str:
+        return f"{self.name}.html"
+
+
+PAGES: Mapping[str, PageSpec] = MappingProxyType({
+    "run": PageSpec("run", "Run", attrgetter("report_file")),
+})
+
+
+@dataclass(frozen=True)
+class Img:
+    """An image for `macros.picture`, or the placeholder (saying why) for a missing one."""
+
+    url: str | None  # from `Links`; None: show the placeholder
+    alt: str
+    cls: str
+    title: str = ""
+    missing: str = "not available"
+    lazy: bool = False
+
+
+@dataclass(frozen=True)
+class KV:
+    """A row of `macros.kv_table` (or a chip): a label, its value, an explanation on hover."""
+
+    label: str
+    value: str
+    title: str = ""
+
+
+def script_json(obj: Any) -> Markup:
+    """JSON that is safe inside a <script> element whatever strings it holds (no '<', '>' or
+    '&' left, so nothing can close the element or open a comment); NaN is refused."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False)
+    return Markup(text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026"))
+
+
+def environment() -> jinja2.Environment:
+    """The templates, autoescaped, strict about undefined names."""
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("mfv.report", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters["script_json"] = script_json
+    return env
+
+
+def _asset(name: str) -> Markup:
+    """Our own CSS or script, inlined verbatim (it is not user data)."""
+    return Markup(resources.files("mfv.report").joinpath(name).read_text(encoding="utf-8"))
+
+
+class Links:
+    """URLs from one page to the files of its run directory (percent-quoted, relative to the
+    page, only for files that exist), so the page works from file:// anywhere it is copied with
+    its run directory."""
+
+    def __init__(self, run: RunDir, page: PageSpec) -> None:
+        self.run = run
+        self.root = run.root
+        self.base = page.file(run).parent
+
+    def _url(self, path: Path) -> str:
+        try:
+            rel = os.path.relpath(path, self.base)
+        except ValueError:  # another drive on Windows
+            return path.resolve().as_uri()
+        return quote(rel.replace(os.sep, "/"))
+
+    def file(self, rel: Any) -> str | None:
+        """The URL of a generated file given relative to the run directory, if it exists."""
+        if not rel or not isinstance(rel, str):
+            return None
+        path = self.root / rel
+        return self._url(path) if path.is_file() else None
+
+    def thumb(self, thumb: Thumb | None) -> str | None:
+        """The URL of a thumbnail (`Thumb.url` is relative to the run directory)."""
+        return self._url(self.root / thumb.url) if thumb and thumb.url else None
+
+    def page(self, spec: PageSpec) -> str:
+        """The URL of another page of the report."""
+        return self._url(spec.file(self.run))
+
+
+def _version() -> str:
+    try:
+        return metadata.version("mfv")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def render_page(run: RunDir, name: str, context: Mapping[str, Any]) -> str:
+    """The HTML of page `name` of `PAGES` for `context`, which gives what the page's template
+    needs (`title` for every page; `script_data` for the page's script, an empty object if
+    absent); the navigation, CSS, script and mfv's version come from here."""
+    spec = PAGES[name]
+    links = Links(run, spec)
+    pages = [{"label": p.label, "url": links.page(p), "current": p.name == name}
+             for p in PAGES.values() if p.name == name or p.file(run).is_file()]
+    base = {"pages": pages, "css": _asset("report.css"), "js": _asset("report.js"),
+            "script_data": {}, "mfv_version": _version()}
+    return environment().get_template(spec.template).render({**base, **context})
+
+
+def write_page(run: RunDir, name: str, context: Mapping[str, Any]) -> Path:
+    """Render page `name` and write it (atomically) where the run directory keeps it."""
+    return atomic_write_text(PAGES[name].file(run), render_page(run, name, context))

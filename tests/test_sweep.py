@@ -1,0 +1,130 @@
+"""The layer sweep (`mfv sweep`) on the tiny network: the streaming top-N of every unit of
+every layer equals a brute-force ranking, the sweep's results and plot follow their format, a
+rerun reuses them, and a sweep killed in its scan resumes to the same results."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mfv
+from mfv.cli import main
+from mfv.layer_sweep import MEASURES, block_layers, sweep
+from mfv.scan import scan
+from mfv.sources import from_folder
+from mfv.targets import parse_targets
+from test_orchestration import CLASSES, PRE, make_images, net
+from test_robustness import HANG_S, SlowNet, finish, start
+
+SWEEP = dict(layers="conv1,conv2,fc", units=3, top_n=16, embedder="efficientnet_lite0",
+             embedding="pca", mean_of=3, progress=False, device="cpu", scan_batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def fork() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mfv.layer_sweep"])
+    return ctx
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("sweep") / "imgs", n=40)
+
+
+def tiny(delay: float = 0.0):
+    model = SlowNet(delay).eval() if delay else net()
+    if delay:
+        model.load_state_dict(net().state_dict())
+    return mfv.load_model(model, preprocess=PRE, classes=CLASSES)
+
+
+def test_the_streaming_top_n_of_every_unit_equals_a_brute_force_ranking(tmp_path, images):
+    model = tiny()
+    targets = parse_targets(["conv1:*", "conv2:*", "fc:*"], model)
+    listed = from_folder(images)
+    full = scan(model, listed, targets, tmp_path / "a", batch_size=3, chunk_batches=2,
+                workers=0, mode="full", progress=False)
+    streamed = scan(model, listed, targets, tmp_path / "b", batch_size=3, chunk_batches=2,
+                    workers=0, mode="topn", top_n=7, progress=False)
+    assert streamed.activations is None
+    for t in range(len(targets)):
+        values = np.where(full.valid, full.activations[:, t], -np.inf)
+        brute = np.lexsort((np.arange(len(values)), -values))[:7]  # ties: the lower index
+        rows, top = streamed.top(t, 7)
+        np.testing.assert_array_equal(rows, brute)
+        np.testing.assert_allclose(top, values[brute], rtol=1e-6)
+
+
+def test_a_sweep_measures_every_layer_and_a_rerun_reuses_it(tmp_path, images):
+    out = tmp_path / "run"
+    doc = sweep(model=tiny(), images=str(images), out=str(out), **SWEEP)
+    assert doc["format"] == "mfv.sweep/1" and doc["measures"] == list(MEASURES)
+    assert [e["layer"] for e in doc["layers"]] == ["conv1", "conv2", "fc"]
+    assert json.loads((out / "sweep" / "sweep.json").read_text()) == json.loads(json.dumps(doc))
+    for entry in doc["layers"]:
+        assert 1 <= len(entry["units"]) <= 3
+        for unit in entry["units"]:
+            assert unit["k"] == len(unit["sizes"]) == len(unit["members"]) >= 1
+            assert sum(unit["sizes"]) == SWEEP["top_n"]
+            assert all(os.path.exists(p) for m in unit["members"] for p in m)
+            assert 0 <= unit["polysemanticity"] <= 2
+        for name in MEASURES:
+            s = entry["summary"][name]
+            assert s["low"] <= s["mean"] <= s["high"]
+        for example in entry["examples"]:
+            for facet in example["facets"]:
+                assert Image.open(out / facet["mean_image"]).size == (32, 32)
+    assert set(doc["chance"]) == set(MEASURES) and doc["chance"]["k"]["draws"] == 20
+    png = Image.open(out / doc["plot"]["png"])
+    assert png.size[0] > 300 and (out / doc["plot"]["svg"]).read_text().startswith("<?xml")
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "sweep" / "units").iterdir()}
+    again = sweep(model=tiny(), images=str(images), out=str(out), **SWEEP)
+    assert again["layers"] == doc["layers"] and again["chance"] == doc["chance"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "sweep" / "units").iterdir()} == stamps
+
+
+def _killable_sweep(out: str, images: str) -> None:
+    sweep(model=tiny(delay=0.05), images=images, out=out, **{**SWEEP, "scan_batch_size": 1})
+
+
+def test_a_sweep_killed_in_its_scan_resumes_to_the_same_results(tmp_path, images, fork):
+    clean = sweep(model=tiny(), images=str(images), out=str(tmp_path / "clean"),
+                  **{**SWEEP, "scan_batch_size": 1})
+    out = tmp_path / "killed"
+    log = tmp_path / "killed.log"
+    proc = start(fork, log, _killable_sweep, str(out), str(images))
+    deadline = time.monotonic() + HANG_S
+    while len(list(out.glob("scan/*/chunks/*.json"))) < 2:
+        assert proc.is_alive(), log.read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    assert not (out / "sweep" / "sweep.json").exists()
+    again = start(fork, tmp_path / "again.log", _killable_sweep, str(out), str(images))
+    assert finish(again, tmp_path / "again.log") == 0, (tmp_path / "again.log").read_text()
+    resumed = json.loads((out / "sweep" / "sweep.json").read_text())
+    assert resumed["layers"] == json.loads(json.dumps(clean["layers"]))
+    assert resumed["chance"] == json.loads(json.dumps(clean["chance"]))
+
+
+def test_blocks_of_efficientnet_and_a_clear_error_without_blocks(lite0):
+    assert block_layers(lite0) == [f"_blocks.{i}" for i in range(16)] + ["_fc"]
+    with pytest.raises(mfv.MfvError, match="found no blocks"):
+        block_layers(tiny())
+
+
+def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys):
+    code = main(["sweep", "--images", str(images), "--layers", "_blocks.3,_blokcs.4",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2 and "has no layer '_blokcs.4'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
