@@ -4,7 +4,7 @@ over the model's own forward+backward, and k facets in one batch against one by 
 Usage: python benchmarks/render.py [--device cpu|cuda] [--model efficientnet_lite0]
                                    [--threads N] [--repeats 2] [--quick] [--only tv|engine|facets]
                                    [--batch 10 [--batch 64 ...]]
-                                   [--engine-tv auto|skimage|torch-exact|torch-fast]
+                                   [--engine-tv auto|numba|skimage|torch-exact|torch-fast]
 
 Everything is measured in this one run, on the same inputs:
 
@@ -50,13 +50,14 @@ from mfv.targets import parse_targets
 
 IMAGENETTE_CLASSES = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
 TV_VARIANTS = {  # label: tv_bregman keyword arguments
+    "mfv numba": {"backend": "numba"},
     "mfv skimage (thread pool)": {"backend": "skimage"},
     "mfv torch exact": {"backend": "torch", "method": "exact"},
     "mfv torch fast": {"backend": "torch", "method": "fast"},
 }
 
 
-def _photos(n: int, size: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+def noisy_photos(n: int, size: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
     """n float64 0..255 (size, size, 3) photos from skimage's samples, plus Gaussian noise."""
     names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
     rng = np.random.default_rng(seed)
@@ -108,7 +109,7 @@ def _engine_tv(**kwargs) -> Iterator[list[float]]:
 
 def bench_tv(device: torch.device, repeats: int, sync) -> None:
     n = 10
-    imgs = _photos(n, 227, noise=12.0)
+    imgs = noisy_photos(n, 227, noise=12.0)
     weights = np.geomspace(0.01, 2.0, n)
     x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(device, torch.float32).contiguous()
     w = torch.from_numpy(weights)
@@ -149,7 +150,7 @@ def bench_engine(model, steps: int, paper_steps: int, repeats: int, sync,
     classes = [IMAGENETTE_CLASSES[b % len(IMAGENETTE_CLASSES)] for b in range(batch)]
     targets = parse_targets([f"logits:{c}" for c in IMAGENETTE_CLASSES], model)
     objective = Objective(model, targets, [b % len(targets) for b in range(batch)])
-    starts = torch.from_numpy(_photos(batch, size)).permute(0, 3, 1, 2).float().contiguous()
+    starts = torch.from_numpy(noisy_photos(batch, size)).permute(0, 3, 1, 2).float().contiguous()
     start_list = list(starts)
     seeds = list(range(batch))
     x0 = starts.to(device)
@@ -207,7 +208,7 @@ def bench_facets(model, steps: int, repeats: int, sync) -> None:
     size = model.preprocess.input_size
     k = 10
     targets = parse_targets([f"logits:{IMAGENETTE_CLASSES[0]}"], model)
-    starts = torch.from_numpy(_photos(k, size)).permute(0, 3, 1, 2).float()
+    starts = torch.from_numpy(noisy_photos(k, size)).permute(0, 3, 1, 2).float()
     jobs = [Job(0, starts[i], seed=i) for i in range(k)]
 
     def together() -> None:
@@ -244,11 +245,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, action="append",
                         help="engine batch size(s) for section 2 (repeatable; default 10)")
     parser.add_argument("--engine-tv", default="auto",
-                        choices=("auto", "skimage", "torch-exact", "torch-fast"),
+                        choices=("auto", "numba", "skimage", "torch-exact", "torch-fast"),
                         help="TV backend the engine uses in section 2 (default: auto)")
     args = parser.parse_args()
     tv_kwargs = {} if args.engine_tv == "auto" else (
-        {"backend": "skimage"} if args.engine_tv == "skimage"
+        {"backend": args.engine_tv} if args.engine_tv in ("numba", "skimage")
         else {"backend": "torch", "method": args.engine_tv.removeprefix("torch-")})
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -64,7 +64,7 @@ def test_the_anchor_keeps_the_picture_near_its_facet(tiny):
     start = torch.full((3, 32, 32), 128.0) + torch.randn(3, 32, 32) * 20
     centre = _code(tiny, start[None])[0].numpy()
     anchor = Anchor(centre, spread=0.05, scale=1.0)
-    options = RenderOptions(steps=40, anchor=AnchorSettings(code_weight=1.0))
+    options = RenderOptions(steps=40, anchor=AnchorSettings(code_weight=1.0, match_weight=0.0))
     anchored = render_batches(tiny, targets, [Job(0, start, 3, anchor)], "anchored", options,
                               progress=False)[0]
     plain = render_batches(tiny, targets, [Job(0, start, 3)], "fourier", options,

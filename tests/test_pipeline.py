@@ -38,7 +38,7 @@ def finished_run(tmp_path_factory, two_classes) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"
     code = main(["run", "--images", str(two_classes), "--target", "_fc:0 + _fc:701",
                  "--facets", "2", "--mean-of", "4", "--steps", "10", "--out", str(out),
-                 "--quiet", "--seed", "3"])
+                 "--quiet", "--seed", "3", "--recipe", "anchored", "--recipe", "paper-mean"])
     assert code == 0
     return out
 
@@ -64,10 +64,17 @@ def test_results_follow_the_schema_and_name_real_files(finished_run):
         assert Image.open(finished_run / visual["path"]).size == (269, 269)
         steps = sum(o.iters for o in schedule("paper-mean", 10))
         assert np.load(finished_run / visual["trace"]).shape == (steps,)
-        assert np.isfinite(visual["activation"])
-        assert set(facet["metrics"]["paper-mean"]) >= {"activation_ratio", "fidelity",
-                                                       "centre_dominance"}
-    assert len(target["baselines"]["paper-mean"]) == 2
+        anchored = facet["visualizations"]["anchored"]  # the default recipe: at input size
+        assert Image.open(finished_run / anchored["path"]).size == (224, 224)
+        assert np.load(finished_run / anchored["trace"]).shape == (10,)
+        for recipe in ("anchored", "paper-mean"):
+            assert np.isfinite(facet["visualizations"][recipe]["activation"])
+            assert set(facet["metrics"][recipe]) >= {
+                "activation_ratio", "fidelity", "centre_dominance", "plausibility",
+                "path_similarity", "fidelity_central"}
+            assert len(target["baselines"][recipe]) == 2
+            assert set(target["metrics"]["facet"][recipe]["coverage"]) == {
+                "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     assert (finished_run / "index.html").exists()
 
 

@@ -1,16 +1,20 @@
 """tv_bregman must reproduce the paper's skimage call: denoise_tv_bregman on an (H, W, 3) 0..255
 array with the old single-kernel behaviour, i.e. skimage >= 0.19 with channel_axis=None, with
 every backend and method (acceptance: mean |difference| <= 0.5 grey levels for weights 0.001..2).
+The numba backend, ``auto``'s choice on the CPU, runs skimage's own sweep: equal to rounding.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
+import mfv.render.tv as tv_module
 from mfv.errors import MfvError
 from mfv.render.tv import tv_bregman
 
@@ -18,6 +22,7 @@ PAPER_WEIGHTS = (0.001, 0.01, 0.05, 0.1, 0.4, 0.8, 2.0)
 # (backend, method) pairs, and how close each must be to skimage on photos: (mean, max) levels.
 VARIANTS = {
     ("skimage", "exact"): (1e-4, 1e-3),  # skimage itself in float64, cast to float32
+    ("numba", "exact"): (1e-4, 1e-3),  # skimage's sweep in float32: measured <= 2e-5, 2e-4
     ("torch", "exact"): (1e-3, 1e-2),  # the same iterates up to float32 rounding
     ("torch", "fast"): (0.05, 1.5),  # red-black sweep: measured <= 0.02 mean
 }
@@ -88,11 +93,16 @@ def test_float32_batch_matches_skimage_on_photos(photo_batch, backend, method):
     assert tv[-1] < _tv_l1(batch[:1])[0]  # weight 2 still denoises
 
 
-def test_auto_is_skimage_on_cpu(photo_batch):
+def test_auto_is_numba_on_cpu_and_skimage_without_numba(photo_batch, monkeypatch):
     _, _, _, batch = photo_batch
     x = batch[[1, 4], :, :80, :90]
+    torch.testing.assert_close(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="numba"),
+                               rtol=0, atol=0)
+    monkeypatch.setattr(tv_module, "numba", None)  # as if numba were not installed
     torch.testing.assert_close(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="skimage"),
                                rtol=0, atol=0)
+    with pytest.raises(MfvError, match="numba"):
+        tv_bregman(x, 0.4, backend="numba")
 
 
 @pytest.mark.parametrize("isotropic", [True, False])
@@ -206,8 +216,134 @@ def test_shape_dtype_device_and_fixed_points(backend, method):
         (torch.zeros(2, 3, 8, 8), {"method": "jacobi"}),
         (torch.zeros(2, 3, 8, 8), {"backend": "numpy"}),
         (torch.zeros(2, 3, 8, 8, device="meta"), {"backend": "skimage"}),  # CPU only
+        (torch.zeros(2, 3, 8, 8, device="meta"), {"backend": "numba"}),  # CPU only
     ],
 )
 def test_rejects_bad_input(images, kwargs):
     with pytest.raises(MfvError):
         tv_bregman(images, **{"weight": 0.1, **kwargs})
+
+
+# ---- the numba backend ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def real_photos(imagenette) -> list[np.ndarray]:
+    """Two real photos (different classes) as float64 0..255 100x131x3 arrays, one plus noise."""
+    rng = np.random.default_rng(5)
+    out = []
+    for k, wnid in enumerate(("n02102040", "n03417042")):
+        path = sorted((imagenette / wnid).iterdir())[3]
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB").resize((131, 100), Image.BILINEAR), np.float64)
+        out.append(np.clip(img + rng.normal(0.0, 20.0 * k, img.shape), 0.0, 255.0))
+    return out
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+def test_numba_float64_equals_skimage_on_real_photos(real_photos, isotropic):
+    """Every paper weight on a clean and a noisy real photo, as one per-sample-weight batch on
+    two threads: skimage's iterates up to rounding (measured ~1e-12 grey levels)."""
+    imgs = [real_photos[k % 2] for k in range(len(PAPER_WEIGHTS))]
+    torch.set_num_threads(2)  # `_one_thread` restores the previous setting afterwards
+    weights = torch.tensor(PAPER_WEIGHTS, dtype=torch.float64)
+    out = tv_bregman(_to_torch(imgs, torch.float64), weights, isotropic=isotropic,
+                     backend="numba")
+    assert out.dtype == torch.float64
+    for k, (img, w) in enumerate(zip(imgs, PAPER_WEIGHTS, strict=True)):
+        ref = _skimage(img, w, isotropic=isotropic)
+        assert np.abs(ref - img).mean() > 0.05  # the call really changed the image
+        np.testing.assert_allclose(out[k].permute(1, 2, 0).numpy(), ref, rtol=0, atol=1e-8)
+    # Alone, a sample's channels run as separate chains: still the batch's result, bit for bit.
+    for k in (0, 3):
+        alone = tv_bregman(_to_torch(imgs[k:k + 1], torch.float64), PAPER_WEIGHTS[k],
+                           isotropic=isotropic, backend="numba")
+        torch.testing.assert_close(alone, out[k:k + 1], rtol=0, atol=0)
+
+
+def _three_speed_batch() -> torch.Tensor:
+    """Two float64 images whose channels converge at different speeds: a constant channel (no
+    update at all), a smooth ramp and uniform noise, in a different order in each."""
+    gen = torch.Generator().manual_seed(7)
+    ramp = torch.linspace(0, 255, 23 * 29, dtype=torch.float64).reshape(23, 29)
+    noise = torch.rand(23, 29, generator=gen, dtype=torch.float64) * 255.0
+    const = torch.full((23, 29), 90.0, dtype=torch.float64)
+    return torch.stack([torch.stack([const, ramp, noise]), torch.stack([noise, const, ramp])])
+
+
+@pytest.mark.parametrize(("batch", "threads"), [(1, 2), (2, 4), (1, 3)])
+@pytest.mark.parametrize(("eps", "max_iter"), [(0.05, 100), (1e-9, 40)])
+def test_numba_small_batches_split_channels_bit_for_bit(monkeypatch, batch, threads, eps,
+                                                         max_iter):
+    """With fewer samples than threads the channels run as separate chains; the result (and
+    so the pooled stopping iteration) is the one-thread per-sample kernel's, bit for bit, when
+    the test stops early and when it runs into the iteration cap."""
+    x = _three_speed_batch()[:batch]
+    weights = torch.tensor([0.05, 0.7][:batch], dtype=torch.float64)
+    kwargs = {"max_iter": max_iter, "eps": eps, "backend": "numba"}
+    serial = tv_bregman(x, weights, **kwargs)
+    runs = []
+
+    class Spy(tv_module._ChannelRun):
+        def run(self, workers):
+            runs.append(workers)
+            super().run(workers)
+
+    monkeypatch.setattr(tv_module, "_ChannelRun", Spy)
+    torch.set_num_threads(threads)
+    split = tv_bregman(x, weights, **kwargs)
+    assert runs == [min(3 * batch, threads)]
+    torch.testing.assert_close(split, serial, rtol=0, atol=0)
+    if eps > 1e-6:  # it stopped early: more iterations would change it
+        longer = tv_bregman(x, weights, **{**kwargs, "eps": 1e-9})
+        assert (longer - split).abs().max() > 1e-3
+
+
+def test_numba_respects_the_torch_thread_budget(monkeypatch):
+    pools = []
+
+    class Recorder(tv_module.ThreadPoolExecutor):
+        def __init__(self, workers):
+            pools.append(workers)
+            super().__init__(workers)
+
+    monkeypatch.setattr(tv_module, "ThreadPoolExecutor", Recorder)
+    x = torch.rand(5, 3, 10, 12, generator=torch.Generator().manual_seed(4)) * 255.0
+    alone = tv_bregman(x, 0.2, backend="numba")  # one thread: no pool
+    assert pools == []
+    torch.set_num_threads(3)
+    pooled = tv_bregman(x, 0.2, backend="numba")
+    assert pools == [3]
+    torch.testing.assert_close(pooled, alone, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("isotropic", [True, False])
+def test_numba_edge_cases_equal_skimage(isotropic):
+    """2x2 and 2xN images (all border), one iteration, one sample of one channel."""
+    rng = np.random.default_rng(3)
+    for shape, max_iter in (((2, 2, 3), 100), ((2, 7, 1), 100), ((5, 2, 3), 100), ((9, 6, 3), 1)):
+        img = rng.uniform(0, 255, shape)
+        ref = denoise_tv_bregman(img, weight=0.3, max_num_iter=max_iter, eps=1e-3,
+                                 isotropic=isotropic, channel_axis=None).reshape(shape)
+        out = tv_bregman(_to_torch([img], torch.float64), 0.3, max_iter=max_iter,
+                         isotropic=isotropic, backend="numba")
+        np.testing.assert_allclose(out[0].permute(1, 2, 0).numpy(), ref, rtol=0, atol=1e-9)
+
+
+def test_kernels_compile_without_a_writable_cache(monkeypatch):
+    """Where numba finds no writable cache directory, decorating with cache=True raises; the
+    kernels are then compiled per process instead."""
+    real = numba.njit
+
+    def no_cache(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+
+    def add(a, b):
+        return a + b
+
+    compiled = tv_module._jit()(add)
+    assert compiled(2, 3) == 5 and compiled.signatures  # compiled, not the Python function

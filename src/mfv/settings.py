@@ -77,9 +77,9 @@ class Settings(BaseModel):
                                             "automatic k)"))
     mean_resize: Literal[RESIZE_POLICIES] = Field("crop", **_opt(
         "--mean-resize", "how member images are resized for the mean image"))
-    recipes: tuple[Literal[RECIPES], ...] = Field(("paper-mean",), min_length=1, **_opt(
-        "--recipe", "synthesis recipe (repeatable; default paper-mean)", dest="recipes",
-        repeat=True))
+    recipes: tuple[Literal[RECIPES], ...] = Field(("anchored",), min_length=1, **_opt(
+        "--recipe", "synthesis recipe (repeatable; default anchored: facet-faithful; the "
+        "paper's are paper-mean and paper-center)", dest="recipes", repeat=True))
     baseline: bool = Field(True, **_opt("--no-baseline", "skip the random-start baseline "
                                         "visualizations", negate=True))
     steps: int | None = Field(None, ge=10, **_opt("--steps", "total optimization steps "
@@ -89,9 +89,9 @@ class Settings(BaseModel):
     anchor_weight: float = Field(1.0, ge=0, **_opt(
         "--anchor-weight", "anchored recipe: pull of the picture's code toward its facet's "
         "centre, in facet radii² per best-photo activation (1)"))
-    match_weight: float = Field(0.0, ge=0, **_opt(
+    match_weight: float = Field(1.0, ge=0, **_opt(
         "--match-weight", "anchored recipe: weight of matching intermediate activation "
-        "distributions to the facet's photos (0: off)"))
+        "distributions to the facet's photos (1; 0: off)"))
     match_layers: tuple[str, ...] = Field((), **_opt(
         "--match-layer", "anchored recipe: a layer whose activations are matched (repeatable; "
         "default: three along the depth)", repeat=True))

@@ -98,7 +98,7 @@ class AnchorSettings:
     the layers whose activation distributions are matched (empty: chosen along the depth)."""
 
     code_weight: float = 1.0
-    match_weight: float = 0.0
+    match_weight: float = 1.0
     match_layers: tuple[str, ...] = ()
 
 
