@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import WALL_TIMES
 from mfv.cli import main
@@ -48,6 +50,10 @@ def demo_results(demo_run: Path) -> dict:
     return json.loads((demo_run / "results.json").read_text())
 
 
+def _pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB").resize((224, 224)), dtype=np.float64)
+
+
 def _section(results: dict, index: int) -> str:
     return f"t{index}-{results['targets'][index]['slug']}"
 
@@ -64,10 +70,14 @@ def test_demo_renders_class_logits_and_channels_with_baselines(demo_results, dem
     assert demo_results["data"]["n_images"] > 400 and demo_results["data"]["skipped"] == []
     for target in demo_results["targets"]:
         assert len(target["facets"]) == 3
-        assert len(target["baselines"]["paper-mean"]) == 3
+        randoms = [_pixels(demo_run / b["path"]) for b in target["baselines"]["anchored"]]
+        assert len(randoms) == 3
         for facet in target["facets"]:
-            assert (demo_run / facet["visualizations"]["paper-mean"]["path"]).is_file()
-            assert (demo_run / facet["mean_image"]).is_file()
+            picture = _pixels(demo_run / facet["visualizations"]["anchored"]["path"])
+            mean = _pixels(demo_run / facet["mean_image"])
+            # what MFV adds shows: the picture is neither its blurry mean nor a random start
+            assert np.abs(picture - mean).mean() > 8, facet["mean_image"]
+            assert min(np.abs(picture - r).mean() for r in randoms) > 8
 
 
 @pytest.mark.slow

@@ -320,3 +320,19 @@ def test_size_sets_the_input_size_of_every_stage(tmp_path, images):
         (40, 40, 3)
     assert Image.open(tmp_path / "run" / facet["visualizations"]["paper-mean"]["path"]).size \
         == (48, 48)
+
+
+def test_maco_runs_from_the_scanned_spectrum_with_its_transparency_map(tmp_path, images):
+    results = tiny_run(tmp_path / "run", images, recipes=["maco"], maco_crops=2,
+                       targets=["fc:0 + fc:2"])
+    assert results["status"] == "complete"
+    (scan_dir,) = (tmp_path / "run" / "scan").iterdir()
+    assert np.load(scan_dir / "spectrum.npy").shape == (3, 32, 17)  # the scanned images' own
+    target = results["targets"][0]
+    for visual in [*(f["visualizations"]["maco"] for f in target["facets"]),
+                   *target["baselines"]["maco"]]:
+        canvas = Image.open(tmp_path / "run" / visual["path"])
+        alpha = Image.open(tmp_path / "run" / visual["alpha"])
+        assert canvas.size == alpha.size == (73, 73)  # 512 / 224 of the input size
+        assert np.asarray(alpha).max() == 255
+    assert set(target["facets"][0]["metrics"]["maco"]) >= {"activation", "fidelity"}

@@ -19,7 +19,7 @@ from mfv.settings import Settings, make_settings
 PRESET = {
     "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",
     "scan_targets": ("_fc:*", "_blocks.10:*"), "selection": "top", "top_n": 60, "facets": 3,
-    "mean_of": 10, "steps": 30, "recipes": ("paper-mean",), "batch_size": 24,
+    "mean_of": 10, "steps": 48, "recipes": ("anchored",), "batch_size": 24,
 }
 MIN_CROPS = 20
 

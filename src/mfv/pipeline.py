@@ -238,9 +238,10 @@ class _Line:
 
     def _render_settings(self) -> RenderSettings:
         s = self.settings
+        spectrum = digest(self.scanned.spectrum) if "maco" in s.recipes else None
         return RenderSettings(s.recipes, s.baseline, s.steps, s.as_written, s.seed,
                               self.model.preprocess.input_size, self.model.fingerprint(),
-                              s.code_layer, self._anchor_settings())
+                              s.code_layer, self._anchor_settings(), s.maco_crops, spectrum)
 
     def _anchor_settings(self) -> AnchorSettings:
         s = self.settings
@@ -283,7 +284,8 @@ class _Line:
         jobs = [Job(v.target, None if v.start is None else
                     torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed,
                     self._anchor(v)) for v in todo]
-        options = RenderOptions(s.steps, s.as_written, s.code_layer, self._anchor_settings())
+        options = RenderOptions(s.steps, s.as_written, s.code_layer, self._anchor_settings(),
+                                s.maco_crops, self.scanned.spectrum if recipe == "maco" else None)
         render_batches(self.model, self.targets, jobs, recipe, options,
                        batch_size=s.batch_size, progress=s.progress, on_batch=save)
 

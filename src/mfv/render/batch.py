@@ -4,7 +4,7 @@ fit on the device, each result handed back as soon as its batch is done."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -13,9 +13,10 @@ from mfv.errors import MfvError
 from mfv.models import LoadedModel
 from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
 from mfv.render.fourier import fourier_loop
+from mfv.render.maco import maco_loop
 from mfv.render.objective import Objective, Rendered, measure
 from mfv.render.paper import paper_loop
-from mfv.render.recipes import RECIPES, AnchorSettings, FourierSettings, schedule
+from mfv.render.recipes import RECIPES, AnchorSettings, FourierSettings, MacoSettings, schedule
 from mfv.targets import Target, resolve_layer
 
 
@@ -38,6 +39,8 @@ class RenderOptions:
     as_written: bool = False  # the paper's schedules as written, not as the authors' code ran
     code_layer: str = "penultimate"  # where the anchored recipe pulls toward the facet
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
+    maco_crops: int | None = None  # MACO's crops per step (None: the published 32)
+    amplitude: np.ndarray | None = None  # MACO's fixed amplitude: the scanned images' spectrum
 
 
 @dataclass
@@ -56,6 +59,15 @@ def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], options: 
     fourier = FourierSettings().with_steps(options.steps)
     if recipe == "fourier":
         return fourier_loop(objective, starts, seeds, fourier, progress, desc)
+    if recipe == "maco":
+        if options.amplitude is None:
+            raise MfvError("the maco recipe needs the images' amplitude spectrum "
+                           "(RenderOptions.amplitude: a finished scan's `spectrum`)")
+        settings = MacoSettings().with_steps(options.steps)
+        if options.maco_crops is not None:
+            settings = replace(settings, crops=options.maco_crops)
+        return maco_loop(objective, starts, seeds, settings,
+                         torch.as_tensor(options.amplitude, dtype=torch.float32), progress, desc)
     if recipe == "anchored":
         model = objective.model
         match = options.anchor.match_layers or default_match_layers(model)
@@ -108,7 +120,7 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
             batch = max(1, batch // 2)
             torch.cuda.empty_cache()
             continue
-        finals = measure(objective, out.images)
+        finals = measure(objective, out.images, whole=recipe == "maco")
         images = out.images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
         alphas = out.alpha.float().cpu().numpy() if out.alpha is not None else None
         batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]),

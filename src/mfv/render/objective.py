@@ -7,11 +7,13 @@ grey levels); the model's own preprocessing runs inside the forward pass.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from mfv.activations import TargetBank, capture
 from mfv.models import LoadedModel
@@ -54,6 +56,14 @@ class Objective:
                 value = torch.where(has_class, prob, value)
         return value
 
+    def tiled(self, count: int) -> Objective:
+        """The same objectives for `count` views of every sample, view-major (row j·B + b is a
+        view of sample b)."""
+        tiled = copy.copy(self)
+        tiled.assign = self.assign.repeat(count)
+        tiled.class_of = self.class_of.repeat(count)
+        return tiled
+
     def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(what an optimizer ascends, the target's value): the same for a plain objective."""
         value = self(images)
@@ -84,8 +94,15 @@ def central_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., rows, cols]
 
 
-def measure(objective: Objective, images: torch.Tensor) -> np.ndarray:
-    """The objective on the central input-size crop of each canvas (what the optimizer saw)."""
-    crop = central_crop(images, objective.model.preprocess.input_size)
+def measure(objective: Objective, images: torch.Tensor, whole: bool = False) -> np.ndarray:
+    """The objective on what the optimizer drove: the central input-size crop of each canvas,
+    or (`whole`, for recipes that see crops of every scale: MACO) the canvas resized to it."""
+    size = objective.model.preprocess.input_size
+    view = images.to(objective.model.device, torch.float32)
+    if whole and view.shape[-1] != size:
+        view = F.interpolate(view, size=(size, size), mode="bilinear", antialias=True,
+                             align_corners=False)
+    else:
+        view = central_crop(view, size)
     with torch.no_grad():
-        return objective(crop.to(objective.model.device, torch.float32)).float().cpu().numpy()
+        return objective(view).float().cpu().numpy()

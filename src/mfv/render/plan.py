@@ -49,6 +49,8 @@ class RenderSettings:
     model: str  # the model's fingerprint
     code_layer: str = "penultimate"
     anchor: AnchorSettings = AnchorSettings()
+    maco_crops: int | None = None
+    spectrum: str | None = None  # digest of the amplitude MACO keeps fixed
 
 
 def derived_seed(*parts: object) -> int:
@@ -76,6 +78,8 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
                             "as_written": settings.as_written, "seed": seed,
                             "size": settings.size, "model": settings.model,
                             "target": definition, "kind": kind, "rank": rank}
+                if recipe == "maco":
+                    material.update(crops=settings.maco_crops, spectrum=settings.spectrum)
                 if recipe in FACET_RECIPES:
                     material.update(code_layer=settings.code_layer,
                                     anchor=settings.anchor.__dict__,

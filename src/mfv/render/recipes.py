@@ -4,7 +4,9 @@
   written, run by `mfv.render.paper`;
 - `fourier`: Lucid's Fourier parameterization with its usual transforms, run by
   `mfv.render.fourier`;
-- `anchored`: the same optimizer from the facet's mean image, with the target's objective
+- `maco`: MACO (Fel et al. 2023): only the Fourier phase is optimized, the amplitude fixed to
+  the mean spectrum of the scanned images (`mfv.render.maco`);
+- `anchored`: the Fourier optimizer from the facet's mean image, with the target's objective
   anchored to the facet (`mfv.render.anchor`: a pull of the code toward the facet's centre and,
   optionally, sort-matching of intermediate activations to the facet's photos).
 
@@ -102,7 +104,38 @@ class AnchorSettings:
     match_layers: tuple[str, ...] = ()
 
 
-RECIPES = (*SCHEDULES, "fourier", "anchored")  # every recipe `--recipe` accepts
+@dataclass(frozen=True)
+class MacoSettings:
+    """MACO's optimization settings (the reference implementation's defaults, module doc)."""
+
+    steps: int = 256
+    lr: float = 1.0  # NAdam, on the (standardized) phase
+    crops: int = 32  # random crops per step and sample
+    box: tuple[float, float] = (0.5, 0.05)  # mean crop side / canvas side, first -> last step
+    box_sd: float = 0.05  # sd of each crop's side around the mean
+    box_min: float = 0.05  # crop sides are clipped to [box_min, 1]
+    center_sd: float = 0.15  # sd of crop centres around the canvas centre (fraction of the side)
+    noise: float = 10.2  # grey levels: N(0, noise^2) + U(-noise / 2, noise / 2) on every crop
+    canvas: float = 512 / 224  # canvas side / model input side
+    alpha_percentile: float = 80.0  # the transparency is clipped at this percentile
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.crops < 1 or self.lr <= 0 or self.canvas < 1:
+            raise MfvError("MACO needs steps >= 0, crops >= 1, lr > 0 and canvas >= 1")
+        spreads = (self.box_sd, self.center_sd, self.noise)
+        if not 0 < self.box_min <= 1 or not all(0 < b <= 1 for b in self.box) or \
+                min(spreads) < 0 or not 0 < self.alpha_percentile <= 100:
+            raise MfvError("MACO box sizes must be in (0, 1], spreads and noise >= 0, and the "
+                           "alpha percentile in (0, 100]")
+
+    def with_steps(self, steps: int | None) -> MacoSettings:
+        return self if steps is None else replace(self, steps=steps)
+
+    def canvas_size(self, input_size: int) -> int:
+        return max(input_size, round(self.canvas * input_size))
+
+
+RECIPES = (*SCHEDULES, "fourier", "maco", "anchored")  # every recipe `--recipe` accepts
 FACET_RECIPES = ("anchored",)  # recipes that need their facet (random starts run without)
 
 
