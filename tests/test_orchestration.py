@@ -189,9 +189,9 @@ def test_a_failing_rerun_keeps_the_finished_work(tmp_path, images):
 
 
 def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, monkeypatch):
-    import mfv.pipeline
+    import mfv.units
 
-    real = mfv.pipeline.render_batches
+    real = mfv.units.render_batches
     calls = []
 
     def fail_second_batch(*args, **kwargs):
@@ -200,7 +200,7 @@ def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, m
             raise RuntimeError("GPU fell off the bus")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfv.pipeline, "render_batches", fail_second_batch)
+    monkeypatch.setattr(mfv.units, "render_batches", fail_second_batch)
     with pytest.raises(RuntimeError, match="fell off"):
         tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -208,7 +208,7 @@ def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, m
     assert partial["stages"]["render"] == "missing"
     shown = [f["visualizations"] for t in partial["targets"] for f in t["facets"]]
     assert all(set(v) == {"paper-mean"} for v in shown)  # the first recipe's batch is kept
-    monkeypatch.setattr(mfv.pipeline, "render_batches", real)
+    monkeypatch.setattr(mfv.units, "render_batches", real)
     done = tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
     fresh = tiny_run(tmp_path / "fresh", images, recipes=["paper-mean", "fourier"])
     assert comparable(done) == comparable(fresh)

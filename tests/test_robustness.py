@@ -403,7 +403,8 @@ def test_every_numeric_option_reads_its_number_from_the_command_line():
     assert {"steps", "seed", "facets", "workers"} <= set(numeric)
     for name, kind in numeric.items():
         value = kind(40) if kind is int else 0.5  # within every range (size >= 32, steps >= 10)
-        settings = _settings(build_parser().parse_args(["run", flag_of(name), str(value)]))
+        command = (Settings.model_fields[name].json_schema_extra.get("commands") or ["run"])[0]
+        settings = _settings(build_parser().parse_args([command, flag_of(name), str(value)]))
         assert getattr(settings, name) == value and type(getattr(settings, name)) is kind, name
 
 

@@ -16,7 +16,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "run": "mfv.pipeline", "scan_images": "mfv.pipeline",
+    "run": "mfv.pipeline", "scan_images": "mfv.pipeline", "sweep": "mfv.layer_sweep",
     "Settings": "mfv.settings", "make_settings": "mfv.settings",
     "load_model": "mfv.models", "LoadedModel": "mfv.models", "Preprocess": "mfv.preprocess",
     "MfvError": "mfv.errors",

@@ -19,6 +19,7 @@ Everything lands in `RUN/sweep/` (`mfv.rundir.SweepStore`), results in `RUN/swee
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mfv.activations import capture
+from mfv.backend import Backend, Worker, make_backend, run_all
 from mfv.errors import MfvError
 from mfv.images import BadImageError, load_rgb
 from mfv.models import LoadedModel, load_model
@@ -38,11 +40,14 @@ from mfv.pipeline import prepare_model
 from mfv.pipeline import run as run_pipeline
 from mfv.plots import plot_layer_measures
 from mfv.preprocess import Preprocess
+from mfv.report import write_layers_page
+from mfv.report.glossary import SWEEP_MEASURES
 from mfv.rundir import RunDir, check_out, digest, open_run, slug
 from mfv.scan import ScanResult, scan
 from mfv.settings import Settings, make_settings
 from mfv.sources import open_images
 from mfv.targets import parse_targets, resolve_layer
+from mfv.units import RunContext, scan_label, scan_shard
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
@@ -94,6 +99,7 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
           preprocess: Preprocess | None = None, **options) -> dict:
     """Run the layer sweep and return what `RUN/sweep/sweep.json` holds."""
     settings = settings.updated(**options) if settings is not None else make_settings(**options)
+    settings = settings.updated(scan_mode="topn")  # units × N in memory, never images × units
     check_out(settings.out)
     loaded = prepare_model(settings, model, preprocess)
     layers = choose_layers(loaded, settings.layers)
@@ -101,15 +107,22 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
                             settings.activation)
     images = open_images(settings.images)
     started = time.perf_counter()
-    with open_run(settings.out) as run:
+    with make_backend(settings.backend, loaded, settings.ray_address,
+                      settings.ray_workers) as backend, open_run(settings.out) as run:
+        if backend.workers > 1:  # the scan's shards on the workers, merged below
+            context = RunContext(str(run.root), settings, (), (), tuple(targets), images)
+            run_all(backend, scan_shard, context,
+                    [(i, backend.workers) for i in range(backend.workers)], scan_label)
         result = scan(loaded, images, targets, run, code_layer=settings.code_layer,
                       batch_size=settings.scan_batch_size, workers=settings.workers,
-                      mode="topn", top_n=settings.top_n, progress=settings.progress)
-        doc = _measure(run, settings, loaded, layers, result)
+                      mode=settings.scan_mode, top_n=settings.top_n, progress=settings.progress)
+        doc = _measure(run, settings, loaded, layers, result, backend)
         doc["timings"]["total"] = round(time.perf_counter() - started, 3)
         run.sweep.write("sweep", doc)
     if settings.render:
         _render(settings, loaded, doc)
+    with open_run(settings.out) as run:
+        write_layers_page(run, doc, progress=settings.progress)
     return doc
 
 
@@ -136,8 +149,38 @@ def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
     return out
 
 
+@dataclass(frozen=True)
+class _SweepContext:
+    """What every unit's measurement needs (shipped once to each worker)."""
+
+    root: str
+    settings: Settings
+    scan_key: str
+    options: dict
+    codes: np.ndarray  # every image's code (the space the facets are found in)
+    embedding: np.ndarray  # the independent network's codes of the needed images
+    row_of: dict[int, int]  # scan row → row of `embedding`
+    paths: tuple[str, ...]
+
+
+def _measure_unit(worker: Worker, ctx: _SweepContext, u: _Unit) -> dict:
+    """One unit's facets and measures, stored under their key (a unit of `mfv.backend`)."""
+    run, s = RunDir(ctx.root), ctx.settings
+    key = digest(ctx.scan_key, ctx.options, u.layer, u.unit)
+    stored = run.sweep.read_unit(key)
+    if stored is not None:
+        return stored
+    m = unit_measures(ctx.codes[u.rows], ctx.embedding[[ctx.row_of[int(r)] for r in u.rows]],
+                      u.values, seed=s.seed, m=s.mean_of, embedding=s.embedding)
+    doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
+           **m.to_dict(), "members": [[ctx.paths[int(u.rows[i])] for i in members]
+                                      for members in m.members]}
+    run.sweep.write_unit(key, doc)
+    return doc
+
+
 def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequence[str],
-             result: ScanResult) -> dict:
+             result: ScanResult, backend: Backend) -> dict:
     t0 = time.perf_counter()
     units = _sampled_units(settings, result, layers)
     pool = np.flatnonzero(result.valid)
@@ -153,30 +196,20 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
     row_of = {int(r): i for i, r in enumerate(needed)}
     options = {"top_n": size, "embedding": settings.embedding, "mean_of": settings.mean_of,
                "seed": settings.seed, "embedder": embedder, "version": 1}
-
-    def measure(u: _Unit) -> dict:
-        key = digest(result.key, options, u.layer, u.unit)
-        stored = run.sweep.read_unit(key)
-        if stored is not None:
-            return stored
-        m = unit_measures(codes[u.rows], embedding[[row_of[int(r)] for r in u.rows]], u.values,
-                          seed=settings.seed, m=settings.mean_of, embedding=settings.embedding)
-        doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
-               **m.to_dict(), "members": [[result.paths[int(u.rows[i])] for i in members]
-                                          for members in m.members]}
-        run.sweep.write_unit(key, doc)
-        return doc
-
-    per_layer = []
-    bar = tqdm(total=sum(len(v) for v in units.values()), desc="sweep: facets", unit="unit",
+    context = _SweepContext(str(run.root), settings, result.key, options, codes, embedding,
+                            row_of, tuple(result.paths))
+    todo = [u for layer in layers for u in units[layer]]
+    measured: dict[tuple[str, int], dict] = {}
+    bar = tqdm(total=len(todo), desc="sweep: facets", unit="unit",
                disable=not settings.progress)
-    for depth, layer in enumerate(layers):
-        measured = []
-        for u in units[layer]:
-            measured.append(measure(u))
-            bar.update()
-        per_layer.append({"layer": layer, "depth": depth, "units": measured})
+    for unit, doc in zip(todo, backend.imap(_measure_unit, context, todo,
+                                            lambda u: f"unit {u.layer}:{u.unit}"), strict=True):
+        measured[unit.layer, unit.unit] = doc
+        bar.update()
     bar.close()
+    per_layer = [{"layer": layer, "depth": depth,
+                  "units": [measured[u.layer, u.unit] for u in units[layer]]}
+                 for depth, layer in enumerate(layers)]
     t2 = time.perf_counter()
     chance_key = digest(result.key, options, chance_sets)[:16]
     level = run.sweep.read(f"chance-{chance_key}")
@@ -189,16 +222,17 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
             for name in MEASURES}
         entry["examples"] = _examples(run, settings, model, result, entry)
     stem = run.sweep.plot_stem
+    label = {name: SWEEP_MEASURES[name].label for name in MEASURES}
     plot_layer_measures(
         [e["layer"] for e in per_layer],
-        {name: [tuple(e["summary"][name][k] for k in ("mean", "low", "high"))
-                for e in per_layer] for name in MEASURES},
-        {name: [level[name]["mean"]] * len(per_layer) for name in MEASURES}, stem)
+        {label[name]: [tuple(e["summary"][name][k] for k in ("mean", "low", "high"))
+                       for e in per_layer] for name in MEASURES},
+        {label[name]: [level[name]["mean"]] * len(per_layer) for name in MEASURES}, stem)
     return {
         "format": SWEEP_FORMAT, "model": model.describe(), "device": str(model.device),
         "settings": settings.to_dict(), "scan_key": result.key,
-        "data": {"source": result.manifest["source"], "n_images": len(result.paths),
-                 "n_valid": int(result.valid.sum())},
+        "data": {"source": result.manifest["source"], "base": os.getcwd(),
+                 "n_images": len(result.paths), "n_valid": int(result.valid.sum())},
         "embedder": embedder, "measures": list(MEASURES), "chance": level,
         "plot": {fmt: run.relative(stem.with_name(f"{stem.name}.{fmt}"))
                  for fmt in ("png", "svg")},

@@ -11,39 +11,47 @@ match the settings are shown too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from PIL import Image
 from torch import nn
 
+from mfv.backend import Backend, make_backend, run_all
 from mfv.errors import MfvError
-from mfv.evaluate import Picture, evaluate_target, networks, summary
-from mfv.facets import FacetOptions, facet_means, facets_of_target
-from mfv.images import load_rgb
+from mfv.evaluate import summary
 from mfv.models import LoadedModel, load_model
 from mfv.preprocess import Preprocess
-from mfv.render.anchor import Anchor
-from mfv.render.batch import Job, RenderOptions, Result, render_batches
+from mfv.render.batch import default_batch_size
 from mfv.render.plan import RenderSettings, Visual, plan
-from mfv.render.recipes import FACET_RECIPES, AnchorSettings
 from mfv.report import write_report
 from mfv.results import STAGES, TargetRecord, build
-from mfv.rundir import RunDir, check_out, digest, open_run, slug
+from mfv.rundir import RenderEntry, RunDir, check_out, digest, open_run, slug
 from mfv.scan import ScanResult, scan
 from mfv.settings import Settings, make_settings
 from mfv.sources import ImageList, open_images
-from mfv.targets import Target, parse_targets, resolve_layer
+from mfv.targets import Target, parse_targets
+from mfv.units import (
+    RunContext,
+    anchor_settings,
+    evaluate_unit,
+    facet_options,
+    facets_unit,
+    render_label,
+    render_unit,
+    scan_label,
+    scan_shard,
+)
 
 METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are recomputed
 
 
 def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
-        preprocess: Preprocess | None = None, until: str = "report", **options) -> dict:
+        preprocess: Preprocess | None = None, backend: str | Backend | None = None,
+        until: str = "report", **options) -> dict:
     """Run the pipeline up to `until` (a stage name) and return the results object (what
     `RUN/results.json` holds).
 
@@ -51,12 +59,16 @@ def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedMode
     `mfv run --images photos/ --target "bell pepper" --out runs/pepper` on the command line.
     `model` may be a name or file (as `--model`), an `nn.Module` (with its `preprocess`), or a
     `LoadedModel`; the run directory records its class, size and weights' fingerprint.
+    `backend` is "local" or "ray" (as `--backend`), or a `mfv.backend` backend whose workers
+    the caller keeps across runs.
     """
     if until not in STAGES:
         raise MfvError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
+    if isinstance(backend, str):
+        options["backend"], backend = backend, None
     line = _prepare(settings, model, preprocess, options)
-    with open_run(line.settings.out) as rundir:
-        return _Line(*line, rundir).run(until)
+    with _backend(line, backend) as workers, open_run(line.settings.out) as rundir:
+        return _Line(*line, rundir, workers).run(until)
 
 
 def scan_images(settings: Settings | None = None, *,
@@ -64,10 +76,21 @@ def scan_images(settings: Settings | None = None, *,
                 preprocess: Preprocess | None = None, **options) -> ScanResult:
     """Only the scan of a run (its targets and `scan_targets`), returned as a `ScanResult`."""
     line = _prepare(settings, model, preprocess, options)
-    with open_run(line.settings.out) as rundir:
-        stages = _Line(*line, rundir)
+    with _backend(line, None) as backend, open_run(line.settings.out) as rundir:
+        stages = _Line(*line, rundir, backend)
         stages.run("scan")
         return stages.scanned
+
+
+@contextlib.contextmanager
+def _backend(line: _Inputs, given: Backend | None) -> Iterator[Backend]:
+    """The backend the caller gave, or the run's own (`--backend`), closed when it ends."""
+    if given is not None:
+        yield given
+        return
+    with make_backend(line.settings.backend, line.model, line.settings.ray_address,
+                      line.settings.ray_workers) as backend:
+        yield backend
 
 
 @dataclass(frozen=True)
@@ -122,7 +145,8 @@ def parse_run_targets(specs: Sequence[str], model: LoadedModel, settings: Settin
 
 @dataclass
 class _Line:
-    """One pipeline run over a locked run directory: the stages and what they have made."""
+    """One pipeline run over a locked run directory: the stages and what they have made. Each
+    stage finds its missing units (by key) and hands them to the backend (`mfv.units`)."""
 
     settings: Settings
     model: LoadedModel
@@ -130,6 +154,7 @@ class _Line:
     targets: list[Target]
     scan_targets: list[Target]
     rundir: RunDir
+    backend: Backend
     scanned: ScanResult | None = None
     records: list[TargetRecord] = field(default_factory=list)
     means: list[list[np.ndarray]] = field(default_factory=list)
@@ -170,52 +195,52 @@ class _Line:
             self.timings[stage] = round(time.perf_counter() - started, 3)
             self.rundir.write_record("timings", self.timings)
 
+    def _context(self, **changes) -> RunContext:
+        merged = tuple({t.spec: t for t in [*self.scan_targets, *self.targets]}.values())
+        return RunContext(str(self.rundir.root), self.settings, tuple(self.targets),
+                          tuple(r.slug for r in self.records), merged,
+                          scan_key=self.scanned.key if self.scanned else None,
+                          facets_keys=tuple(r.facets_key for r in self.records), **changes)
+
     # ----------------------------------------------------------------------------- stages
     def _scan(self) -> bool:
         s = self.settings
-        merged = list({t.spec: t for t in [*self.scan_targets, *self.targets]}.values())
-        self.scanned = scan(self.model, self.images, merged, self.rundir,
-                            code_layer=s.code_layer, batch_size=s.scan_batch_size,
+        context = self._context(images=self.images)
+        started = time.perf_counter()
+        if self.backend.workers > 1:  # the shards on the workers; the merge below
+            shards = [(i, self.backend.workers) for i in range(self.backend.workers)]
+            run_all(self.backend, scan_shard, context, shards, scan_label)
+        self.scanned = scan(self.model, self.images, list(context.scanned_targets),
+                            self.rundir, code_layer=s.code_layer, batch_size=s.scan_batch_size,
                             workers=s.workers, mode=s.scan_mode, top_n=s.top_n,
                             progress=s.progress)
-        if self.scanned is None:  # pragma: no cover - only with shards
-            raise MfvError("the scan is incomplete")
+        if self.scanned is None:  # pragma: no cover - a shard vanished meanwhile
+            raise MfvError("the scan is incomplete; run the same command again")
         self.done.add("scan")
-        self.timings["scan"] = round(self.scanned.manifest["seconds"], 3)  # its own compute time
+        seconds = self.scanned.manifest["seconds"]  # its own compute time, or the workers' wall
+        self.timings["scan"] = round(time.perf_counter() - started if self.backend.workers > 1
+                                     and seconds < 1 else seconds, 3)
         return False
 
     def _facets(self, execute: bool) -> bool:
         s, result = self.settings, self.scanned
-        labels = result.class_labels(self.model.classes)
-        options = FacetOptions(s.selection, s.top_n, s.facets, s.mean_of, s.embedding, s.merge,
-                               s.min_facet_size, s.seed)
-        worked = False
+        for record in self.records:
+            record.facets_key = digest({
+                "scan": result.key, "target": record.target.to_dict(),
+                "options": facet_options(s).__dict__, "mean_resize": s.mean_resize,
+                "size": self.model.preprocess.input_size})
+        missing = [i for i, r in enumerate(self.records)
+                   if self.rundir.target(r.slug).load_facets(r.facets_key) is None]
+        if missing and not execute:
+            return False
+        run_all(self.backend, facets_unit, self._context(), missing,
+                         lambda i: f"facets of {self.targets[i].spec!r}")
         self.means = []
         for record in self.records:
-            target = record.target
-            key = digest({"scan": result.key, "target": target.to_dict(),
-                          "options": options.__dict__, "mean_resize": s.mean_resize,
-                          "size": self.model.preprocess.input_size})
-            stored = self.rundir.target(record.slug).load_facets(key)
-            if stored is None and not execute:
-                return worked
-            if stored is None:
-                facets = facets_of_target(result.activations_of(result.target_index(target.spec)),
-                                          result.codes, result.valid, labels, target.classes,
-                                          options, target.spec)
-                means = facet_means(facets, functools.partial(self._pixels, result.paths))
-                self.rundir.target(record.slug).save_facets(key, facets, means)
-                stored, worked = (facets, means), True
-            record.facets, record.facets_key = stored[0], key
-            self.means.append(stored[1])
+            record.facets, means = self.rundir.target(record.slug).load_facets(record.facets_key)
+            self.means.append(means)
         self.done.add("facets")
-        return worked
-
-    def _pixels(self, paths: list[str], indices: np.ndarray) -> np.ndarray:
-        """(m, S, S, 3) images at the model's input size in 0..255, resized for mean images."""
-        pre, policy = self.model.preprocess, self.settings.mean_resize
-        return np.stack([np.round(pre.to_array(load_rgb(paths[i]), policy) * 255)
-                         .astype(np.uint8).transpose(1, 2, 0) for i in indices])
+        return bool(missing)
 
     def _render(self, execute: bool) -> bool:
         if "facets" not in self.done:
@@ -230,31 +255,30 @@ class _Line:
                 if (stored := indexes[v.target].get(v.slot)) is None or stored.key != v.key]
         worked = bool(todo) and execute
         if worked:
-            for recipe in s.recipes:
-                self._render_recipe(recipe, [v for v in todo if v.recipe == recipe], stores)
+            size = s.batch_size or default_batch_size(self.model)
+            batches = [chunk for recipe in s.recipes
+                       for group in [[v for v in todo if v.recipe == recipe]]
+                       for chunk in (group[i:i + size] for i in range(0, len(group), size))]
+            for entries in self.backend.imap(render_unit, self._context(), batches,
+                                             render_label):
+                self._record(entries)  # each batch indexed as soon as it is back
         if self._collect_visuals() == len(self.planned):
             self.done.add("render")
         return worked
+
+    def _record(self, entries: list[tuple[int, RenderEntry]]) -> None:
+        by_target: dict[int, list[RenderEntry]] = {}
+        for t, entry in entries:
+            by_target.setdefault(t, []).append(entry)
+        for t, group in by_target.items():
+            self.rundir.target(self.records[t].slug).record(group)
 
     def _render_settings(self) -> RenderSettings:
         s = self.settings
         spectrum = digest(self.scanned.spectrum) if "maco" in s.recipes else None
         return RenderSettings(s.recipes, s.baseline, s.steps, s.as_written, s.seed,
                               self.model.preprocess.input_size, self.model.fingerprint(),
-                              s.code_layer, self._anchor_settings(), s.maco_crops, spectrum)
-
-    def _anchor_settings(self) -> AnchorSettings:
-        s = self.settings
-        return AnchorSettings(s.anchor_weight, s.match_weight, s.match_layers)
-
-    def _anchor(self, visual: Visual) -> Anchor | None:
-        """The facet a visualization of an anchored recipe keeps to (None for random starts)."""
-        if visual.kind != "facet" or visual.recipe not in FACET_RECIPES:
-            return None
-        facet = self.records[visual.target].facets.facets[visual.rank]
-        photos = self._pixels(self.scanned.paths, facet.representatives)
-        return Anchor(facet.code_centre, facet.code_spread, facet.activation_max,
-                      photos.transpose(0, 3, 1, 2).astype(np.float32))
+                              s.code_layer, anchor_settings(s), s.maco_crops, spectrum)
 
     def _collect_visuals(self) -> int:
         """Give each record the stored visualizations that the plan still asks for; how many."""
@@ -265,67 +289,27 @@ class _Line:
                               if current.get((t, slot)) == e.key]
         return sum(len(r.visuals) for r in self.records)
 
-    def _render_recipe(self, recipe: str, todo: list[Visual], stores) -> None:
-        if not todo:
-            return
-        s = self.settings
-
-        def save(rows: list[int], results: list[Result]) -> None:
-            by_target: dict[int, list] = {}
-            for row, res in zip(rows, results, strict=True):
-                v = todo[row]
-                entry = stores[v.target].write_visual(v.kind, v.rank, recipe, v.key,
-                                                      image=res.image, trace=res.trace,
-                                                      activation=res.activation, alpha=res.alpha)
-                by_target.setdefault(v.target, []).append(entry)
-            for t, entries in by_target.items():
-                stores[t].record(entries)
-
-        jobs = [Job(v.target, None if v.start is None else
-                    torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed,
-                    self._anchor(v)) for v in todo]
-        options = RenderOptions(s.steps, s.as_written, s.code_layer, self._anchor_settings(),
-                                s.maco_crops, self.scanned.spectrum if recipe == "maco" else None)
-        render_batches(self.model, self.targets, jobs, recipe, options,
-                       batch_size=s.batch_size, progress=s.progress, on_batch=save)
-
     def _evaluate(self, execute: bool) -> bool:
         if "render" not in self.done:
             return False
-        s, result = self.settings, self.scanned
-        labels = result.class_labels(self.model.classes)
-        nets = None
-        worked = False
-        for record in self.records:
-            store = self.rundir.target(record.slug)
-            key = digest({"visuals": sorted(e.key for e in record.visuals),
-                          "facets": record.facets_key, "judges": list(s.judges),
-                          "code_layer": s.code_layer, "seed": s.seed,
-                          "version": METRICS_VERSION})
-            metrics = store.load_evaluation(key)
-            if metrics is None and not execute:
-                return worked
-            if metrics is None:
-                if nets is None:
-                    nets = networks(self.model, resolve_layer(self.model, s.code_layer),
-                                    s.judges)
-                metrics = self._evaluate_target(record, labels, *nets)
-                store.save_evaluation(key, metrics)
-                worked = True
-            record.metrics = metrics
+        s = self.settings
+        keys = [digest({"visuals": sorted(e.key for e in r.visuals), "facets": r.facets_key,
+                        "judges": list(s.judges), "code_layer": s.code_layer, "seed": s.seed,
+                        "version": METRICS_VERSION}) for r in self.records]
+        stores = [self.rundir.target(r.slug) for r in self.records]
+        for record, store, key in zip(self.records, stores, keys, strict=True):
+            record.metrics = store.load_evaluation(key)
+        missing = [i for i, r in enumerate(self.records) if r.metrics is None]
+        if missing and not execute:
+            return False
+        items = [(i, tuple(self.records[i].visuals)) for i in missing]
+        for i, metrics in zip(missing, self.backend.imap(
+                evaluate_unit, self._context(), items,
+                lambda item: f"evaluation of {self.targets[item[0]].spec!r}"), strict=True):
+            stores[i].save_evaluation(keys[i], metrics)
+            self.records[i].metrics = metrics
         self.done.add("evaluate")
-        return worked
-
-    def _evaluate_target(self, record: TargetRecord, labels, own, judges) -> dict:
-        result, facets = self.scanned, record.facets
-        store = self.rundir.target(record.slug)
-        real = result.activation_of(result.target_index(record.target.spec), facets.selected)
-        pictures = [Picture(e.kind, e.rank, e.recipe, e.activation,
-                            _open_rgb(store.file(e.files["image"]))) for e in record.visuals]
-        members = [[result.paths[i] for i in f.members] for f in facets.facets]
-        truth = labels[facets.selected] if labels is not None else None
-        return evaluate_target(own, judges, record.target, facets, pictures, members,
-                               float(np.nanmax(real)), truth, self.settings.seed)
+        return bool(missing)
 
     # ----------------------------------------------------------------------------- outputs
     def _publish(self, error: str | None = None) -> dict:
@@ -351,8 +335,3 @@ class _Line:
         for v in self.planned:
             current[self.records[v.target].slug][1][v.slot] = v.key
         self.rundir.prune({self.scanned.key}, current)
-
-
-def _open_rgb(path) -> np.ndarray:
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))

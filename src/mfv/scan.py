@@ -181,10 +181,12 @@ class _Pass:
 def scan(model: LoadedModel, images: ImageList, targets: list[Target],
          run: RunDir | str | Path, *, code_layer: str = "penultimate", batch_size: int = 32,
          workers: int = 1, chunk_batches: int = 8, mode: str = "auto", top_n: int = 200,
-         shard: tuple[int, int] = (0, 1), progress: bool = True) -> ScanResult | None:
+         shard: tuple[int, int] = (0, 1), merge: bool = True,
+         progress: bool = True) -> ScanResult | None:
     """Scan `images` for `targets`; reuse or resume what the run directory holds for this key.
 
-    Returns the merged result, or None when this shard finished but others are still missing.
+    Returns the merged result, or None when this shard finished but others are still missing
+    (or `merge` is False: a worker's shard, which another process merges).
     """
     if not targets:
         raise MfvError("no targets to scan for")
@@ -221,7 +223,7 @@ def scan(model: LoadedModel, images: ImageList, targets: list[Target],
     started = time.perf_counter()
     if mine:
         _scan_chunks(job, mine, workers, progress)
-    if not all(store.chunk_done(c) for c in range(job.n_chunks)):
+    if not merge or not all(store.chunk_done(c) for c in range(job.n_chunks)):
         return None
     result = _merge(job, manifest, time.perf_counter() - started)
     if progress:

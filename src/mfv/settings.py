@@ -15,8 +15,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mfv.backend import BACKENDS
+from mfv.cluster import EMBEDDINGS
 from mfv.errors import MfvError
-from mfv.facets import EMBEDDINGS, POLICIES
+from mfv.facets import POLICIES
 from mfv.preprocess import RESIZE_POLICIES
 from mfv.render.recipes import RECIPES
 from mfv.rundir import SCAN_MODES
@@ -108,6 +110,15 @@ class Settings(BaseModel):
                                                       "(default: automatic)"))
     scan_batch_size: int = Field(32, ge=1, **_opt("--scan-batch-size", "images per scan batch"))
     workers: int = Field(1, ge=0, **_opt("--workers", "image decoding processes (default 1)"))
+    backend: Literal[BACKENDS] = Field("local", **_opt(
+        "--backend", "where the stages' units run: local (this process) or ray (a Ray "
+        "cluster; the run directory must be on a file system every worker sees)"))
+    ray_address: str | None = Field(None, **_opt(
+        "--ray-address", "with --backend ray: 'auto' or HOST:PORT of a running cluster "
+        "(default: start a local Ray instance)"))
+    ray_workers: int | None = Field(None, ge=1, **_opt(
+        "--ray-workers", "with --backend ray: how many workers (default: one per CPU, or per "
+        "GPU when the run uses one)"))
     scan_mode: Literal[SCAN_MODES] = Field("auto", **_opt(
         "--scan-mode", "full activation vectors, a streaming top-N per target (topn), or auto "
         "(full when they fit in 2 GB)"))

@@ -6,6 +6,7 @@ picture is judged twice: as seen (the key as is) and on its central crop (the ke
 `metric_table` puts both views of a metric in one row and shows the central one only where it
 differs. A key missing from the table still gets a readable label (underscores become spaces), so
 no raw key reaches the page, but every key evaluate writes belongs here (a test checks it).
+`SWEEP_MEASURES` does the same for the layer sweep's measures (the Layers page).
 """
 
 from __future__ import annotations
@@ -102,6 +103,29 @@ METRICS: Mapping[str, Metric] = MappingProxyType({
         "Share of the photos whose facet's most common true sub-type is their own.", "share"),
 })
 
+# The layer sweep's multifacetedness measures (`mfv.layer_sweep.MEASURES`, one value per unit,
+# averaged per layer), for the Layers page.
+SWEEP_MEASURES: Mapping[str, Metric] = MappingProxyType({
+    "k": Metric(
+        "number of facets",
+        "How many facets the paper's clustering found among the unit's top images, choosing "
+        "their number itself: 1 = one kind of image, more = several kinds."),
+    "silhouette": Metric(
+        "facet silhouette",
+        "How cleanly the unit's top images fall into their facets in the space the clustering "
+        "ran in, from −1 to 1: near 1 = well apart; undefined for a single facet.", "unit"),
+    "polysemanticity": Metric(
+        "1 − MonoScore",
+        "One minus the activation-weighted mean cosine similarity of the unit's top images in "
+        "an independent network's features (Pach et al. 2025): 0 = all alike, higher = more "
+        "different images, a more polysemantic unit.", "unit"),
+    "separation": Metric(
+        "separation ratio",
+        "Mean distance between images of different facets over mean distance within a facet, "
+        "in an independent network's features (PURE, Dreyer et al. 2024): 1 = facets no more "
+        "apart than their own images, higher = more distinct facets.", "ratio"),
+})
+
 CENTRAL = "_central"
 VIEWS: Mapping[str, str] = MappingProxyType({
     "as seen": "The saved picture, resized and centre-cropped the way a photo is.",
@@ -117,10 +141,11 @@ def split_view(key: str) -> tuple[str, str]:
     return key, ""
 
 
-def describe(key: str) -> Metric:
-    """The table's entry for `key`, or a readable stand-in for a key it does not know."""
-    return METRICS.get(key) or Metric(key.replace("_", " ").replace(".", ": "),
-                                      "(no description)")
+def describe(key: str, table: Mapping[str, Metric] = METRICS) -> Metric:
+    """The entry for `key` in `table` (`METRICS` or `SWEEP_MEASURES`), or a readable stand-in
+    for a key it does not know."""
+    return table.get(key) or Metric(key.replace("_", " ").replace(".", ": "),
+                                    "(no description)")
 
 
 def number(value: Any, digits: int = 3) -> str:

@@ -62,6 +62,7 @@ class PageSpec:
 
 PAGES: Mapping[str, PageSpec] = MappingProxyType({
     "run": PageSpec("run", "Run", attrgetter("report_file")),
+    "layers": PageSpec("layers", "Layers", attrgetter("layers_page")),
 })
 
 

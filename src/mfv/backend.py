@@ -1,0 +1,199 @@
+"""Where the stages' units of work run: in this process, or on a Ray cluster.
+
+The pipeline cuts every stage into independent units — scan shards, one target's facets, one
+batch of pictures, one target's evaluation — and hands them to a backend's `map(work, context,
+units)`, which returns each unit's result in order. `work(worker, context, unit)` is a
+module-level function; `worker` is a `Worker`: the model (loaded once per worker process) and a
+cache for what else a worker keeps (the judge networks). Units read their inputs from, and write
+their outputs to, the run directory, which every worker must see (a shared file system on a real
+cluster); the driver alone writes indexes and the public files.
+
+- `LocalBackend`: the units one after the other, in this process, on the run's model.
+- `RayBackend`: one Ray actor per worker, each holding its own copy of the model (and a GPU when
+  the run uses one). A worker that dies is restarted and its unit retried (a unit's writes are
+  atomic and keyed, so a retry neither loses nor duplicates work); a unit that raises stops the
+  run with a message naming it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mfv.errors import MfvError
+
+if TYPE_CHECKING:
+    from mfv.models import LoadedModel
+
+BACKENDS = ("local", "ray")
+RETRIES = 3  # restarts of a dead Ray worker, and retries of the unit it was running
+START_TIMEOUT_S = 120  # how long the workers may take to start (import torch, load the model)
+
+
+@dataclass
+class Worker:
+    """What a unit of work runs with: the model, and a cache for the worker's lifetime."""
+
+    model: LoadedModel
+    cache: dict[str, Any] = field(default_factory=dict)
+
+
+Work = Callable[[Worker, Any, Any], Any]
+
+
+class Backend(Protocol):
+    workers: int
+
+    def imap(self, work: Work, context: Any, units: Sequence[Any],
+             label: Callable[[Any], str] = str) -> Iterator[Any]:
+        """Each unit's result, in the units' order, as soon as it (and those before) is done."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def run_all(backend: Backend, work: Work, context: Any, units: Sequence[Any],
+            label: Callable[[Any], str] = str) -> list[Any]:
+    """Every unit's result, in order."""
+    return list(backend.imap(work, context, units, label))
+
+
+class _Closing:
+    """Backends close their workers at the end of a `with` block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+
+class LocalBackend(_Closing):
+    """Every unit in this process, in order, on one `Worker`."""
+
+    workers = 1
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.worker = Worker(model)
+
+    def imap(self, work: Work, context: Any, units: Sequence[Any],
+             label: Callable[[Any], str] = str) -> Iterator[Any]:
+        for unit in units:
+            yield work(self.worker, context, unit)
+
+    def close(self) -> None:
+        self.worker.cache.clear()
+
+
+class RayBackend(_Closing):
+    """Units on Ray actors, one per worker, results in order (module doc).
+
+    `address`: None starts a local Ray instance (or uses the one this process already started),
+    "auto" or "HOST:PORT" joins a running cluster. `workers`: how many actors (default: one per
+    CPU of the cluster, or per GPU when the model is on one).
+    """
+
+    def __init__(self, model: LoadedModel, address: str | None = None,
+                 workers: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise MfvError("--backend ray needs Ray: pip install 'mfv[ray]'") from None
+        self._ray = ray
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            except ConnectionError as exc:
+                raise MfvError(f"--ray-address {address}: no Ray cluster answers ({exc}); start "
+                               "one with `ray start --head`, or leave --ray-address out to run "
+                               "a local instance") from None
+        gpus = 1 if model.device.type == "cuda" else 0
+        resources = ray.cluster_resources()
+        available = int(resources.get("GPU" if gpus else "CPU", 1))
+        self.workers = max(1, workers or available)
+        actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RETRIES,
+                           max_task_retries=RETRIES)(_RayWorker)
+        self._model_ref = ray.put(_portable(model))  # kept: restarted workers read it again
+        self.actors = [actor.remote(self._model_ref, str(model.device) if gpus else "cpu")
+                       for _ in range(self.workers)]
+        ready, _ = ray.wait([a.pid.remote() for a in self.actors], num_returns=self.workers,
+                            timeout=START_TIMEOUT_S)
+        if len(ready) < self.workers:
+            self.close()
+            raise MfvError(f"Ray started {len(ready)} of {self.workers} workers within "
+                           f"{START_TIMEOUT_S} s (each needs 1 {'GPU' if gpus else 'CPU'}; the "
+                           f"cluster has {resources.get('GPU' if gpus else 'CPU', 0):g}, some "
+                           "perhaps in use); give fewer --ray-workers or a larger cluster")
+
+    def imap(self, work: Work, context: Any, units: Sequence[Any],
+             label: Callable[[Any], str] = str) -> Iterator[Any]:
+        ray = self._ray
+        context_ref = ray.put(context)
+        refs = [self.actors[i % len(self.actors)].run.remote(work, context_ref, unit)
+                for i, unit in enumerate(units)]
+        for unit, ref in zip(units, refs, strict=True):
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                if isinstance(cause, MfvError):
+                    raise MfvError(f"{label(unit)}: {cause}") from None
+                raise MfvError(f"{label(unit)} failed on a Ray worker: "
+                               f"{type(cause).__name__}: {cause}") from None
+            except ray.exceptions.RayError as exc:  # a worker that could not start or run
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                why = next((line for line in reversed(lines) if "Error" in line), lines[-1:])
+                raise MfvError(f"{label(unit)}: its Ray worker failed ({type(exc).__name__}: "
+                               f"{why}); a model class must be importable on every worker "
+                               "(see the README's Scale out)") from None
+
+    def worker_pids(self) -> list[int]:
+        """The process ids of the workers (for the fault tests)."""
+        return self._ray.get([a.pid.remote() for a in self.actors])
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self._ray.kill(actor)
+        self.actors = []
+
+
+class _RayWorker:
+    """A Ray actor: its own copy of the model, on its device, for every unit it runs."""
+
+    def __init__(self, model: LoadedModel, device: str) -> None:
+        import torch
+
+        torch.set_num_threads(1)  # one CPU per worker: the cluster's cores are the workers
+        self.worker = Worker(model.to(device))
+
+    def run(self, work: Callable[[Worker, Any, Any], Any], context: Any, unit: Any) -> Any:
+        return work(self.worker, context, unit)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _portable(model: LoadedModel) -> LoadedModel:
+    """A CPU copy of the model to ship to workers (each moves it to its own device)."""
+    if model.device.type == "cpu":
+        return model
+    clone = copy.deepcopy(model)
+    return clone.to("cpu")
+
+
+def make_backend(name: str, model: LoadedModel, address: str | None = None,
+                 workers: int | None = None) -> Backend:
+    """The backend a run asked for (`--backend`)."""
+    if name == "local":
+        return LocalBackend(model)
+    if name == "ray":
+        return RayBackend(model, address, workers)
+    raise MfvError(f"--backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,383 @@
+"""The Layers page's context: `RUN/sweep/sweep.json` (format mfv.sweep/1) as plain values for
+`layers.html`.
+
+The page answers the sweep's question (does multifacetedness grow with depth?) in plain
+sentences, one per measure, under the plot; a table gives each layer's mean and interval of
+every measure against its chance level; per layer, its example units show their facets (mean
+image, size, a strip of member thumbnails) and link to the unit's section of the run page when
+the sweep rendered it too (`--render`: a target of results.json named "LAYER:UNIT"). Measures
+are named and explained by `mfv.report.glossary.SWEEP_MEASURES`; everything the template shows
+is decided here, and the template escapes it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mfv.report.glossary import SWEEP_MEASURES, Metric, describe, format_value
+from mfv.report.pages import KV, Img, Links
+from mfv.report.run_page import STRIP_MAX, colour, duration, fmt, section_id
+from mfv.report.thumbs import Thumb
+
+ANSWER_DIGITS = 2  # significant digits of the answer's numbers
+TINY = 1e-9  # relative to a measure's scale: below it a slope or bound reads as 0 (round-off)
+TRENDS = {  # what a slope's interval says, as the sentence's verb
+    "grows": "grows with depth", "shrinks": "shrinks with depth",
+    "unclear": "shows no clear trend with depth", "flat": "does not change with depth",
+}
+
+
+# ------------------------------------------------------------------------- helpers
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _maps(items: Any) -> list[Mapping[str, Any]]:
+    return [x for x in items or [] if isinstance(x, Mapping)] if isinstance(
+        items, (list, tuple)) else []
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _plain(value: float, scale: float) -> float:
+    """`value`, or 0 when it is round-off against `scale` (a constant measure's slope)."""
+    return 0.0 if abs(value) < TINY * max(1.0, scale) else value
+
+
+def plain_number(value: float, digits: int = ANSWER_DIGITS) -> str:
+    """A number to `digits` significant digits in plain decimals (0.0000051, not 5.1e-06),
+    trailing zeros dropped, a real minus sign."""
+    if not math.isfinite(value):
+        return "n/a"
+    if value == 0:
+        return "0"
+    places = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{places}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text.replace("-", "−")
+
+
+def _signed(value: float) -> str:
+    return ("+" if value > 0 else "") + plain_number(value)
+
+
+def _interval(low: str, high: str) -> str:
+    """"0.008–0.016"; "−0.1 to 0.2" where a dash would read as a minus."""
+    return f"{low} to {high}" if low.startswith("−") or high.startswith("−") else f"{low}–{high}"
+
+
+def measure_info(key: str) -> Metric:
+    """A sweep measure's plain name, explanation and format (a stand-in for an unknown one)."""
+    return describe(key, SWEEP_MEASURES)
+
+
+def answer_sentence(label: str, answer: Mapping[str, Any]) -> tuple[str, str]:
+    """(trend, sentence) for one measure's entry of the sweep's `answer`: the slope of its layer
+    means against depth with the slope's 95 % interval, its first vs last quarter and its
+    chance level, e.g. "1 − MonoScore grows with depth: +0.012 per layer (95 % CI
+    0.008–0.016), 0.21 in the first quarter vs 0.34 in the last; chance 0.35". The trend is
+    "grows" or "shrinks" when the interval excludes 0, "flat" when slope and interval are 0,
+    "unclear" otherwise, "unknown" without a slope."""
+    subject = label[:1].upper() + label[1:]
+    slope, low, high = (_finite(answer.get(k)) for k in ("slope", "low", "high"))
+    first, last, chance = (_finite(answer.get(k))
+                           for k in ("first_quarter", "last_quarter", "chance"))
+    if slope is None:
+        return "unknown", f"{subject}: too few layers with measured units to tell a trend."
+    scale = max([abs(v) for v in (first, last) if v is not None] or [1.0])
+    slope = _plain(slope, scale)
+    low = _plain(low, scale) if low is not None else None
+    high = _plain(high, scale) if high is not None else None
+    if low is not None and low > 0:
+        trend = "grows"
+    elif high is not None and high < 0:
+        trend = "shrinks"
+    elif slope == 0 and low == 0 and high == 0:
+        trend = "flat"
+    else:
+        trend = "unclear"
+    parts = []
+    if trend != "flat":
+        ci = (f" (95 % CI {_interval(plain_number(low), plain_number(high))})"
+              if low is not None and high is not None else "")
+        parts.append(f"{_signed(slope)} per layer{ci}")
+    if first is not None and last is not None:
+        parts.append(f"{plain_number(first)} in the first quarter vs {plain_number(last)} in "
+                     "the last")
+    text = f"{subject} {TRENDS[trend]}: {', '.join(parts)}" if parts else \
+        f"{subject} {TRENDS[trend]}"
+    if chance is not None:
+        text += f"; chance {plain_number(chance)}"
+    return trend, text
+
+
+def layers_thumb_paths(doc: Mapping[str, Any]) -> list[str]:
+    """Every input image the page shows: the example units' facet members (at most
+    STRIP_MAX a facet)."""
+    return [p for e in _maps(doc.get("layers")) for u in _maps(e.get("examples"))
+            for f in _maps(u.get("facets")) for p in _members(f)]
+
+
+def _members(facet: Mapping[str, Any]) -> list[str]:
+    members = facet.get("members")
+    return [p for p in members if isinstance(p, str)][:STRIP_MAX] \
+        if isinstance(members, list) else []
+
+
+def run_sections(results: Mapping[str, Any], run_page_url: str) -> dict[str, str]:
+    """The URL of each target's section of the run page, by its spec ("LAYER:UNIT" for the
+    units the sweep rendered)."""
+    return {str(t["spec"]): f"{run_page_url}#{section_id(t, i)}"
+            for i, t in enumerate(_maps(results.get("targets"))) if t.get("spec") is not None}
+
+
+def layer_id(layer: str, depth: int) -> str:
+    """The id of a layer's section: `l<depth>-<layer reduced to safe characters>`."""
+    safe = re.sub(r"[^A-Za-z0-9_-]+", "-", layer).strip("-")[:60]
+    return f"l{depth}-{safe}" if safe else f"l{depth}"
+
+
+# ------------------------------------------------------------------------- view objects
+@dataclass(frozen=True)
+class Measure:
+    """A measure as the page names it (a column of the table, a line of the answer)."""
+
+    key: str
+    label: str
+    explanation: str
+    chance: str  # its chance level, mean ± std over the random sets
+    chance_title: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    key: str
+    label: str
+    explanation: str
+    trend: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measure of one layer: its mean over the layer's units and the mean's interval."""
+
+    value: str
+    interval: str
+    title: str
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    sid: str
+    layer: str
+    depth: int
+    units: int
+    cells: list[Cell]
+
+
+@dataclass(frozen=True)
+class FacetView:
+    rank: int
+    colour: str
+    size: str
+    mean: Img
+    strip: list[Img]
+    more: int
+
+
+@dataclass(frozen=True)
+class UnitView:
+    spec: str  # "LAYER:UNIT"
+    unit: str
+    meta: str
+    link: str | None  # its section of the run page, when it was rendered
+    facets: list[FacetView]
+
+
+@dataclass(frozen=True)
+class LayerView:
+    sid: str
+    depth: int
+    layer: str
+    chips: list[KV]
+    units: list[UnitView]
+    measured: int
+
+
+# ------------------------------------------------------------------------- the builder
+class LayersPage:
+    """Builds the Layers page's context from a sweep document, the thumbnails of its example
+    members and the run page's sections of rendered units (`run_sections`)."""
+
+    def __init__(self, doc: Mapping[str, Any], links: Links, thumbs: Mapping[str, Thumb],
+                 rendered: Mapping[str, str] | None = None) -> None:
+        self.doc = doc
+        self.links = links
+        self.thumbs = thumbs
+        self.rendered = rendered or {}
+        keys = doc.get("measures")
+        self.keys = [str(k) for k in keys] if isinstance(keys, list) else list(SWEEP_MEASURES)
+
+    def context(self) -> dict[str, Any]:
+        doc = self.doc
+        model = _mapping(doc.get("model"))
+        layers = _maps(doc.get("layers"))
+        measures = [self.measure(k) for k in self.keys]
+        plot = _mapping(doc.get("plot"))
+        return {
+            "title": f"mfv layers — {model.get('name') or 'sweep'}",
+            "subtitle": self.subtitle(layers),
+            "plot": Img(self.links.file(plot.get("png")), "the measures against depth", "plot",
+                        missing="plot not written"),
+            "plot_svg": self.links.file(plot.get("svg")),
+            "answers": [self.answer(m) for m in measures],
+            "method": self.method(),
+            "measures": measures,
+            "rows": [self.row(e, i) for i, e in enumerate(layers)],
+            "layers": [self.layer(e, i) for i, e in enumerate(layers)],
+            "info": self.info(),
+            "glossary": [*(KV(m.label, m.explanation) for m in measures),
+                         KV("chance", "The same measure on random sets of images as large as "
+                            "a unit's top images, drawn from all the images: what it reads "
+                            "for images the unit did not choose."),
+                         KV("95 % CI", "A percentile-bootstrap interval: the layer's units "
+                            "resampled 1000 times; for a slope, every layer's units at once.")],
+            "footer": {"format": str(doc.get("format") or "?")},
+        }
+
+    # ------------------------------------------------------------------ the answer
+    def measure(self, key: str) -> Measure:
+        info = measure_info(key)
+        chance = _mapping(_mapping(self.doc.get("chance")).get(key))
+        mean, std = _finite(chance.get("mean")), _finite(chance.get("std"))
+        text = format_value(mean, info.kind) if mean is not None else "–"
+        if mean is not None and std is not None:
+            text += f" ± {format_value(std, info.kind)}"
+        title = (f"{info.label} on {fmt(chance.get('draws'))} random image sets of "
+                 f"{self.top_n()}: mean ± standard deviation")
+        return Measure(key, info.label, info.explanation, text, title)
+
+    def answer(self, m: Measure) -> Answer:
+        entry = dict(_mapping(_mapping(self.doc.get("answer")).get(m.key)))
+        if "chance" not in entry:
+            entry["chance"] = _mapping(_mapping(self.doc.get("chance")).get(m.key)).get("mean")
+        trend, text = answer_sentence(m.label, entry)
+        return Answer(m.key, m.label, m.explanation, trend, text)
+
+    def top_n(self) -> str:
+        return fmt(_mapping(self.doc.get("settings")).get("top_n"))
+
+    def method(self) -> str:
+        layers = _maps(self.doc.get("layers"))
+        quarter = max(1, len(layers) // 4)
+        names = [str(e.get("layer")) for e in layers]
+        first = ", ".join(names[:quarter])
+        last = ", ".join(names[-quarter:]) if names else ""
+        draws = fmt(_mapping(_mapping(self.doc.get("chance")).get(self.keys[0] if self.keys
+                                                                  else "")).get("draws"))
+        return (f"Slopes per layer of depth (0 = the first layer swept), of a straight line "
+                f"through the layers' means; the first quarter of the layers is {first}, the "
+                f"last {last}; chance: the measure on {draws} random sets of {self.top_n()} "
+                "images.")
+
+    # ------------------------------------------------------------------ the table
+    def row(self, entry: Mapping[str, Any], i: int) -> LayerRow:
+        layer = str(entry.get("layer", f"layer {i}"))
+        depth = int(entry.get("depth", i)) if _finite(entry.get("depth")) is not None else i
+        units = len(_maps(entry.get("units")))
+        cells = []
+        summary = _mapping(entry.get("summary"))
+        for key in self.keys:
+            info = measure_info(key)
+            s = _mapping(summary.get(key))
+            value = format_value(_finite(s.get("mean")), info.kind) if s else "–"
+            low, high = _finite(s.get("low")), _finite(s.get("high"))
+            interval = (_interval(format_value(low, info.kind), format_value(high, info.kind))
+                        if low is not None and high is not None else "")
+            title = f"{info.label} on {layer}: mean {value} over {units} units"
+            if interval:
+                title += f", 95 % CI {interval}"
+            cells.append(Cell(value, interval, title))
+        return LayerRow(layer_id(layer, depth), layer, depth, units, cells)
+
+    # ------------------------------------------------------------------ a layer
+    def layer(self, entry: Mapping[str, Any], i: int) -> LayerView:
+        row = self.row(entry, i)
+        chips = [KV(f"{row.units} unit{'s' if row.units != 1 else ''} measured", "")]
+        chips += [KV(f"{measure_info(k).label} {c.value}", c.title)
+                  for k, c in zip(self.keys, row.cells, strict=True)]
+        units = [self.unit(row.layer, u) for u in _maps(entry.get("examples"))]
+        return LayerView(row.sid, row.depth, row.layer, chips, units, row.units)
+
+    def unit(self, layer: str, u: Mapping[str, Any]) -> UnitView:
+        unit = fmt(u.get("unit"))
+        spec = f"{layer}:{unit}"
+        facets = [self.facet(spec, f, j) for j, f in enumerate(_maps(u.get("facets")))]
+        k = u.get("k", len(facets))
+        meta = f"{fmt(k)} facet{'s' if k != 1 else ''}"
+        return UnitView(spec, unit, meta, self.rendered.get(spec), facets)
+
+    def facet(self, spec: str, f: Mapping[str, Any], j: int) -> FacetView:
+        rank = int(f["rank"]) if _finite(f.get("rank")) is not None else j
+        size = f.get("size")
+        shown = _members(f)
+        label = f"{spec} facet {rank}"
+        mean = Img(self.links.file(f.get("mean_image")), f"{label}: mean image", "vis",
+                   f"{label}: mean of its images nearest the facet's centre")
+        strip = []
+        for path in shown:
+            thumb = self.thumbs.get(path) or Thumb(None, "no thumbnail")
+            strip.append(Img(self.links.thumb(thumb), path.replace("\\", "/").rsplit("/", 1)[-1],
+                             "thumb", path, thumb.reason or "", lazy=True))
+        more = max(0, int(size) - len(shown)) if _finite(size) is not None else 0
+        return FacetView(rank, colour(rank), fmt(size), mean, strip, more)
+
+    # ------------------------------------------------------------------ overview
+    def subtitle(self, layers: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+        """(plain, bold) pieces: the template bolds the model's name."""
+        doc = self.doc
+        data = _mapping(doc.get("data"))
+        parts = [("model ", str(_mapping(doc.get("model")).get("name") or "?"))]
+        if doc.get("device"):
+            parts.append((f"on {doc['device']}", ""))
+        parts.append((f"{len(layers)} layer{'s' if len(layers) != 1 else ''}", ""))
+        if data.get("n_valid") is not None:
+            parts.append((f"{fmt(data.get('n_valid'))} images", ""))
+        parts.append((f"top {self.top_n()} images per unit", ""))
+        return parts
+
+    def info(self) -> dict[str, list[KV]]:
+        doc = self.doc
+        model = _mapping(doc.get("model"))
+        data = _mapping(doc.get("data"))
+        settings = _mapping(doc.get("settings"))
+        units = settings.get("units")
+        sweep = [
+            KV("model", fmt(model.get("name"))),
+            KV("parameters", fmt(model.get("parameters"))),
+            KV("device", fmt(doc.get("device"))),
+            KV("images", fmt(data.get("source"))),
+            KV("images read", f"{fmt(data.get('n_valid'))} of {fmt(data.get('n_images'))}"),
+            KV("units per layer", "all" if units == "all" else f"up to {fmt(units)}",
+               "a seeded sample of each layer's units; units no image activates are left out"),
+            KV("top images per unit", self.top_n()),
+            KV("clustering space", fmt(settings.get("embedding")),
+               "where the paper's clustering ran (and the silhouette is taken)"),
+            KV("independent embedding", fmt(doc.get("embedder")),
+               "the network whose penultimate features score 1 − MonoScore and the "
+               "separation ratio"),
+            KV("seed", fmt(settings.get("seed"))),
+        ]
+        timings = [KV(str(k), duration(v)) for k, v in _mapping(doc.get("timings")).items()]
+        return {"sweep": sweep, "timings": timings}
+

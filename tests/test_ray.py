@@ -1,0 +1,188 @@
+"""The Ray backend on a real local Ray instance: the same results as the local backend, a killed
+worker retried without losing or duplicating work, a worker's error naming its unit, a driver
+interrupted mid-render resuming with the finished pictures kept, and the command line."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+import mfv
+from mfv.backend import RayBackend
+from mfv.cli import main
+from mfv.errors import MfvError
+from test_orchestration import CLASSES, PRE, comparable, make_images, net
+from test_robustness import HANG_S, SlowNet, start
+
+TESTS = Path(__file__).resolve().parent
+RUN = dict(targets=["fc:0 + fc:2", "conv2:3"], facets=2, mean_of=3, steps=10, embedding="pca",
+           recipes=["paper-mean", "anchored"], scan_batch_size=4, batch_size=4,
+           progress=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local Ray instance of 2 CPUs; the workers import the tests' model classes."""
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    paths = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": paths}})
+    yield
+    ray.shutdown()
+
+
+def tiny(delay: float = 0.0) -> mfv.LoadedModel:
+    module = SlowNet(delay).eval() if delay else net()
+    if delay:
+        module.load_state_dict(net().state_dict())
+    return mfv.load_model(module, preprocess=PRE, classes=CLASSES)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return make_images(tmp_path_factory.mktemp("ray") / "imgs", n=24)
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory, images) -> dict:
+    return mfv.run(model=tiny(), images=str(images), out=str(tmp_path_factory.mktemp("local")),
+                   **RUN)
+
+
+@pytest.fixture()
+def workers(cluster):
+    """Two workers on the tiny network (the cluster's 2 CPUs: one backend at a time)."""
+    with RayBackend(tiny(), workers=2) as backend:
+        yield backend
+
+
+def test_ray_gives_the_results_of_the_local_backend(tmp_path, images, local, workers):
+    remote = mfv.run(model=tiny(), images=str(images), out=str(tmp_path / "run"),
+                     backend=workers, **RUN)
+    assert comparable(remote) == comparable(local)
+    for ours, theirs in zip(remote["targets"], local["targets"], strict=True):
+        assert [f["members"] for f in ours["facets"]] == [f["members"] for f in theirs["facets"]]
+        np.testing.assert_allclose([p["activation"] for p in ours["map"]],
+                                   [p["activation"] for p in theirs["map"]], rtol=1e-5)
+    shards = json.loads(next((tmp_path / "run" / "scan").glob("*/manifest.json")).read_text())
+    assert shards["status"] == "complete"
+
+
+def test_a_worker_killed_mid_scan_is_retried_and_nothing_is_lost(tmp_path, images, local,
+                                                                 cluster):
+    out = tmp_path / "run"
+    with RayBackend(tiny(delay=0.15), workers=2) as backend:
+        victim = backend.worker_pids()[0]
+
+        def kill_when_the_scan_runs() -> None:
+            deadline = time.monotonic() + HANG_S
+            while not list(out.glob("scan/*/chunks/*.json")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            os.kill(victim, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_when_the_scan_runs)
+        killer.start()
+        remote = mfv.run(model=tiny(), images=str(images), out=str(out), backend=backend,
+                         **{**RUN, "scan_batch_size": 1})
+        killer.join()
+        assert victim not in backend.worker_pids()  # it died and was replaced
+    assert comparable(remote) == comparable(local)
+
+
+class FailingNet(torch.nn.Module):
+    """TinyNet's layers, failing whenever a gradient is asked for (i.e. while rendering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = net()
+
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this GPU is on fire")
+        return self.inner(x)
+
+
+def test_a_worker_error_names_its_unit(tmp_path, images, cluster):
+    model = mfv.load_model(FailingNet(), preprocess=PRE, classes=CLASSES)
+    with pytest.raises(MfvError, match=r"render batch of 4 paper-mean pictures .* failed on a "
+                                       r"Ray worker: RuntimeError: this GPU is on fire"):
+        mfv.run(model=model, images=str(images), out=str(tmp_path / "run"), backend="ray",
+                ray_workers=2, **{**RUN, "targets": ["inner.fc:0 + inner.fc:2"]})
+    failed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["stages"]["facets"] == "done"
+
+
+def _slow_ray_run(out: str, images: str) -> None:
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(TESTS)}})
+    mfv.run(model=tiny(delay=0.02), images=images, out=out, backend="ray", ray_workers=2,
+            **{**RUN, "batch_size": 2})
+
+
+def test_an_interrupted_driver_resumes_with_the_finished_pictures(tmp_path, images, local,
+                                                                  cluster):
+    out = tmp_path / "run"
+    log = tmp_path / "driver.log"
+    fork = multiprocessing.get_context("forkserver")
+    proc = start(fork, log, _slow_ray_run, str(out), str(images))
+    deadline = time.monotonic() + 3 * HANG_S
+    while len(list(out.glob("targets/*/*.png"))) < 2:
+        assert proc.is_alive(), log.read_text()
+        assert time.monotonic() < deadline, "no picture in time"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its Ray instance
+    proc.join()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("targets/*/*.png")
+                if p.name.startswith(("facet", "random"))}
+    indexed = [json.loads(p.read_text())["entries"] for p in out.glob("targets/*/render.json")]
+    kept = {e["files"]["image"] for entries in indexed for e in entries}
+    with RayBackend(tiny(), workers=2) as backend:
+        remote = mfv.run(model=tiny(), images=str(images), out=str(out), backend=backend,
+                         **{**RUN, "batch_size": 2})
+    assert comparable(remote) == comparable(local)
+    for path, stamp in finished.items():  # every indexed picture was kept, not redone
+        if path.name in kept:
+            assert path.stat().st_mtime_ns == stamp
+
+
+def test_the_command_line_runs_and_sweeps_on_ray(tmp_path, images, local, cluster, capsys):
+    module = net().eval()
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    torch.export.save(torch.export.export(module, (torch.rand(2, 3, 32, 32),),
+                                          dynamic_shapes=(dims,)), tmp_path / "tiny.pt2")
+    common = ["--model", str(tmp_path / "tiny.pt2"), "--images", str(images), "--size", "32",
+              "--device", "cpu", "--quiet", "--backend", "ray", "--ray-workers", "2"]
+    assert main(["run", *common, "--target", "fc:1", "--facets", "2", "--mean-of", "3",
+                 "--steps", "10", "--embedding", "pca", "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["status"] == "complete" and results["settings"]["backend"] == "ray"
+    assert main(["sweep", *common, "--layers", "conv1,conv2,fc", "--units", "2", "--top-n",
+                 "12", "--embedder", "efficientnet_lite0", "--embedding", "pca", "--mean-of",
+                 "3", "--out", str(tmp_path / "sweep")]) == 0, capsys.readouterr().err
+    doc = json.loads((tmp_path / "sweep" / "sweep" / "sweep.json").read_text())
+    local_sweep = mfv.sweep(model=str(tmp_path / "tiny.pt2"), images=str(images), size=32,
+                            device="cpu", progress=False, layers="conv1,conv2,fc", units=2,
+                            top_n=12, embedder="efficientnet_lite0", embedding="pca",
+                            mean_of=3, out=str(tmp_path / "sweep-local"))
+    assert doc["layers"] == json.loads(json.dumps(local_sweep["layers"]))
+
+
+def test_a_bad_ray_address_is_one_line(tmp_path, images, capsys):
+    if ray.is_initialized():
+        ray.shutdown()
+    code = main(["run", "--images", str(images), "--target", "tench", "--backend", "ray",
+                 "--ray-address", "127.0.0.1:1", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--ray-address 127.0.0.1:1" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
