@@ -145,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--maco-crops", type=int, default=None,
+                    help="MACO's crops per step (default: the published 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--judges", default="efficientnet_lite1,efficientnet_lite2",
                     help="comma-separated models for transferability, or 'none'")
@@ -166,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     base = {"images": str(images), "targets": targets, "out": str(args.out / f"run-k{args.k}"),
             "selection": "class", "facets": args.k, "mean_of": args.mean_of,
             "steps": args.steps or None, "device": args.device, "seed": args.seed,
-            "batch_size": args.batch_size, "judges": judges, "progress": False}
+            "batch_size": args.batch_size, "judges": judges, "maco_crops": args.maco_crops,
+            "progress": False}
     started = time.perf_counter()
     mfv.run(**base, until="facets")  # scan and facets once, before rendering is timed
     seconds = render_timed(base, recipes)
@@ -176,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     setting = (f"{args.classes} class logits + {args.pairs} constructed neurons, "
                f"{results['data']['n_images']} photos ({args.per_class or 'all'} per class), "
                f"k={args.k}, mean of {args.mean_of}, steps {args.steps or 'each recipe’s own'}, "
-               f"device {args.device}, seed {args.seed}")
+               f"MACO crops {args.maco_crops or 32}, device {args.device}, seed {args.seed}")
     print(f"# {setting}\n# {machine()}; {elapsed:.0f} s in this invocation (work found in "
           f"{args.out} is reused)")
     print(plain(HEADER, rows))
