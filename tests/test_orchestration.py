@@ -67,6 +67,18 @@ def tiny_run(out: Path, images: Path, **options) -> dict:
     return mfv.run(model=model, **settings)
 
 
+def _significant(value, digits: int = 5):
+    """Floats to `digits` significant digits, in any nesting (float tolerance: the same images
+    in batches of another size give activations that differ in the 7th digit)."""
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_significant(v, digits) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
 def comparable(results: dict) -> dict:
     """What two runs with the same settings must agree on (not times, dates or file names,
     which carry keys)."""
@@ -79,7 +91,7 @@ def comparable(results: dict) -> dict:
                        for f in t["facets"]],
             "baselines": {r: [round(b["activation"], 4) for b in bs]
                           for r, bs in t["baselines"].items()},
-            "metrics": sorted(json.dumps(t["metrics"], sort_keys=True, default=str)),
+            "metrics": _significant(json.loads(json.dumps(t["metrics"], default=str))),
         })
     return {"targets": out, "stages": results["stages"], "status": results["status"]}
 

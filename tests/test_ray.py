@@ -22,7 +22,7 @@ from mfv.backend import RayBackend
 from mfv.cli import main
 from mfv.errors import MfvError
 from test_orchestration import CLASSES, PRE, comparable, make_images, net
-from test_robustness import HANG_S, SlowNet, start
+from test_robustness import HANG_S, start
 
 TESTS = Path(__file__).resolve().parent
 RUN = dict(targets=["fc:0 + fc:2", "conv2:3"], facets=2, mean_of=3, steps=10, embedding="pca",
@@ -41,10 +41,21 @@ def cluster():
     ray.shutdown()
 
 
+class Pause:
+    """A forward pre-hook that waits, so a stage lasts long enough to be killed in: the network
+    stays the tiny one (its class, weights and fingerprint), so its results must match."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, module, inputs) -> None:
+        time.sleep(self.seconds)
+
+
 def tiny(delay: float = 0.0) -> mfv.LoadedModel:
-    module = SlowNet(delay).eval() if delay else net()
+    module = net()
     if delay:
-        module.load_state_dict(net().state_dict())
+        module.register_forward_pre_hook(Pause(delay))
     return mfv.load_model(module, preprocess=PRE, classes=CLASSES)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -108,6 +109,7 @@ class RayBackend(_Closing):
         self._ray = ray
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
+            _check_reachable(address)
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
@@ -168,10 +170,12 @@ class RayBackend(_Closing):
 class _RayWorker:
     """A Ray actor: its own copy of the model, on its device, for every unit it runs."""
 
-    def __init__(self, model: LoadedModel, device: str) -> None:
+    def __init__(self, model: LoadedModel | _FromFile, device: str) -> None:
         import torch
 
         torch.set_num_threads(1)  # one CPU per worker: the cluster's cores are the workers
+        if isinstance(model, _FromFile):
+            model = model.load()
         self.worker = Worker(model.to(device))
 
     def run(self, work: Callable[[Worker, Any, Any], Any], context: Any, unit: Any) -> Any:
@@ -181,12 +185,56 @@ class _RayWorker:
         return os.getpid()
 
 
-def _portable(model: LoadedModel) -> LoadedModel:
-    """A CPU copy of the model to ship to workers (each moves it to its own device)."""
+@dataclass
+class _FromFile:
+    """A model that does not pickle (a torch.export program: its graph holds C++ objects),
+    shipped as its file, reloaded by each worker with the driver's weights and settings."""
+
+    file: str
+    name: str
+    preprocess: Any
+    classes: Any
+    logits_layer: str | None
+    state: dict
+
+    def load(self) -> LoadedModel:
+        from mfv.models import load_model
+
+        loaded = load_model(self.file, preprocess=self.preprocess, classes=self.classes,
+                            logits_layer=self.logits_layer)
+        loaded.module.load_state_dict(self.state)
+        loaded.name = self.name
+        return loaded
+
+
+def _portable(model: LoadedModel) -> LoadedModel | _FromFile:
+    """What to ship to workers, on the CPU (each moves it to its own device): the model, or its
+    file when it came from a torch.export file."""
+    if model.source.get("source") == "torch.export":
+        state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
+        return _FromFile(os.path.abspath(model.source["file"]), model.name, model.preprocess,
+                         model.classes, model.logits_layer, state)
     if model.device.type == "cpu":
         return model
     clone = copy.deepcopy(model)
     return clone.to("cpu")
+
+
+def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT address that nothing answers on is an error now (Ray itself retries it for
+    minutes); None and "auto" are Ray's to resolve."""
+    if address in (None, "", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise MfvError(f"--ray-address {address}: give HOST:PORT of a Ray head (e.g. "
+                       "10.0.0.5:6379) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise MfvError(f"--ray-address {address}: no Ray cluster answers ({exc.strerror or exc});"
+                       " start one with `ray start --head`, or leave --ray-address out to run a "
+                       "local instance") from None
 
 
 def make_backend(name: str, model: LoadedModel, address: str | None = None,

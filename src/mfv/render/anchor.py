@@ -75,22 +75,30 @@ class AnchoredObjective:
         and (B, C, 1) their variance (zeros and ones for samples without references)."""
         out: dict[str, list] = {ref.key: [] for ref in self.match}
         size = self.model.preprocess.input_size
+        blank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # for samples without refs
         for anchor in anchors:
             refs = None if anchor is None else anchor.references
+            if refs is None and blank:
+                for ref in self.match:
+                    out[ref.key].append(blank[ref.key])
+                continue
             pixels = torch.zeros(1, 3, size, size, device=self.model.device) if refs is None \
                 else torch.as_tensor(refs, dtype=torch.float32, device=self.model.device)
             with capture(self.model, self.match) as store:
-                self.model(pixels / 255.0)
+                self.base.forward(self.model, pixels)  # the pictures' pass settings
             for ref in self.match:
                 acts = store[ref.key].float()  # (m, C, H, W) or (m, N, C)
                 values = _per_channel(acts)  # (C, m * N)
                 n = values.shape[1] // len(pixels)
+                if refs is None:  # only the shapes count
+                    blank[ref.key] = (values.new_zeros(len(values), n),
+                                      values.new_ones(len(values), 1))
+                    out[ref.key].append(blank[ref.key])
+                    continue
                 ordered = values.sort(dim=1).values
                 picks = torch.linspace(0, ordered.shape[1] - 1, n, device=ordered.device).round()
                 quant = ordered[:, picks.long()]
                 var = values.var(dim=1, keepdim=True).clamp(min=1e-8)
-                if refs is None:
-                    quant, var = torch.zeros_like(quant), torch.ones_like(var)
                 out[ref.key].append((quant, var))
         return {k: (torch.stack([q for q, _ in v]), torch.stack([s for _, s in v]))
                 for k, v in out.items()}
@@ -98,11 +106,15 @@ class AnchoredObjective:
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         return self.base(images, kind)
 
+    def exact(self) -> Objective:
+        """What `measure` reports: the target alone, with a float32 pass."""
+        return self.base.exact()
+
     def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch."""
         layers = [*self.base.layers, self.code, *self.match]
         with capture(self.model, layers) as store:
-            self.model(images / 255.0)
+            self.base.forward(self.model, images)
             target = self.base.values(store, len(images))
             code = store[self.code.key].flatten(1).float()
             pull = ((code - self.centres) ** 2).sum(1) / self.spreads

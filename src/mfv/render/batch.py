@@ -1,8 +1,22 @@
 """The batch driver: many jobs (targets × facets × starts) of one recipe in as few batches as
-fit on the device, each result handed back as soon as its batch is done."""
+fit on the device, each result handed back as soon as its batch is done.
+
+Batch size, when the caller gives none (`batch_size_for`): on CUDA the largest that fits, found
+by probing (the recipe's own loop for a few steps at batch 1, 2, 4, ... until the device runs
+out of memory or `PROBE_LIMIT`), remembered for the process in the model's cache per recipe,
+input size and pass settings; on the CPU `CPU_BATCH`, the measured throughput optimum; elsewhere
+`OTHER_BATCH`. The jobs are then spread evenly over as few batches as that allows. A batch that
+runs out of memory anyway is halved and retried (a given `batch_size` too; it is otherwise kept
+as given).
+
+How the model's pass runs (`RenderOptions.precision`, `.channels_last`) is `Forward`'s business
+(`mfv.render.objective`); the model's weights are in channels_last layout for the whole call
+when the pass is (`prepared`), and reported activations use a float32 pass.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -13,11 +27,24 @@ from mfv.errors import MfvError
 from mfv.models import LoadedModel
 from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
 from mfv.render.fourier import fourier_loop
-from mfv.render.maco import maco_loop
-from mfv.render.objective import Objective, Rendered, measure
+from mfv.render.maco import GPU_PASS_IMAGES, maco_loop
+from mfv.render.objective import Forward, Objective, Rendered, measure, prepared
 from mfv.render.paper import paper_loop
-from mfv.render.recipes import RECIPES, AnchorSettings, FourierSettings, MacoSettings, schedule
+from mfv.render.recipes import (
+    RECIPES,
+    SCHEDULES,
+    AnchorSettings,
+    FourierSettings,
+    MacoSettings,
+    schedule,
+)
 from mfv.targets import Target, resolve_layer
+
+# Images per batch on the CPU: the throughput optimum measured by `benchmarks/sweep.py` (Lite0,
+# 224 px, 2 cores).
+CPU_BATCH = 8
+OTHER_BATCH = 8  # devices neither CPU nor CUDA: not probed (their out-of-memory errors differ)
+PROBE_LIMIT = 512  # the probe stops here: GPU throughput has long stopped growing
 
 
 @dataclass(frozen=True)
@@ -41,6 +68,24 @@ class RenderOptions:
     anchor: AnchorSettings = field(default_factory=AnchorSettings)
     maco_crops: int | None = None  # MACO's crops per step (None: the published 32)
     amplitude: np.ndarray | None = None  # MACO's fixed amplitude: the scanned images' spectrum
+    precision: str = "float32"  # the model's pass: "float32", or "bfloat16" (autocast; GPUs)
+    channels_last: bool | None = None  # the pass's memory layout (None: `default_channels_last`)
+
+    def __post_init__(self) -> None:
+        Forward(self.precision)  # checks it
+
+    def forward(self, device: torch.device) -> Forward:
+        """How the model's pass runs on `device` (batch norms as affine maps: always)."""
+        layout = default_channels_last(device) if self.channels_last is None \
+            else self.channels_last
+        return Forward(self.precision, layout, affine_batchnorm=True)
+
+
+def default_channels_last(device: torch.device) -> bool:
+    """channels_last by default on CUDA (the usual win for convolutions) and on the CPU (Lite0's
+    forward+backward takes 0.75-0.9x the time of the standard layout on 2 cores,
+    `benchmarks/sweep.py`); elsewhere (MPS, ...) the standard layout."""
+    return device.type in ("cuda", "cpu")
 
 
 @dataclass
@@ -80,8 +125,108 @@ def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], options: 
 
 
 def default_batch_size(model: LoadedModel) -> int:
-    """CPU: 8 (throughput barely grows beyond). CUDA: start large; `render` halves on OOM."""
-    return 8 if model.device.type == "cpu" else 64
+    """A batch size without probing: `CPU_BATCH` on the CPU, 64 on CUDA, `OTHER_BATCH` else
+    (`batch_size_for` probes CUDA for the largest that fits)."""
+    kind = model.device.type
+    return CPU_BATCH if kind == "cpu" else 64 if kind == "cuda" else OTHER_BATCH
+
+
+def batch_size_for(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
+                   recipe: str, options: RenderOptions | None = None,
+                   probe: bool | None = None) -> int:
+    """How many of `jobs` to render at once (module doc): probed (`probe`; None: on CUDA) for
+    the largest that fits, at most `PROBE_LIMIT`, else `default_batch_size`; never more than
+    the jobs, and spread evenly (100 jobs that fit 64 at a time run as 2 × 50)."""
+    options = options or RenderOptions()
+    if not jobs:
+        return 1
+    if model.device.type == "cuda" if probe is None else probe:
+        with prepared(model, options.forward(model.device)):
+            most = probe_batch(model, targets, jobs, recipe, options)
+    else:
+        most = default_batch_size(model)
+    most = max(1, min(most, len(jobs)))
+    return math.ceil(len(jobs) / math.ceil(len(jobs) / most))
+
+
+def _probe_key(model: LoadedModel, recipe: str, options: RenderOptions) -> tuple:
+    """What decides a batch's memory: device, recipe, input size, the pass, MACO's crops and
+    the anchored recipe's captured layers."""
+    return (str(model.device), recipe, model.preprocess.input_size,
+            options.forward(model.device), options.maco_crops, options.code_layer,
+            options.anchor)
+
+
+def _probe_memo(model: LoadedModel) -> dict:
+    """(largest batch known to fit, smallest known to fail or None) per `_probe_key`: kept in
+    the model's own cache, so it lasts as long as the loaded model (the process)."""
+    return model._cache.setdefault("render-batch", {})
+
+
+def probe_batch(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
+                recipe: str, options: RenderOptions | None = None,
+                limit: int = PROBE_LIMIT) -> int:
+    """The largest batch of this recipe that runs on the model's device: the recipe's own loop
+    for a few steps (its peak memory: one MACO pass, every paper octave) on 1, 2, 4, ... and
+    finally min(limit, len(jobs)) jobs (cycled from `jobs`), until the device runs out of
+    memory. What fitted and what failed is remembered (`_probe_memo`), so sizes are tried once
+    per process; a later call with more jobs probes on from there."""
+    options = options or RenderOptions()
+    memo = _probe_memo(model)
+    key = _probe_key(model, recipe, options)
+    fits, fails = memo.get(key, (0, None))
+    need = max(1, min(limit, len(jobs)))
+    size = 1
+    while fails is None or size < fails:
+        if size > fits:
+            if not _fits(model, targets, [jobs[i % len(jobs)] for i in range(size)], recipe,
+                         options):
+                fails = size
+                break
+            fits = size
+        if size >= need:
+            break
+        size = min(2 * size, need)
+    memo[key] = (fits, fails)
+    return max(1, fits)
+
+
+def _fits(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job], recipe: str,
+          options: RenderOptions) -> bool:
+    """Whether a batch of `jobs` runs a few steps of the recipe without running out of memory
+    (MACO: its crops capped to one pass, the most it holds at once)."""
+    steps = 2 * len(SCHEDULES[recipe]) if recipe in SCHEDULES else 2
+    crops = options.maco_crops or MacoSettings().crops
+    probe = replace(options, steps=steps,
+                    maco_crops=min(crops, max(1, GPU_PASS_IMAGES // len(jobs))))
+    objective = Objective(model, targets, [j.target for j in jobs], probe.forward(model.device))
+    try:
+        _run_batch(recipe, objective, jobs, probe, False, "probe")
+        ok = True
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        ok = False
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+        torch.cuda.empty_cache()
+    return ok
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether an error is the device running out of memory (torch's own error, or a CUDA
+    library's allocation failure reported as a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+def _remember_failure(model: LoadedModel, recipe: str, options: RenderOptions, batch: int
+                      ) -> None:
+    """A batch that ran out of memory: later probes stay below it."""
+    memo = _probe_memo(model)
+    key = _probe_key(model, recipe, options)
+    fits, fails = memo.get(key, (0, None))
+    memo[key] = (min(fits, batch - 1), batch if fails is None else min(fails, batch))
 
 
 def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
@@ -89,7 +234,8 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
                    batch_size: int | None = None, progress: bool = True,
                    on_batch: Callable[[list[int], list[Result]], None] | None = None
                    ) -> list[Result]:
-    """Make one visualization per job, `batch_size` jobs at a time (all targets mixed).
+    """Make one visualization per job, `batch_size` jobs at a time (all targets mixed; None:
+    `batch_size_for`, probed on CUDA).
 
     `options.steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, the
     Fourier recipes' 256). `on_batch(indices, results)` is called after each batch, so callers
@@ -103,25 +249,37 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
         if job.start is not None and tuple(job.start.shape) != (3, size, size):
             raise MfvError(f"start images must be (3, {size}, {size}) in 0..255, got "
                            f"{tuple(job.start.shape)}")
-    batch = batch_size or default_batch_size(model)
+    forward = options.forward(model.device)
+    with prepared(model, forward):
+        batch = batch_size or batch_size_for(model, targets, jobs, recipe, options)
+        return _render_all(model, targets, jobs, recipe, options, forward, batch, progress,
+                           on_batch)
+
+
+def _render_all(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
+                recipe: str, options: RenderOptions, forward: Forward, batch: int,
+                progress: bool, on_batch: Callable[[list[int], list[Result]], None] | None
+                ) -> list[Result]:
     results: list[Result | None] = [None] * len(jobs)
-    order = list(range(len(jobs)))
     start = 0
-    while start < len(order):
-        rows = order[start:start + batch]
+    while start < len(jobs):
+        rows = list(range(start, min(start + batch, len(jobs))))
         chosen = [jobs[i] for i in rows]
-        objective = Objective(model, targets, [j.target for j in chosen])
+        objective = Objective(model, targets, [j.target for j in chosen], forward)
         desc = f"{recipe} {start + len(rows)}/{len(jobs)}"
         try:
             out = _run_batch(recipe, objective, chosen, options, progress, desc)
-        except torch.OutOfMemoryError:
-            if batch == 1:
+        except RuntimeError as error:
+            if batch == 1 or not out_of_memory(error):
                 raise
+            _remember_failure(model, recipe, options, batch)
             batch = max(1, batch // 2)
-            torch.cuda.empty_cache()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             continue
-        finals = measure(objective, out.images, whole=recipe == "maco")
-        images = out.images.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        saved = out.images.round().clamp(0, 255)  # the 8-bit picture the user gets
+        finals = measure(objective, saved, whole=recipe == "maco")
+        images = saved.to(torch.uint8).permute(0, 2, 3, 1).cpu()
         alphas = out.alpha.float().cpu().numpy() if out.alpha is not None else None
         batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]),
                                 None if alphas is None else alphas[b]) for b in range(len(rows))]

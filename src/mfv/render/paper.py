@@ -75,9 +75,13 @@ def paper_loop(objective: Objective, starts: Sequence[torch.Tensor | None], seed
             canvas = F.interpolate(canvas, size=(side, side), mode="bicubic", align_corners=False)
         slack = canvas.shape[-1] - size
         mask = _margin_mask(size, octave.margin, canvas)
+        # The octave's crop corners drawn up front (the same draws in the same order as step
+        # by step) and moved to the device at once: no host-to-device copy, so no wait, per step.
+        corners = torch.tensor([[_offsets(rng, slack, octave.window) for rng in rngs]
+                                for _ in range(octave.iters)], dtype=torch.long
+                               ).view(octave.iters, len(rngs), 2).to(device)
         for i in range(octave.iters):
-            window = _CropWindow([_offsets(rng, slack, octave.window) for rng in rngs], size,
-                                 device)
+            window = _CropWindow(corners[i], size)
             crops = window.read(canvas).requires_grad_(True)
             value = objective(crops, octave.objective)
             (grad,) = torch.autograd.grad(value.sum(), crops)
@@ -96,10 +100,11 @@ class _CropWindow:
     """One size×size window per sample at its own offset, read and written with one indexing
     kernel each (not two per sample)."""
 
-    def __init__(self, offsets: Sequence[tuple[int, int]], size: int, device: torch.device):
-        corner = torch.tensor(offsets, dtype=torch.long).view(-1, 2).to(device)
+    def __init__(self, corner: torch.Tensor, size: int):
+        """`corner`: (B, 2) long offsets (row, column) on the canvas's device."""
+        device = corner.device
         span = torch.arange(size, device=device)
-        self.index = (torch.arange(len(offsets), device=device).view(-1, 1, 1), slice(None),
+        self.index = (torch.arange(len(corner), device=device).view(-1, 1, 1), slice(None),
                       (corner[:, 0, None] + span).unsqueeze(2),
                       (corner[:, 1, None] + span).unsqueeze(1))
 

@@ -17,6 +17,9 @@ from mfv.render.recipes import FACET_RECIPES, AnchorSettings
 from mfv.rundir import digest
 
 KINDS = ("facet", "random")
+# Raised whenever the engine's output for the same settings changes, so older pictures are
+# redone (2: the recorded activation is the saved 8-bit picture's).
+ENGINE = 2
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,7 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
                 starts += [("random", rank, None) for rank in range(len(facet_means))]
             for kind, rank, start in starts:
                 seed = derived_seed(settings.seed, slug_name, kind, rank, recipe)
-                material = {"recipe": recipe, "steps": settings.steps,
+                material = {"engine": ENGINE, "recipe": recipe, "steps": settings.steps,
                             "as_written": settings.as_written, "seed": seed,
                             "size": settings.size, "model": settings.model,
                             "target": definition, "kind": kind, "rank": rank}
