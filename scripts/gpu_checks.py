@@ -5,7 +5,7 @@
 2. every recipe on CUDA: a batch of four against each job alone (20 steps): the first step agrees
    to float precision (TF32 convolutions), the final images drift apart (see the README);
 3. `torchvision:resnet18` by name (a clear error without cached weights; random weights planted
-   in the hub cache then load), `mfv layers`, and `mfv.pipeline.run` on it on CUDA with a class,
+   in the hub cache then load), `mfv layers`, and `mfv.run` on it on CUDA with a class,
    two hidden channels and two recipes;
 4. `timm:NAME` offline: a clear error, fast; a timm ViT module with token targets (cls, mean)
    rendered on CUDA.
@@ -107,7 +107,7 @@ def torchvision_by_name(images: Path) -> None:
     assert model.logits_layer == "fc" and len(model.classes) == 1000
     cli(["layers", "torchvision:resnet18"])
     with tempfile.TemporaryDirectory() as out:
-        results = mfv.pipeline.run(
+        results = mfv.run(
             model="torchvision:resnet18", images=str(images), out=out, device="cuda",
             targets=["tench", "layer4:17", "layer3.1.conv2:5"], facets=2, mean_of=4, steps=20,
             recipes=["paper-mean", "fourier"], judges=[], progress=False, until="report")

@@ -197,3 +197,33 @@ def test_a_bad_ray_address_is_one_line(tmp_path, images, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "--ray-address 127.0.0.1:1" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_real_model_on_real_photos_gives_the_local_results(tmp_path, imagenette, cluster):
+    """Lite0 over photos of tench and parachute on 2 Ray workers: scan, facets and render give
+    what the local backend gives with the same arithmetic (one torch thread, as each worker)."""
+    listing = tmp_path / "photos.txt"
+    photos = [p for c in ("n01440764", "n03888257") for p in sorted((imagenette / c).iterdir())[:6]]
+    listing.write_text("\n".join(map(str, photos)) + "\n")
+    settings = dict(images=str(listing), targets=["_fc:0 + _fc:701"], facets=2, mean_of=3,
+                    steps=10, recipes=["anchored"], judges=[], embedding="pca", device="cpu",
+                    progress=False, until="render", seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each Ray worker: torch's CPU kernels split their sums by the
+    try:  # thread count, and activation maximization amplifies the last bits (README, Scale out)
+        local = mfv.run(model="efficientnet_lite0", out=str(tmp_path / "local"), **settings)
+    finally:
+        torch.set_num_threads(threads)
+    model = mfv.load_model("efficientnet_lite0")
+    with RayBackend(model, workers=2) as backend:
+        remote = mfv.run(model=model, out=str(tmp_path / "ray"), backend=backend, **settings)
+    ours, theirs = remote["targets"][0], local["targets"][0]
+    assert [sorted(f["members"]) for f in ours["facets"]] == \
+        [sorted(f["members"]) for f in theirs["facets"]]
+    assert {Path(m).parent.name for f in ours["facets"] for m in f["members"]} == \
+        {"n01440764", "n03888257"}
+    np.testing.assert_allclose([p["activation"] for p in ours["map"]],
+                               [p["activation"] for p in theirs["map"]], rtol=1e-4)
+    np.testing.assert_allclose(
+        [f["visualizations"]["anchored"]["activation"] for f in ours["facets"]],
+        [f["visualizations"]["anchored"]["activation"] for f in theirs["facets"]], rtol=1e-3)

@@ -54,7 +54,6 @@ MEASURES = ("k", "silhouette", "polysemanticity", "separation")
 CHANCE_REPEATS = 20
 EXAMPLES = 3  # example units per layer whose facets the Layers page shows
 EMBED_BATCH = 32
-PRESET = {"top_n": 100}  # the sweep's defaults where they differ from a run's
 
 
 def block_layers(model: LoadedModel) -> list[str]:
@@ -100,8 +99,7 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
           preprocess: Preprocess | None = None, **options) -> dict:
     """Run the layer sweep and return what `RUN/sweep/sweep.json` holds."""
     settings = settings.updated(**options) if settings is not None else make_settings(**options)
-    preset = {k: v for k, v in PRESET.items() if k not in settings.given}
-    settings = settings.updated(**preset, scan_mode="topn")  # units × N, never images × units
+    settings = settings.updated(scan_mode="topn")  # units × N in memory, never images × units
     check_out(settings.out)
     loaded = prepare_model(settings, model, preprocess)
     layers = choose_layers(loaded, settings.layers)

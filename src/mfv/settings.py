@@ -187,9 +187,10 @@ class Settings(BaseModel):
         return self.model_dump(mode="json", exclude={"progress"})
 
     def updated(self, **changes: Any) -> Settings:
-        """A copy with `changes` (None values ignored), validated like the original."""
-        return make_settings(**{**self.model_dump(), **{k: v for k, v in changes.items()
-                                                      if v is not None}})
+        """A copy with `changes` (None values ignored), validated like the original; what the
+        user gave stays `given`, with the changes."""
+        kept = self.model_dump(include=self.model_fields_set)
+        return make_settings(**{**kept, **{k: v for k, v in changes.items() if v is not None}})
 
     @property
     def given(self) -> set[str]:
