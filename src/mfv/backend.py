@@ -114,9 +114,7 @@ class RayBackend(_Closing):
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except ConnectionError as exc:
-                raise MfvError(f"--ray-address {address}: no Ray cluster answers ({exc}); start "
-                               "one with `ray start --head`, or leave --ray-address out to run "
-                               "a local instance") from None
+                raise _no_cluster(address, exc) from None
         gpus = 1 if model.device.type == "cuda" else 0
         resources = ray.cluster_resources()
         available = int(resources.get("GPU" if gpus else "CPU", 1))
@@ -232,9 +230,12 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise MfvError(f"--ray-address {address}: no Ray cluster answers ({exc.strerror or exc});"
-                       " start one with `ray start --head`, or leave --ray-address out to run a "
-                       "local instance") from None
+        raise _no_cluster(address, exc.strerror or exc) from None
+
+
+def _no_cluster(address: str | None, why: object) -> MfvError:
+    return MfvError(f"--ray-address {address}: no Ray cluster answers ({why}); start one with "
+                    "`ray start --head`, or leave --ray-address out to run a local instance")
 
 
 def make_backend(name: str, model: LoadedModel, address: str | None = None,

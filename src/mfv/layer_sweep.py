@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mfv.activations import capture
-from mfv.backend import Backend, Worker, make_backend, run_all
+from mfv.backend import Backend, Worker, make_backend
 from mfv.errors import MfvError
 from mfv.images import BadImageError, load_rgb
 from mfv.models import LoadedModel, load_model
@@ -43,11 +43,11 @@ from mfv.preprocess import Preprocess
 from mfv.report import write_layers_page
 from mfv.report.glossary import SWEEP_MEASURES
 from mfv.rundir import RunDir, check_out, digest, open_run, slug
-from mfv.scan import ScanResult, scan
+from mfv.scan import ScanResult
 from mfv.settings import Settings, make_settings
 from mfv.sources import open_images
 from mfv.targets import parse_targets, resolve_layer
-from mfv.units import RunContext, scan_label, scan_shard
+from mfv.units import RunContext, scan_on
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
@@ -109,13 +109,8 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
     started = time.perf_counter()
     with make_backend(settings.backend, loaded, settings.ray_address,
                       settings.ray_workers) as backend, open_run(settings.out) as run:
-        if backend.workers > 1:  # the scan's shards on the workers, merged below
-            context = RunContext(str(run.root), settings, (), (), tuple(targets), images)
-            run_all(backend, scan_shard, context,
-                    [(i, backend.workers) for i in range(backend.workers)], scan_label)
-        result = scan(loaded, images, targets, run, code_layer=settings.code_layer,
-                      batch_size=settings.scan_batch_size, workers=settings.workers,
-                      mode=settings.scan_mode, top_n=settings.top_n, progress=settings.progress)
+        context = RunContext(str(run.root), settings, (), (), tuple(targets), images)
+        result = scan_on(backend, loaded, context, run)
         doc = _measure(run, settings, loaded, layers, result, backend)
         doc["timings"]["total"] = round(time.perf_counter() - started, 3)
         run.sweep.write("sweep", doc)

@@ -30,7 +30,7 @@ from mfv.render.plan import RenderSettings, Visual, plan
 from mfv.report import write_report
 from mfv.results import STAGES, TargetRecord, build
 from mfv.rundir import RenderEntry, RunDir, check_out, digest, open_run, slug
-from mfv.scan import ScanResult, scan
+from mfv.scan import ScanResult
 from mfv.settings import Settings, make_settings
 from mfv.sources import ImageList, open_images
 from mfv.targets import Target, parse_targets
@@ -42,8 +42,7 @@ from mfv.units import (
     facets_unit,
     render_label,
     render_unit,
-    scan_label,
-    scan_shard,
+    scan_on,
 )
 
 METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are recomputed
@@ -204,16 +203,9 @@ class _Line:
 
     # ----------------------------------------------------------------------------- stages
     def _scan(self) -> bool:
-        s = self.settings
         context = self._context(images=self.images)
         started = time.perf_counter()
-        if self.backend.workers > 1:  # the shards on the workers; the merge below
-            shards = [(i, self.backend.workers) for i in range(self.backend.workers)]
-            run_all(self.backend, scan_shard, context, shards, scan_label)
-        self.scanned = scan(self.model, self.images, list(context.scanned_targets),
-                            self.rundir, code_layer=s.code_layer, batch_size=s.scan_batch_size,
-                            workers=s.workers, mode=s.scan_mode, top_n=s.top_n,
-                            progress=s.progress)
+        self.scanned = scan_on(self.backend, self.model, context, self.rundir)
         if self.scanned is None:  # pragma: no cover - a shard vanished meanwhile
             raise MfvError("the scan is incomplete; run the same command again")
         self.done.add("scan")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mfv.backend import Worker
+from mfv.backend import Backend, Worker, run_all
 from mfv.evaluate import Picture, evaluate_target, networks
 from mfv.facets import FacetOptions, facet_means, facets_of_target
 from mfv.images import load_rgb
@@ -81,16 +81,31 @@ def pixels(model: LoadedModel, policy: str, paths: Sequence[str], indices: np.nd
 
 
 # --------------------------------------------------------------------------------- scan
+def _scan_options(s: Settings) -> dict:
+    """The settings that decide a scan, as `mfv.scan.scan` takes them."""
+    return dict(code_layer=s.code_layer, batch_size=s.scan_batch_size, workers=s.workers,
+                mode=s.scan_mode, top_n=s.top_n)
+
+
 def scan_shard(worker: Worker, ctx: RunContext, shard: tuple[int, int]) -> None:
     """Every `shard[1]`-th chunk of the scan from `shard[0]`, written, not merged."""
-    s = ctx.settings
-    scan(worker.model, ctx.images, list(ctx.scanned_targets), ctx.run, code_layer=s.code_layer,
-         batch_size=s.scan_batch_size, workers=s.workers, mode=s.scan_mode, top_n=s.top_n,
-         shard=shard, merge=False, progress=False)
+    scan(worker.model, ctx.images, list(ctx.scanned_targets), ctx.run,
+         **_scan_options(ctx.settings), shard=shard, merge=False, progress=False)
 
 
 def scan_label(shard: tuple[int, int]) -> str:
     return f"scan shard {shard[0] + 1}/{shard[1]}"
+
+
+def scan_on(backend: Backend, model: LoadedModel, ctx: RunContext, run: RunDir
+            ) -> ScanResult | None:
+    """The scan of `ctx`'s targets: with several workers its shards run on them first, then
+    this process merges them (or, alone, scans everything)."""
+    if backend.workers > 1:
+        run_all(backend, scan_shard, ctx, [(i, backend.workers) for i in range(backend.workers)],
+                scan_label)
+    return scan(model, ctx.images, list(ctx.scanned_targets), run,
+                **_scan_options(ctx.settings), progress=ctx.settings.progress)
 
 
 # ------------------------------------------------------------------------------- facets
