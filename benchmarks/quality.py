@@ -152,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     help="comma-separated models for transferability, or 'none'")
     ap.add_argument("--out", type=Path, default=ROOT / ".tmp" / "bench-quality")
     ap.add_argument("--no-write", action="store_true", help="do not write results/quality-k*.md")
+    ap.add_argument("--name", default="",
+                    help="results/quality-k<K><NAME>.md: keeps tables of other subsets apart")
     args = ap.parse_args(argv)
     if not 0 <= args.classes <= len(IMAGENETTE) or not 0 <= args.pairs <= len(PAIRS):
         ap.error(f"--classes must be in 0..{len(IMAGENETTE)} and --pairs in 0..{len(PAIRS)}")
@@ -186,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python benchmarks/quality.py", *argv])
-        atomic_write_text(RESULTS / f"quality-k{args.k}.md", "\n".join([
+        atomic_write_text(RESULTS / f"quality-k{args.k}{args.name}.md", "\n".join([
             "# Quality: every recipe from facet means and from random starts", "",
             f"`{command}` on {machine()}; {elapsed:.0f} s in this invocation (work found in the "
             "run directory is reused; render times are those recorded when the pictures were "

@@ -67,10 +67,10 @@ from mfv.facets import facet_means, find_facets
 from mfv.images import load_rgb
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
+from mfv.models.passes import Forward, prepared
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, out_of_memory, render_batches
 from mfv.render.maco import CPU_PASS_IMAGES, GPU_PASS_IMAGES
-from mfv.render.objective import Forward, prepared
 from mfv.render.recipes import SCHEDULES, schedule
 from mfv.scan import scan
 from mfv.sources import ImageList, from_folder

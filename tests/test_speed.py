@@ -21,6 +21,7 @@ import mfv.render.maco as maco_module
 import mfv.render.paper as paper_module
 from mfv.errors import MfvError
 from mfv.models import Preprocess, load_model
+from mfv.models.passes import Forward, prepared
 from mfv.render.anchor import Anchor
 from mfv.render.batch import (
     Job,
@@ -29,7 +30,7 @@ from mfv.render.batch import (
     probe_batch,
     render_batches,
 )
-from mfv.render.objective import Forward, Objective, measure, prepared
+from mfv.render.objective import Objective, measure
 from mfv.targets import parse_targets
 
 

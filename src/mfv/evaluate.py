@@ -38,12 +38,14 @@ from mfv.metrics import (
 )
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
+from mfv.models.passes import inference
 from mfv.render.anchor import depth_layers
 from mfv.render.objective import central_box
 from mfv.targets import LayerRef, Target, resolve_layer
 
 PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
 PATH_LAYERS = 5  # layers along the depth where the activation path is compared
+READ_BATCH = 64  # photos per pass when reading facet members
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def codes_and_values(model: LoadedModel, code_ref: LayerRef, targets: Sequence[T
                      images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Codes (B, D) and every target's value (B, T) for a [0, 1] batch."""
     bank = TargetBank(targets)
-    with capture(model, [*bank.layers, code_ref]) as store, torch.inference_mode():
-        model(images)
+    with capture(model, [*bank.layers, code_ref]) as store, inference(model) as forward:
+        forward(images)
         return (store[code_ref.key].flatten(1).float().cpu().numpy(),
                 bank(store).float().cpu().numpy())
 
@@ -97,8 +99,8 @@ class Network:
         logits_ref = LayerRef(self.model.logits_layer) if self.model.logits_layer else None
         layers = [self.code, *self.path, *(bank.layers if bank else []),
                   *([logits_ref] if logits_ref else [])]
-        with capture(self.model, layers) as store, torch.inference_mode():
-            self.model(images)
+        with capture(self.model, layers) as store, inference(self.model) as forward:
+            forward(images)
             out = {"code": store[self.code.key].flatten(1).float().cpu().numpy(),
                    "path": [_channel_means(store[ref.key]) for ref in self.path]}
             if logits_ref is not None:
@@ -137,15 +139,17 @@ def _centre_and_corners(image: np.ndarray, size: int) -> list[np.ndarray]:
         (size, size), Image.Resampling.BICUBIC)) for t, left in boxes]
 
 
-def _photos(paths: Sequence[str], net: LoadedModel) -> torch.Tensor | None:
-    """Real photos as a network's input (its own photo preprocessing); unreadable ones skipped."""
-    tensors = []
-    for path in paths:
+def _photos(paths: Sequence[str], net: LoadedModel) -> tuple[torch.Tensor | None, np.ndarray]:
+    """Real photos as a network's input (its own photo preprocessing), and the indices of
+    `paths` they are: unreadable ones are skipped."""
+    tensors, kept = [], []
+    for i, path in enumerate(paths):
         try:
             tensors.append(to_tensor(net.preprocess, load_rgb(path)))
         except BadImageError:
             continue
-    return torch.stack(tensors).to(net.device) if tensors else None
+        kept.append(i)
+    return (torch.stack(tensors).to(net.device) if tensors else None), np.array(kept, dtype=int)
 
 
 class _Judgement:
@@ -190,23 +194,40 @@ def evaluate_target(own: Network, judges: Sequence[Network], target: Target,
 def _references(own: Network, judges: Sequence[Network], members: Sequence[Sequence[str]],
                 seed: int) -> list[dict]:
     """Per facet: a seeded sample of its members as the own network and the last judge see
-    them (path channel means, judge codes)."""
+    them (path channel means, judge codes); each network reads every facet's sample in one
+    pass."""
     rng = np.random.default_rng(seed)
-    out = []
-    for paths in members:
-        chosen = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths),
-                                                                      PLAUSIBILITY_MEMBERS),
-                                                      replace=False))]
-        ref: dict = {}
-        photos = _photos(chosen, own.model)
-        if photos is not None and own.path:
-            ref["path"] = [p.mean(0) for p in own.read(photos)["path"]]
-        if judges:
-            judge = judges[-1]
-            photos = _photos(chosen, judge.model)
-            if photos is not None:
-                ref["judge_codes"] = judge.read(photos)["code"]
-        out.append(ref)
+    chosen = [[paths[i] for i in sorted(rng.choice(len(paths), min(len(paths),
+                                                                PLAUSIBILITY_MEMBERS),
+                                                   replace=False))] for paths in members]
+    out: list[dict] = [{} for _ in members]
+    if own.path:
+        for ref, read in zip(out, _read_groups(own, chosen), strict=True):
+            if read is not None:
+                ref["path"] = [p.mean(0) for p in read["path"]]
+    if judges:
+        for ref, read in zip(out, _read_groups(judges[-1], chosen), strict=True):
+            if read is not None:
+                ref["judge_codes"] = read["code"]
+    return out
+
+
+def _read_groups(net: Network, groups: Sequence[Sequence[str]]) -> list[dict | None]:
+    """`net.read` of several groups of photos in one pass, split back per group (None for a
+    group none of whose photos could be read)."""
+    photos, owner = _photos([p for group in groups for p in group], net.model)
+    if photos is None:
+        return [None] * len(groups)
+    parts = [net.read(photos[s:s + READ_BATCH]) for s in range(0, len(photos), READ_BATCH)]
+    read = {"code": np.concatenate([r["code"] for r in parts]),
+            "path": [np.concatenate(layer)
+                     for layer in zip(*(r["path"] for r in parts), strict=True)]}
+    group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])[owner]
+    out: list[dict | None] = []
+    for g in range(len(groups)):
+        rows = np.flatnonzero(group_of == g)
+        out.append({"code": read["code"][rows], "path": [p[rows] for p in read["path"]]}
+                   if len(rows) else None)
     return out
 
 
@@ -215,6 +236,7 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target
                     recipe: str, kind: str, real_max: float, reference: list[dict]) -> None:
     seen = _Judgement(own, judges, target, group)
     per: list[dict] = []
+    dominance = _dominance(own, target, [p.image for p in group])
     for i, picture in enumerate(group):
         facet = facets.facets[picture.rank] if picture.rank < len(facets.facets) else None
         m: dict = {}
@@ -224,7 +246,7 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target
             m[f"activation_ratio{view}"] = activation_ratio(value, real_max)
             if facet is not None:
                 m[f"activation_ratio_facet{view}"] = activation_ratio(value, facet.activation_max)
-        m["centre_dominance"] = _dominance(own, target, picture.image)
+        m["centre_dominance"] = dominance[i]
         if kind == "facet" and facet is not None:
             ref = reference[picture.rank]
             if "path" in ref:
@@ -269,10 +291,12 @@ def _means(per: Sequence[dict]) -> dict:
     return {k: float(np.mean([m[k] for m in per if m.get(k) is not None])) for k in keys}
 
 
-def _dominance(own: Network, target: Target, image: np.ndarray) -> float:
-    crops = _centre_and_corners(image, own.model.preprocess.input_size)
-    values = own.read(to_input(own.model, crops), [target])["values"]
-    return centre_dominance(values[0, 0], values[1:, 0])
+def _dominance(own: Network, target: Target, images: Sequence[np.ndarray]) -> list[float]:
+    """Centre dominance of each image (its centre crop against its four corners), in one pass."""
+    size = own.model.preprocess.input_size
+    crops = [crop for image in images for crop in _centre_and_corners(image, size)]
+    values = own.read(to_input(own.model, crops), [target])["values"][:, 0].reshape(-1, 5)
+    return [centre_dominance(v[0], v[1:]) for v in values]
 
 
 def summary(per_target: dict[str, dict]) -> dict:

@@ -35,6 +35,7 @@ from mfv.errors import MfvError
 from mfv.images import BadImageError, load_rgb
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
+from mfv.models.passes import inference
 from mfv.multifacetedness import bootstrap_ci, mono_score, unit_measures
 from mfv.pipeline import prepare_model
 from mfv.pipeline import run as run_pipeline
@@ -263,8 +264,8 @@ def _independent_codes(run: RunDir, settings: Settings, model: LoadedModel, resu
             except BadImageError:  # it decoded in the scan; a file changed since: zeros
                 batch.append(torch.zeros(3, embedder.preprocess.input_size,
                                          embedder.preprocess.input_size))
-        with capture(embedder, [code]) as store, torch.inference_mode():
-            embedder(torch.stack(batch).to(embedder.device))
+        with capture(embedder, [code]) as store, inference(embedder) as forward:
+            forward(torch.stack(batch).to(embedder.device))
             out.append(store[code.key].flatten(1).float().cpu().numpy())
         bar.update(len(batch))
     bar.close()

@@ -29,6 +29,7 @@ from mfv.errors import MfvError
 from mfv.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, collate_skip_bad
 from mfv.models import LoadedModel
 from mfv.models.base import to_tensor
+from mfv.models.passes import default_channels_last, inference
 from mfv.rundir import RunDir, ScanStore, choose_mode, digest
 from mfv.sources import ImageList
 from mfv.spectrum import AmplitudeSpectrum
@@ -153,7 +154,8 @@ def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_
     code layer, storage mode."""
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
-                   "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1})
+                   "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1,
+                   "layout": default_channels_last(model.device)})
 
 
 @dataclass(frozen=True)
@@ -249,13 +251,13 @@ def _scan_chunks(job: _Pass, chunks: list[int], workers: int, progress: bool) ->
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="scan",
                disable=not progress, smoothing=0.1)
     pending: dict[int, _Chunk] = {}
-    with capture(model, [*bank.layers, code_ref]) as store, torch.inference_mode():
+    with capture(model, [*bank.layers, code_ref]) as store, inference(model) as forward:
         for (indices, pixels, bad), batch in zip(loader, batches, strict=True):
             c = batch[0] // job.chunk
             state = pending.setdefault(c, _Chunk())
             if pixels is not None:
                 pixels = pixels.to(device, non_blocking=True)
-                model(pixels)
+                forward(pixels)
                 state.rows.append(indices.numpy())
                 state.acts.append(bank(store).float().cpu().numpy())
                 state.codes.append(store[code_ref.key].flatten(1).float().cpu().numpy())

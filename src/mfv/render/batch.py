@@ -25,10 +25,11 @@ import torch
 
 from mfv.errors import MfvError
 from mfv.models import LoadedModel
+from mfv.models.passes import Forward, default_channels_last, prepared
 from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
 from mfv.render.fourier import fourier_loop
 from mfv.render.maco import GPU_PASS_IMAGES, maco_loop
-from mfv.render.objective import Forward, Objective, Rendered, measure, prepared
+from mfv.render.objective import Objective, Rendered, measure
 from mfv.render.paper import paper_loop
 from mfv.render.recipes import (
     RECIPES,
@@ -79,13 +80,6 @@ class RenderOptions:
         layout = default_channels_last(device) if self.channels_last is None \
             else self.channels_last
         return Forward(self.precision, layout, affine_batchnorm=True)
-
-
-def default_channels_last(device: torch.device) -> bool:
-    """channels_last by default on CUDA (the usual win for convolutions) and on the CPU (Lite0's
-    forward+backward takes 0.75-0.9x the time of the standard layout on 2 cores,
-    `benchmarks/sweep.py`); elsewhere (MPS, ...) the standard layout."""
-    return device.type in ("cuda", "cpu")
 
 
 @dataclass
