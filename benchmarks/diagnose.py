@@ -140,8 +140,8 @@ def summary_rows(recipe: str, traj: dict[str, np.ndarray]) -> list[list[str]]:
     left = [int(np.argmax(~traj["in_facet"][:, b])) if (~traj["in_facet"][:, b]).any() else None
             for b in range(traj["own"].shape[1])]
     gone = [s for s in left if s is not None]
-    rows.append([recipe, "left facet at step", f"{len(gone)}/{len(left)} pictures",
-                 f"median {int(np.median(gone)) + 1}" if gone else "–", "", ""])
+    rows.append([recipe, "ever outside (start incl.)", f"{len(gone)}/{len(left)} pictures",
+                 f"first at step {int(np.median(gone)) + 1} (median)" if gone else "–", "", ""])
     return rows
 
 
