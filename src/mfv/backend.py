@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mfv.allocator import keep_freed_memory
 from mfv.errors import MfvError
 
 if TYPE_CHECKING:
@@ -171,6 +172,7 @@ class _RayWorker:
     def __init__(self, model: LoadedModel | _FromFile, device: str) -> None:
         import torch
 
+        keep_freed_memory()
         torch.set_num_threads(1)  # one CPU per worker: the cluster's cores are the workers
         if isinstance(model, _FromFile):
             model = model.load()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
+from mfv.allocator import keep_freed_memory
 from mfv.backend import Backend, make_backend, run_all
 from mfv.errors import MfvError
 from mfv.evaluate import summary
@@ -122,7 +123,9 @@ def _prepare(settings: Settings | None, model, preprocess, options: dict) -> _In
 
 def prepare_model(settings: Settings, model: str | nn.Module | LoadedModel | None = None,
                   preprocess: Preprocess | None = None) -> LoadedModel:
-    """The model a run uses, on its device, at its input size."""
+    """The model a run uses, on its device, at its input size. From here on freed memory stays
+    in the process (`mfv.allocator`: runs and sweeps allocate the same large blocks every step)."""
+    keep_freed_memory()
     loaded = load_model(model if model is not None else settings.model, device=settings.device,
                         weights=settings.weights, preprocess=preprocess)
     if settings.size is not None:
