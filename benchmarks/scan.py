@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from mfv.allocator import keep_freed_memory
 from mfv.images import load_rgb
 from mfv.layer_sweep import block_layers
 from mfv.models import load_model
@@ -80,6 +81,7 @@ def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int,
 
 
 def main() -> None:
+    keep_freed_memory()  # as `mfv run` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=640, help="how many photos (default 640)")
     parser.add_argument("--batch-size", type=int, default=32)

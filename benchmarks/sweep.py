@@ -62,6 +62,7 @@ import mfv.render.fourier as fourier_module
 import mfv.render.maco as maco_module
 import mfv.render.paper as paper_module
 from mfv.activations import capture
+from mfv.allocator import keep_freed_memory
 from mfv.evaluate import Picture, evaluate_target, networks
 from mfv.facets import facet_means, find_facets
 from mfv.images import load_rgb
@@ -481,6 +482,7 @@ def section_syncs(inputs: Inputs, options: RenderOptions) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # as `mfv run` does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="efficientnet_lite0")
