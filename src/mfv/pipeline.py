@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from mfv.allocator import keep_freed_memory
+from mfv.allocator import keep_freed_memory, release_free_memory
 from mfv.backend import Backend, make_backend, run_all
 from mfv.errors import MfvError
 from mfv.evaluate import summary
@@ -196,6 +196,7 @@ class _Line:
         if work() is not False:  # a stage that did real work records its time
             self.timings[stage] = round(time.perf_counter() - started, 3)
             self.rundir.write_record("timings", self.timings)
+        release_free_memory()
 
     def _context(self, **changes) -> RunContext:
         merged = tuple({t.spec: t for t in [*self.scan_targets, *self.targets]}.values())
