@@ -110,9 +110,10 @@ def default_channels_last(device: torch.device) -> bool:
 
 @contextmanager
 def inference(model: LoadedModel) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """A no-gradient pass in the device's fastest layout: yields `forward(images)` for a [0, 1]
-    batch (hooks see every layer as usual): on 2 CPU cores channels_last runs Lite0's and
-    Lite2's inference at batch 32 about 1.5x faster than the standard layout."""
+    """A no-gradient pass in the device's layout (`default_channels_last`): yields
+    `forward(images)` for a [0, 1] batch (hooks see every layer as usual). On 2 CPU cores, with
+    freed memory kept (`mfv.allocator`), Lite0's inference at batch 32 runs at the standard
+    layout's speed (1.01x, `benchmarks/scan.py`); channels_last is the usual win on CUDA."""
     layout = Forward(channels_last=default_channels_last(model.device))
 
     def forward(images: torch.Tensor) -> torch.Tensor:
