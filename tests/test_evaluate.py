@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.evaluate import _centre_and_corners, codes_and_values
+from mfv.evaluate import Network, _centre_and_corners
 from mfv.metrics import (
     activation_ratio,
     centre_dominance,
@@ -92,12 +92,13 @@ def test_identical_images_through_a_network_have_diversity_zero(tiny):
     rng = np.random.default_rng(0)
     image = torch.from_numpy(rng.uniform(size=(3, 32, 32))).float()
     targets = parse_targets(["fc:1"], tiny)
-    code_ref = resolve_layer(tiny, "penultimate")
-    codes, values = codes_and_values(tiny, code_ref, targets, image.expand(4, -1, -1, -1))
+    net = Network(tiny, resolve_layer(tiny, "penultimate"))
+    read = net.read(image.expand(4, -1, -1, -1), targets)
+    codes, values = read["code"], read["values"]
     assert codes.shape == (4, 16) and values.shape == (4, 1)
     assert diversity(codes) == pytest.approx(0.0, abs=1e-6)
     others = torch.from_numpy(rng.uniform(size=(4, 3, 32, 32))).float()
-    other_codes, _ = codes_and_values(tiny, code_ref, targets, others)
+    other_codes = net.read(others, targets)["code"]
     assert diversity(other_codes) > 1e-4
 
 

@@ -101,7 +101,7 @@ def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
     and that is the recorded activation (measured on the saved 8-bit picture)."""
     import torch
 
-    from mfv.evaluate import codes_and_values, optimized_view, to_input
+    from mfv.evaluate import Network, optimized_view, to_input
     from mfv.models import load_model
     from mfv.render.objective import Objective, measure
     from mfv.targets import parse_target, resolve_layer
@@ -114,8 +114,8 @@ def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
         canvas = np.asarray(Image.open(finished_run / visual["path"]).convert("RGB"))
         view = optimized_view(canvas, model.preprocess.input_size)
         assert canvas.shape == (269, 269, 3) and view.shape == (224, 224, 3)
-        _, values = codes_and_values(model, resolve_layer(model, "penultimate"), [target],
-                                     to_input(model, [view]))
+        values = Network(model, resolve_layer(model, "penultimate")).read(
+            to_input(model, [view]), [target])["values"]
         pixels = torch.from_numpy(canvas.copy()).permute(2, 0, 1)[None].float()
         rendered_view = measure(Objective(model, [target], [0]), pixels)
         assert values[0, 0] == pytest.approx(rendered_view[0], abs=1e-3)

@@ -29,16 +29,22 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to serve large blocks from its heap and never trim it; whether it
     was done (not on other C libraries, nor when the user configured the allocator through the
     environment, whose choice wins)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if libc is None or any(name in os.environ for name in USER_SETTINGS):
         return False
-    if any(name in os.environ for name in USER_SETTINGS):
-        return False
-    libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP))
 
 
 def release_free_memory() -> None:
     """Return the heap's free pages to the kernel (glibc's malloc_trim), e.g. when a stage ends
     and the next one allocates blocks of other sizes; elsewhere nothing."""
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
-        ctypes.CDLL(None).malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The process's C library if it is glibc (whose malloc these calls tune), else None."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)

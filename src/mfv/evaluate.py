@@ -15,6 +15,7 @@ the optimized network alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,7 @@ from mfv.metrics import (
 )
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
-from mfv.models.passes import inference
+from mfv.models.passes import inference, laid_out
 from mfv.render.anchor import depth_layers
 from mfv.render.objective import central_box
 from mfv.targets import LayerRef, Target, resolve_layer
@@ -71,16 +72,6 @@ def optimized_view(image: np.ndarray, size: int) -> np.ndarray:
     """The central size×size crop of an (H, W, 3) canvas: the view the optimizer drove."""
     rows, cols = central_box(image.shape[0], image.shape[1], size)
     return image[rows, cols]
-
-
-def codes_and_values(model: LoadedModel, code_ref: LayerRef, targets: Sequence[Target],
-                     images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Codes (B, D) and every target's value (B, T) for a [0, 1] batch."""
-    bank = TargetBank(targets)
-    with capture(model, [*bank.layers, code_ref]) as store, inference(model) as forward:
-        forward(images)
-        return (store[code_ref.key].flatten(1).float().cpu().numpy(),
-                bank(store).float().cpu().numpy())
 
 
 @dataclass(frozen=True)
@@ -176,19 +167,22 @@ def evaluate_target(own: Network, judges: Sequence[Network], target: Target,
     its selected photos, `truth` the true sub-type label of each selected photo (for facet
     recovery), or None.
     """
-    centres = np.stack([f.code_centre for f in facets.facets])
-    entry: dict = {"facets": {}, "target": {"activation_max_real": real_max}}
-    if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
-        entry["target"]["recovery"] = recovery(facets.assignment, truth)
-    reference = _references(own, judges, members, seed)
-    for recipe in dict.fromkeys(p.recipe for p in pictures):
-        for kind in ("facet", "random"):
-            group = sorted((p for p in pictures if p.recipe == recipe and p.kind == kind),
-                           key=lambda p: p.rank)
-            if group:
-                _evaluate_group(entry, own, judges, target, facets, centres, group, recipe,
-                                kind, real_max, reference)
-    return entry
+    with contextlib.ExitStack() as stack:  # every network's weights laid out once, not per read
+        for net in (own, *judges):
+            stack.enter_context(laid_out(net.model))
+        centres = np.stack([f.code_centre for f in facets.facets])
+        entry: dict = {"facets": {}, "target": {"activation_max_real": real_max}}
+        if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
+            entry["target"]["recovery"] = recovery(facets.assignment, truth)
+        reference = _references(own, judges, members, seed)
+        for recipe in dict.fromkeys(p.recipe for p in pictures):
+            for kind in ("facet", "random"):
+                group = sorted((p for p in pictures if p.recipe == recipe and p.kind == kind),
+                               key=lambda p: p.rank)
+                if group:
+                    _evaluate_group(entry, own, judges, target, facets, centres, group, recipe,
+                                    kind, real_max, reference)
+        return entry
 
 
 def _references(own: Network, judges: Sequence[Network], members: Sequence[Sequence[str]],

@@ -99,8 +99,6 @@ def _affine(norm: nn.modules.batchnorm._BatchNorm):
     return forward
 
 
-
-
 def default_channels_last(device: torch.device) -> bool:
     """channels_last by default on CUDA (the usual win for convolutions) and on the CPU (Lite0's
     forward+backward takes 0.75-0.9x the time of the standard layout on 2 cores,
@@ -109,17 +107,26 @@ def default_channels_last(device: torch.device) -> bool:
 
 
 @contextmanager
-def inference(model: LoadedModel) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
-    """A no-gradient pass in the device's layout (`default_channels_last`): yields
-    `forward(images)` for a [0, 1] batch (hooks see every layer as usual). On 2 CPU cores, with
-    freed memory kept (`mfv.allocator`), Lite0's inference at batch 32 runs at the standard
-    layout's speed (1.01x, `benchmarks/scan.py`); channels_last is the usual win on CUDA."""
+def laid_out(model: LoadedModel) -> Iterator[Forward]:
+    """The model's weights in the device's layout (`default_channels_last`) inside the block,
+    restored after: once around many passes, so that the `inference` passes inside it do not
+    lay the weights out again each time."""
     layout = Forward(channels_last=default_channels_last(model.device))
+    with prepared(model, layout):
+        yield layout
 
-    def forward(images: torch.Tensor) -> torch.Tensor:
-        if layout.channels_last and images.dim() == 4:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return model(images)
 
-    with prepared(model, layout), torch.inference_mode():
+@contextmanager
+def inference(model: LoadedModel) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """A no-gradient pass in the device's layout (`laid_out`): yields `forward(images)` for a
+    [0, 1] batch (hooks see every layer as usual). On 2 CPU cores, with freed memory kept
+    (`mfv.allocator`), Lite0's inference at batch 32 runs at the standard layout's speed
+    (1.01x, `benchmarks/scan.py`); channels_last is the usual win on CUDA."""
+    with laid_out(model) as layout, torch.inference_mode():
+
+        def forward(images: torch.Tensor) -> torch.Tensor:
+            if layout.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            return model(images)
+
         yield forward
