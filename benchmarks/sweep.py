@@ -17,9 +17,10 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   `--max-step` seconds or the device runs out of memory. A recipe's step is timed inside the
   loop (the median interval between steps; on CUDA every interval waits for the device) and
   compared with the bare forward+backward at the same batch and pass settings, timed the same way
-  right before (for MACO: the same images per step, in its passes). `fixed` is the rest of a
-  `render_batches` call (start images, anchors' reference quantiles, the final measure); the cost
-  per picture is (fixed + the recipe's full steps x the step) / batch.
+  right before (for MACO: the same images per step, in its passes), in `--rounds` such pairs:
+  the ratio is the median of the rounds' ratios, the other columns medians over rounds. `fixed`
+  is the rest of a `render_batches` call (start images, anchors' reference quantiles, the final
+  measure); the cost per picture is (fixed + the recipe's full steps x the step) / batch.
 - scan: `mfv.scan.scan` of `--scan-images` Imagenette photos for all 1000 logits, with each
   number of decoding workers; images/s.
 - units: one target's facets (t-SNE + k-means on 1,300 codes, an ImageNet class's size: the
@@ -227,8 +228,9 @@ def maco_passes(batch: int, crops: int, device: torch.device) -> list[int]:
 class Cost:
     recipe: str
     batch: int
-    step: float  # seconds per step of the recipe's loop
+    step: float  # seconds per step of the recipe's loop (median over rounds)
     bare: float  # seconds of the model's own forward+backward for that step's images
+    ratio: float  # the median over rounds of each round's step / bare
     fixed: float  # the rest of a render_batches call
     full_steps: int
 
@@ -238,7 +240,10 @@ class Cost:
 
 
 def time_recipe(inputs: Inputs, label: str, batch: int, options: RenderOptions, steps: int,
-                repeats: int, sync, now: Callable[[], float]) -> Cost:
+                repeats: int, rounds: int, sync, now: Callable[[], float]) -> Cost:
+    """`rounds` pairs of (the bare pass, `steps` steps of the recipe) back to back: a round's
+    ratio compares two timings a few seconds apart, so a slow spell of a shared machine moves
+    both; the medians over rounds are reported."""
     recipe, crops = RECIPES[label]
     model = inputs.model
     forward = options.forward(model.device)
@@ -248,17 +253,22 @@ def time_recipe(inputs: Inputs, label: str, batch: int, options: RenderOptions, 
         steps = sum(o.iters for o in schedule(recipe, steps))
     passes = maco_passes(batch, crops, model.device) if recipe == "maco" else [batch]
     targets, jobs = make_jobs(inputs, batch, recipe)
+    bares, step_times, fixeds = [], [], []
     with prepared(model, forward):
-        bare = bare_step(model, forward, inputs.photos, passes, repeats, sync, now)
-        with clocked(sync, now) as clock:
-            sync()
-            start = now()
-            render_batches(model, targets, jobs, recipe, replace(options, steps=steps),
-                           batch_size=batch, progress=False)
-            sync()
-            total = now() - start
-    step = clock.step()
-    return Cost(label, batch, step, bare, max(0.0, total - steps * step), FULL_STEPS[recipe])
+        for _ in range(max(1, rounds)):
+            bares.append(bare_step(model, forward, inputs.photos, passes, repeats, sync, now))
+            with clocked(sync, now) as clock:
+                sync()
+                start = now()
+                render_batches(model, targets, jobs, recipe, replace(options, steps=steps),
+                               batch_size=batch, progress=False)
+                sync()
+                total = now() - start
+            step_times.append(clock.step())
+            fixeds.append(max(0.0, total - steps * step_times[-1]))
+    ratio = statistics.median(t / b for t, b in zip(step_times, bares, strict=True))
+    return Cost(label, batch, statistics.median(step_times), statistics.median(bares), ratio,
+                statistics.median(fixeds), FULL_STEPS[recipe])
 
 
 def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
@@ -288,7 +298,7 @@ def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
 
 def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int],
                     options: RenderOptions, steps: int, max_step: float, repeats: int,
-                    sync, now: Callable[[], float]) -> dict[str, list[Cost]]:
+                    rounds: int, sync, now: Callable[[], float]) -> dict[str, list[Cost]]:
     model = inputs.model
     forward = options.forward(model.device)
     print(f"\n## Recipes: step over the model's own forward+backward, {model.name} "
@@ -307,7 +317,8 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
                        batch_size=1, progress=False)
         for batch in batches:
             try:
-                cost = time_recipe(inputs, label, batch, options, steps, repeats, sync, now)
+                cost = time_recipe(inputs, label, batch, options, steps, repeats, rounds,
+                                   sync, now)
             except RuntimeError as error:
                 if not out_of_memory(error):
                     raise
@@ -317,12 +328,12 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
                 break
             costs[label].append(cost)
             print(f"{label:12s} {batch:5d} {cost.step:8.3f} {cost.bare:8.3f} "
-                  f"{cost.step / cost.bare:6.2f} {cost.fixed:8.2f} {cost.per_picture:10.2f} "
+                  f"{cost.ratio:6.2f} {cost.fixed:8.2f} {cost.per_picture:10.2f} "
                   f"{3600 / cost.per_picture:11.1f}", flush=True)
             if cost.step > max_step:
                 break
-    print("(ratio: the recipe's step over the bare pass of the same images; goals 1.15 for "
-          f"the Fourier family, 1.5 for the paper recipes. load {_load()})")
+    print("(ratio: the recipe's step over the bare pass of the same images, median of paired "
+          f"rounds; goals 1.15 for the Fourier family, 1.5 for the paper recipes. load {_load()})")
     return costs
 
 
@@ -497,6 +508,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="steps timed per run (default 6, quick 4; paper: >= 2 per octave)")
     parser.add_argument("--repeats", type=int, default=None, help="bare-pass repeats (2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="paired (bare pass, recipe steps) rounds per recipe and batch "
+                             "(3, quick 1)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--scan-images", type=int, default=None, help="(320, quick 64)")
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
@@ -525,6 +539,7 @@ def main() -> None:
         batches = [1, 4] if args.quick else [2 ** i for i in range(int(math.log2(most)) + 1)]
     steps = args.steps or (4 if args.quick else 6)
     repeats = args.repeats or (1 if args.quick else 2)
+    rounds = args.rounds or (1 if args.quick else 3)
     layout = None if args.layout == "auto" else args.layout == "channels_last"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     print(f"# benchmarks/sweep.py {'--quick ' if args.quick else ''}: device {device} (GPU "
@@ -541,7 +556,7 @@ def main() -> None:
     if "recipes" in sections:
         labels = args.recipes or list(RECIPES)
         costs = section_recipes(inputs, labels, batches, options, steps, args.max_step,
-                                repeats, sync, now)
+                                repeats, rounds, sync, now)
     rates: dict[int, float] = {}
     if "scan" in sections:
         rates = section_scan(model, images, args.scan_images or (64 if args.quick else 320),

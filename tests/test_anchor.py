@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mfv.activations import capture
-from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
+from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers, quantile_match
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.objective import Objective
 from mfv.render.recipes import AnchorSettings
@@ -81,3 +81,33 @@ def test_the_anchor_keeps_the_picture_near_its_facet(tiny):
 
 def test_match_layers_default_to_three_along_the_depth(lite0):
     assert default_match_layers(lite0) == ("_blocks.2", "_blocks.7", "_blocks.13")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 40), (1, 24, 3136), (2, 1, 1)])
+def test_quantile_match_equals_differentiating_through_sort(shape):
+    """The fused term's value and gradient are autograd's through `torch.sort`. Tied values
+    (a ReLU's zeros) may take their ranks in any order, there as here: the value and every
+    untied value's gradient agree, and so does each tied group's total gradient."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    values = torch.randn(shape, generator=gen)
+    tied = torch.zeros(shape, dtype=torch.bool)
+    tied[..., : shape[-1] // 4] = True
+    values[tied] = 0.0
+    quantiles = torch.randn(shape, generator=gen).sort(dim=2).values
+    var = torch.rand(shape[0], shape[1], 1, generator=gen) + 0.5
+    weights = torch.rand(shape[0], generator=gen)
+    results = []
+    for fn in (quantile_match, _through_sort):
+        x = values.clone().requires_grad_(True)
+        value = fn(x, quantiles, var)
+        (value * weights).sum().backward()
+        results.append((value.detach(), x.grad))
+    (fused, fused_grad), (plain, plain_grad) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad[~tied], plain_grad[~tied], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close((fused_grad * tied).sum(2), (plain_grad * tied).sum(2),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _through_sort(values, quantiles, var):
+    return (((values.sort(dim=2).values - quantiles) ** 2) / var).mean(dim=(1, 2))

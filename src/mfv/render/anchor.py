@@ -121,9 +121,8 @@ class AnchoredObjective:
             total = target / self.scales - self.settings.code_weight * pull
             for ref in self.match:
                 quant, var = self.quantiles[ref.key]
-                mine = _per_channel_batch(store[ref.key].float()).sort(dim=2).values
-                match = (((mine - quant) ** 2) / var).mean(dim=(1, 2))
-                total = total - self.settings.match_weight * match
+                mine = _per_channel_batch(store[ref.key].float())
+                total = total - self.settings.match_weight * quantile_match(mine, quant, var)
         return torch.where(self.has_anchor, total, target), target
 
 
@@ -156,3 +155,36 @@ def _per_channel(acts: torch.Tensor) -> torch.Tensor:
 def _per_channel_batch(acts: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) or (B, N, C) → (B, C, positions)."""
     return acts.flatten(2) if acts.dim() == 4 else acts.transpose(1, 2)
+
+
+def quantile_match(values: torch.Tensor, quantiles: torch.Tensor, var: torch.Tensor
+                   ) -> torch.Tensor:
+    """Per sample, mean over channels and positions of (sort(values) − quantiles)² / var for
+    (B, C, N) values, (B, C, N) sorted quantiles and (B, C, 1) variances: the sort-matching term.
+
+    The same value and gradient as differentiating through `torch.sort`, cheaper: the gradient
+    at a value is 2 (value − the quantile of its rank) / var / (C·N), so only the ranks are
+    needed, found without autograd, and the gradient is formed in the forward pass
+    (`_QuantileMatch`): ~0.04 of Lite0's forward+backward less per step at batch 8 on 2 CPU
+    cores (numpy's vectorised argsort on two threads, 2x torch's alone, gained nothing there:
+    its threads contend with torch's)."""
+    return _QuantileMatch.apply(values, quantiles, var)
+
+
+class _QuantileMatch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, quantiles: torch.Tensor, var: torch.Tensor
+                ) -> torch.Tensor:
+        order = values.detach().argsort(dim=2)
+        matched = torch.empty_like(values).scatter_(2, order, quantiles.to(values.dtype))
+        diff = values - matched  # each value minus the reference quantile of its rank
+        scaled = diff / var
+        ctx.save_for_backward(scaled)
+        return (diff * scaled).mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scaled,) = ctx.saved_tensors
+        count = scaled.shape[1] * scaled.shape[2]
+        return scaled * (grad * (2.0 / count)).view(-1, 1, 1), None, None
+

@@ -40,8 +40,8 @@ def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
         (s.to(torch.float32) if s is not None else
          torch.from_numpy(paper_noise(seed, size)).float())
         for s, seed in zip(starts, seeds, strict=True)]).to(device)
-    image = FourierImage(len(init), (size, size), init=init,
-                         decorrelate=settings.decorrelate).to(device)
+    image = FourierImage(len(init), (size, size), init=init, decorrelate=settings.decorrelate,
+                         exact=False).to(device)
     optimizer = torch.optim.Adam(image.parameters(), lr=settings.lr)
     gens = [torch.Generator().manual_seed(int(seed) + 1) for seed in seeds]
     # Every step's transforms up front, moved to the device once (each sample's own stream).
@@ -53,10 +53,11 @@ def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
         pixels = image()
         theta = thetas[step].to(pixels.dtype)
         padded = F.pad(pixels, [settings.pad] * 4, mode="reflect")
+        # The padded canvas's grid, sampled only where the crop keeps it.
         grid = F.affine_grid(theta, list(padded.shape), align_corners=False)
-        moved = F.grid_sample(padded, grid, mode="bilinear", padding_mode="reflection",
-                              align_corners=False)
-        crop = moved[..., settings.pad:settings.pad + size, settings.pad:settings.pad + size]
+        inner = slice(settings.pad, settings.pad + size)
+        crop = F.grid_sample(padded, grid[:, inner, inner], mode="bilinear",
+                             padding_mode="reflection", align_corners=False)
         ascend, value = objective.maximize(crop)
         optimizer.zero_grad(set_to_none=True)
         (-ascend.sum()).backward()
