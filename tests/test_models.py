@@ -11,7 +11,7 @@ from mfv.errors import MfvError
 from mfv.models import load_model, load_state_dict
 from mfv.models.base import to_tensor
 from mfv.models.classes import imagenet_classes
-from mfv.models.efficientnet_lite import weights_path
+from mfv.models.efficientnet_lite import SameConv2d, weights_path
 
 
 def _top(model, array, k=5):
@@ -26,7 +26,7 @@ def test_lite0_classifies_scikit_image_photos(lite0):
     assert _top(lite0, skimage.data.coffee(), 1) == ["espresso"]
 
 
-@pytest.mark.parametrize("size", [227, 256])
+@pytest.mark.parametrize("size", [224, 227, 256])
 def test_lite0_same_padding_matches_reference_at_odd_sizes(lite0, size):
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -36,6 +36,36 @@ def test_lite0_same_padding_matches_reference_at_odd_sizes(lite0, size):
     x = torch.rand(2, 3, size, size) * 2 - 1
     with torch.inference_mode():
         assert torch.allclose(lite0.module(x), reference(x), atol=1e-4)
+        laid_out = lite0.module.to(memory_format=torch.channels_last)
+        try:
+            assert torch.allclose(laid_out(x.contiguous(memory_format=torch.channels_last)),
+                                  reference(x), atol=1e-4)
+        finally:
+            lite0.module.to(memory_format=torch.contiguous_format)
+
+
+@pytest.mark.parametrize(("kernel", "stride", "groups"), [(3, 1, 1), (5, 1, 4), (3, 2, 4),
+                                                          (5, 2, 1), (1, 1, 1), (4, 1, 1)])
+@pytest.mark.parametrize("size", [(224, 224), (227, 225), (7, 8)])
+def test_same_conv_equals_tensorflow_padding_of_a_copy(kernel, stride, groups, size):
+    """The convolution's own zero padding where SAME padding is symmetric, a padded copy where
+    it is not: the same outputs and input gradients as always padding a copy."""
+    conv = SameConv2d(4, 8, kernel, stride, groups=groups, bias=True)
+    x = torch.randn(2, 4, *size, generator=torch.Generator().manual_seed(kernel * stride))
+    pads = []
+    for n in reversed(size):
+        total = max((-(-n // stride) - 1) * stride + kernel - n, 0)
+        pads += [total // 2, total - total // 2]
+    outputs = []
+    for fn in (conv, lambda t: torch.nn.functional.conv2d(
+            torch.nn.functional.pad(t, pads), conv.weight, conv.bias, stride, 0, 1, groups)):
+        xx = x.clone().requires_grad_(True)
+        out = fn(xx)
+        (out * out).sum().backward()
+        outputs.append((out.detach(), xx.grad))
+    assert outputs[0][0].shape == (2, 8, -(-size[0] // stride), -(-size[1] // stride))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
