@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import os
 import statistics
 import tempfile
@@ -41,7 +40,7 @@ from mfv.layer_sweep import block_layers
 from mfv.models import load_model
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference
-from mfv.scan import scan
+from mfv.scan import decoding_workers, scan
 from mfv.sources import ImageList, from_folder
 from mfv.targets import parse_targets
 
@@ -104,8 +103,7 @@ def main() -> None:
     targets = parse_targets([f"{layer}:*" for layer in layers], model)
     mode = "topn" if args.sweep else "auto"
     n = len(images)
-    workers = (inspect.signature(scan).parameters["workers"].default if args.workers is None
-               else args.workers)
+    workers = decoding_workers(model.device) if args.workers is None else args.workers
     print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()} "
           f"interop={torch.get_num_interop_threads()} device={model.device} load avg={_load()}")
     print(f"model={args.model} images={n} batch={args.batch_size} targets={len(targets)} "

@@ -17,7 +17,7 @@ from PIL import Image
 
 from mfv.images import load_rgb
 from mfv.models.base import to_tensor
-from mfv.scan import ScanResult, scan
+from mfv.scan import ScanResult, decoding_workers, scan
 from mfv.sources import ImageList, from_folder
 from mfv.targets import parse_targets
 
@@ -44,6 +44,15 @@ def _direct(model, items):
     finally:
         h.remove()
     return logits.numpy(), feats["code"].numpy()
+
+
+def test_decoding_workers_default_per_device(monkeypatch):
+    """None on the CPU (the model's pass has every core); the host's cores but one, 1 to 8,
+    with an accelerator."""
+    assert decoding_workers(torch.device("cpu")) == 0
+    for cores, expected in ((None, 1), (1, 1), (2, 1), (6, 5), (64, 8)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert decoding_workers(torch.device("cuda")) == expected
 
 
 def test_scan_records_logits_and_codes(tmp_path, tiny):

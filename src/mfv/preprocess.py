@@ -78,7 +78,9 @@ class Preprocess:
         mean, std = list(self.mean), list(self.std)
         if self.channel_order == "BGR":
             mean, std = mean[::-1], std[::-1]
-        return (x * self.scale - x.new_tensor(mean).view(3, 1, 1)) / x.new_tensor(std).view(3, 1, 1)
+        gain = [self.scale / s for s in std]  # (x * scale - mean) / std in one multiply-add
+        shift = [-m / s for m, s in zip(mean, std, strict=True)]
+        return x.new_tensor(shift).view(3, 1, 1).addcmul(x, x.new_tensor(gain).view(3, 1, 1))
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,6 +16,7 @@ chunk, so several processes or machines can share one scan.
 from __future__ import annotations
 
 import functools
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,6 +149,16 @@ def decode_settings(model: LoadedModel) -> dict:
             "max_aspect": MAX_ASPECT_RATIO}
 
 
+def decoding_workers(device: torch.device) -> int:
+    """How many processes decode images when the caller gives no number: none on the CPU,
+    where the model's pass runs on every core and a decoding process only takes cores from it
+    (on 2 cores decoding in the scan's own process scans 1.3x faster than one worker,
+    `benchmarks/scan.py`); with an accelerator the host's cores but one, at most 8."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,
              mode: str, top_n: int) -> str:
     """Everything a stored scan depends on: model (weights included), data, decoding, targets,
@@ -182,18 +193,20 @@ class _Pass:
 
 def scan(model: LoadedModel, images: ImageList, targets: list[Target],
          run: RunDir | str | Path, *, code_layer: str = "penultimate", batch_size: int = 32,
-         workers: int = 1, chunk_batches: int = 8, mode: str = "auto", top_n: int = 200,
+         workers: int | None = None, chunk_batches: int = 8, mode: str = "auto", top_n: int = 200,
          shard: tuple[int, int] = (0, 1), merge: bool = True,
          progress: bool = True) -> ScanResult | None:
     """Scan `images` for `targets`; reuse or resume what the run directory holds for this key.
 
     Returns the merged result, or None when this shard finished but others are still missing
-    (or `merge` is False: a worker's shard, which another process merges).
+    (or `merge` is False: a worker's shard, which another process merges). `workers`: decoding
+    processes (None: `decoding_workers`).
     """
     if not targets:
         raise MfvError("no targets to scan for")
     if len(images) == 0:
         raise MfvError("the image source holds no images")
+    workers = decoding_workers(model.device) if workers is None else workers
     if batch_size < 1 or chunk_batches < 1 or workers < 0 or top_n < 1:
         raise MfvError("scan: batch_size, chunk_batches and top_n must be >= 1, workers >= 0")
     index, count = shard

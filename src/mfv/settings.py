@@ -109,7 +109,9 @@ class Settings(BaseModel):
     batch_size: int | None = Field(None, ge=1, **_opt("--batch-size", "synthesis batch size "
                                                       "(default: automatic)"))
     scan_batch_size: int = Field(32, ge=1, **_opt("--scan-batch-size", "images per scan batch"))
-    workers: int = Field(1, ge=0, **_opt("--workers", "image decoding processes (default 1)"))
+    workers: int | None = Field(None, ge=0, **_opt(
+        "--workers", "image decoding processes (default: none on the CPU, whose cores the "
+        "model's pass takes; up to 8 with an accelerator)"))
     backend: Literal[BACKENDS] = Field("local", **_opt(
         "--backend", "where the stages' units run: local (this process) or ray (a Ray "
         "cluster; the run directory must be on a file system every worker sees)"))
