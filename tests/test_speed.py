@@ -215,7 +215,8 @@ def test_probe_runs_the_real_recipe_up_to_the_jobs(tiny):
     with device_memory(1000) as runs:
         assert probe_batch(tiny, targets, _jobs(5), "paper-mean") == 5  # 1, 2, 4, then all 5
     assert sorted(runs) == [1, 2, 4, 5]
-    assert batch_size_for(tiny, targets, _jobs(9), "fourier", probe=False) == 5  # CPU 8: 5+4
+    assert batch_size_for(tiny, targets, _jobs(12), "fourier", probe=False) == 6  # CPU 10: 6+6
+    assert batch_size_for(tiny, targets, _jobs(10), "fourier", probe=False) == 10
 
 
 def test_a_given_batch_size_is_kept_and_an_out_of_memory_batch_halved(tiny, monkeypatch):

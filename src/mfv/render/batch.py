@@ -41,9 +41,10 @@ from mfv.render.recipes import (
 )
 from mfv.targets import Target, resolve_layer
 
-# Images per batch on the CPU: the throughput optimum measured by `benchmarks/sweep.py` (Lite0,
-# 224 px, 2 cores).
-CPU_BATCH = 8
+# Images per batch on the CPU: Lite0's forward+backward per image is flat from batch 8 to 16 on 2
+# cores (`benchmarks/sweep.py`: ~2x faster than batch 1), so the default k = 10 facets of a
+# target go in one batch rather than as 5 + 5.
+CPU_BATCH = 10
 OTHER_BATCH = 8  # devices neither CPU nor CUDA: not probed (their out-of-memory errors differ)
 PROBE_LIMIT = 512  # the probe stops here: GPU throughput has long stopped growing
 
