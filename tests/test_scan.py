@@ -138,8 +138,11 @@ def test_real_model_on_imagenette(imagenette, lite0, tmp_path):
     targets = parse_targets(["_fc:*"], lite0)
     result = scan(lite0, sub, targets, tmp_path, batch_size=8, workers=1, progress=False)
     logits, codes = _direct(lite0, items)
-    np.testing.assert_allclose(result.activations, logits, atol=1e-5)
-    np.testing.assert_allclose(result.codes, codes, atol=1e-5)
+    # Two float32 programs of one function: the direct pass runs torch's batch norms, the scan
+    # folds them into the convolutions; each is up to ~1.1e-5 from a float64 pass on these
+    # logits (measured), so they may differ by twice that.
+    np.testing.assert_allclose(result.activations, logits, atol=3e-5)
+    np.testing.assert_allclose(result.codes, codes, atol=3e-5)
     assert result.labels[0] == classes[0].name  # WordNet id folders give labels
     # most images have their own class in the top 5 (published top-5: ~94 %)
     wnids = np.array([lite0.classes.lookup(lbl) for lbl in result.labels])

@@ -97,6 +97,53 @@ def test_affine_batchnorm_is_the_batch_norm_and_is_undone(normnet):
     assert normnet.module.conv1.weight.is_contiguous()
 
 
+class FoldNet(NormNet):
+    """NormNet declaring its convolution → batch norm pairs, as EfficientNet-Lite does."""
+
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+
+def test_declared_batch_norms_fold_into_their_convolutions_unless_hooked():
+    torch.manual_seed(1)
+    model = load_model(FoldNet(), preprocess=Preprocess(input_size=32, resize_size=36,
+                                                        mean=(0.5,) * 3, std=(0.5,) * 3))
+    net = model.module
+    x = torch.rand(3, 3, 32, 32) * 255
+
+    def run(forward: Forward, hooked: str | None = None):
+        seen = {}
+        handle = getattr(net, hooked).register_forward_hook(
+            lambda m, i, o: seen.__setitem__("out", o.detach())) if hooked else None
+        try:
+            with prepared(model, forward):
+                xi = x.clone().requires_grad_(True)
+                out = forward(model, xi)
+                (grad,) = torch.autograd.grad(out[:, 1].sum(), xi)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out.detach(), grad, seen.get("out")
+
+    for hooked in (None, "conv1", "bn1", "conv2", "bn2"):
+        plain = run(Forward(), hooked)
+        for layout in (False, True):
+            folded = run(Forward(channels_last=layout, affine_batchnorm=True), hooked)
+            for a, b in zip(plain, folded, strict=True):
+                if a is not None:
+                    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with prepared(model, Forward(affine_batchnorm=True)):
+        probe = torch.randn(2, 8, 4, 4)
+        assert net.bn1(probe) is probe  # folded: the norm passes its input on
+        handle = net.conv1.register_forward_hook(lambda *_: None)
+        try:
+            assert net.bn1(probe) is not probe  # a hooked pair runs as it is
+            torch.testing.assert_close(net.bn1(probe), nn.BatchNorm2d.forward(net.bn1, probe))
+        finally:
+            handle.remove()
+    assert not any("forward" in m.__dict__ for m in net.modules())  # restored
+
+
 def test_affine_batchnorm_leaves_training_norms_and_subclasses_alone(normnet):
     class NormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: more than a batch norm
         pass

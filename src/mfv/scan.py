@@ -166,7 +166,7 @@ def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
                    "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1,
-                   "layout": default_channels_last(model.device)})
+                   "layout": default_channels_last(model.device), "batchnorm": "folded"})
 
 
 @dataclass(frozen=True)

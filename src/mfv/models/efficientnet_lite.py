@@ -8,6 +8,7 @@ canvases give the same numbers TensorFlow would; a padding fixed for 224 px woul
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,8 @@ class SameConv2d(nn.Conv2d):
     without a padded copy of the input (Lite0's forward+backward ~4 % faster on the CPU); only
     the uneven padding of a stride-2 convolution on an even size pads a copy."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
         pads = []
         for size, k, s, d in zip(
             reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride),
@@ -64,10 +66,9 @@ class SameConv2d(nn.Conv2d):
             total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads += [total // 2, total - total // 2]
         if pads[0] == pads[1] and pads[2] == pads[3]:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]),
-                            self.dilation, self.groups)
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation,
-                        self.groups)
+            return F.conv2d(x, weight, bias, self.stride, (pads[2], pads[0]), self.dilation,
+                            self.groups)
+        return F.conv2d(F.pad(x, pads), weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -127,6 +128,17 @@ class EfficientNetLite(nn.Module):
         self._flatten = nn.Flatten()
         self._dropout = nn.Dropout(variant.dropout)
         self._fc = nn.Linear(1280, num_classes)
+
+    def conv_bn_pairs(self) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+        """Every convolution whose output goes to one batch norm and nowhere else (what
+        `mfv.models.passes.prepared` may fold)."""
+        yield self._conv_stem, self._bn0
+        for block in self._blocks:
+            if hasattr(block, "_expand_conv"):
+                yield block._expand_conv, block._bn0
+            yield block._depthwise_conv, block._bn1
+            yield block._project_conv, block._bn2
+        yield self._conv_head, self._bn1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._act_stem(self._bn0(self._conv_stem(x)))

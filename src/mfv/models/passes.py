@@ -63,7 +63,11 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
     left as it is). affine_batchnorm: every eval-mode torch batch norm (exactly nn.BatchNorm1d /
     2d / 3d: subclasses may do more) runs as `x * s + t`, s = weight / sqrt(var + eps),
     t = bias - mean * s; hooks on it see the same output, to float rounding (measured on Lite0:
-    its input gradient within 5e-7 of float64's, torch's own CPU batch norm within 3e-4)."""
+    its input gradient within 5e-7 of float64's, torch's own CPU batch norm within 3e-4).
+    Where the model declares which convolutions feed a batch norm and nothing else
+    (`conv_bn_pairs()`, as the built-in EfficientNet-Lite does), such a norm is folded into its
+    convolution's weights and bias for every pass in which neither module has a hook (`_folded`).
+    """
     module = model.module
     tensors = [t for t in chain(module.parameters(), module.buffers()) if t.dim() == 4]
     relayout = forward.channels_last and not all(
@@ -71,21 +75,30 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
     norms = [m for m in module.modules() if type(m) in _BATCHNORMS and not m.training
              and m.running_mean is not None and m.running_var is not None
              and "forward" not in m.__dict__] if forward.affine_batchnorm else []
+    eligible = {id(norm) for norm in norms}
+    pairs = getattr(module, "conv_bn_pairs", None) if forward.affine_batchnorm else None
+    folds = [(conv, norm) for conv, norm in (pairs() if callable(pairs) else ())
+             if id(norm) in eligible and isinstance(conv, nn.modules.conv._ConvNd)
+             and "forward" not in conv.__dict__]
     if relayout:
         module.to(memory_format=torch.channels_last)
     for norm in norms:
         norm.forward = _affine(norm)
+    for conv, norm in folds:
+        conv.forward, norm.forward = _folded(conv, norm, norm.forward)
     try:
         yield
     finally:
+        for conv, _ in folds:
+            del conv.forward
         for norm in norms:
             del norm.forward
         if relayout:
             module.to(memory_format=torch.contiguous_format)
 
 
-def _affine(norm: nn.modules.batchnorm._BatchNorm):
-    """An eval-mode batch norm's forward as the affine map it computes."""
+def _scale_shift(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode batch norm as the per-channel affine map it is: (s, t), y = x * s + t."""
     with torch.no_grad():
         scale = torch.rsqrt(norm.running_var + norm.eps)
         if norm.weight is not None:
@@ -93,12 +106,47 @@ def _affine(norm: nn.modules.batchnorm._BatchNorm):
         shift = -norm.running_mean * scale
         if norm.bias is not None:
             shift = shift + norm.bias
+    return scale, shift
+
+
+def _affine(norm: nn.modules.batchnorm._BatchNorm):
+    """An eval-mode batch norm's forward as the affine map it computes."""
+    scale, shift = _scale_shift(norm)
 
     def forward(x: torch.Tensor) -> torch.Tensor:  # one fused multiply-add
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
 
     return forward
+
+
+def _folded(conv: nn.modules.conv._ConvNd, norm: nn.modules.batchnorm._BatchNorm,
+            affine: Callable[[torch.Tensor], torch.Tensor]):
+    """(conv's forward, norm's forward) for a convolution whose output only feeds `norm`: the
+    convolution with weights w * s and bias b * s + t and the norm an identity — the same
+    function, without the norm's pass over the activations and its backward — as long as
+    neither module has a hook (one would see the convolution's output post-norm); a pass with
+    a hook on either runs both as they are (`affine` for the norm)."""
+    scale, shift = _scale_shift(norm)
+    with torch.no_grad():
+        weight = conv.weight * scale.view(-1, *(1,) * (conv.weight.dim() - 1))
+        if conv.weight.dim() == 4 and conv.weight.is_contiguous(
+                memory_format=torch.channels_last):
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+    plain = type(conv).forward.__get__(conv)
+
+    def hooked() -> bool:
+        return bool(conv._forward_hooks or conv._forward_pre_hooks or norm._forward_hooks
+                    or norm._forward_pre_hooks)
+
+    def conv_forward(x: torch.Tensor) -> torch.Tensor:
+        return plain(x) if hooked() else conv._conv_forward(x, weight, bias)
+
+    def norm_forward(x: torch.Tensor) -> torch.Tensor:
+        return affine(x) if hooked() else x
+
+    return conv_forward, norm_forward
 
 
 def default_channels_last(device: torch.device) -> bool:
@@ -110,10 +158,10 @@ def default_channels_last(device: torch.device) -> bool:
 
 @contextmanager
 def laid_out(model: LoadedModel) -> Iterator[Forward]:
-    """The model's weights in the device's layout (`default_channels_last`) inside the block,
-    restored after: once around many passes, so that the `inference` passes inside it do not
-    lay the weights out again each time."""
-    layout = Forward(channels_last=default_channels_last(model.device))
+    """The model's weights in the device's layout (`default_channels_last`), its batch norms
+    affine or folded (`prepared`), inside the block, restored after: once around many passes,
+    so that the `inference` passes inside it do not prepare the model again each time."""
+    layout = Forward(channels_last=default_channels_last(model.device), affine_batchnorm=True)
     with prepared(model, layout):
         yield layout
 
@@ -122,8 +170,9 @@ def laid_out(model: LoadedModel) -> Iterator[Forward]:
 def inference(model: LoadedModel) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """A no-gradient pass in the device's layout (`laid_out`): yields `forward(images)` for a
     [0, 1] batch (hooks see every layer as usual). On 2 CPU cores, with freed memory kept
-    (`mfv.allocator`), Lite0's inference at batch 32 runs at the standard layout's speed
-    (1.01x, `benchmarks/scan.py`); channels_last is the usual win on CUDA."""
+    (`mfv.allocator`), Lite0's inference at batch 32 in channels_last ran at the standard
+    layout's speed (1.01x, `benchmarks/scan.py`) and 1.13x with symmetric padding done by the
+    convolutions; channels_last is the usual win on CUDA."""
     with laid_out(model) as layout, torch.inference_mode():
 
         def forward(images: torch.Tensor) -> torch.Tensor:
