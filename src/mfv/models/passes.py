@@ -30,7 +30,8 @@ class Forward:
     batch norms computed as the per-channel affine map they are (`x * s + t`, one fused
     multiply-add), whose backward is one multiplication (torch's CPU batch-norm backward is
     slow, in channels_last above all; with the multiply-add fused, Lite0's forward+backward at
-    batch 8 takes ~0.9x the time of a separate multiply and add on 2 CPU cores).
+    batch 8 takes ~0.9x the time of a separate multiply and add on 2 CPU cores), or folded
+    into the convolution that feeds it where the model declares the pair (another ~0.87x).
     The model's side of the last two is `prepared`."""
 
     precision: str = "float32"
