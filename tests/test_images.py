@@ -558,3 +558,16 @@ def test_demo_pool_is_deterministic_cached_and_decodable(tmp_path):
     assert sample.mode == "RGB" and sample.size == (256, 256)
     full = [built[str(cache / n)] for n in names if n.startswith("chelsea_s100")]
     assert len(full) >= 2 and full[0] != full[1]  # shifted/mirrored views, not copies
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_preprocess_to_array_is_the_resized_crop_in_zero_to_one(mode):
+    """(3, S, S) float32 C-contiguous, exactly the resized crop's 8-bit values / 255."""
+    from mfv.preprocess import Preprocess
+
+    pre = Preprocess(input_size=24, resize_size=28)
+    image = noise_rgb(50, 37).convert(mode)
+    out = pre.to_array(image)
+    crop = np.asarray(pre.resize(image, "crop").convert("RGB"), dtype=np.float32)
+    assert out.dtype == np.float32 and out.shape == (3, 24, 24) and out.flags["C_CONTIGUOUS"]
+    np.testing.assert_array_equal(out, crop.transpose(2, 0, 1) / np.float32(255.0))

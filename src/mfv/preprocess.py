@@ -63,8 +63,10 @@ class Preprocess:
     def to_array(self, image: Image.Image, policy: str = "crop", size: int | None = None
                  ) -> np.ndarray:
         """RGB image → (3, S, S) float32 in [0, 1] (`torch.from_numpy` makes it a tensor)."""
-        array = np.asarray(self.resize(image, policy, size).convert("RGB"), dtype=np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1)) / np.float32(255.0)
+        pixels = np.asarray(self.resize(image, policy, size).convert("RGB"))
+        out = np.empty((3, *pixels.shape[:2]), np.float32)  # one pass: transpose, cast, scale
+        np.divide(pixels.transpose(2, 0, 1), np.float32(255.0), out=out, dtype=np.float32)
+        return out
 
     def resized(self, input_size: int) -> Preprocess:
         """The same preprocessing for another input size (the resize keeps its crop ratio)."""
