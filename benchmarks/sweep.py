@@ -289,10 +289,12 @@ def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
           f"({model.device}), best of {max(1, repeats)}")
     print(f"{'precision':10s} {'layout':14s} {'batch norm':11s} {'ms/img':>8s} "
           f"{'vs the first':>13s}")
+    declared = callable(getattr(model.module, "conv_bn_pairs", None))  # `prepared` folds them
     for v in variants:
         t = min(results[v])
+        norm = ("folded" if declared else "affine") if v.affine_batchnorm else "torch"
         print(f"{v.precision:10s} {'channels_last' if v.channels_last else 'standard':14s} "
-              f"{'affine' if v.affine_batchnorm else 'torch':11s} {t / batch * 1e3:8.1f} "
+              f"{norm:11s} {t / batch * 1e3:8.1f} "
               f"{t / base:13.2f}")
 
 
