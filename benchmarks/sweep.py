@@ -334,6 +334,13 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
                   f"{3600 / cost.per_picture:11.1f}", flush=True)
             if cost.step > max_step:
                 break
+    for label, rows in costs.items():
+        if len(rows) > 1:
+            first, last = rows[0], rows[-1]
+            bare = (first.bare / first.batch) / (last.bare / last.batch)
+            print(f"{label}: per picture batch {first.batch} -> {last.batch} "
+                  f"{first.per_picture / last.per_picture:.2f}x faster; the bare pass per image "
+                  f"{bare:.2f}x (what the model itself gains)")
     print("(ratio: the recipe's step over the bare pass of the same images, median of paired "
           f"rounds; goals 1.15 for the Fourier family, 1.5 for the paper recipes. load {_load()})")
     return costs
