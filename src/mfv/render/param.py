@@ -87,9 +87,10 @@ class FourierImage(nn.Module):
 
     def forward(self) -> Tensor:
         work = _work_dtype(self.spectrum) if self.exact else self.spectrum.dtype
-        spec = torch.view_as_complex(self.spectrum.to(work)) * self.scale.to(work)
-        z = torch.fft.irfft2(spec, s=self.size, norm="ortho") / _FFT_MAGIC
-        z = torch.einsum("ij,bjhw->bihw", self.color.to(work), z)
+        # / _FFT_MAGIC folded into the scale (a power of two: the same numbers)
+        spec = torch.view_as_complex(self.spectrum.to(work)) * (self.scale.to(work) / _FFT_MAGIC)
+        z = torch.fft.irfft2(spec, s=self.size, norm="ortho")
+        z = torch.matmul(self.color.to(work), z.flatten(2)).view(z.shape)  # colours: C @ z
         return (torch.sigmoid(z) * 255.0).to(self.spectrum.dtype)
 
     @torch.no_grad()
