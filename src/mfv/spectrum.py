@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mfv.errors import MfvError
-from mfv.render.param import COLOR_CORRELATION_SVD_SQRT
+from mfv.render.param import COLOR_CORRELATION_SVD_SQRT, mix_channels
 
 SIGMOID_SLOPE = 4.0  # 1 / sigmoid'(0): u = 4 (x - 1/2) is the sigmoid's tangent at 0, inverted
 
@@ -42,7 +42,7 @@ SIGMOID_SLOPE = 4.0  # 1 / sigmoid'(0): u = 4 (x - 1/2) is the sigmoid's tangent
 def color_matrix(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
                  inverse: bool = False) -> Tensor:
     """Lucid's colour correlation matrix normalized by its largest column norm (or its inverse):
-    decorrelated channels -> RGB, `einsum("ij,bjhw->bihw", C, z)`."""
+    decorrelated channels -> RGB, `mix_channels(C, z)`."""
     color = torch.tensor(COLOR_CORRELATION_SVD_SQRT, dtype=torch.float64)
     color = color / torch.linalg.vector_norm(color, dim=0).max()
     if inverse:
@@ -55,10 +55,8 @@ def spectral_domain(images: Tensor) -> Tensor:
     fixes: C^-1 (4 (x - 1/2)), in the images' dtype (float32 at least) and device."""
     dtype = images.dtype if images.dtype == torch.float64 else torch.float32
     gain = color_matrix(dtype, images.device, inverse=True) * SIGMOID_SLOPE
-    offset = gain.sum(1, keepdim=True) * 0.5  # C^-1 4 (x - 1/2) = (4 C^-1) x - 2 C^-1 1
-    flat = images.to(dtype).reshape(len(images), 3, -1)
-    # one matrix product (6x faster than the einsum it replaces on 2 CPU cores at batch 32)
-    return (torch.matmul(gain, flat) - offset).view(images.shape)
+    offset = gain.sum(1) * 0.5  # C^-1 4 (x - 1/2) = (4 C^-1) x - 2 C^-1 1
+    return mix_channels(gain, images.to(dtype)) - offset.view(3, 1, 1)
 
 
 class AmplitudeSpectrum:

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from mfv.errors import MfvError
+from mfv.render.param import mix_channels
 from mfv.spectrum import check_amplitude, color_matrix, spectral_domain
 
 STANDARDIZE_EPS = 1e-5  # added to the phase's std, as in the reference code
@@ -75,7 +76,7 @@ class MacoImage(nn.Module):
         return torch.fft.irfft2(spectrum, s=(self.size, self.size), norm="ortho")
 
     def forward(self) -> Tensor:
-        z = torch.einsum("ij,bjhw->bihw", self.color, self.decorrelated())
+        z = mix_channels(self.color, self.decorrelated())
         return torch.sigmoid(z) * 255.0
 
     @torch.no_grad()
