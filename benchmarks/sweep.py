@@ -69,7 +69,7 @@ from mfv.facets import facet_means, find_facets
 from mfv.images import load_rgb
 from mfv.models import LoadedModel, load_model
 from mfv.models.base import to_tensor
-from mfv.models.passes import Forward, prepared
+from mfv.models.passes import Forward, declared_pairs, prepared
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, out_of_memory, render_batches
 from mfv.render.maco import CPU_PASS_IMAGES, GPU_PASS_IMAGES
@@ -289,7 +289,7 @@ def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
           f"({model.device}), best of {max(1, repeats)}")
     print(f"{'precision':10s} {'layout':14s} {'batch norm':11s} {'ms/img':>8s} "
           f"{'vs the first':>13s}")
-    declared = callable(getattr(model.module, "conv_bn_pairs", None))  # `prepared` folds them
+    declared = bool(declared_pairs(model.module))  # `prepared` folds them
     for v in variants:
         t = min(results[v])
         norm = ("folded" if declared else "affine") if v.affine_batchnorm else "torch"

@@ -77,8 +77,7 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
              and m.running_mean is not None and m.running_var is not None
              and "forward" not in m.__dict__] if forward.affine_batchnorm else []
     eligible = {id(norm) for norm in norms}
-    pairs = getattr(module, "conv_bn_pairs", None) if forward.affine_batchnorm else None
-    folds = [(conv, norm) for conv, norm in (pairs() if callable(pairs) else ())
+    folds = [(conv, norm) for conv, norm in declared_pairs(module)
              if id(norm) in eligible and isinstance(conv, nn.modules.conv._ConvNd)
              and "forward" not in conv.__dict__]
     if relayout:
@@ -96,6 +95,13 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
             del norm.forward
         if relayout:
             module.to(memory_format=torch.contiguous_format)
+
+
+def declared_pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """The (convolution, batch norm) pairs a module declares through `conv_bn_pairs()` (each
+    convolution feeding only its norm: what `prepared` may fold); none if it declares none."""
+    pairs = getattr(module, "conv_bn_pairs", None)
+    return list(pairs()) if callable(pairs) else []
 
 
 def _scale_shift(norm: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
