@@ -1,4 +1,4 @@
-"""What `mfv.allocator.keep_freed_memory` saves: Lite0's forward+backward (the render's pass,
+"""What `mfv.core.allocator.keep_freed_memory` saves: Lite0's forward+backward (the render's pass,
 channels_last, affine batch norms) in a child process with and without it, side by side.
 
 Usage: python benchmarks/allocator.py [--batch 24] [--steps 6] [--repeats 2]
@@ -19,7 +19,7 @@ import sys
 CHILD = r"""
 import json, resource, sys, time
 import torch
-from mfv.allocator import keep_freed_memory
+from mfv.core.allocator import keep_freed_memory
 kept = keep_freed_memory() if sys.argv[1] == "keep" else False
 import mfv
 from mfv.models.passes import Forward, prepared

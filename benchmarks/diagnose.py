@@ -30,17 +30,17 @@ import numpy as np
 import torch
 
 import mfv
-from mfv.activations import capture
-from mfv.io import atomic_write_text
+from mfv.core.io import atomic_write_text
+from mfv.models.activations import capture
 from mfv.models.classes import imagenet_classes
+from mfv.models.targets import parse_targets, resolve_layer
 from mfv.render.anchor import Anchor, AnchoredObjective
 from mfv.render.fourier import fourier_loop
 from mfv.render.objective import Objective
 from mfv.render.paper import paper_loop
 from mfv.render.recipes import AnchorSettings, FourierSettings, schedule
-from mfv.rundir import RunDir
-from mfv.scan import ScanResult
-from mfv.targets import parse_targets, resolve_layer
+from mfv.runtime.rundir import RunDir
+from mfv.scan.scanner import ScanResult
 from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"

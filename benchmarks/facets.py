@@ -18,7 +18,7 @@ import time
 import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
-from mfv.facets import find_facets
+from mfv.facets.find import find_facets
 
 
 def synthetic_codes(n: int, dim: int, k: int = 6, seed: int = 0):

@@ -13,8 +13,8 @@ Targets (EfficientNet-Lite0): the first `--classes` Imagenette class logits, ove
 their class, and `--pairs` neurons multifaceted by construction, "_fc:A + _fc:B" over the photos
 of classes A and B. Everything goes through `mfv.run` in one run directory: one scan, facets with
 k = `--k`, then every recipe renders k pictures per target from the facets' mean images and k
-from the recipe's random start, and evaluate judges them (`mfv.evaluate`): as seen (the saved
-file treated like a photo) unless a column says "central" (the optimizer's central view).
+from the recipe's random start, and evaluate judges them (`mfv.evaluate.evaluation`): as seen (the
+saved file treated like a photo) unless a column says "central" (the optimizer's central view).
 
 Columns, per recipe and start:
 - cov. own / Lite1 / Lite2: constructed neurons only — share of their classes that get a
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import mfv
-from mfv.io import atomic_write_json, atomic_write_text, read_json
+from mfv.core.io import atomic_write_json, atomic_write_text, read_json
 from mfv.models.classes import imagenet_classes
 from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
 

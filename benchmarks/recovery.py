@@ -26,11 +26,11 @@ import numpy as np
 import torch
 
 import mfv
-from mfv.io import atomic_write_text
-from mfv.metrics import recovery
+from mfv.core.io import atomic_write_text
+from mfv.evaluate.metrics import recovery
 from mfv.models.classes import imagenet_classes
-from mfv.rundir import RunDir
-from mfv.scan import ScanResult
+from mfv.runtime.rundir import RunDir
+from mfv.scan.scanner import ScanResult
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"

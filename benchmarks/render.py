@@ -40,13 +40,13 @@ from skimage.restoration import denoise_tv_bregman
 
 import mfv.render.paper as paper
 from mfv.models import load_model
+from mfv.models.targets import parse_targets
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.fourier import fourier_loop
 from mfv.render.objective import Objective
 from mfv.render.paper import paper_loop
 from mfv.render.recipes import FourierSettings, schedule
 from mfv.render.tv import tv_bregman
-from mfv.targets import parse_targets
 
 IMAGENETTE_CLASSES = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
 TV_VARIANTS = {  # label: tv_bregman keyword arguments

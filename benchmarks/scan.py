@@ -11,8 +11,8 @@ Both sides run in one process on the same images at the same batch size:
   memory layout, channels_last on CPU and CUDA; no hooks, nothing stored); "standard" is the
   same in the standard layout (`model(x)` under `torch.inference_mode()`), so the layout's gain
   is measured side by side too;
-- scan: `mfv.scan.scan` from the files, for all 1000 logits and the penultimate codes, into a
-  fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge;
+- scan: `mfv.scan.scanner.scan` from the files, for all 1000 logits and the penultimate codes, into
+  a fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge;
   with `--sweep`, what `mfv sweep` scans: every unit of every block and the logits (2,808 units
   for Lite0), each unit's top 100 kept by the streaming top-N (the goal is >= 0.8 there).
 
@@ -34,15 +34,15 @@ from pathlib import Path
 
 import torch
 
-from mfv.allocator import keep_freed_memory
-from mfv.images import load_rgb
-from mfv.layer_sweep import block_layers
+from mfv.core.allocator import keep_freed_memory
+from mfv.data.images import load_rgb
+from mfv.data.sources import ImageList, from_folder
 from mfv.models import load_model
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference
-from mfv.scan import decoding_workers, scan
-from mfv.sources import ImageList, from_folder
-from mfv.targets import parse_targets
+from mfv.models.targets import parse_targets
+from mfv.scan.scanner import decoding_workers, scan
+from mfv.study.layers import block_layers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
 

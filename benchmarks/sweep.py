@@ -21,7 +21,7 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   the ratio is the median of the rounds' ratios, the other columns medians over rounds. `fixed`
   is the rest of a `render_batches` call (start images, anchors' reference quantiles, the final
   measure); the cost per picture is (fixed + the recipe's full steps x the step) / batch.
-- scan: `mfv.scan.scan` of `--scan-images` Imagenette photos for all 1000 logits, with each
+- scan: `mfv.scan.scanner.scan` of `--scan-images` Imagenette photos for all 1000 logits, with each
   number of decoding workers; images/s.
 - units: one target's facets (t-SNE + k-means on 1,300 codes, an ImageNet class's size: the
   scanned codes resampled with small jitter) and mean images; the anchor photos one picture
@@ -62,23 +62,23 @@ import torch
 import mfv.render.fourier as fourier_module
 import mfv.render.maco as maco_module
 import mfv.render.paper as paper_module
-from mfv.activations import capture
-from mfv.allocator import keep_freed_memory
-from mfv.evaluate import Picture, evaluate_target, networks
-from mfv.facets import facet_means, find_facets
-from mfv.images import load_rgb
+from mfv.core.allocator import keep_freed_memory
+from mfv.data.images import load_rgb
+from mfv.data.sources import ImageList, from_folder
+from mfv.data.spectrum import AmplitudeSpectrum
+from mfv.evaluate.evaluation import Picture, evaluate_target, networks
+from mfv.facets.find import facet_means, find_facets
 from mfv.models import LoadedModel, load_model
+from mfv.models.activations import capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import Forward, declared_pairs, prepared
+from mfv.models.targets import parse_targets, resolve_layer
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, out_of_memory, render_batches
 from mfv.render.maco import CPU_PASS_IMAGES, GPU_PASS_IMAGES
 from mfv.render.recipes import SCHEDULES, schedule
-from mfv.scan import scan
-from mfv.sources import ImageList, from_folder
-from mfv.spectrum import AmplitudeSpectrum
-from mfv.targets import parse_targets, resolve_layer
-from mfv.units import pixels
+from mfv.runtime.tasks import pixels
+from mfv.scan.scanner import scan
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
 SECTIONS = ("pass", "recipes", "scan", "units", "project", "precision", "syncs")

@@ -26,13 +26,13 @@ import torch
 from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
-import mfv.pipeline
+import mfv.runtime.pipeline
 from mfv.cli import main as cli
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models import Preprocess, load_model
+from mfv.models.targets import parse_targets
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.tv import tv_bregman
-from mfv.targets import parse_targets
 
 DEVICE = torch.device("cuda")
 

@@ -13,7 +13,7 @@ import pytest
 
 CHILD = r"""
 import ctypes, json, resource, sys
-from mfv.allocator import keep_freed_memory
+from mfv.core.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.activations import capture
+from mfv.models.activations import capture
+from mfv.models.targets import parse_targets, resolve_layer
 from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers, quantile_match
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.objective import Objective
 from mfv.render.recipes import AnchorSettings
-from mfv.targets import parse_targets, resolve_layer
 
 
 def _code(model, images: torch.Tensor) -> torch.Tensor:

@@ -73,8 +73,9 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph()
-    assert len(graph) > 25 and "mfv.pipeline" in graph["mfv"]  # the walk sees the package
-    assert "mfv.rundir" in graph["mfv.pipeline"] and "mfv.activations" in graph["mfv.scan"]
+    assert len(graph) > 25 and "mfv.runtime.pipeline" in graph["mfv"]  # the walk sees the package
+    assert "mfv.runtime.rundir" in graph["mfv.runtime.pipeline"]
+    assert "mfv.models.activations" in graph["mfv.scan.scanner"]
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
 
 
@@ -84,7 +85,8 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_settings_and_the_cli_parser_import_no_torch():
-    code = ("import sys, mfv.settings, mfv.rundir, mfv.targets, mfv.render.recipes; "
+    code = ("import sys, mfv.runtime.settings, mfv.runtime.rundir, mfv.models.targets; "
+            "import mfv.render.recipes; "
             "import mfv.cli; mfv.cli.build_parser(); "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)

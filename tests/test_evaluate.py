@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.evaluate import Network, _centre_and_corners
-from mfv.metrics import (
+from mfv.evaluate.evaluation import Network, _centre_and_corners
+from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
     class_rank,
@@ -17,7 +17,7 @@ from mfv.metrics import (
     fidelity,
     recovery,
 )
-from mfv.targets import parse_targets, resolve_layer
+from mfv.models.targets import parse_targets, resolve_layer
 
 
 # ----------------------------------------------------------------------------- activation ratio

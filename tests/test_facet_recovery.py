@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import mfv
-from mfv.metrics import recovery
+from mfv.evaluate.metrics import recovery
 from mfv.models.classes import imagenet_classes
 
 PER_CLASS = 60

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from mfv.errors import MfvError
-from mfv.facets import FacetResult, facet_means, find_facets, mean_image, select_images
-from mfv.rundir import RunDir
+from mfv.core.errors import MfvError
+from mfv.facets.find import FacetResult, facet_means, find_facets, mean_image, select_images
+from mfv.runtime.rundir import RunDir
 
 
 def blobs(n: int, k: int, dim: int = 1280, sep: float = 15.0, seed: int = 0):

@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mfv import images
-from mfv.demo_pool import demo_pool
-from mfv.errors import MfvError
-from mfv.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
-from mfv.sources import ImageItem, ImageList, from_folder, from_list, from_paths, open_images
+from mfv.core.errors import MfvError
+from mfv.data import images
+from mfv.data.demo_pool import demo_pool
+from mfv.data.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
+from mfv.data.sources import ImageItem, ImageList, from_folder, from_list, from_paths, open_images
 
 RNG = np.random.default_rng(0)
 
@@ -66,8 +66,8 @@ def write(path: Path, data: bytes) -> Path:
 
 def test_sources_images_and_demo_pool_import_one_way_only():
     """sources -> demo_pool, and nothing back; decoding needs neither (no import cycle at all)."""
-    from mfv import demo_pool as demo_pool_module
-    from mfv import sources
+    from mfv.data import demo_pool as demo_pool_module
+    from mfv.data import sources
 
     def imported(module) -> set[str]:
         names: set[str] = set()
@@ -79,9 +79,9 @@ def test_sources_images_and_demo_pool_import_one_way_only():
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
         return {n for n in names if n.startswith("mfv.")}
 
-    assert "mfv.demo_pool" in imported(sources)
-    assert not imported(demo_pool_module) & {"mfv.sources", "mfv.images"}
-    assert not imported(images) & {"mfv.sources", "mfv.demo_pool"}
+    assert "mfv.data.demo_pool" in imported(sources)
+    assert not imported(demo_pool_module) & {"mfv.data.sources", "mfv.data.images"}
+    assert not imported(images) & {"mfv.data.sources", "mfv.data.demo_pool"}
 
 
 
@@ -378,8 +378,8 @@ def test_min_side_lets_large_jpegs_decode_smaller(tmp_path):
 GUARDED = textwrap.dedent("""
     import json, os, resource, signal, sys
     import torch
-    from mfv.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
-    from mfv.sources import from_folder
+    from mfv.data.images import BadImageError, ImageDataset, collate_skip_bad, load_rgb
+    from mfv.data.sources import from_folder
 
     with open("/proc/self/status") as f:
         mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
@@ -563,7 +563,7 @@ def test_demo_pool_is_deterministic_cached_and_decodable(tmp_path):
 @pytest.mark.parametrize("mode", ["RGB", "L"])
 def test_preprocess_to_array_is_the_resized_crop_in_zero_to_one(mode):
     """(3, S, S) float32 C-contiguous, exactly the resized crop's 8-bit values / 255."""
-    from mfv.preprocess import Preprocess
+    from mfv.data.preprocess import Preprocess
 
     pre = Preprocess(input_size=24, resize_size=28)
     image = noise_rgb(50, 37).convert(mode)

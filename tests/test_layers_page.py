@@ -19,11 +19,11 @@ from urllib.parse import quote, unquote
 import markupsafe
 import pytest
 
-from mfv.layer_sweep import sweep
 from mfv.report import write_layers_page
 from mfv.report.glossary import SWEEP_MEASURES, format_value
 from mfv.report.layers_page import answer_sentence
 from mfv.report.run_page import STRIP_MAX
+from mfv.study.layers import sweep
 from report_fixtures import (
     EVIL_CLASS,
     EVIL_JUDGE,

@@ -7,7 +7,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models import load_model, load_state_dict
 from mfv.models.base import to_tensor
 from mfv.models.classes import imagenet_classes
@@ -120,8 +120,8 @@ def test_torch_export_file_is_unflattened_so_layers_can_be_hooked(tmp_path, tiny
     """A `.pt2` program (torch.export, the current convention) loads with its module tree:
     layers are listed, hooks capture inner layers and the penultimate features, gradients
     reach the input, and the outputs equal the original module's."""
-    from mfv.activations import capture
-    from mfv.targets import parse_target
+    from mfv.models.activations import capture
+    from mfv.models.targets import parse_target
 
     example = torch.rand(2, 3, 32, 32)
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
@@ -193,7 +193,7 @@ def test_hugging_face_is_switched_offline_while_loading(monkeypatch):
     import sys
     import types
 
-    from mfv.models import _offline_hub
+    from mfv.models.loading import _offline_hub
 
     package = types.ModuleType("huggingface_hub")
     constants = types.ModuleType("huggingface_hub.constants")

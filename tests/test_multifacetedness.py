@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mfv.errors import MfvError
-from mfv.multifacetedness import (
+from mfv.core.errors import MfvError
+from mfv.study.measures import (
     bootstrap_ci,
     chance,
     mono_score,

@@ -25,9 +25,9 @@ from PIL import Image
 import mfv
 from conftest import TinyNet
 from mfv.cli import main
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.data.preprocess import Preprocess
 from mfv.models.classes import ClassNames
-from mfv.preprocess import Preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 PRE = Preprocess(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -201,9 +201,9 @@ def test_a_failing_rerun_keeps_the_finished_work(tmp_path, images):
 
 
 def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, monkeypatch):
-    import mfv.units
+    import mfv.runtime.tasks
 
-    real = mfv.units.render_batches
+    real = mfv.runtime.tasks.render_batches
     calls = []
 
     def fail_second_batch(*args, **kwargs):
@@ -212,7 +212,7 @@ def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, m
             raise RuntimeError("GPU fell off the bus")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mfv.units, "render_batches", fail_second_batch)
+    monkeypatch.setattr(mfv.runtime.tasks, "render_batches", fail_second_batch)
     with pytest.raises(RuntimeError, match="fell off"):
         tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
     partial = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -220,7 +220,7 @@ def test_an_error_while_rendering_publishes_what_is_finished(tmp_path, images, m
     assert partial["stages"]["render"] == "missing"
     shown = [f["visualizations"] for t in partial["targets"] for f in t["facets"]]
     assert all(set(v) == {"paper-mean"} for v in shown)  # the first recipe's batch is kept
-    monkeypatch.setattr(mfv.units, "render_batches", real)
+    monkeypatch.setattr(mfv.runtime.tasks, "render_batches", real)
     done = tiny_run(tmp_path / "run", images, recipes=["paper-mean", "fourier"])
     fresh = tiny_run(tmp_path / "fresh", images, recipes=["paper-mean", "fourier"])
     assert comparable(done) == comparable(fresh)
@@ -256,7 +256,7 @@ def test_stage_commands_stop_after_their_stage_and_show_what_still_holds(tmp_pat
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from mfv.rundir import open_run
+    from mfv.runtime.rundir import open_run
     with open_run(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)
@@ -293,7 +293,7 @@ def test_an_exported_model_file_runs_from_the_command_line(tmp_path, images, cap
 
 def test_demo_settings_keep_every_option_the_user_gave():
     from mfv.demo import PRESET, demo_settings
-    from mfv.settings import Settings, make_settings
+    from mfv.runtime.settings import Settings, make_settings
 
     defaults = Settings()
     given = make_settings(facets=defaults.facets, steps=40, out="x")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.render.param import (
     COLOR_CORRELATION_SVD_SQRT,
     SIGMOID_MARGIN,

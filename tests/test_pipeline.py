@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from mfv.cli import main
+from mfv.core.keys import slug
 from mfv.render.recipes import schedule
-from mfv.rundir import slug
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = {"n01440764": 0, "n03888257": 701}  # tench, parachute
@@ -80,7 +80,7 @@ def test_results_follow_the_schema_and_name_real_files(finished_run):
 
 @pytest.mark.slow
 def test_mean_image_is_the_mean_of_its_representatives(finished_run):
-    from mfv.images import load_rgb
+    from mfv.data.images import load_rgb
     from mfv.models import load_model
 
     results = json.loads((finished_run / "results.json").read_text())
@@ -101,10 +101,10 @@ def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
     and that is the recorded activation (measured on the saved 8-bit picture)."""
     import torch
 
-    from mfv.evaluate import Network, optimized_view, to_input
+    from mfv.evaluate.evaluation import Network, optimized_view, to_input
     from mfv.models import load_model
+    from mfv.models.targets import parse_target, resolve_layer
     from mfv.render.objective import Objective, measure
-    from mfv.targets import parse_target, resolve_layer
 
     model = load_model("efficientnet_lite0")
     target = parse_target("_fc:0 + _fc:701", model)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mfv.errors import MfvError
-from mfv.plots import panel_id, plot_layer_measures
+from mfv.core.errors import MfvError
+from mfv.report.plots import panel_id, plot_layer_measures
 
 LAYERS = ["stem", "blocks.1", "blocks.3", "blocks.5", "head"]
 SVG = "{http://www.w3.org/2000/svg}"

@@ -18,9 +18,9 @@ import ray
 import torch
 
 import mfv
-from mfv.backend import RayBackend
 from mfv.cli import main
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.runtime.backend import RayBackend
 from test_orchestration import CLASSES, PRE, comparable, make_images, net
 from test_robustness import HANG_S, start
 

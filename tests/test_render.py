@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.models.targets import parse_targets
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.objective import Objective, measure
 from mfv.render.paper import _normalized_step, paper_noise
 from mfv.render.recipes import PAPER_CENTER, PAPER_MEAN, canvas_sizes, schedule
-from mfv.targets import parse_targets
 
 
 def _ramp(octave, as_written=False):

@@ -22,16 +22,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import mfv.evaluate
+import mfv.evaluate.evaluation
 import mfv.report.pages as pages
-from mfv.metrics import recovery
+from mfv.evaluate.metrics import recovery
 from mfv.report import PAGES, PageSpec, write_page, write_report
 from mfv.report.charts import SPARK_POINTS, Sparkline, sparkline
 from mfv.report.glossary import METRICS, metric_table
 from mfv.report.run_page import EAGER_TARGETS, STRIP_MAX
 from mfv.report.thumbs import THUMB_PX
 from mfv.report.verdict import verdicts
-from mfv.rundir import RunDir
+from mfv.runtime.rundir import RunDir
 from report_fixtures import (
     EVIL_CLASS,
     EVIL_JUDGE,
@@ -280,7 +280,7 @@ def test_later_targets_load_lazily(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- metric names
 def test_every_metric_evaluate_writes_has_a_plain_name() -> None:
-    source = Path(mfv.evaluate.__file__).read_text(encoding="utf-8")
+    source = Path(mfv.evaluate.evaluation.__file__).read_text(encoding="utf-8")
     written = set(re.findall(r'm\[f?"([a-z0-9_]+?)(?:\{view\})?"\]', source))
     written |= set(re.findall(r'stats\["([a-z0-9_]+)"\]', source))
     written |= set(re.findall(r'entry\["target"\]\["([a-z0-9_]+)"\]', source))

@@ -45,8 +45,8 @@ from PIL import Image
 import mfv
 from conftest import TinyNet
 from mfv.cli import build_parser, main
-from mfv.errors import MfvError
-from mfv.settings import flag_of
+from mfv.core.errors import MfvError
+from mfv.runtime.settings import flag_of
 from test_orchestration import CLASSES, PRE, comparable, make_images
 
 NOBODY = 65534  # the unprivileged user: owner-only permissions really stop it, unlike root
@@ -57,7 +57,7 @@ HANG_S = 60  # a child that takes longer than this is stuck (each needs a few se
 @pytest.fixture(scope="module")
 def fork() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mfv.pipeline", "mfv.cli"])
+    ctx.set_forkserver_preload(["mfv.runtime.pipeline", "mfv.cli"])
     return ctx
 
 
@@ -395,7 +395,7 @@ def test_a_bad_value_on_the_command_line_reads_like_the_python_api(args, options
 
 def test_every_numeric_option_reads_its_number_from_the_command_line():
     from mfv.cli import _settings
-    from mfv.settings import Settings
+    from mfv.runtime.settings import Settings
 
     numeric = {name: kind for name, info in Settings.model_fields.items() for kind in (int, float)
                if flag_of(name) != name and kind in {info.annotation,
@@ -526,8 +526,8 @@ def test_two_writers_one_runs_and_the_other_is_told_who_holds_the_directory(
 # ------------------------------------------------------------------------ 6. --device auto
 def test_device_auto_is_the_default_and_picks_what_is_there(finished, exported):
     from mfv.cli import _settings
-    from mfv.pipeline import prepare_model
-    from mfv.settings import Settings, make_settings
+    from mfv.runtime.pipeline import prepare_model
+    from mfv.runtime.settings import Settings, make_settings
 
     expected = "cuda" if torch.cuda.is_available() else (
         "mps" if torch.backends.mps.is_available() else "cpu")

@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mfv.images import load_rgb
+from mfv.data.images import load_rgb
+from mfv.data.sources import ImageList, from_folder
 from mfv.models.base import to_tensor
-from mfv.scan import ScanResult, decoding_workers, scan
-from mfv.sources import ImageList, from_folder
-from mfv.targets import parse_targets
+from mfv.models.targets import parse_targets
+from mfv.scan.scanner import ScanResult, decoding_workers, scan
 
 
 def _make_images(folder: Path, n: int, seed: int = 0) -> None:
@@ -152,10 +152,10 @@ def test_real_model_on_imagenette(imagenette, lite0, tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from mfv.sources import open_images
+    from mfv.data.sources import open_images
     from mfv.models import load_model
-    from mfv.scan import scan
-    from mfv.targets import parse_targets
+    from mfv.scan.scanner import scan
+    from mfv.models.targets import parse_targets
     model = load_model("efficientnet_lite0")
     images = open_images(sys.argv[1])
     scan(model, images, parse_targets(["_fc:*", "_blocks.10:5"], model), sys.argv[2],

@@ -19,9 +19,10 @@ import mfv.render.batch as batch_module
 import mfv.render.fourier as fourier_module
 import mfv.render.maco as maco_module
 import mfv.render.paper as paper_module
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models import Preprocess, load_model
 from mfv.models.passes import Forward, prepared
+from mfv.models.targets import parse_targets
 from mfv.render.anchor import Anchor
 from mfv.render.batch import (
     Job,
@@ -31,7 +32,6 @@ from mfv.render.batch import (
     render_batches,
 )
 from mfv.render.objective import Objective, measure
-from mfv.targets import parse_targets
 
 
 class NormNet(nn.Module):

@@ -17,10 +17,10 @@ from PIL import Image
 
 import mfv
 from mfv.cli import main
-from mfv.layer_sweep import MEASURES, block_layers, sweep
-from mfv.scan import scan
-from mfv.sources import from_folder
-from mfv.targets import parse_targets
+from mfv.data.sources import from_folder
+from mfv.models.targets import parse_targets
+from mfv.scan.scanner import scan
+from mfv.study.layers import MEASURES, block_layers, sweep
 from test_orchestration import CLASSES, PRE, make_images, net
 from test_robustness import HANG_S, SlowNet, finish, start
 
@@ -31,7 +31,7 @@ SWEEP = dict(layers="conv1,conv2,fc", units=3, top_n=16, embedder="efficientnet_
 @pytest.fixture(scope="module")
 def fork() -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mfv.layer_sweep"])
+    ctx.set_forkserver_preload(["mfv.study.layers"])
     return ctx
 
 

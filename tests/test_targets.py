@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.activations import capture, reduce_unit, target_value
-from mfv.errors import MfvError
-from mfv.targets import parse_target
+from mfv.core.errors import MfvError
+from mfv.models.activations import capture, reduce_unit, target_value
+from mfv.models.targets import parse_target
 
 
 def _values(model, target, x):
@@ -102,8 +102,8 @@ def test_post_activation_needs_a_following_activation(tiny):
 
 
 def test_target_bank_equals_single_evaluations(tiny):
-    from mfv.activations import TargetBank
-    from mfv.targets import parse_targets
+    from mfv.models.activations import TargetBank
+    from mfv.models.targets import parse_targets
 
     x = torch.rand(3, 3, 32, 32)
     for reduction in ("center", "max", "mean"):

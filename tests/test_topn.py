@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfv.errors import MfvError
-from mfv.topn import StreamingTopN, merge_top
+from mfv.core.errors import MfvError
+from mfv.scan.topn import StreamingTopN, merge_top
 
 
 def _data(n_images: int, units: int, seed: int) -> np.ndarray:

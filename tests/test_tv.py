@@ -15,7 +15,7 @@ from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
 import mfv.render.tv as tv_module
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.render.tv import tv_bregman
 
 PAPER_WEIGHTS = (0.001, 0.01, 0.05, 0.1, 0.4, 0.8, 2.0)

@@ -5,7 +5,7 @@
                       targets=["_fc:0 + _fc:701"], facets="auto", out="runs/pair")
 
 The names below load on first use, so `import mfv` (and the torch-free modules such as
-`mfv.settings`) stays light.
+`mfv.runtime.settings`) stays light.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "run": "mfv.pipeline", "scan_images": "mfv.pipeline", "sweep": "mfv.layer_sweep",
-    "Settings": "mfv.settings", "make_settings": "mfv.settings",
-    "load_model": "mfv.models", "LoadedModel": "mfv.models", "Preprocess": "mfv.preprocess",
-    "MfvError": "mfv.errors",
+    "run": "mfv.runtime.pipeline", "scan_images": "mfv.runtime.pipeline",
+    "sweep": "mfv.study.layers",
+    "Settings": "mfv.runtime.settings", "make_settings": "mfv.runtime.settings",
+    "load_model": "mfv.models", "LoadedModel": "mfv.models", "Preprocess": "mfv.data.preprocess",
+    "MfvError": "mfv.core.errors",
 }
 __all__ = sorted(_EXPORTS)
 

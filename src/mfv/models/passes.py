@@ -16,7 +16,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models.base import LoadedModel
 
 PRECISIONS = ("float32", "bfloat16")  # what `Forward.precision` accepts
@@ -177,7 +177,7 @@ def laid_out(model: LoadedModel) -> Iterator[Forward]:
 def inference(model: LoadedModel) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
     """A no-gradient pass in the device's layout (`laid_out`): yields `forward(images)` for a
     [0, 1] batch (hooks see every layer as usual). On 2 CPU cores, with freed memory kept
-    (`mfv.allocator`), Lite0's inference at batch 32 in channels_last ran at the standard
+    (`mfv.core.allocator`), Lite0's inference at batch 32 in channels_last ran at the standard
     layout's speed (1.01x, `benchmarks/scan.py`) and 1.13x with symmetric padding done by the
     convolutions; channels_last is the usual win on CUDA."""
     with laid_out(model) as layout, torch.inference_mode():

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mfv.activations import capture
 from mfv.models import LoadedModel
+from mfv.models.activations import capture
+from mfv.models.targets import LayerRef
 from mfv.render.objective import Objective
 from mfv.render.recipes import AnchorSettings
-from mfv.targets import LayerRef
 
 
 @dataclass(frozen=True)

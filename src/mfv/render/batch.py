@@ -23,9 +23,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models import LoadedModel
 from mfv.models.passes import Forward, default_channels_last, prepared
+from mfv.models.targets import Target, resolve_layer
 from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
 from mfv.render.fourier import fourier_loop
 from mfv.render.maco import GPU_PASS_IMAGES, maco_loop
@@ -39,7 +40,6 @@ from mfv.render.recipes import (
     MacoSettings,
     schedule,
 )
-from mfv.targets import Target, resolve_layer
 
 # Images per batch on the CPU: Lite0's forward+backward per image is flat from batch 8 to 16 on 2
 # cores (`benchmarks/sweep.py`: ~2x faster than batch 1), so the default k = 10 facets of a

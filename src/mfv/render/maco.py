@@ -39,11 +39,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.data.spectrum import check_amplitude, resize_amplitude
 from mfv.render.maco_param import MacoImage
 from mfv.render.objective import Objective, Rendered
 from mfv.render.recipes import MacoSettings
-from mfv.spectrum import check_amplitude, resize_amplitude
 
 GREY = 127.5  # what the crops see outside the canvas (0 in the reference code's value range)
 # Crops per forward pass by default: on 2 CPU cores Lite0 runs 8-image passes at ~44 ms a crop,

@@ -4,20 +4,20 @@ phase of the (colour-decorrelated) spectrum is a parameter; output (B, 3, M, M) 
 forward, per sample b:
 
     phase = mu_b + sigma_b * standardize(p_b)       (standardize: zero mean, unit std over p_b)
-    z     = irfft2(A * exp(i phase), norm="ortho")  (A: `mfv.spectrum`'s amplitude at M px)
+    z     = irfft2(A * exp(i phase), norm="ortho")  (A: `mfv.data.spectrum`'s amplitude at M px)
     image = 255 * sigmoid(C z)                      (C: Lucid's colour matrix, `color_matrix`)
 
 With (mu, sigma) = (0, 1) and p ~ N(0, 1) this is the reference code's parameterization and
 random start. Two deliberate differences: the reference standardizes z to unit variance because
 its downloaded template has an arbitrary scale, while mfv's amplitude has a known one (orthonormal
-FFT of the natural images' signal, `mfv.spectrum`), so z keeps the natural contrast (per-pixel std
-~1.2 on ImageNet photos, close to the reference's 1) and the amplitude of z *is* A -- exactly so
+FFT of the natural images' signal, `mfv.data.spectrum`), so z keeps the natural contrast (per-pixel
+std ~1.2 on ImageNet photos, close to the reference's 1) and the amplitude of z *is* A -- exactly so
 on every bin except those of the first and (even M) last rfft column, where irfft2 keeps only the
 Hermitian part (amplitude <= A). And (mu, sigma) lets a sample start from an image:
-`set_image` takes the phase of the image's spectrum (in `mfv.spectrum.spectral_domain`) and sets
-mu, sigma to its mean and std with p = that phase, so the start phase is reproduced exactly and a
-step on p moves the phase as much as for a random start. The amplitude stays the natural one, so
-the start image is reproduced only approximately. Measured on 20 ImageNet photos at 224 px with
+`set_image` takes the phase of the image's spectrum (in `mfv.data.spectrum.spectral_domain`) and
+sets mu, sigma to its mean and std with p = that phase, so the start phase is reproduced exactly
+and a step on p moves the phase as much as for a random start. The amplitude stays the natural one,
+so the start image is reproduced only approximately. Measured on 20 ImageNet photos at 224 px with
 the mean amplitude of 400 others (pixel correlation over the three channels, PSNR in grey levels;
 mean, worst): on a 224 px canvas 0.85, 0.69 and 16.3, 13.7 dB; on MACO's 512 px canvas (start
 upsampled bicubically, picture downsampled back) 0.83, 0.52 and 15.4, 11.8 dB; with the "rms"
@@ -31,9 +31,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from mfv.errors import MfvError
-from mfv.render.param import mix_channels
-from mfv.spectrum import check_amplitude, color_matrix, spectral_domain
+from mfv.core.errors import MfvError
+from mfv.data.colour import mix_channels
+from mfv.data.spectrum import check_amplitude, color_matrix, spectral_domain
 
 STANDARDIZE_EPS = 1e-5  # added to the phase's std, as in the reference code
 

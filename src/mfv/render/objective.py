@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mfv.activations import TargetBank, capture
 from mfv.models import LoadedModel
+from mfv.models.activations import TargetBank, capture
 from mfv.models.passes import Forward
-from mfv.targets import LayerRef, Target
+from mfv.models.targets import LayerRef, Target
 
 
 def as_float(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mfv.core.keys import digest
 from mfv.render.recipes import FACET_RECIPES, AnchorSettings
-from mfv.rundir import digest
 
 KINDS = ("facet", "random")
 # Raised whenever the engine's output for the same settings changes, so older pictures are

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 
 @dataclass(frozen=True)

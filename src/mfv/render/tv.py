@@ -83,7 +83,7 @@ import torch
 from skimage.restoration import denoise_tv_bregman
 from torch import Tensor
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 try:
     import numba

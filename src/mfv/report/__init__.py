@@ -18,21 +18,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mfv.io import read_json
+from mfv.core.io import read_json
+from mfv.core.layout import RunLayout
 from mfv.report.layers_page import LayersPage, layers_thumb_paths, run_sections
 from mfv.report.pages import KV, PAGES, Img, Links, PageSpec, render_page, write_page
 from mfv.report.run_page import RunPage, thumb_paths
 from mfv.report.thumbs import make_thumbs
-from mfv.rundir import RunDir
 
 __all__ = ["KV", "PAGES", "Img", "Links", "PageSpec", "render_page", "write_layers_page",
            "write_page", "write_report"]
 
 
-def write_report(run: RunDir | str | Path, results: Mapping[str, Any], *,
+def write_report(run: RunLayout | str | Path, results: Mapping[str, Any], *,
                  progress: bool = True) -> Path:
     """Write the run's report page for `results` (schema mfv.results/2) and return its path."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
+    run = run if isinstance(run, RunLayout) else RunLayout(run)
     base = (results.get("data") or {}).get("base")
     thumbs = make_thumbs(run.thumbs_dir, run.relative(run.thumbs_dir), thumb_paths(results),
                          base, progress=progress)
@@ -40,13 +40,13 @@ def write_report(run: RunDir | str | Path, results: Mapping[str, Any], *,
     return write_page(run, "run", context)
 
 
-def write_layers_page(run: RunDir | str | Path, doc: Mapping[str, Any], *,
+def write_layers_page(run: RunLayout | str | Path, doc: Mapping[str, Any], *,
                       progress: bool = True) -> Path:
     """Write the Layers page for a sweep's results `doc` (format mfv.sweep/1) and return its
     path. Its example units link to their sections of the run page where the run page shows
     them (the units `--render` rendered); the run page, when there is one, is written again
     from results.json so that its navigation lists the new page."""
-    run = run if isinstance(run, RunDir) else RunDir(run)
+    run = run if isinstance(run, RunLayout) else RunLayout(run)
     results = None
     if run.report_file.is_file() and run.results_file.is_file():
         try:

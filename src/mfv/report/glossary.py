@@ -1,7 +1,7 @@
 """Plain names and one-line explanations of every metric the report shows, kept in one table.
 
-`METRICS` maps a metric's key in results.json (as `mfv.evaluate` writes it, without its view
-suffix) to a label, the explanation the page shows on hover, and how its value reads. Every
+`METRICS` maps a metric's key in results.json (as `mfv.evaluate.evaluation` writes it, without its
+view suffix) to a label, the explanation the page shows on hover, and how its value reads. Every
 picture is judged twice: as seen (the key as is) and on its central crop (the key + `_central`);
 `metric_table` puts both views of a metric in one row and shows the central one only where it
 differs. A key missing from the table still gets a readable label (underscores become spaces), so
@@ -103,7 +103,7 @@ METRICS: Mapping[str, Metric] = MappingProxyType({
         "Share of the photos whose facet's most common true sub-type is their own.", "share"),
 })
 
-# The layer sweep's multifacetedness measures (`mfv.layer_sweep.MEASURES`, one value per unit,
+# The layer sweep's multifacetedness measures (`mfv.study.layers.MEASURES`, one value per unit,
 # averaged per layer), for the Layers page.
 SWEEP_MEASURES: Mapping[str, Metric] = MappingProxyType({
     "k": Metric(

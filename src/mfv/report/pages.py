@@ -14,7 +14,7 @@ Adding a page (e.g. the "Layers" page of `mfv sweep`):
 1. write `templates/<name>.html`: `{% extends "base.html" %}`, fill `{% block content %}`
    (optionally `header`, under the page's heading, and `footer`), and import what it needs
    from `macros.html` (`picture`, `member_strip`, `kv_table`, `metric_table`, `sparkline`);
-2. add `PageSpec("<name>", "<nav label>", attrgetter("<RunDir path property>"))` to `PAGES`
+2. add `PageSpec("<name>", "<nav label>", attrgetter("<RunLayout path property>"))` to `PAGES`
    (their order is the navigation's; a page is listed once its file exists, so the run page
    links to the Layers page only in runs that have one);
 3. build the context: `title`, what the template uses (`Img` pictures with URLs from
@@ -41,9 +41,9 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
-from mfv.io import atomic_write_text
+from mfv.core.io import atomic_write_text
+from mfv.core.layout import RunLayout
 from mfv.report.thumbs import Thumb
-from mfv.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class PageSpec:
 
     name: str
     label: str
-    file: Callable[[RunDir], Path]
+    file: Callable[[RunLayout], Path]
 
     @property
     def template(self) -> str:
@@ -115,7 +115,7 @@ class Links:
     page, only for files that exist), so the page works from file:// anywhere it is copied with
     its run directory."""
 
-    def __init__(self, run: RunDir, page: PageSpec) -> None:
+    def __init__(self, run: RunLayout, page: PageSpec) -> None:
         self.run = run
         self.root = run.root
         self.base = page.file(run).parent
@@ -150,7 +150,7 @@ def _version() -> str:
         return "unknown"
 
 
-def render_page(run: RunDir, name: str, context: Mapping[str, Any]) -> str:
+def render_page(run: RunLayout, name: str, context: Mapping[str, Any]) -> str:
     """The HTML of page `name` of `PAGES` for `context`, which gives what the page's template
     needs (`title` for every page; `script_data` for the page's script, an empty object if
     absent); the navigation, CSS, script and mfv's version come from here."""
@@ -163,6 +163,6 @@ def render_page(run: RunDir, name: str, context: Mapping[str, Any]) -> str:
     return environment().get_template(spec.template).render({**base, **context})
 
 
-def write_page(run: RunDir, name: str, context: Mapping[str, Any]) -> Path:
+def write_page(run: RunLayout, name: str, context: Mapping[str, Any]) -> Path:
     """Render page `name` and write it (atomically) where the run directory keeps it."""
     return atomic_write_text(PAGES[name].file(run), render_page(run, name, context))

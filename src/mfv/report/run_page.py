@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mfv.io import load_npy
+from mfv.core.io import load_npy
 from mfv.report.charts import MapLayout, Sparkline, sparkline
 from mfv.report.glossary import (
     METRICS,

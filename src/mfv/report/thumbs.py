@@ -19,8 +19,8 @@ from pathlib import Path
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-from mfv.images import BadImageError, load_rgb
-from mfv.io import atomic_write_bytes
+from mfv.core.io import atomic_write_bytes
+from mfv.data.images import BadImageError, load_rgb
 
 THUMB_PX = 128
 

@@ -4,7 +4,7 @@ A target is a weighted sum of units, `"_fc:0 + _fc:701"`, `"_fc:1 - 0.5*_fc:2"`,
 (`"bell pepper"` → the model's logit for that class). Spatial maps (B, C, H, W) and token maps
 (B, N, C) reduce to one number per image by a policy: `center` (the paper: the unit at the
 central position), `max` or `mean` (and `cls`, token 0, for transformers). Reading the values
-(hooks, reductions) is `mfv.activations`; this module needs no torch.
+(hooks, reductions) is `mfv.models.activations`; this module needs no torch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 if TYPE_CHECKING:
     from mfv.models.base import LoadedModel

@@ -1,7 +1,7 @@
 """Stage 4, evaluate: how far to trust one target's facets and pictures, in numbers.
 
-The metrics themselves are pure functions in `mfv.metrics`; this module runs the networks they
-need. Every picture is judged twice:
+The metrics themselves are pure functions in `mfv.evaluate.metrics`; this module runs the networks
+they need. Every picture is judged twice:
 
 - **as seen**: the saved image file, resized and centre-cropped the way the network's own
   preprocessing treats a photo — what a user looking at the file would show the network;
@@ -23,10 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mfv.activations import TargetBank, capture
-from mfv.facets import FacetResult
-from mfv.images import BadImageError, load_rgb
-from mfv.metrics import (
+from mfv.data.images import BadImageError, load_rgb
+from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
     class_rank,
@@ -37,12 +35,14 @@ from mfv.metrics import (
     plausibility,
     recovery,
 )
+from mfv.facets.find import FacetResult
 from mfv.models import LoadedModel, load_model
+from mfv.models.activations import TargetBank, capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference, laid_out
+from mfv.models.targets import LayerRef, Target, resolve_layer
 from mfv.render.anchor import depth_layers
 from mfv.render.objective import central_box
-from mfv.targets import LayerRef, Target, resolve_layer
 
 PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
 PATH_LAYERS = 5  # layers along the depth where the activation path is compared

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 INDEX_LIMIT = 2**31  # image indices must lie in 0 .. INDEX_LIMIT - 1 (the key's low 32 bits)
 _LOW_MASK = 0xFFFFFFFF

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mfv.errors import MfvError
-from mfv.render.param import COLOR_CORRELATION_SVD_SQRT, mix_channels
+from mfv.core.errors import MfvError
+from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT, mix_channels
 
 SIGMOID_SLOPE = 4.0  # 1 / sigmoid'(0): u = 4 (x - 1/2) is the sigmoid's tangent at 0, inverted
 

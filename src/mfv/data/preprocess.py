@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 RESIZE_POLICIES = ("crop", "squash")  # model's eval transform / warp the whole image
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,

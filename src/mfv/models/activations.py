@@ -2,7 +2,7 @@
 reductions that turn a unit's map into one number, and `TargetBank`, which evaluates many
 targets at once.
 
-What a target *is* (its grammar, its layers and units) lives in `mfv.targets`; this module is
+What a target *is* (its grammar, its layers and units) lives in `mfv.models.targets`; this module is
 how its value is computed from a captured batch.
 """
 
@@ -14,9 +14,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 from mfv.models.base import LoadedModel
-from mfv.targets import LayerRef, Target
+from mfv.models.targets import LayerRef, Target
 
 
 def reduce_layer(activation: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -3,7 +3,7 @@
 `load_rgb` never trusts a file: missing, special, oversized, broken, truncated, non-image, tiny
 and degenerate files raise `BadImageError` with a short reason, and `ImageDataset` turns that
 into a per-item result so a scan counts and reports bad files instead of stopping. Listing the
-images is `mfv.sources`' job; this module needs nothing from it (an item is anything with a
+images is `mfv.data.sources`' job; this module needs nothing from it (an item is anything with a
 `.path`).
 
 Limits, and why:
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 512 * 2**20
@@ -292,7 +292,7 @@ def load_rgb(
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images by index; bad files give their reason instead of raising.
 
-    `items` are anything with a `.path` (an `mfv.sources.ImageList`, a list of `ImageItem`).
+    `items` are anything with a `.path` (an `mfv.data.sources.ImageList`, a list of `ImageItem`).
     `__getitem__(i)` returns `(i, tensor)` or `(i, reason)`; use `collate_skip_bad` as the
     DataLoader's `collate_fn`. `transform` maps an RGB Pillow image to a tensor (the model's
     preprocessing); `min_side`, if given, lets large JPEGs decode at reduced size, and

@@ -2,7 +2,7 @@
 
 The paper's claim (higher layers are more multifaceted) is qualitative; these make it a number.
 Per unit, its top-N images are clustered into facets with the paper's pipeline
-(`mfv.facets.find_facets`), which gives k and the facets; the facets are then scored in an
+(`mfv.facets.find.find_facets`), which gives k and the facets; the facets are then scored in an
 *independent* embedding (another network's penultimate codes), so a score does not just echo
 the space the clustering was done in:
 
@@ -29,8 +29,8 @@ from scipy.spatial.distance import pdist
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
-from mfv.errors import MfvError
-from mfv.facets import find_facets
+from mfv.core.errors import MfvError
+from mfv.facets.find import find_facets
 
 _EPS = 1e-8  # norm floor of the cosine similarity, as torch.nn.functional.cosine_similarity
 

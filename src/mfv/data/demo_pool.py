@@ -1,8 +1,8 @@
 """The embedded image pool: deterministic crops of the photos that scikit-image's wheel carries,
 so a fresh offline machine has several hundred varied images to scan (`mfv demo`, `--images demo`).
 
-It returns plain `(path, label)` pairs; `mfv.sources.open_images("demo")` wraps them in an
-`ImageList` (this module does not import `mfv.sources`, so the two never import each other).
+It returns plain `(path, label)` pairs; `mfv.data.sources.open_images("demo")` wraps them in an
+`ImageList` (this module does not import `mfv.data.sources`, so the two never import each other).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from mfv.io import atomic_write_bytes, atomic_write_json
+from mfv.core.io import atomic_write_bytes, atomic_write_json
 
 # (label, skimage.data loader name): photos that ship inside the scikit-image wheel (no download).
 _DEMO_PHOTOS = (
@@ -135,7 +135,7 @@ def _write_demo_photo(cache: Path, label: str, loader: str) -> list[tuple[str, s
 
 def demo_pool(cache_dir: str | os.PathLike) -> DemoPool:
     """The embedded image pool: 442 deterministic 256x256 crops of scikit-image's photos, as
-    `(path, label)` pairs (`mfv.sources.open_images("demo")` gives them as an `ImageList`).
+    `(path, label)` pairs (`mfv.data.sources.open_images("demo")` gives them as an `ImageList`).
 
     Crops are written once as PNG under `cache_dir` (named `<photo>_s<scale%>_<i>.png`, labelled
     by photo) with a manifest written last; later calls reuse them while the manifest, the file

@@ -8,7 +8,7 @@
         render.json                                the index of the target's visualizations
         <kind><rank>_<recipe>_<key8>.png (+ _trace.npy, _alpha.png)
         evaluate.json                              metrics, with the key they were computed for
-      results.json  index.html  report/thumbs/     the public face (see `mfv.results`)
+      results.json  index.html  report/thumbs/     the public face (see `mfv.runtime.results`)
       sweep/                                       `mfv sweep`'s layer study
 
 Every stored result lives under a key: a digest of everything that determines it (settings that
@@ -22,10 +22,7 @@ a run directory at a time (`open_run`); a crashed holder's lock is released by t
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
-import re
 import shutil
 import socket
 import time
@@ -37,51 +34,14 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
-from mfv.errors import MfvError
-from mfv.facets import Facet, FacetResult
-from mfv.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save_png
+from mfv.core.errors import MfvError
+from mfv.core.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save_png
+from mfv.core.keys import KEY_CHARS
+from mfv.core.layout import RunLayout
+from mfv.facets.find import Facet, FacetResult
+from mfv.scan.store import ScanStore
 
 FACETS_FORMAT = "mfv.facets/3"
-_KEY_CHARS = 16
-SCAN_MODES = ("auto", "full", "topn")  # how a scan stores activations (`choose_mode`)
-FULL_LIMIT_BYTES = 2 * 1024**3  # above this, `auto` keeps a streaming top-N per target
-
-
-# ------------------------------------------------------------------------------------- keys
-def digest(*parts: Any) -> str:
-    """A stable hex digest of JSON-like values and numpy arrays (by their bytes)."""
-    h = hashlib.sha256()
-    for part in parts:
-        _feed(h, part)
-    return h.hexdigest()
-
-
-def _feed(h: Any, value: Any) -> None:
-    if isinstance(value, np.ndarray):
-        array = np.ascontiguousarray(value)
-        h.update(f"<array {array.dtype.str} {array.shape}>".encode())
-        h.update(array.tobytes())
-    elif isinstance(value, Mapping):
-        h.update(b"{")
-        for k in sorted(value, key=str):
-            h.update(json.dumps(str(k)).encode())
-            _feed(h, value[k])
-        h.update(b"}")
-    elif isinstance(value, (list, tuple)):
-        h.update(b"[")
-        for v in value:
-            _feed(h, v)
-        h.update(b"]")
-    else:
-        h.update(json.dumps(value, sort_keys=True, default=str).encode())
-    h.update(b";")
-
-
-def slug(spec: str, definition: Mapping[str, Any]) -> str:
-    """A folder name for a target: readable, and unique per definition (two targets that
-    read alike, such as `_fc:1 + _fc:2` and `_fc:1 - _fc:2`, get different folders)."""
-    text = re.sub(r"[^A-Za-z0-9]+", "-", spec).strip("-").lower()[:40] or "target"
-    return f"{text}-{digest(definition)[:8]}"
 
 
 # ----------------------------------------------------------------------------- render index
@@ -105,66 +65,6 @@ class RenderEntry:
         return self.kind, self.rank, self.recipe
 
 
-# -------------------------------------------------------------------------------- the scan
-def choose_mode(mode: str, n_images: int, n_targets: int) -> str:
-    """`full` activation vectors (images × targets) when they fit in FULL_LIMIT_BYTES, else a
-    streaming top-N per target (targets × N)."""
-    if mode == "auto":
-        return "full" if n_images * n_targets * 4 <= FULL_LIMIT_BYTES else "topn"
-    if mode not in SCAN_MODES:
-        raise MfvError(f"unknown scan mode {mode!r}: use {', '.join(SCAN_MODES)}")
-    return mode
-
-
-class ScanStore:
-    """One scan's folder: a manifest, finished chunks, and the merged arrays (all `.npy`)."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    @property
-    def key(self) -> str:
-        return self.directory.name
-
-    def manifest(self) -> dict | None:
-        path = self.directory / "manifest.json"
-        return read_json(path) if path.exists() else None
-
-    def write_manifest(self, manifest: dict) -> None:
-        atomic_write_json(self.directory / "manifest.json", manifest)
-
-    def _chunk(self, c: int) -> Path:
-        return self.directory / "chunks" / f"{c:06d}"
-
-    def chunk_done(self, c: int) -> bool:
-        return self._chunk(c).with_suffix(".json").exists()
-
-    def write_chunk(self, c: int, arrays: Mapping[str, np.ndarray], meta: dict) -> None:
-        """Arrays first, then the record that says the chunk is done."""
-        base = self._chunk(c)
-        for name, array in arrays.items():
-            atomic_save_npy(f"{base}.{name}.npy", array)
-        atomic_write_json(base.with_suffix(".json"), {**meta, "arrays": sorted(arrays)})
-
-    def read_chunk(self, c: int) -> tuple[dict[str, np.ndarray], dict]:
-        base = self._chunk(c)
-        meta = read_json(base.with_suffix(".json"))
-        return {name: load_npy(f"{base}.{name}.npy") for name in meta["arrays"]}, meta
-
-    def write_array(self, name: str, array: np.ndarray) -> None:
-        atomic_save_npy(self.directory / f"{name}.npy", array)
-
-    def has_array(self, name: str) -> bool:
-        return (self.directory / f"{name}.npy").exists()
-
-    def read_array(self, name: str, mmap: bool = False) -> np.ndarray:
-        return load_npy(self.directory / f"{name}.npy", mmap=mmap)
-
-    def drop_chunks(self) -> None:
-        """Remove the chunks once their merge is complete (the arrays hold everything)."""
-        shutil.rmtree(self.directory / "chunks", ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------- a target
 class TargetDir:
     """One target's folder: its clusterings (by key), its visualizations and their index, and
@@ -179,7 +79,7 @@ class TargetDir:
 
     # facets -----------------------------------------------------------------------------
     def _facets_dir(self, key: str) -> Path:
-        return self.directory / "facets" / key[:_KEY_CHARS]
+        return self.directory / "facets" / key[:KEY_CHARS]
 
     def load_facets(self, key: str) -> tuple[FacetResult, list[np.ndarray]] | None:
         """The clustering stored under `key` with its mean images, or None."""
@@ -294,7 +194,7 @@ class TargetDir:
     def prune(self, facets_key: str | None, visuals: Mapping[tuple[str, int, str], str]) -> None:
         """Keep only the clustering `facets_key` and the visualizations whose slot maps to
         their key in `visuals`; delete everything else of this target."""
-        keep_facets = facets_key[:_KEY_CHARS] if facets_key else None
+        keep_facets = facets_key[:KEY_CHARS] if facets_key else None
         for d in (self.directory / "facets").glob("*") if (self.directory / "facets").exists() \
                 else []:
             if d.name != keep_facets:
@@ -326,14 +226,14 @@ class SweepStore:
         return read_json(path) if path.exists() else None
 
     def read_unit(self, key: str) -> dict | None:
-        path = self.directory / "units" / f"{key[:_KEY_CHARS]}.json"
+        path = self.directory / "units" / f"{key[:KEY_CHARS]}.json"
         if not path.exists():
             return None
         doc = read_json(path)
         return doc["measures"] if doc.get("key") == key else None
 
     def write_unit(self, key: str, measures: dict) -> None:
-        atomic_write_json(self.directory / "units" / f"{key[:_KEY_CHARS]}.json",
+        atomic_write_json(self.directory / "units" / f"{key[:KEY_CHARS]}.json",
                           {"key": key, "measures": measures})
 
     def read_array(self, name: str) -> np.ndarray | None:
@@ -357,41 +257,18 @@ class SweepStore:
 
 
 # --------------------------------------------------------------------------------- the run
-class RunDir:
+class RunDir(RunLayout):
     """A run directory: where each kind of result is stored, and which are current."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-
     def scan(self, key: str) -> ScanStore:
-        return ScanStore(self.root / "scan" / key[:_KEY_CHARS])
+        return ScanStore.under(self.root, key)
 
     def target(self, slug_name: str) -> TargetDir:
-        return TargetDir(self.root / "targets" / slug_name)
+        return TargetDir(self.targets_dir / slug_name)
 
     @property
     def sweep(self) -> SweepStore:
-        return SweepStore(self.root / "sweep")
-
-    @property
-    def layers_page(self) -> Path:
-        return self.root / "layers.html"
-
-    @property
-    def results_file(self) -> Path:
-        return self.root / "results.json"
-
-    @property
-    def report_file(self) -> Path:
-        return self.root / "index.html"
-
-    @property
-    def thumbs_dir(self) -> Path:
-        return self.root / "report" / "thumbs"
-
-    def relative(self, path: Path) -> str:
-        """A path inside the run as results.json writes it (relative, with forward slashes)."""
-        return path.relative_to(self.root).as_posix()
+        return SweepStore(self.sweep_dir)
 
     def write_record(self, name: str, data: Any) -> None:
         """`settings`, `model`: what the last run was asked to do, with what."""
@@ -401,21 +278,15 @@ class RunDir:
         path = self.root / f"{name}.json"
         return read_json(path) if path.exists() else None
 
-    def add_timing(self, stage: str, seconds: float) -> dict[str, float]:
-        timings = self.read_record("timings") or {}
-        timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
-        self.write_record("timings", timings)
-        return timings
-
     def prune(self, scan_keys: set[str], targets: Mapping[str, tuple[str | None, Mapping]]
               ) -> None:
         """Delete what the current settings no longer produce: other scans, other targets'
         folders, and within a target other clusterings and visualizations."""
-        keep = {k[:_KEY_CHARS] for k in scan_keys}
-        for d in (self.root / "scan").glob("*") if (self.root / "scan").exists() else []:
+        keep = {k[:KEY_CHARS] for k in scan_keys}
+        for d in self.scans_dir.glob("*") if self.scans_dir.exists() else []:
             if d.name not in keep:
                 _remove(d)
-        folders = self.root / "targets"
+        folders = self.targets_dir
         for d in folders.glob("*") if folders.exists() else []:
             if d.name in targets:
                 facets_key, visuals = targets[d.name]

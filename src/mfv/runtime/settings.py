@@ -15,14 +15,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mfv.backend import BACKENDS
-from mfv.cluster import EMBEDDINGS
-from mfv.errors import MfvError
-from mfv.facets import POLICIES
-from mfv.preprocess import RESIZE_POLICIES
+from mfv.core.errors import MfvError
+from mfv.data.preprocess import RESIZE_POLICIES
+from mfv.facets.cluster import EMBEDDINGS
+from mfv.facets.find import POLICIES
+from mfv.models.targets import ACTIVATIONS, REDUCTIONS
 from mfv.render.recipes import RECIPES
-from mfv.rundir import SCAN_MODES
-from mfv.targets import ACTIVATIONS, REDUCTIONS
+from mfv.runtime.backend import BACKENDS
+from mfv.scan.store import SCAN_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -1,6 +1,7 @@
 """Clustering codes into facets: PCA, a 2-D embedding (t-SNE, UMAP, or PCA itself), k-means
 with a fixed or automatic k, and the clean-ups (dissolving small clusters, merging near
-duplicates). The numeric core of `mfv.facets`, on plain arrays; the options are documented there.
+duplicates). The numeric core of `mfv.facets.find`, on plain arrays; the options are documented
+there.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
 
 EMBEDDINGS = ("tsne", "pca", "umap")  # what `--embedding` accepts
 AUTO_K_TOLERANCE = 0.02  # silhouette points: prefer fewer facets when scores are this close

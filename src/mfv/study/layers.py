@@ -2,9 +2,9 @@
 
 1. One streaming scan records, for every unit of every chosen layer, its top-N images (spatial
    maps reduced as `--reduction` says) and each image's code — in memory units × N, never
-   images × units (`mfv.scan` in top-N mode, chunked and resumable).
+   images × units (`mfv.scan.scanner` in top-N mode, chunked and resumable).
 2. A seeded sample of units per layer (`--units`): each unit's top-N images are clustered into
-   facets by the paper's pipeline (automatic k), and scored (`mfv.multifacetedness`): the number
+   facets by the paper's pipeline (automatic k), and scored (`mfv.study.measures`): the number
    of facets, their silhouette (the clustering's own space), 1 − MonoScore and the PURE-style
    separation ratio in an **independent** embedding (another network's penultimate codes), each
    against its chance level: the same measure on random image sets of the same size.
@@ -13,8 +13,8 @@
    report's Layers page; `--render N` also runs the pipeline (default recipe) on N units per
    layer, over the same scan.
 
-Everything lands in `RUN/sweep/` (`mfv.rundir.SweepStore`), results in `RUN/sweep/sweep.json`
-(format `mfv.sweep/1`, described in `docs/sweep.md`).
+Everything lands in `RUN/sweep/` (`mfv.runtime.rundir.SweepStore`), results in
+`RUN/sweep/sweep.json` (format `mfv.sweep/1`, described in `docs/sweep.md`).
 """
 
 from __future__ import annotations
@@ -29,26 +29,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mfv.activations import capture
-from mfv.backend import Backend, Worker, make_backend
-from mfv.errors import MfvError
-from mfv.images import BadImageError, load_rgb
+from mfv.core.errors import MfvError
+from mfv.core.keys import digest, slug
+from mfv.data.images import BadImageError, load_rgb
+from mfv.data.preprocess import Preprocess
+from mfv.data.sources import open_images
 from mfv.models import LoadedModel, load_model
+from mfv.models.activations import capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference
-from mfv.multifacetedness import bootstrap_ci, mono_score, unit_measures
-from mfv.pipeline import prepare_model
-from mfv.pipeline import run as run_pipeline
-from mfv.plots import plot_layer_measures
-from mfv.preprocess import Preprocess
+from mfv.models.targets import parse_targets, resolve_layer
 from mfv.report import write_layers_page
 from mfv.report.glossary import SWEEP_MEASURES
-from mfv.rundir import RunDir, check_out, digest, open_run, slug
-from mfv.scan import ScanResult
-from mfv.settings import Settings, make_settings
-from mfv.sources import open_images
-from mfv.targets import parse_targets, resolve_layer
-from mfv.units import RunContext, scan_on
+from mfv.report.plots import plot_layer_measures
+from mfv.runtime.backend import Backend, Worker, make_backend
+from mfv.runtime.pipeline import prepare_model
+from mfv.runtime.pipeline import run as run_pipeline
+from mfv.runtime.rundir import RunDir, check_out, open_run
+from mfv.runtime.settings import Settings, make_settings
+from mfv.runtime.tasks import RunContext, scan_on
+from mfv.scan.scanner import ScanResult
+from mfv.study.measures import bootstrap_ci, mono_score, unit_measures
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
@@ -160,7 +161,7 @@ class _SweepContext:
 
 
 def _measure_unit(worker: Worker, ctx: _SweepContext, u: _Unit) -> dict:
-    """One unit's facets and measures, stored under their key (a unit of `mfv.backend`)."""
+    """One unit's facets and measures, stored under their key (a unit of `mfv.runtime.backend`)."""
     run, s = RunDir(ctx.root), ctx.settings
     key = digest(ctx.scan_key, ctx.options, u.layer, u.unit)
     stored = run.sweep.read_unit(key)

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mfv.allocator import keep_freed_memory
-from mfv.errors import MfvError
+from mfv.core.allocator import keep_freed_memory
+from mfv.core.errors import MfvError
 
 if TYPE_CHECKING:
     from mfv.models import LoadedModel

@@ -5,11 +5,11 @@
 - `from_list(txt)`: one path per line, optional `<TAB>label`, `#` comments;
 - `from_paths(paths)`: a Python list of files and folders;
 - `open_images(spec)`: picks one of the above from a command-line argument, or the embedded demo
-  pool (`mfv.demo_pool`) for the string "demo".
+  pool (`mfv.data.demo_pool`) for the string "demo".
 
 Listing never opens an image: it only names files (and `ImageList.fingerprint` only stats them),
 so a named pipe, a device or a huge file in the folder cannot block or fill memory here. Whether a
-listed file is a usable image is decided when it is decoded (`mfv.images.load_rgb`), which
+listed file is a usable image is decided when it is decoded (`mfv.data.images.load_rgb`), which
 reports bad ones with a reason.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfv.demo_pool import demo_pool
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.data.demo_pool import demo_pool
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -2,8 +2,8 @@
 
 `run()` checks everything it can before it touches the run directory (settings, device, model,
 targets, images), takes the directory's lock, and runs the stages in order. Each stage keys its
-results by what determines them (`mfv.rundir`), reuses what is stored under the same key, and
-hands what it made to the next stage. `results.json` and `index.html` are written after the last
+results by what determines them (`mfv.runtime.rundir`), reuses what is stored under the same key,
+and hands what it made to the next stage. `results.json` and `index.html` are written after the last
 stage asked for, and also when a stage fails — then they cover what was finished, with the error.
 Stages before the requested one run when missing; stored results of later stages that still
 match the settings are shown too.
@@ -20,22 +20,22 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from mfv.allocator import keep_freed_memory, release_free_memory
-from mfv.backend import Backend, make_backend, run_all
-from mfv.errors import MfvError
-from mfv.evaluate import summary
+from mfv.core.allocator import keep_freed_memory, release_free_memory
+from mfv.core.errors import MfvError
+from mfv.core.keys import digest, slug
+from mfv.data.preprocess import Preprocess
+from mfv.data.sources import ImageList, open_images
+from mfv.evaluate.evaluation import summary
 from mfv.models import LoadedModel, load_model
-from mfv.preprocess import Preprocess
+from mfv.models.targets import Target, parse_targets
 from mfv.render.batch import default_batch_size
 from mfv.render.plan import RenderSettings, Visual, plan
 from mfv.report import write_report
-from mfv.results import STAGES, TargetRecord, build
-from mfv.rundir import RenderEntry, RunDir, check_out, digest, open_run, slug
-from mfv.scan import ScanResult
-from mfv.settings import Settings, make_settings
-from mfv.sources import ImageList, open_images
-from mfv.targets import Target, parse_targets
-from mfv.units import (
+from mfv.runtime.backend import Backend, make_backend, run_all
+from mfv.runtime.results import STAGES, TargetRecord, build
+from mfv.runtime.rundir import RenderEntry, RunDir, check_out, open_run
+from mfv.runtime.settings import Settings, make_settings
+from mfv.runtime.tasks import (
     RunContext,
     anchor_settings,
     evaluate_unit,
@@ -45,6 +45,7 @@ from mfv.units import (
     render_unit,
     scan_on,
 )
+from mfv.scan.scanner import ScanResult
 
 METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are recomputed
 
@@ -59,7 +60,7 @@ def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedMode
     `mfv run --images photos/ --target "bell pepper" --out runs/pepper` on the command line.
     `model` may be a name or file (as `--model`), an `nn.Module` (with its `preprocess`), or a
     `LoadedModel`; the run directory records its class, size and weights' fingerprint.
-    `backend` is "local" or "ray" (as `--backend`), or a `mfv.backend` backend whose workers
+    `backend` is "local" or "ray" (as `--backend`), or a `mfv.runtime.backend` backend whose workers
     the caller keeps across runs.
     """
     if until not in STAGES:
@@ -124,7 +125,8 @@ def _prepare(settings: Settings | None, model, preprocess, options: dict) -> _In
 def prepare_model(settings: Settings, model: str | nn.Module | LoadedModel | None = None,
                   preprocess: Preprocess | None = None) -> LoadedModel:
     """The model a run uses, on its device, at its input size. From here on freed memory stays
-    in the process (`mfv.allocator`: runs and sweeps allocate the same large blocks every step)."""
+    in the process (`mfv.core.allocator`: runs and sweeps allocate the same large blocks every
+    step)."""
     keep_freed_memory()
     loaded = load_model(model if model is not None else settings.model, device=settings.device,
                         weights=settings.weights, preprocess=preprocess)
@@ -148,7 +150,7 @@ def parse_run_targets(specs: Sequence[str], model: LoadedModel, settings: Settin
 @dataclass
 class _Line:
     """One pipeline run over a locked run directory: the stages and what they have made. Each
-    stage finds its missing units (by key) and hands them to the backend (`mfv.units`)."""
+    stage finds its missing units (by key) and hands them to the backend (`mfv.runtime.tasks`)."""
 
     settings: Settings
     model: LoadedModel

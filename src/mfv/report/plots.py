@@ -16,8 +16,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mfv.errors import MfvError
-from mfv.io import atomic_write_bytes
+from mfv.core.errors import MfvError
+from mfv.core.io import atomic_write_bytes
 
 PANEL_WIDTH_IN = 4.2
 PANEL_HEIGHT_IN = 3.4

@@ -1,9 +1,9 @@
 """Stage 1, scan: one streaming pass records every target's activation and every image's code.
 
-Stored (by `mfv.rundir.ScanStore`, one folder per scan key): a manifest (model, preprocessing,
-decoding, image list and its fingerprint, targets, code layer, bad files) and plain `.npy`
-arrays — `activations` (N, T) or, when full vectors would not fit, a streaming top-N per target
-(`top_indices`, `top_values`, (T, n)), `codes` (N, D), `valid` (N,) and the images' mean
+Stored (by `mfv.runtime.rundir.ScanStore`, one folder per scan key): a manifest (model,
+preprocessing, decoding, image list and its fingerprint, targets, code layer, bad files) and plain
+`.npy` arrays — `activations` (N, T) or, when full vectors would not fit, a streaming top-N per
+target (`top_indices`, `top_values`, (T, n)), `codes` (N, D), `valid` (N,) and the images' mean
 amplitude spectrum (what the MACO recipe keeps fixed). Rows of undecodable images are NaN and
 invalid.
 
@@ -25,17 +25,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mfv.activations import TargetBank, capture
-from mfv.errors import MfvError
-from mfv.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, collate_skip_bad
+from mfv.core.errors import MfvError
+from mfv.core.keys import digest
+from mfv.core.layout import RunLayout
+from mfv.data.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, collate_skip_bad
+from mfv.data.sources import ImageList
+from mfv.data.spectrum import AmplitudeSpectrum
 from mfv.models import LoadedModel
+from mfv.models.activations import TargetBank, capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import default_channels_last, inference
-from mfv.rundir import RunDir, ScanStore, choose_mode, digest
-from mfv.sources import ImageList
-from mfv.spectrum import AmplitudeSpectrum
-from mfv.targets import Target, resolve_layer
-from mfv.topn import merge_top
+from mfv.models.targets import Target, resolve_layer
+from mfv.scan.store import ScanStore, choose_mode
+from mfv.scan.topn import merge_top
 
 
 class ScanResult:
@@ -47,7 +49,7 @@ class ScanResult:
 
     @classmethod
     def load(cls, where: ScanStore | str | Path) -> ScanResult:
-        """The finished scan in a store (`RunDir(run).scan(key)`) or its folder."""
+        """The finished scan in a store (`ScanStore.under(run, key)`) or its folder."""
         store = where if isinstance(where, ScanStore) else ScanStore(Path(where))
         directory = store.directory
         manifest = store.manifest()
@@ -192,7 +194,7 @@ class _Pass:
 
 
 def scan(model: LoadedModel, images: ImageList, targets: list[Target],
-         run: RunDir | str | Path, *, code_layer: str = "penultimate", batch_size: int = 32,
+         run: RunLayout | str | Path, *, code_layer: str = "penultimate", batch_size: int = 32,
          workers: int | None = None, chunk_batches: int = 8, mode: str = "auto", top_n: int = 200,
          shard: tuple[int, int] = (0, 1), merge: bool = True,
          progress: bool = True) -> ScanResult | None:
@@ -212,10 +214,9 @@ def scan(model: LoadedModel, images: ImageList, targets: list[Target],
     index, count = shard
     if not 0 <= index < count:
         raise MfvError(f"shard {index} of {count} does not exist")
-    run = run if isinstance(run, RunDir) else RunDir(run)
     mode = choose_mode(mode, len(images), len(targets))
     key = scan_key(model, images, targets, code_layer, mode, top_n)
-    store = run.scan(key)
+    store = ScanStore.under(run.root if isinstance(run, RunLayout) else run, key)
     manifest = store.manifest()
     if manifest and manifest.get("key") == key:
         if manifest.get("status") == "complete":

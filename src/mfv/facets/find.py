@@ -46,8 +46,8 @@ from typing import Any, Literal
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mfv.cluster import EMBEDDINGS, Embedding, cluster, dissolve_small, merge_close
-from mfv.errors import MfvError
+from mfv.core.errors import MfvError
+from mfv.facets.cluster import EMBEDDINGS, Embedding, cluster, dissolve_small, merge_close
 
 POLICIES = ("class", "top", "auto")
 

@@ -19,10 +19,10 @@ from importlib import metadata
 
 import numpy as np
 
-from mfv.facets import FacetResult
-from mfv.rundir import RenderEntry, RunDir
-from mfv.scan import ScanResult
-from mfv.targets import Target
+from mfv.facets.find import FacetResult
+from mfv.models.targets import Target
+from mfv.runtime.rundir import RenderEntry, RunDir
+from mfv.scan.scanner import ScanResult
 
 SCHEMA = "mfv.results/2"
 STAGES = ("scan", "facets", "render", "evaluate", "report")

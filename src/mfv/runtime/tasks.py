@@ -1,4 +1,4 @@
-"""The stages' units of work: what a backend (`mfv.backend`) runs, here or on a Ray worker.
+"""The stages' units of work: what a backend (`mfv.runtime.backend`) runs, here or on a Ray worker.
 
 Each unit is a module-level function `unit(worker, context, item)`: it reads what it needs from
 the run directory (the scan by its key, a target's facets by theirs), computes, and writes its
@@ -6,7 +6,7 @@ result there atomically under its key — so a unit that is run twice (a retried
 the same files and loses nothing. The driver decides which units are missing, and alone writes
 indexes (`TargetDir.record`), evaluations and the public files.
 
-- `scan_shard`: every n-th chunk of the scan (`mfv.scan.scan(shard=...)`), not merged;
+- `scan_shard`: every n-th chunk of the scan (`mfv.scan.scanner.scan(shard=...)`), not merged;
 - `facets_unit`: one target's facets and mean images;
 - `render_unit`: one batch of pictures (the driver cuts the batches, so they are the same
   whatever runs them), files written, index entries returned;
@@ -23,20 +23,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mfv.backend import Backend, Worker, run_all
-from mfv.evaluate import Picture, evaluate_target, networks
-from mfv.facets import FacetOptions, facet_means, facets_of_target
-from mfv.images import load_rgb
+from mfv.data.images import load_rgb
+from mfv.data.sources import ImageList
+from mfv.evaluate.evaluation import Picture, evaluate_target, networks
+from mfv.facets.find import FacetOptions, facet_means, facets_of_target
 from mfv.models import LoadedModel
+from mfv.models.targets import Target, resolve_layer
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.plan import Visual
 from mfv.render.recipes import FACET_RECIPES, AnchorSettings
-from mfv.rundir import RenderEntry, RunDir
-from mfv.scan import ScanResult, scan
-from mfv.settings import Settings
-from mfv.sources import ImageList
-from mfv.targets import Target, resolve_layer
+from mfv.runtime.backend import Backend, Worker, run_all
+from mfv.runtime.rundir import RenderEntry, RunDir
+from mfv.runtime.settings import Settings
+from mfv.scan.scanner import ScanResult, scan
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def pixels(model: LoadedModel, policy: str, paths: Sequence[str], indices: np.nd
 
 # --------------------------------------------------------------------------------- scan
 def _scan_options(s: Settings) -> dict:
-    """The settings that decide a scan, as `mfv.scan.scan` takes them."""
+    """The settings that decide a scan, as `mfv.scan.scanner.scan` takes them."""
     return dict(code_layer=s.code_layer, batch_size=s.scan_batch_size, workers=s.workers,
                 mode=s.scan_mode, top_n=s.top_n)
 

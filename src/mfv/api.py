@@ -1,0 +1,1 @@
+"""The Python API: `mfv.visualize` renders one target's pictures from a model in memory."""

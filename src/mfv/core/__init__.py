@@ -1,0 +1,1 @@
+"""The low layer every stage shares: errors, atomic writes, keys, lazy exports."""

@@ -1,0 +1,1 @@
+"""Images in: sources (folders, lists, the demo pool), decoding, preprocessing, spectra."""
