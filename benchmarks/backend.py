@@ -45,7 +45,7 @@ def one_run(backend: str, workers: int | None, images: Path, out: Path, steps: i
     started = time.perf_counter()
     results = mfv.run(model="efficientnet_lite0", images=str(images), out=str(out),
                       targets=TARGETS, facets=2, mean_of=10, steps=steps, judges=[],
-                      device="cpu", progress=False, backend=backend, seed=0, **extra)
+                      device="cpu", progress=False, backend=backend, seed=0, **extra).to_dict()
     wall = time.perf_counter() - started
     if backend == "ray":
         import ray

@@ -34,11 +34,10 @@ from mfv.core.io import atomic_write_text
 from mfv.models.activations import capture
 from mfv.models.classes import imagenet_classes
 from mfv.models.targets import parse_targets, resolve_layer
-from mfv.render.anchor import Anchor, AnchoredObjective
-from mfv.render.fourier import fourier_loop
+from mfv.render.anchor import Anchor, AnchoredObjective, AnchorSettings
 from mfv.render.objective import Objective
-from mfv.render.paper import paper_loop
-from mfv.render.recipes import AnchorSettings, FourierSettings, schedule
+from mfv.render.recipes.fourier import FourierSettings, fourier_loop
+from mfv.render.recipes.paper import paper_loop, schedule
 from mfv.runtime.rundir import RunDir
 from mfv.scan.scanner import ScanResult
 from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
@@ -165,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_dir = args.out / "run"
     results = mfv.run(images=str(images), targets=[pair_target(p) for p in pairs],
                       out=str(run_dir), selection="class", facets=args.k, mean_of=args.mean_of,
-                      device=args.device, progress=False, until="facets")
+                      device=args.device, progress=False, until="facets").to_dict()
     run = RunDir(run_dir)
     scan = ScanResult.load(run.scan(results["data"]["scan_key"]))
     results["_paths"] = scan.paths

@@ -19,6 +19,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from mfv.facets.find import find_facets
+from mfv.facets.options import FacetOptions
 
 
 def synthetic_codes(n: int, dim: int, k: int = 6, seed: int = 0):
@@ -49,9 +50,9 @@ def main() -> None:
         codes, acts, truth = synthetic_codes(n, args.dim)
         for k in (v if v == "auto" else int(v) for v in args.k):
             t = time.perf_counter()
-            res = find_facets(
-                codes, acts, k=k, seed=0, n_jobs=args.n_jobs, tsne_iter=args.tsne_iter
-            )
+            res = find_facets(codes, acts, options=FacetOptions(k=k, seed=0,
+                                                                tsne_iter=args.tsne_iter),
+                              n_jobs=args.n_jobs)
             wall = time.perf_counter() - t
             tm, st = res.timings, res.settings
             labels = res.assignment

@@ -75,7 +75,7 @@ def render_timed(base: dict, recipes: Sequence[str]) -> dict[str, float]:
     timings = read_json(timing_path) if timing_path.exists() else {}
     for recipe in recipes:
         started = time.perf_counter()
-        results = mfv.run(**base, recipes=[recipe], until="render")
+        results = mfv.run(**base, recipes=[recipe], until="render").to_dict()
         seconds = time.perf_counter() - started
         count = sum(recipe in f["visualizations"] for t in results["targets"]
                     for f in t["facets"]) + sum(len(t["baselines"].get(recipe, []))
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     mfv.run(**base, until="facets")  # scan and facets once, before rendering is timed
     seconds = render_timed(base, recipes)
-    results = mfv.run(**base, recipes=recipes)
+    results = mfv.run(**base, recipes=recipes).to_dict()
     rows = rows_of(results, recipes, seconds, judges)
     elapsed = time.perf_counter() - started
     setting = (f"{args.classes} class logits + {args.pairs} constructed neurons, "

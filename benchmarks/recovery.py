@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     targets = [pair_target(p) for p in pairs]
     run = RunDir(args.out / "run")
     previous = run.read_record("results") if run.results_file.exists() else None
-    results = {k: mfv.run(**base, targets=targets, facets=k, until="facets") for k in (2, "auto")}
+    results = {k: mfv.run(**base, targets=targets, facets=k, until="facets").to_dict()
+               for k in (2, "auto")}
     found = {k: r["targets"] for k, r in results.items()}
     key = results[2]["data"]["scan_key"]
     reused = previous is not None and (previous.get("data") or {}).get("scan_key") == key

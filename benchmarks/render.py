@@ -10,15 +10,16 @@ Everything is measured in this one run, on the same inputs:
 
 1. TV at 227x227x3 on 10 noisy photos, one TV weight each from 0.01 to 2 (the schedules' range):
    the paper's call (`skimage.restoration.denoise_tv_bregman`, float64, one image at a time) against
-   `mfv.render.tv.tv_bregman` with each backend / method, one image per call (B=1) and the ten
-   in one call (B=10). Speed-up = skimage time / variant time.
+   `mfv.render.tv.tv_bregman` with each backend, and the variants `benchmarks/tv.py` keeps (a
+   skimage thread pool, a red-black sweep), one image per call (B=1) and the ten in one call
+   (B=10). Speed-up = skimage time / variant time.
 2. The engine at batch 10 (or each `--batch`), input = the model's size: seconds per step of
    `fourier_loop` and `paper_loop` (paper-mean schedule rescaled to a few steps, its TV time
    shown apart; TV as `--engine-tv` says, default `auto`), over one bare forward+backward of
    the model on a (B, 3, S, S) input w.r.t. the input for one logit per sample, the same number
    of times.
    Goals: <= 1.15 for fourier, <= 1.5 for the paper recipes.
-3. k=10 facets (10 start images, one target) with `mfv.render.recipes.render`, paper-mean:
+3. k=10 facets (10 start images, one target) with `mfv.render.batch.render_batches`, paper-mean:
    one batch of 10 against 10 runs of one.
 
 Timings are the best of `--repeats` runs, sides alternating (least disturbed by other load).
@@ -35,40 +36,26 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
-import mfv.render.paper as paper
+import mfv.render.recipes.paper as paper
 from mfv.models import load_model
 from mfv.models.targets import parse_targets
 from mfv.render.batch import Job, RenderOptions, render_batches
-from mfv.render.fourier import fourier_loop
 from mfv.render.objective import Objective
-from mfv.render.paper import paper_loop
-from mfv.render.recipes import FourierSettings, schedule
-from mfv.render.tv import tv_bregman
+from mfv.render.recipes.fourier import FourierSettings, fourier_loop
+from mfv.render.recipes.paper import paper_loop, schedule
+from tv import VARIANTS, noisy_photos
 
 IMAGENETTE_CLASSES = (0, 217, 482, 491, 497, 566, 569, 571, 574, 701)
-TV_VARIANTS = {  # label: tv_bregman keyword arguments
-    "mfv numba": {"backend": "numba"},
-    "mfv skimage (thread pool)": {"backend": "skimage"},
-    "mfv torch exact": {"backend": "torch", "method": "exact"},
-    "mfv torch fast": {"backend": "torch", "method": "fast"},
+TV_VARIANTS = {  # label: a function of (images, weights), from benchmarks/tv.py
+    "mfv numba": VARIANTS["numba f32"][0],
+    "skimage (thread pool)": VARIANTS["skimage pool"][0],
+    "mfv torch exact": VARIANTS["torch exact"][0],
+    "torch fast (red-black sweep)": VARIANTS["torch fast"][0],
 }
-
-
-def noisy_photos(n: int, size: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
-    """n float64 0..255 (size, size, 3) photos from skimage's samples, plus Gaussian noise."""
-    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
-    rng = np.random.default_rng(seed)
-    out = []
-    for k in range(n):
-        img = getattr(data, names[k % len(names)])()
-        img = transform.resize(img, (size, size), anti_aliasing=True) * 255.0
-        if k >= len(names):
-            img = img[:, ::-1]  # mirrored copies for more than six
-        out.append(np.clip(img + rng.normal(0.0, noise, img.shape), 0.0, 255.0))
-    return np.stack(out)
+ENGINE_TV = {"numba": "mfv numba", "skimage": "skimage (thread pool)",
+             "torch-exact": "mfv torch exact", "torch-fast": "torch fast (red-black sweep)"}
 
 
 def _best(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
@@ -87,14 +74,15 @@ def _load() -> str:
 
 
 @contextlib.contextmanager
-def _engine_tv(**kwargs) -> Iterator[list[float]]:
+def _engine_tv(choice: str) -> Iterator[list[float]]:
     """Make the engine's TV call use `kwargs` and record the seconds each call takes."""
     spent: list[float] = []
     original = paper.tv_bregman
 
     def timed(images: torch.Tensor, weight, **kw) -> torch.Tensor:
         start = time.perf_counter()
-        out = original(images, weight, **{**kw, **kwargs})
+        out = original(images, weight, **kw) if choice == "auto" else \
+            TV_VARIANTS[ENGINE_TV[choice]](images, weight)
         if images.device.type == "cuda":
             torch.cuda.synchronize()
         spent.append(time.perf_counter() - start)
@@ -119,17 +107,16 @@ def bench_tv(device: torch.device, repeats: int, sync) -> None:
             denoise_tv_bregman(img, weight=wk, max_num_iter=100, eps=1e-3, channel_axis=None)
 
     variants = {k: v for k, v in TV_VARIANTS.items()
-                if device.type == "cpu" or v["backend"] != "skimage"}
+                if device.type == "cpu" or k not in ("mfv numba", "skimage (thread pool)")}
     runs: dict[str, list[float]] = {"skimage (paper call)": []}
     runs.update({label: [] for label in variants})
     runs.update({f"{label} B=10": [] for label in variants})
     for _ in range(repeats):  # alternate the sides, keep each one's best
         runs["skimage (paper call)"].append(_best(paper, 1, lambda: None))
-        for label, kw in variants.items():
+        for label, fn in variants.items():
             runs[label].append(_best(
-                lambda kw=kw: [tv_bregman(x[k:k + 1], float(w[k]), **kw) for k in range(n)],
-                1, sync))
-            runs[f"{label} B=10"].append(_best(lambda kw=kw: tv_bregman(x, w, **kw), 1, sync))
+                lambda fn=fn: [fn(x[k:k + 1], w[k:k + 1]) for k in range(n)], 1, sync))
+            runs[f"{label} B=10"].append(_best(lambda fn=fn: fn(x, w), 1, sync))
     base = min(runs["skimage (paper call)"]) / n
     print(f"\n## TV-Bregman, 227x227x3, 10 noisy photos, weights 0.01..2, max_iter 100, eps 1e-3"
           f" ({device}, torch threads {torch.get_num_threads()})")
@@ -144,7 +131,7 @@ def bench_tv(device: torch.device, repeats: int, sync) -> None:
 
 
 def bench_engine(model, steps: int, paper_steps: int, repeats: int, sync,
-                 tv_kwargs: dict, batch: int = 10) -> None:
+                 engine_tv: str, batch: int = 10) -> None:
     size = model.preprocess.input_size
     device = model.device
     classes = [IMAGENETTE_CLASSES[b % len(IMAGENETTE_CLASSES)] for b in range(batch)]
@@ -167,12 +154,12 @@ def bench_engine(model, steps: int, paper_steps: int, repeats: int, sync,
     tv_time: list[float] = []
 
     def paper() -> None:
-        with _engine_tv(**tv_kwargs) as spent:
+        with _engine_tv(engine_tv) as spent:
             paper_loop(objective, start_list, seeds, octaves)
         tv_time.append(sum(spent))
 
     paper_n = sum(o.iters for o in octaves)
-    tv_label = ", ".join(f"{k}={v}" for k, v in tv_kwargs.items()) or "auto"
+    tv_label = engine_tv
     paper_label = f"paper-mean (TV {tv_label})"
     sides: dict[str, tuple[Callable[[], None], int, str | None]] = {
         "fourier": (lambda: fourier_loop(objective, start_list, seeds,
@@ -248,9 +235,6 @@ def main() -> None:
                         choices=("auto", "numba", "skimage", "torch-exact", "torch-fast"),
                         help="TV backend the engine uses in section 2 (default: auto)")
     args = parser.parse_args()
-    tv_kwargs = {} if args.engine_tv == "auto" else (
-        {"backend": args.engine_tv} if args.engine_tv in ("numba", "skimage")
-        else {"backend": "torch", "method": args.engine_tv.removeprefix("torch-")})
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -267,7 +251,7 @@ def main() -> None:
         for batch in (args.batch or [10]) if "engine" in sections else []:
             bench_engine(model, steps=3 if args.quick else 10,
                          paper_steps=8 if args.quick else 20, repeats=repeats, sync=sync,
-                         tv_kwargs=tv_kwargs, batch=batch)
+                         engine_tv=args.engine_tv, batch=batch)
             print(f"(load {_load()})")
         if "facets" in sections:
             bench_facets(model, steps=8 if args.quick else 16, repeats=repeats, sync=sync)

@@ -41,6 +41,7 @@ from mfv.models import load_model
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference
 from mfv.models.targets import parse_targets
+from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import decoding_workers, scan
 from mfv.study.layers import block_layers
 
@@ -72,15 +73,15 @@ def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int,
                ) -> float:
     with tempfile.TemporaryDirectory() as run:
         start = time.perf_counter()
-        result = scan(model, images, targets, run, batch_size=batch_size, workers=workers,
-                      mode=mode, top_n=100, progress=False)
+        result = scan(model, images, targets, run, ScanOptions(
+            batch_size=batch_size, workers=workers, mode=mode, top_n=100), progress=False)
         seconds = time.perf_counter() - start
     assert result is not None and not result.bad, "benchmark images should all decode"
     return seconds
 
 
 def main() -> None:
-    keep_freed_memory()  # as `mfv run` does
+    keep_freed_memory()  # as the `mfv` command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=640, help="how many photos (default 640)")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -12,8 +12,10 @@ image and the speed-up over the paper's call (skimage, serial, one image at a ti
 
 - skimage serial: `skimage.restoration.denoise_tv_bregman(img, weight, 100, 1e-3,
   channel_axis=None)`, image after image (it is single-threaded: the same for every row).
-- skimage pool: backend="skimage", the paper's call per sample in a thread pool.
-- torch exact / torch fast: backend="torch", float32.
+- skimage pool: the paper's call per sample in a thread pool (`skimage_pool`; once a backend of
+  `tv_bregman`, removed when numba became a requirement).
+- torch exact: backend="torch", float32; torch fast: the same iteration with a red-black
+  Gauss-Seidel sweep (`RedBlackSweep`, here: not kept in mfv, see docs/benchmarks.md).
 - numba f32 / numba f64: backend="numba" on float32 / float64 input (the render loops pass
   float32; float64 is the paper's precision).
 
@@ -32,21 +34,97 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
+from torch import Tensor
 
 from mfv.render.tv import tv_bregman
-from render import noisy_photos
+from mfv.render.tv.sweep import _neighbours, torch_tv
 
-VARIANTS: dict[str, tuple[dict, torch.dtype] | None] = {  # label: (tv_bregman kwargs, dtype)
+
+def noisy_photos(n: int, size: int, noise: float = 0.0, seed: int = 0) -> np.ndarray:
+    """n float64 0..255 (size, size, 3) photos from skimage's samples, plus Gaussian noise."""
+    names = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat")
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        img = getattr(data, names[k % len(names)])()
+        img = transform.resize(img, (size, size), anti_aliasing=True) * 255.0
+        if k >= len(names):
+            img = img[:, ::-1]  # mirrored copies for more than six
+        out.append(np.clip(img + rng.normal(0.0, noise, img.shape), 0.0, 255.0))
+    return np.stack(out)
+
+
+def skimage_pool(images: Tensor, weight, max_iter: int = 100, eps: float = 1e-3) -> Tensor:
+    """The paper's call on every sample of a CPU batch (float64), in a thread pool of
+    `torch.get_num_threads()` workers (skimage's kernel releases the GIL)."""
+    b, c, h, w = images.shape
+    arrays = images.detach().double().permute(0, 2, 3, 1).numpy()
+    weights = torch.as_tensor(weight, dtype=torch.float64).expand(b).tolist()
+
+    def one(k: int) -> np.ndarray:
+        return denoise_tv_bregman(arrays[k], weight=weights[k], max_num_iter=max_iter, eps=eps,
+                                  channel_axis=None).reshape(h, w, c)
+
+    with ThreadPoolExecutor(max(1, min(b, torch.get_num_threads()))) as pool:
+        outs = list(pool.map(one, range(b)))
+    return torch.from_numpy(np.stack(outs)).permute(0, 3, 1, 2).to(images.dtype)
+
+
+class RedBlackSweep:
+    """One red-black Gauss-Seidel sweep: red pixels ((row + col) even) from the old image, then
+    black ones from the new red ones, each a Jacobi update restricted to its colour. The
+    right-hand side uses the new ``d - b`` everywhere (with skimage's mix of old and new values
+    the checkerboard ordering diverges at small weights). For `torch_tv(..., sweep=...)`."""
+
+    def __init__(self, f: Tensor, wt: Tensor, lam: Tensor, norm: Tensor, grid: Tensor) -> None:
+        h, w = f.shape[-2:]
+        self.grid = grid
+        self.half = grid.clone()  # same fixed border; its interior gets the red-updated image
+        self.coupling = lam / norm
+        self.data = wt * f / norm
+        rows = torch.arange(h, device=f.device).view(-1, 1)
+        cols = torch.arange(w, device=f.device).view(1, -1)
+        red = (rows + cols) % 2 == 0
+        self.red, self.black = red.to(f.dtype), (~red).to(f.dtype)  # lerp weights: exact 0 / 1
+        self.base, self.acc, self.new = (torch.empty_like(f) for _ in range(3))
+
+    def _relax(self, grid: Tensor) -> Tensor:
+        """Jacobi update of every pixel from the image in `grid` (into self.new)."""
+        _, up, down, left, right = _neighbours(grid)
+        torch.add(up, down, out=self.acc).add_(left).add_(right)
+        return torch.addcmul(self.base, self.acc, self.coupling, out=self.new)
+
+    def __call__(self, p_pad: Tensor, q_pad: Tensor) -> Tensor:
+        div = torch.sub(p_pad[..., :-1], p_pad[..., 1:], out=self.acc)
+        div.add_(q_pad[..., :-1, :]).sub_(q_pad[..., 1:, :])
+        torch.addcmul(self.data, div, self.coupling, out=self.base)
+        half = self.half[..., 1:-1, 1:-1]
+        torch.lerp(self.grid[..., 1:-1, 1:-1], self._relax(self.grid), self.red, out=half)
+        return half.lerp_(self._relax(self.half), self.black)
+
+
+def red_black(images: Tensor, weight, max_iter: int = 100, eps: float = 1e-3) -> Tensor:
+    """Split-Bregman TV with the red-black sweep, whole batch at once (float32)."""
+    wt = torch.as_tensor(weight, dtype=torch.float32, device=images.device)
+    wt = wt.expand(len(images)).reshape(-1, 1, 1, 1)
+    return torch_tv(images.float(), wt, max_iter, eps, True, sweep=RedBlackSweep
+                    ).to(images.dtype)
+
+
+# label: (a function of (images, weights), the images' dtype); None: skimage, image by image
+VARIANTS: dict[str, tuple[Callable[[Tensor, Tensor], Tensor], torch.dtype] | None] = {
     "skimage serial": None,
-    "skimage pool": ({"backend": "skimage"}, torch.float32),
-    "torch exact": ({"backend": "torch", "method": "exact"}, torch.float32),
-    "torch fast": ({"backend": "torch", "method": "fast"}, torch.float32),
-    "numba f32": ({"backend": "numba"}, torch.float32),
-    "numba f64": ({"backend": "numba"}, torch.float64),
+    "skimage pool": (skimage_pool, torch.float32),
+    "torch exact": (lambda x, w: tv_bregman(x, w, backend="torch"), torch.float32),
+    "torch fast": (red_black, torch.float32),
+    "numba f32": (lambda x, w: tv_bregman(x, w, backend="numba"), torch.float32),
+    "numba f64": (lambda x, w: tv_bregman(x, w, backend="numba"), torch.float64),
 }
 
 # Run in a fresh interpreter: time one first call per dtype on one 227x227x3 image.
@@ -83,15 +161,14 @@ def bench(threads: int, batches: list[int], labels: list[str], repeats: int,
             return lambda: [denoise_tv_bregman(img, weight=wk, max_num_iter=100, eps=1e-3,
                                                channel_axis=None)
                             for img, wk in zip(imgs, weights, strict=True)]
-        kwargs, dtype = VARIANTS[label]
+        fn, dtype = VARIANTS[label]
         xs = x.to(dtype)
-        return lambda: [tv_bregman(xs[s:s + batch], w[s:s + batch], **kwargs)
-                        for s in range(0, n, batch)]
+        return lambda: [fn(xs[s:s + batch], w[s:s + batch]) for s in range(0, n, batch)]
 
     for label in labels:  # warm-up: JIT compile (or cache load), thread pools, allocator
         if VARIANTS[label] is not None:
-            kwargs, dtype = VARIANTS[label]
-            tv_bregman(x[:2, :, :16, :16].to(dtype), 0.1, **kwargs)
+            fn, dtype = VARIANTS[label]
+            fn(x[:2, :, :16, :16].to(dtype), torch.tensor([0.1, 0.1], dtype=torch.float64))
     best = {(label, batch): float("inf") for label in labels for batch in batches}
     for _ in range(repeats):
         for label in labels:

@@ -110,7 +110,7 @@ def torchvision_by_name(images: Path) -> None:
         results = mfv.run(
             model="torchvision:resnet18", images=str(images), out=out, device="cuda",
             targets=["tench", "layer4:17", "layer3.1.conv2:5"], facets=2, mean_of=4, steps=20,
-            recipes=["paper-mean", "fourier"], judges=[], progress=False, until="report")
+            recipes=["paper-mean", "fourier"], judges=[], progress=False, until="report").to_dict()
         for t in results["targets"]:
             print(t["spec"], t["selection"], [
                 (f["size"], {r: round(v["activation"], 3) for r, v in

@@ -9,10 +9,15 @@ import torch
 
 from mfv.models.activations import capture
 from mfv.models.targets import parse_targets, resolve_layer
-from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers, quantile_match
+from mfv.render.anchor import (
+    Anchor,
+    AnchoredObjective,
+    AnchorSettings,
+    default_match_layers,
+    quantile_match,
+)
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.objective import Objective
-from mfv.render.recipes import AnchorSettings
 
 
 def _code(model, images: torch.Tensor) -> torch.Tensor:

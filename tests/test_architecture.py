@@ -84,9 +84,15 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-def test_settings_and_the_cli_parser_import_no_torch():
-    code = ("import sys, mfv.runtime.settings, mfv.runtime.rundir, mfv.models.targets; "
-            "import mfv.render.recipes; "
-            "import mfv.cli; mfv.cli.build_parser(); "
+def test_settings_and_the_cli_parser_import_no_torch_nor_scikit_learn():
+    light = ("import sys, mfv.runtime.settings, mfv.scan.options, mfv.facets.options, "
+             "mfv.evaluate.options, mfv.cli; mfv.cli.build_parser(); ")
+    code = (f"{light} heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', "
+            "'sklearn')); assert not heavy, heavy; "
+            "import mfv.runtime.rundir, mfv.models.targets, mfv.render.recipes; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)")
     subprocess.run([sys.executable, "-c", code], check=True)
+    help_text = subprocess.run([sys.executable, "-X", "importtime", "-m", "mfv.cli", "--help"],
+                               capture_output=True, text=True, check=True)
+    loaded = {line.split("|")[-1].strip() for line in help_text.stderr.splitlines()}
+    assert "usage: mfv" in help_text.stdout and not loaded & {"torch", "sklearn"}

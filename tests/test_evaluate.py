@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mfv.evaluate.evaluation import Network, _centre_and_corners
+from mfv.data.images import load_rgb
+from mfv.evaluate.evaluation import Network, _centre_and_corners, _references
 from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
@@ -17,6 +19,9 @@ from mfv.evaluate.metrics import (
     fidelity,
     recovery,
 )
+from mfv.models.activations import capture
+from mfv.models.base import to_tensor
+from mfv.models.read import channel_means, read_photos
 from mfv.models.targets import parse_targets, resolve_layer
 
 
@@ -100,6 +105,48 @@ def test_identical_images_through_a_network_have_diversity_zero(tiny):
     others = torch.from_numpy(rng.uniform(size=(4, 3, 32, 32))).float()
     other_codes = net.read(others, targets)["code"]
     assert diversity(other_codes) > 1e-4
+
+
+def _photo_files(folder, n: int) -> list[str]:
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(n):
+        paths.append(str(folder / f"p{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(paths[-1])
+    return paths
+
+
+def test_photos_through_a_network_skip_unreadable_files_with_their_reason(tiny, tmp_path):
+    paths = _photo_files(tmp_path / "photos", 4)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    paths[1:1] = [str(tmp_path / "broken.png")]
+    paths.append(str(tmp_path / "missing.png"))
+    code, conv = resolve_layer(tiny, "penultimate"), resolve_layer(tiny, "conv2")
+    read = read_photos(tiny, paths, [code, conv], batch_size=2)
+    assert read.kept.tolist() == [0, 2, 3, 4]
+    assert [i for i, _ in read.bad] == [1, 5] and all(reason for _, reason in read.bad)
+    assert read.outputs[0].shape == (4, 16) and read.outputs[1].shape == (4, 16 * 16 * 16)
+    photos = torch.stack([to_tensor(tiny.preprocess, load_rgb(paths[i])) for i in read.kept])
+    with capture(tiny, [code]) as store:  # one plain pass over the same photos
+        tiny(photos)
+    np.testing.assert_allclose(read.outputs[0], store[code.key].numpy(), rtol=1e-5, atol=1e-6)
+    means = read_photos(tiny, paths, [conv], channel_means).outputs[0]
+    np.testing.assert_allclose(means, read.outputs[1].reshape(4, 16, -1).mean(2), atol=1e-6)
+
+
+def test_facet_references_are_the_means_of_each_facets_readable_members(tiny, tmp_path):
+    """Each facet's sample read in one pass and split back per facet; a facet none of whose
+    photos can be read gets no reference."""
+    paths = _photo_files(tmp_path / "photos", 5)
+    conv = resolve_layer(tiny, "conv2")
+    own = Network(tiny, resolve_layer(tiny, "penultimate"), (conv,))
+    members = [paths[:3], [str(tmp_path / "gone.png")], paths[3:]]
+    refs = _references(own, [], members, seed=0)
+    assert "path" not in refs[1] and all("judge_codes" not in r for r in refs)
+    for ref, group in ((refs[0], paths[:3]), (refs[2], paths[3:])):
+        want = read_photos(tiny, group, [conv], channel_means).outputs[0].mean(0)
+        np.testing.assert_allclose(ref["path"][0], want, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- centre dominance

@@ -55,9 +55,9 @@ def found(six_classes, tmp_path_factory) -> dict:
     for k in (2, "auto"):
         results = mfv.run(**base, facets=k, until="facets")
         found["scans"].append([(p.name, p.stat().st_mtime_ns) for p in (out / "scan").iterdir()])
-        found[k] = {t["spec"]: (np.array([p["facet"] for p in t["map"]]),
-                                np.array([classes.lookup(p["label"]) for p in t["map"]]),
-                                len(t["facets"])) for t in results["targets"]}
+        found[k] = {t.spec: (np.array([p.facet for p in t.map]),
+                             np.array([classes.lookup(p.label) for p in t.map]),
+                             len(t.facets)) for t in results.targets}
     return found
 
 

@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from mfv.core.errors import MfvError
 from mfv.facets.find import FacetResult, facet_means, find_facets, mean_image, select_images
+from mfv.facets.options import FacetOptions
 from mfv.runtime.rundir import RunDir
 
 
@@ -68,11 +69,11 @@ def test_select_errors_name_the_target():
 @pytest.mark.parametrize("k_true", [2, 3])
 def test_recovers_blobs_with_true_k_and_auto_k(k_true):
     codes, acts, truth = blobs(300, k_true)
-    fixed = find_facets(codes, acts, k=k_true, seed=0)
+    fixed = find_facets(codes, acts, options=FacetOptions(k=k_true, seed=0))
     assert len(fixed.facets) == k_true
     assert adjusted_rand_score(truth, facet_labels(fixed, 300)) >= 0.95
 
-    auto = find_facets(codes, acts, k="auto", seed=0)
+    auto = find_facets(codes, acts, options=FacetOptions(k="auto", seed=0))
     assert auto.k_chosen == k_true
     assert len(auto.facets) == k_true
     assert sorted(auto.scores) == list(range(2, 11))
@@ -86,7 +87,7 @@ def test_members_are_original_indices_and_ranked_by_size():
     # an uneven subset, in shuffled order: 120 of blob 0, 60 of blob 1, 30 of blob 2
     idx = np.concatenate([np.flatnonzero(truth == c)[:s] for c, s in [(0, 120), (1, 60), (2, 30)]])
     rng.shuffle(idx)
-    res = find_facets(codes, acts, idx, k=3, m=15, embedding="pca", seed=0)
+    res = find_facets(codes, acts, idx, FacetOptions(k=3, m=15, embedding="pca", seed=0))
     assert np.array_equal(res.selected, idx)
     assert [f.size for f in res.facets] == [120, 60, 30]
     assert [f.rank for f in res.facets] == [0, 1, 2]
@@ -104,10 +105,10 @@ def test_members_are_original_indices_and_ranked_by_size():
 def test_representatives_are_nearest_the_centre_and_small_facets_give_all():
     codes, acts, truth = blobs(110, 2, dim=128, seed=3)
     idx = np.concatenate([np.flatnonzero(truth == 0), np.flatnonzero(truth == 1)[:20]])
-    first = find_facets(codes, acts, idx, k=2, seed=0, tsne_iter=500)
+    first = find_facets(codes, acts, idx, FacetOptions(k=2, seed=0, tsne_iter=500))
     small_size = min(f.size for f in first.facets)
     m = small_size + 1  # m only picks representatives; the clustering does not depend on it
-    res = find_facets(codes, acts, idx, k=2, m=m, seed=0, tsne_iter=500)
+    res = find_facets(codes, acts, idx, FacetOptions(k=2, m=m, seed=0, tsne_iter=500))
     big, small = res.facets
     assert big.size > m > small.size
     assert set(small.representatives.tolist()) == set(small.members.tolist())
@@ -122,15 +123,15 @@ def test_representatives_are_nearest_the_centre_and_small_facets_give_all():
 
 def test_deterministic_for_same_seed():
     codes, acts, _ = blobs(150, 3, dim=200, seed=4)
-    a = find_facets(codes, acts, k="auto", seed=5, tsne_iter=500)
-    b = find_facets(codes, acts, k="auto", seed=5, tsne_iter=500)
+    a = find_facets(codes, acts, options=FacetOptions(k="auto", seed=5, tsne_iter=500))
+    b = find_facets(codes, acts, options=FacetOptions(k="auto", seed=5, tsne_iter=500))
     assert np.array_equal(a.coords_2d, b.coords_2d)
     assert np.array_equal(a.assignment, b.assignment)
     assert a.scores == b.scores
     for fa, fb in zip(a.facets, b.facets, strict=True):
         assert np.array_equal(fa.members, fb.members)
         assert np.array_equal(fa.representatives, fb.representatives)
-    c = find_facets(codes, acts, k="auto", seed=6, tsne_iter=500)
+    c = find_facets(codes, acts, options=FacetOptions(k="auto", seed=6, tsne_iter=500))
     assert not np.array_equal(a.coords_2d, c.coords_2d)  # the seed is really used
 
 
@@ -139,7 +140,7 @@ def test_deterministic_for_same_seed():
 
 def test_merge_collapses_near_duplicates_of_one_blob():
     codes, acts, _ = blobs(300, 1, seed=5)
-    auto = find_facets(codes, acts, k="auto", seed=0)  # merge is on by default for auto k
+    auto = find_facets(codes, acts, options=FacetOptions(k="auto", seed=0))  # merges by default
     assert auto.k_chosen >= 2  # silhouette cannot pick 1 ...
     assert len(auto.facets) == 1  # ... but the pieces of one blob are merged
     assert auto.settings["merge"] is True
@@ -148,9 +149,9 @@ def test_merge_collapses_near_duplicates_of_one_blob():
 
 def test_fixed_k_keeps_k_facets_unless_merge_is_asked():
     codes, acts, truth = blobs(300, 3, seed=6)
-    paper = find_facets(codes, acts, k=10, seed=0, tsne_iter=500)
+    paper = find_facets(codes, acts, options=FacetOptions(k=10, seed=0, tsne_iter=500))
     assert len(paper.facets) == 10 and paper.settings["merge"] is False
-    merged = find_facets(codes, acts, k=10, merge=True, seed=0, tsne_iter=500)
+    merged = find_facets(codes, acts, options=FacetOptions(k=10, merge=True, seed=0, tsne_iter=500))
     assert len(merged.facets) == 3
     assert len(merged.settings["merges"]) == 7
     assert adjusted_rand_score(truth, facet_labels(merged, 300)) >= 0.95
@@ -158,7 +159,7 @@ def test_fixed_k_keeps_k_facets_unless_merge_is_asked():
 
 def test_min_size_dissolves_small_clusters():
     codes, acts, _ = blobs(300, 3, dim=128, seed=7)
-    res = find_facets(codes, acts, k=10, min_size=40, embedding="pca", seed=0)
+    res = find_facets(codes, acts, options=FacetOptions(k=10, min_size=40, embedding="pca", seed=0))
     sizes = [f.size for f in res.facets]
     assert min(sizes) >= 40
     assert sum(sizes) == 300
@@ -168,10 +169,10 @@ def test_min_size_dissolves_small_clusters():
 
 def test_pca_embedding_and_small_n():
     codes, acts, truth = blobs(120, 3, dim=300, seed=8)
-    res = find_facets(codes, acts, k=3, embedding="pca", seed=0)
+    res = find_facets(codes, acts, options=FacetOptions(k=3, embedding="pca", seed=0))
     assert res.settings["embedding_used"] == "pca"
     assert adjusted_rand_score(truth, facet_labels(res, 120)) >= 0.95
-    tiny = find_facets(codes[:7], acts[:7], k=2, seed=0)
+    tiny = find_facets(codes[:7], acts[:7], options=FacetOptions(k=2, seed=0))
     assert tiny.settings["perplexity_used"] == pytest.approx(2.0)
     assert sum(f.size for f in tiny.facets) == 7
 
@@ -179,7 +180,7 @@ def test_pca_embedding_and_small_n():
 def test_sklearn_tsne_fallback(monkeypatch):
     monkeypatch.setitem(sys.modules, "openTSNE", None)  # import openTSNE now fails
     codes, acts, truth = blobs(120, 2, dim=200, seed=9)
-    res = find_facets(codes, acts, k=2, seed=0, tsne_iter=500)
+    res = find_facets(codes, acts, options=FacetOptions(k=2, seed=0, tsne_iter=500))
     assert res.settings["embedding_used"] == "tsne (scikit-learn)"
     assert res.settings["tsne_iter"] == 500
     assert adjusted_rand_score(truth, facet_labels(res, 120)) >= 0.95
@@ -188,10 +189,10 @@ def test_sklearn_tsne_fallback(monkeypatch):
 def test_umap_embedding_recovers_blobs_and_is_seeded():
     """umap-learn is in the test extras, so this runs in CI (no silent skip)."""
     codes, acts, truth = blobs(150, 3, dim=100, seed=10)
-    res = find_facets(codes, acts, k=3, embedding="umap", seed=0)
+    res = find_facets(codes, acts, options=FacetOptions(k=3, embedding="umap", seed=0))
     assert res.settings["embedding_used"] == "umap"
     assert adjusted_rand_score(truth, facet_labels(res, 150)) >= 0.95
-    again = find_facets(codes, acts, k=3, embedding="umap", seed=0)
+    again = find_facets(codes, acts, options=FacetOptions(k=3, embedding="umap", seed=0))
     np.testing.assert_array_equal(again.assignment, res.assignment)
 
 
@@ -199,7 +200,7 @@ def test_umap_without_umap_learn_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "umap", None)
     codes, acts, _ = blobs(30, 2, dim=20)
     with pytest.raises(MfvError, match="umap-learn"):
-        find_facets(codes, acts, k=2, embedding="umap")
+        find_facets(codes, acts, options=FacetOptions(k=2, embedding="umap"))
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -208,44 +209,49 @@ def test_umap_without_umap_learn_is_a_clear_error(monkeypatch):
 def test_more_facets_than_images_suggests_auto():
     codes, acts, _ = blobs(8, 2, dim=20)
     with pytest.raises(MfvError, match=r"10 facets but only 8 images.*--facets auto"):
-        find_facets(codes, acts, k=10, name="unit 3")
+        find_facets(codes, acts, options=FacetOptions(k=10), name="unit 3")
 
 
 @pytest.mark.parametrize("acts", [np.zeros(20), np.full(20, -2.0), np.full(20, 1.5)])
 def test_dead_target_is_an_error(acts):
     codes, _, _ = blobs(20, 2, dim=20)
     with pytest.raises(MfvError, match="no image activates conv5:12"):
-        find_facets(codes, acts, k=2, name="conv5:12")
+        find_facets(codes, acts, options=FacetOptions(k=2), name="conv5:12")
 
 
 def test_identical_codes_give_one_facet_with_a_warning():
     codes = np.ones((40, 16), np.float32)
     acts = np.linspace(0.1, 1.0, 40)
     with pytest.warns(UserWarning, match="identical"):
-        res = find_facets(codes, acts, k=10, m=5)
+        res = find_facets(codes, acts, options=FacetOptions(k=10, m=5))
     assert len(res.facets) == 1 and res.facets[0].size == 40
     assert len(res.facets[0].representatives) == 5
     # fewer distinct codes than k: k is lowered to the number of distinct codes
     two = np.repeat(np.eye(2, 16, dtype=np.float32) * 5, 20, axis=0)
     with pytest.warns(UserWarning, match="only 2 distinct codes"):
-        res = find_facets(two, acts, k=10)
+        res = find_facets(two, acts, options=FacetOptions(k=10))
     assert sorted(f.size for f in res.facets) == [20, 20]
 
 
 def test_bad_arguments_are_clear_errors():
     codes, acts, _ = blobs(30, 2, dim=20)
-    with pytest.raises(MfvError, match="unknown embedding"):
-        find_facets(codes, acts, embedding="mds")
-    with pytest.raises(MfvError, match="positive integer or 'auto'"):
-        find_facets(codes, acts, k=0)
+    with pytest.raises(MfvError, match=r"^FacetOptions: embedding must be one of 'tsne', 'pca' "
+                       r"or 'umap' \(got 'mds'\)$"):
+        FacetOptions(embedding="mds")
+    with pytest.raises(MfvError, match=r"^FacetOptions: facets must be at least 1, or 'auto' "
+                       r"\(got 0\)$"):
+        FacetOptions(k=0)
+    with pytest.raises(MfvError, match="k_range must be"):
+        FacetOptions(k_range=(1, 5))
+    assert FacetOptions(facets=3, mean_of=4) == FacetOptions(k=3, m=4)  # flat names, or short
     with pytest.raises(MfvError, match="does not match"):
         find_facets(codes, acts[:-1])
     with pytest.raises(MfvError, match="indices must lie"):
-        find_facets(codes, acts, [0, 30], k=2)
+        find_facets(codes, acts, [0, 30], options=FacetOptions(k=2))
     bad = codes.copy()
     bad[3, 0] = np.nan
     with pytest.raises(MfvError, match="NaN"):
-        find_facets(bad, acts, k=2)
+        find_facets(bad, acts, options=FacetOptions(k=2))
 
 
 # ----------------------------------------------------------------------------- mean images
@@ -253,7 +259,7 @@ def test_bad_arguments_are_clear_errors():
 
 def test_mean_image_is_the_pixel_mean_of_the_representatives():
     codes, acts, _ = blobs(100, 2, dim=64, seed=10)
-    res = find_facets(codes, acts, k=2, m=15, embedding="pca", seed=0)
+    res = find_facets(codes, acts, options=FacetOptions(k=2, m=15, embedding="pca", seed=0))
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, size=(100, 8, 6, 3), dtype=np.uint8)
     means = facet_means(res, lambda ids: pool[ids])
@@ -279,7 +285,8 @@ def test_mean_image_rejects_bad_input():
 
 def test_save_and_load_round_trip(tmp_path):
     codes, acts, _ = blobs(120, 3, dim=64, seed=11)
-    res = find_facets(codes, acts, np.arange(5, 115), k="auto", embedding="pca", seed=0)
+    res = find_facets(codes, acts, np.arange(5, 115),
+                      FacetOptions(k="auto", embedding="pca", seed=0))
     means = [np.full((8, 8, 3), 10.0 * f.rank, np.float32) for f in res.facets]
     store = RunDir(tmp_path).target("t")
     store.save_facets("k1", res, means)

@@ -20,19 +20,10 @@ import markupsafe
 import pytest
 
 from mfv.report import write_layers_page
-from mfv.report.glossary import SWEEP_MEASURES, format_value
 from mfv.report.layers_page import answer_sentence
 from mfv.report.run_page import STRIP_MAX
+from mfv.results.metrics import SWEEP_MEASURES, format_value
 from mfv.study.layers import sweep
-from report_fixtures import (
-    EVIL_CLASS,
-    EVIL_JUDGE,
-    EVIL_LABEL,
-    EVIL_NAME,
-    ODD_VIS_NAME,
-    images_not_loaded,
-    open_report,
-)
 from test_orchestration import make_images
 from test_sweep import SWEEP, tiny
 
@@ -106,10 +97,10 @@ def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
         assert format_value(doc["chance"][key]["mean"], SWEEP_MEASURES[key].kind) in chance
 
 
-def test_every_image_loads_and_no_raw_measure_key_is_visible(swept) -> None:
+def test_every_image_loads_and_no_raw_measure_key_is_visible(swept, report_browser) -> None:
     out, doc, _ = swept
-    with open_report(out / "layers.html") as rp:
-        n, bad = images_not_loaded(rp.page)
+    with report_browser(out / "layers.html") as rp:
+        n, bad = rp.images_not_loaded()
         text = rp.page.inner_text("body")
         headers = rp.page.eval_on_selector_all(
             "th[data-measure] .m", "els => els.map(e => [e.closest('th').dataset.measure, "
@@ -190,33 +181,35 @@ def test_the_answer_on_the_page_matches_sweep_json(swept) -> None:
 
 
 # ------------------------------------------------------------------------- hostile names
-def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path) -> None:
+def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path, fake_runs,
+                                              report_browser) -> None:
     out, doc, _ = swept
     run = tmp_path / "run"
     shutil.copytree(out / "sweep", run / "sweep")
     doc = copy.deepcopy(doc)
-    doc["model"]["name"], doc["embedder"] = EVIL_CLASS, EVIL_JUDGE
-    doc["data"]["source"] = f"folder {EVIL_LABEL}"
+    doc["model"]["name"], doc["embedder"] = fake_runs.EVIL_CLASS, fake_runs.EVIL_JUDGE
+    doc["data"]["source"] = f"folder {fake_runs.EVIL_LABEL}"
     for entry in doc["layers"]:
         entry["layer"] += EVIL_LAYER
     facet = doc["layers"][0]["examples"][0]["facets"][0]
-    evil = tmp_path / "in" / EVIL_NAME
+    evil = tmp_path / "in" / fake_runs.EVIL_NAME
     evil.parent.mkdir()
     shutil.copy(facet["members"][0], evil)
     facet["members"][:2] = [str(evil), str(tmp_path / "in" / "gone.png")]
-    odd = Path(facet["mean_image"]).with_name(ODD_VIS_NAME).as_posix()
+    odd = Path(facet["mean_image"]).with_name(fake_runs.ODD_VIS_NAME).as_posix()
     (run / facet["mean_image"]).rename(run / odd)
     facet["mean_image"] = odd
     html = write_layers_page(run, doc, progress=False).read_text(encoding="utf-8")
     assert not (run / "index.html").exists()  # no run page here: none is made, none linked
     assert "rendered →" not in html and "index.html" not in html
-    for s in (EVIL_CLASS, EVIL_JUDGE, EVIL_LABEL, EVIL_LAYER, str(evil)):
+    f = fake_runs
+    for s in (f.EVIL_CLASS, f.EVIL_JUDGE, f.EVIL_LABEL, EVIL_LAYER, str(evil)):
         assert s not in html and _esc(s) in html, s
     assert f'src="{quote(odd)}"' in html and 'class="ph thumb"' in html  # the missing member
     ids = re.findall(r'<section class="layer" id="([^"]+)"', html)
     assert len(ids) == len(doc["layers"]) and all(re.fullmatch(r"[\w-]+", i) for i in ids)
-    with open_report(run / "layers.html") as rp:
-        n, bad = images_not_loaded(rp.page)
+    with report_browser(run / "layers.html") as rp:
+        n, bad = rp.images_not_loaded()
         codes = rp.page.eval_on_selector_all("section.layer h2 code", "e => e.map(c => "
                                              "c.textContent)")
         titles = rp.page.eval_on_selector_all("img.thumb", "e => e.map(i => i.title)")
@@ -230,7 +223,7 @@ def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- navigation
-def test_the_run_page_and_the_layers_page_link_both_ways(swept) -> None:
+def test_the_run_page_and_the_layers_page_link_both_ways(swept, report_browser) -> None:
     out, doc, html = swept
     index = (out / "index.html").read_text(encoding="utf-8")
     assert ('<nav class="pages"><a href="index.html" aria-current="page">Run</a>'
@@ -240,7 +233,7 @@ def test_the_run_page_and_the_layers_page_link_both_ways(swept) -> None:
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     rendered = {t["spec"] for t in results["targets"]}
     assert rendered == {f"{e['layer']}:{e['units'][0]['unit']}" for e in doc["layers"]}
-    with open_report(out / "index.html") as rp:
+    with report_browser(out / "index.html") as rp:
         page = rp.page
         page.click("nav.pages a:text('Layers')")
         page.wait_for_load_state()

@@ -12,14 +12,14 @@ import torch
 
 from conftest import make_tiny, shared_data
 from mfv.core.errors import MfvError
-from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT
+from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT, color_matrix
 from mfv.data.images import load_rgb
-from mfv.data.spectrum import AmplitudeSpectrum, color_matrix, resize_amplitude, spectral_domain
+from mfv.data.spectrum import AmplitudeSpectrum, resize_amplitude, spectral_domain
 from mfv.models.base import to_tensor
 from mfv.models.targets import parse_targets
-from mfv.render.maco import MacoSettings, maco_loop, transparency
 from mfv.render.maco_param import MacoImage
 from mfv.render.objective import Objective
+from mfv.render.recipes.maco import MacoSettings, maco_loop, transparency
 
 FAST = MacoSettings(steps=12, crops=3, box=(0.45, 0.45))  # crops ~ the 32 px input: quick signal
 

@@ -8,7 +8,6 @@ import pytest
 from mfv.core.errors import MfvError
 from mfv.study.measures import (
     bootstrap_ci,
-    chance,
     mono_score,
     separation_ratio,
     silhouette,
@@ -140,31 +139,28 @@ def test_unit_measures_rejects_mismatched_rows_and_dead_units():
 # --------------------------------------------------------------------------- chance, CIs
 
 
+def _draws(pool: int, size: int, repeats: int, seed: int) -> list[np.ndarray]:
+    """Random image sets of a unit's size, as the layer study draws its chance sets."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(pool, size, replace=False)) for _ in range(repeats)]
+
+
 def test_chance_level_of_a_structureless_pool_is_below_a_multifaceted_unit():
     pool_codes, _ = _blobs([300], 64, 0.0, seed=11)
     pool_other, _ = _blobs([300], 32, 0.0, seed=12, offset=2.0)
     acts = np.random.default_rng(0).uniform(1.0, 2.0, 300)
-
-    def separation(rows: np.ndarray) -> float:
-        return unit_measures(pool_codes[rows], pool_other[rows], acts[rows], seed=0,
-                             embedding="pca").separation
-
-    level = chance(separation, np.arange(300), size=80, n_repeats=4, seed=0)
+    level = [unit_measures(pool_codes[r], pool_other[r], acts[r], seed=0,
+                           embedding="pca").separation for r in _draws(300, 80, 4, seed=0)]
     multifaceted, _ = _unit([40, 40], seed=2)
-    assert level.values.shape == (4,)
-    assert level.mean < 1.1 and level.std < 0.1
-    assert multifaceted.separation > level.mean + 0.5
-    again = chance(separation, np.arange(300), size=80, n_repeats=4, seed=0)
-    np.testing.assert_array_equal(again.values, level.values)
+    assert np.mean(level) < 1.1 and np.std(level) < 0.1
+    assert multifaceted.separation > np.mean(level) + 0.5
 
 
 def test_chance_polysemanticity_of_a_diverse_pool_is_above_a_monofaceted_unit():
     pool, _ = _blobs([100, 100, 100, 100], 32, 10.0, seed=5)
-    level = chance(lambda rows: 1 - mono_score(pool[rows]), np.arange(400), 80, 10, seed=1)
+    level = np.mean([1 - mono_score(pool[r]) for r in _draws(400, 80, 10, seed=1)])
     single, _ = _unit([80], seed=4)
-    assert level.mean > single.polysemanticity + 0.3
-    with pytest.raises(MfvError, match="cannot draw"):
-        chance(lambda rows: 0.0, np.arange(10), 11)
+    assert level > single.polysemanticity + 0.3
 
 
 def test_bootstrap_ci_contains_the_mean_narrows_and_is_seeded():
@@ -183,3 +179,6 @@ def test_bootstrap_ci_contains_the_mean_narrows_and_is_seeded():
     assert all(np.isnan(bootstrap_ci([np.nan, np.nan])))
     wide = bootstrap_ci(few, level=0.99)
     assert wide[1] < lo_few and wide[2] > hi_few
+    assert bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)  # one unit: no spread to resample
+    with pytest.raises(MfvError, match="level"):
+        bootstrap_ci(few, level=1.0)

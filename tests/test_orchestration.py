@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 import mfv
-from conftest import TinyNet
+from conftest import LITE_LIKE_PRE, LiteLike, TinyNet, readme_example
 from mfv.cli import main
 from mfv.core.errors import MfvError
 from mfv.data.preprocess import Preprocess
@@ -60,11 +60,12 @@ def net(seed: int = 0) -> TinyNet:
 
 def tiny_run(out: Path, images: Path, **options) -> dict:
     """The pipeline on a fresh TinyNet (same seed, same weights) with the tests' class names, so
-    the folders "red thing" / "blue thing" label the photos as classes 0 and 2."""
+    the folders "red thing" / "blue thing" label the photos as classes 0 and 2; its results as
+    the dict results.json holds (these tests compare runs and files)."""
     settings = {**FAST, "images": str(images), "targets": ["fc:0 + fc:2", "conv2:3"],
                 "out": str(out), **options}
     model = mfv.load_model(net(), preprocess=PRE, classes=CLASSES)
-    return mfv.run(model=model, **settings)
+    return mfv.run(model=model, **settings).to_dict()
 
 
 def _significant(value, digits: int = 5):
@@ -296,27 +297,26 @@ def test_demo_settings_keep_every_option_the_user_gave():
     from mfv.runtime.settings import Settings, make_settings
 
     defaults = Settings()
-    given = make_settings(facets=defaults.facets, steps=40, out="x")
+    given = make_settings(facets=defaults.facets.k, steps=40, out="x")
     chosen = demo_settings(given)
-    assert chosen.facets == defaults.facets != PRESET["facets"]  # equal to the default: kept
-    assert chosen.steps == 40 and chosen.out == "x" and chosen.mean_of == PRESET["mean_of"]
-    assert demo_settings(None).facets == PRESET["facets"]
-
-
-def readme_python_example() -> str:
-    text = (REPO / "README.md").read_text()
-    start = text.index("```python\n", text.index("### Python API")) + len("```python\n")
-    return text[start:text.index("```", start)]
+    assert chosen.facets.k == defaults.facets.k != PRESET["facets"]  # the default, given: kept
+    assert chosen.render.steps == 40 and chosen.out == "x" and chosen.facets.m == PRESET["mean_of"]
+    assert demo_settings(None).facets.k == PRESET["facets"]
 
 
 def test_the_readme_python_example_runs_as_written(tmp_path, images, monkeypatch):
+    """The README's `mfv.run` example, with only its model line replaced by a small network
+    with Lite0's layer names."""
     os.symlink(images, tmp_path / "photos")
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(readme_python_example(), "README.md", "exec"), namespace)  # noqa: S102
+    namespace: dict = {"LiteLike": LiteLike, "PRE": LITE_LIKE_PRE}
+    code = readme_example("mfv.run(", "mfv.load_model(LiteLike(), preprocess=PRE)")
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     results = namespace["results"]
-    assert results["status"] == "complete"
-    assert json.loads((tmp_path / "runs" / "pair" / "results.json").read_text()) == results
+    assert results.status == "complete" and results.root == (tmp_path / "runs" / "pair").resolve()
+    assert json.loads((tmp_path / "runs" / "pair" / "results.json").read_text()) == \
+        results.to_dict()
+    assert len(results.targets[0].facets) >= 2
 
 
 def test_size_sets_the_input_size_of_every_stage(tmp_path, images):

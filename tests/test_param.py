@@ -7,11 +7,8 @@ import pytest
 import torch
 
 from mfv.core.errors import MfvError
-from mfv.render.param import (
-    COLOR_CORRELATION_SVD_SQRT,
-    SIGMOID_MARGIN,
-    FourierImage,
-)
+from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT
+from mfv.render.param import SIGMOID_MARGIN, FourierImage
 
 
 def _test_image(batch: int, h: int, w: int, dtype=torch.float32) -> torch.Tensor:

@@ -130,7 +130,7 @@ def test_evaluation_sees_the_pixels_whose_activation_was_recorded(finished_run):
     (["--target", "tench", "--facets", "0"], "at least 1"),
     (["--target", "tench", "--size", "8"], "setting --size (size) must be at least 32"),
     (["--target", "tench", "--model", "/no/such/net.pt"], "model file not found"),
-    (["--target", "_fc:*"], "LAYER:* (every unit) is for scanning"),
+    (["--target", "_fc:*"], "LAYER:* (every unit of a layer) is for `mfv scan`"),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, args, message):
     base = ["run", "--out", str(tmp_path / "r"), "--quiet", "--images", str(tmp_path)]
@@ -147,7 +147,7 @@ def test_judges_option_reads_names_or_none():
     from mfv.cli import _settings, build_parser
 
     def judges(*extra: str) -> tuple[str, ...]:
-        return _settings(build_parser().parse_args(["run", *extra])).judges
+        return _settings(build_parser().parse_args(["run", *extra])).evaluate.judges
 
     assert judges() == ("efficientnet_lite1", "efficientnet_lite2")
     assert judges("--judges", "none") == ()

@@ -20,6 +20,7 @@ import torch
 import mfv
 from mfv.cli import main
 from mfv.core.errors import MfvError
+from mfv.results.model import Results
 from mfv.runtime.backend import RayBackend
 from test_orchestration import CLASSES, PRE, comparable, make_images, net
 from test_robustness import HANG_S, start
@@ -65,7 +66,7 @@ def images(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local(tmp_path_factory, images) -> dict:
+def local(tmp_path_factory, images) -> Results:
     return mfv.run(model=tiny(), images=str(images), out=str(tmp_path_factory.mktemp("local")),
                    **RUN)
 
@@ -80,13 +81,27 @@ def workers(cluster):
 def test_ray_gives_the_results_of_the_local_backend(tmp_path, images, local, workers):
     remote = mfv.run(model=tiny(), images=str(images), out=str(tmp_path / "run"),
                      backend=workers, **RUN)
-    assert comparable(remote) == comparable(local)
-    for ours, theirs in zip(remote["targets"], local["targets"], strict=True):
-        assert [f["members"] for f in ours["facets"]] == [f["members"] for f in theirs["facets"]]
-        np.testing.assert_allclose([p["activation"] for p in ours["map"]],
-                                   [p["activation"] for p in theirs["map"]], rtol=1e-5)
+    assert comparable(remote.to_dict()) == comparable(local.to_dict())
+    for ours, theirs in zip(remote.targets, local.targets, strict=True):
+        assert [f.members for f in ours.facets] == [f.members for f in theirs.facets]
+        np.testing.assert_allclose([p.activation for p in ours.map],
+                                   [p.activation for p in theirs.map], rtol=1e-5)
     shards = json.loads(next((tmp_path / "run" / "scan").glob("*/manifest.json")).read_text())
     assert shards["status"] == "complete"
+
+
+def _sleep_then_pid(worker, seconds: tuple[float, ...], unit: int) -> int:
+    """A unit of work that takes `seconds[unit]` and says which worker ran it."""
+    time.sleep(seconds[unit])
+    return os.getpid()
+
+
+def test_each_unit_goes_to_whichever_worker_is_free(workers):
+    """A slow unit holds up only its own worker: the other one takes every unit after it (round
+    robin would give the slow unit's worker every other unit), and results keep their order."""
+    pids = list(workers.imap(_sleep_then_pid, (3.0, 0.05, 0.05, 0.05), range(4)))
+    assert set(pids) == set(workers.worker_pids())
+    assert pids[1] == pids[2] == pids[3] != pids[0]
 
 
 def test_a_worker_killed_mid_scan_is_retried_and_nothing_is_lost(tmp_path, images, local,
@@ -107,7 +122,7 @@ def test_a_worker_killed_mid_scan_is_retried_and_nothing_is_lost(tmp_path, image
                          **{**RUN, "scan_batch_size": 1})
         killer.join()
         assert victim not in backend.worker_pids()  # it died and was replaced
-    assert comparable(remote) == comparable(local)
+    assert comparable(remote.to_dict()) == comparable(local.to_dict())
 
 
 class FailingNet(torch.nn.Module):
@@ -161,7 +176,7 @@ def test_an_interrupted_driver_resumes_with_the_finished_pictures(tmp_path, imag
     with RayBackend(tiny(), workers=2) as backend:
         remote = mfv.run(model=tiny(), images=str(images), out=str(out), backend=backend,
                          **{**RUN, "batch_size": 2})
-    assert comparable(remote) == comparable(local)
+    assert comparable(remote.to_dict()) == comparable(local.to_dict())
     for path, stamp in finished.items():  # every indexed picture was kept, not redone
         if path.name in kept:
             assert path.stat().st_mtime_ns == stamp
@@ -217,13 +232,12 @@ def test_the_real_model_on_real_photos_gives_the_local_results(tmp_path, imagene
     model = mfv.load_model("efficientnet_lite0")
     with RayBackend(model, workers=2) as backend:
         remote = mfv.run(model=model, out=str(tmp_path / "ray"), backend=backend, **settings)
-    ours, theirs = remote["targets"][0], local["targets"][0]
-    assert [sorted(f["members"]) for f in ours["facets"]] == \
-        [sorted(f["members"]) for f in theirs["facets"]]
-    assert {Path(m).parent.name for f in ours["facets"] for m in f["members"]} == \
+    ours, theirs = remote.targets[0], local.targets[0]
+    assert [sorted(f.members) for f in ours.facets] == [sorted(f.members) for f in theirs.facets]
+    assert {Path(m).parent.name for f in ours.facets for m in f.members} == \
         {"n01440764", "n03888257"}
-    np.testing.assert_allclose([p["activation"] for p in ours["map"]],
-                               [p["activation"] for p in theirs["map"]], rtol=1e-4)
+    np.testing.assert_allclose([p.activation for p in ours.map],
+                               [p.activation for p in theirs.map], rtol=1e-4)
     np.testing.assert_allclose(
-        [f["visualizations"]["anchored"]["activation"] for f in ours["facets"]],
-        [f["visualizations"]["anchored"]["activation"] for f in theirs["facets"]], rtol=1e-3)
+        [f.visualizations["anchored"].activation for f in ours.facets],
+        [f.visualizations["anchored"].activation for f in theirs.facets], rtol=1e-3)

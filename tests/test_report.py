@@ -27,21 +27,12 @@ import mfv.report.pages as pages
 from mfv.evaluate.metrics import recovery
 from mfv.report import PAGES, PageSpec, write_page, write_report
 from mfv.report.charts import SPARK_POINTS, Sparkline, sparkline
-from mfv.report.glossary import METRICS, metric_table
+from mfv.report.glossary import metric_table
 from mfv.report.run_page import EAGER_TARGETS, STRIP_MAX
 from mfv.report.thumbs import THUMB_PX
 from mfv.report.verdict import verdicts
+from mfv.results.metrics import METRICS
 from mfv.runtime.rundir import RunDir
-from report_fixtures import (
-    EVIL_CLASS,
-    EVIL_JUDGE,
-    EVIL_LABEL,
-    EVIL_NAME,
-    LONG_TRACE,
-    ODD_VIS_NAME,
-    drop_stages,
-    make_fake_run,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,8 +126,8 @@ def _metric_keys(obj: Any) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def fake(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
-    run, results = make_fake_run(tmp_path_factory.mktemp("report"))
+def fake(fake_runs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
+    run, results = fake_runs.make(tmp_path_factory.mktemp("report"))
     html = write_report(run, results, progress=False).read_text(encoding="utf-8")
     return run, results, html
 
@@ -146,8 +137,8 @@ def test_fixture_follows_the_schema(fake: tuple[Path, dict, str]) -> None:
     jsonschema.validate(fake[1], schema)
 
 
-def test_report_full_run(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
+def test_report_full_run(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
     out = write_report(run, results, progress=False)
     assert out == run / "index.html" and out.is_file()
     html = out.read_text(encoding="utf-8")
@@ -161,8 +152,8 @@ def test_report_full_run(tmp_path: Path) -> None:
     (data_text,) = [t for a, t in refs.scripts if a.get("id") == "mfv-data"]
     assert "<" not in data_text and "&" not in data_text
     points = [p for t in _page_data(refs)["targets"].values() for p in t["points"]]
-    assert {p["p"] for p in points} >= {f"inputs/odd/{EVIL_NAME}"}
-    assert {p["l"] for p in points} >= {EVIL_LABEL}
+    assert {p["p"] for p in points} >= {f"inputs/odd/{fake_runs.EVIL_NAME}"}
+    assert {p["l"] for p in points} >= {fake_runs.EVIL_LABEL}
 
     # every referenced file is inside the run dir and exists (URLs percent-quoted)
     urls = _all_urls(html)
@@ -173,8 +164,8 @@ def test_report_full_run(tmp_path: Path) -> None:
         assert path.is_file(), url
         assert path.is_relative_to(run.resolve()), url
     # the visualization with '#' and '%' in its name is referenced quoted, so it resolves
-    assert any(unquote(u).endswith(ODD_VIS_NAME) for u in urls)
-    assert not any(u.endswith(ODD_VIS_NAME) for u in urls)
+    assert any(unquote(u).endswith(fake_runs.ODD_VIS_NAME) for u in urls)
+    assert not any(u.endswith(fake_runs.ODD_VIS_NAME) for u in urls)
 
     # every facet, visualization (of every recipe), mean image and baseline is on the page
     for t in results["targets"]:
@@ -189,8 +180,8 @@ def test_report_full_run(tmp_path: Path) -> None:
     assert html.index("<h2>Targets</h2>") < html.index("<h2>Run</h2>")
     tiles = re.findall(r'<a class="card tcard".*?</a>', html, flags=re.S)
     assert len(tiles) == len(results["targets"])
-    assert f'<span class="muted small">{html_escape(EVIL_CLASS)} · 2 facets' in tiles[1]
-    assert EVIL_CLASS not in html
+    assert f'<span class="muted small">{html_escape(fake_runs.EVIL_CLASS)} · 2 facets' in tiles[1]
+    assert fake_runs.EVIL_CLASS not in html
     # settings, versions, timings and skipped files (escaped) are shown
     assert "1 min 15 s" in html and "2.13.0" in html
     assert "2 skipped files" in html and "empty file (0 bytes)" in html
@@ -198,8 +189,8 @@ def test_report_full_run(tmp_path: Path) -> None:
     assert "Other results" not in html  # every top-level key of the schema has its place
 
 
-def test_thumbnails(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
+def test_thumbnails(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
     html = write_report(run, results, progress=False).read_text(encoding="utf-8")
     thumbs = sorted((run / "report" / "thumbs").glob("*.jpg"))
     # one per readable input image shown (strips + map), none for the broken or missing file
@@ -244,9 +235,9 @@ def test_strip_shows_representatives_first_and_a_count(fake: tuple[Path, dict, s
     assert f"+{facet['size'] - STRIP_MAX}" in strip
 
 
-def test_partial_results(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
-    facets_only = drop_stages(results, "facets")
+def test_partial_results(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
+    facets_only = fake_runs.drop_stages(results, "facets")
     html = write_report(run, facets_only, progress=False).read_text(encoding="utf-8")
     assert "not rendered yet" in html and "Random starts" not in html
     assert html.count('class="card facet"') == 5  # 3 + 2 facets, with mean images and strips
@@ -255,18 +246,18 @@ def test_partial_results(tmp_path: Path) -> None:
     assert "<script>alert" not in html
     assert 'class="verdict"' not in html and "<polyline" not in html  # nothing to judge yet
 
-    scan_only = drop_stages(results, "scan")
+    scan_only = fake_runs.drop_stages(results, "scan")
     html = write_report(run, scan_only, progress=False).read_text(encoding="utf-8")
     assert "Facets not computed yet" in html and "facet map" not in html.lower()
 
     bare = {"schema": "mfv.results/1", "stages": {"scan": "missing"}, "targets": None}
     html = write_report(tmp_path / "empty_run", bare, progress=False).read_text(encoding="utf-8")
     assert "No targets yet" in html
-    assert "EVIL" not in html and EVIL_CLASS not in html
+    assert "EVIL" not in html and fake_runs.EVIL_CLASS not in html
 
 
-def test_later_targets_load_lazily(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
+def test_later_targets_load_lazily(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
     many = copy.deepcopy(results)
     many["targets"] = [{**copy.deepcopy(results["targets"][0]), "slug": f"t-{i:08x}"}
                        for i in range(EAGER_TARGETS + 2)]
@@ -327,7 +318,7 @@ def _row(html: str, key: str) -> str:
     return html.split(f'<tr data-metric="{key}">', 1)[1].split("</tr>", 1)[0]
 
 
-def test_metric_views_and_values(fake: tuple[Path, dict, str]) -> None:
+def test_metric_views_and_values(fake_runs, fake: tuple[Path, dict, str]) -> None:
     _, results, html = fake
     card = _section(html, 1).split('data-facet="0"', 1)[1].split("</article>", 1)[0]
     m = results["targets"][1]["facets"][0]["metrics"]["paper-mean"]
@@ -342,7 +333,7 @@ def test_metric_views_and_values(fake: tuple[Path, dict, str]) -> None:
     assert re.findall(r"<td>(.*?)</td>", _row(card, "centre_dominance")) == ["0.300", "0.300"]
     # lists per judge and per layer; the judges are named (escaped) in the explanation
     ranks = _row(card, "judge_ranks")
-    assert "<td>1 · 4" in ranks and f"In order: {_esc(EVIL_JUDGE)}." in ranks
+    assert "<td>1 · 4" in ranks and f"In order: {_esc(fake_runs.EVIL_JUDGE)}." in ranks
     assert "<td>0.950 · 0.810 · 0.620</td>" in _row(card, "path_similarity_layers")
     assert "<td>50 %" in _row(card, "transfer_top1")
     # per network coverage in the target's table of facets vs random starts
@@ -351,7 +342,7 @@ def test_metric_views_and_values(fake: tuple[Path, dict, str]) -> None:
     assert header == ["paper-mean: facets", "paper-mean: random starts", "maco: facets",
                       "maco: random starts"]
     cov = _row(table, "coverage")
-    assert f"coverage by {_esc(EVIL_JUDGE)}" in table and "coverage by tinynet" in table
+    assert f"coverage by {_esc(fake_runs.EVIL_JUDGE)}" in table and "coverage by tinynet" in table
     assert re.findall(r"<td>(.*?)</td>", cov) == ["100 %", "50 %", "50 %", "100 %"]
     # the summary over all targets
     summary = html.split("<h2>Quality</h2>", 1)[1].split("</table>", 1)[0]
@@ -413,7 +404,7 @@ def test_sparkline_follows_the_trace() -> None:
     assert {y for _, y in _points(flat)} == {15.0}
 
 
-def test_sparklines_on_the_page(fake: tuple[Path, dict, str]) -> None:
+def test_sparklines_on_the_page(fake_runs, fake: tuple[Path, dict, str]) -> None:
     run, results, html = fake
     n_visuals = sum(len(f["visualizations"]) for t in results["targets"] for f in t["facets"])
     n_visuals += sum(len(b) for t in results["targets"] for b in t["baselines"].values())
@@ -421,7 +412,7 @@ def test_sparklines_on_the_page(fake: tuple[Path, dict, str]) -> None:
     facet = results["targets"][0]["facets"][1]
     vis = facet["visualizations"]["paper-mean"]
     trace = np.load(run / vis["trace"])
-    assert len(trace) == LONG_TRACE
+    assert len(trace) == fake_runs.LONG_TRACE
     figure = html.split(f'<img class="vis" src="{quote(vis["path"])}"', 1)[1]
     figure = figure.split("</figure>", 1)[0]
     points = re.search(r'<polyline points="([^"]+)"', figure).group(1)
@@ -431,11 +422,12 @@ def test_sparklines_on_the_page(fake: tuple[Path, dict, str]) -> None:
     assert len(_check_follows(chart, trace)) <= SPARK_POINTS + 2
     ends = f"{trace[0]:.4g} → {trace[-1]:.4g}"
     assert f'<span class="ends">{ends}</span>' in figure
-    assert f"({LONG_TRACE} steps): {ends}; dashed: the facet&#39;s best photo (10.5)" in figure
+    assert (f"({fake_runs.LONG_TRACE} steps): {ends}; dashed: the facet&#39;s best photo "
+            "(10.5)") in figure
 
 
-def test_unreadable_or_missing_traces_leave_their_chart_out(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
+def test_unreadable_or_missing_traces_leave_their_chart_out(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
     facet = results["targets"][1]["facets"][0]["visualizations"]
     (run / facet["paper-mean"]["trace"]).write_bytes(b"\x93NUMPY garbage")
     (run / facet["maco"]["trace"]).unlink()
@@ -552,8 +544,8 @@ def test_transparency_map_next_to_its_picture(fake: tuple[Path, dict, str]) -> N
 
 
 # --------------------------------------------------------------------------- escaping
-def test_hostile_names_in_recipes_judges_and_metrics(tmp_path: Path) -> None:
-    run, results = make_fake_run(tmp_path)
+def test_hostile_names_in_recipes_judges_and_metrics(fake_runs, tmp_path: Path) -> None:
+    run, results = fake_runs.make(tmp_path)
     evil_recipe = "<script>alert(6)</script>&"
     hostile = json.loads(json.dumps(results).replace('"maco"', json.dumps(evil_recipe)))
     hostile["targets"][0]["facets"][0]["metrics"]["paper-mean"]["<img src=y onerror=alert(7)>"] \
@@ -568,15 +560,16 @@ def test_hostile_names_in_recipes_judges_and_metrics(tmp_path: Path) -> None:
     assert f"{escaped}<br><b" in html  # a picture's caption
     assert f'<div class="muted small">{escaped}</div>' in html  # the random starts' recipe
     assert "&lt;img src=y onerror=alert(7)&gt;" in html  # an unknown metric, shown as text
-    assert f"coverage by {_esc(EVIL_JUDGE)}" in html
-    assert EVIL_JUDGE not in html and html_escape(EVIL_JUDGE, quote=False) not in html
+    assert f"coverage by {_esc(fake_runs.EVIL_JUDGE)}" in html
+    judge = fake_runs.EVIL_JUDGE
+    assert judge not in html and html_escape(judge, quote=False) not in html
 
 
 # --------------------------------------------------------------------------- pages
-def test_a_new_page_on_the_base_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_new_page_on_the_base_layout(fake_runs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                        ) -> None:
     """What the Layers page will do: its own template on base.html, in the navigation."""
-    run, results = make_fake_run(tmp_path)
+    run, results = fake_runs.make(tmp_path)
     rundir = RunDir(run)
     layers = PageSpec("layers", "Layers", lambda r: r.root / "layers.html")
     monkeypatch.setattr(pages, "PAGES", MappingProxyType({**PAGES, "layers": layers}))
@@ -592,16 +585,17 @@ def test_a_new_page_on_the_base_layout(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(pages, "environment", with_layers)
     links = pages.Links(rundir, layers)
-    im = pages.Img(links.file(results["targets"][0]["facets"][0]["mean_image"]), EVIL_CLASS,
+    evil = fake_runs.EVIL_CLASS
+    im = pages.Img(links.file(results["targets"][0]["facets"][0]["mean_image"]), evil,
                    "vis")
-    out = write_page(rundir, "layers", {"title": f"Layers {EVIL_CLASS}", "x": EVIL_CLASS,
-                                        "im": im, "script_data": {"n": EVIL_CLASS}})
+    out = write_page(rundir, "layers", {"title": f"Layers {evil}", "x": evil,
+                                        "im": im, "script_data": {"n": fake_runs.EVIL_CLASS}})
     assert out == run / "layers.html"
     html = out.read_text(encoding="utf-8")
     refs = _parse(html)
-    assert f'<p id="x">{_esc(EVIL_CLASS)}</p>' in html and EVIL_CLASS not in html
-    assert f"<title>Layers {_esc(EVIL_CLASS)}</title>" in html
-    assert _page_data(refs) == {"n": EVIL_CLASS} and len(refs.scripts) == 2
+    assert f'<p id="x">{_esc(evil)}</p>' in html and evil not in html
+    assert f"<title>Layers {_esc(fake_runs.EVIL_CLASS)}</title>" in html
+    assert _page_data(refs) == {"n": fake_runs.EVIL_CLASS} and len(refs.scripts) == 2
     assert "<style>:root {" in html and "Generated by mfv" in html
     assert (run / unquote(refs.imgs[0]["src"])).is_file()
     # the navigation names the pages whose files exist (none other yet), the current one marked

@@ -6,47 +6,35 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from mfv.report import write_report
-from mfv.report.glossary import METRICS
-from report_fixtures import (
-    EVIL_CLASS,
-    EVIL_JUDGE,
-    EVIL_LABEL,
-    EVIL_NAME,
-    RECIPES,
-    ReportPage,
-    highlighted,
-    hover_point,
-    images_not_loaded,
-    make_fake_run,
-    map_points,
-    open_report,
-)
+from mfv.results.metrics import METRICS
 
 T0 = "t0-t00-fake-00000000"  # section ids of the two targets
 T1 = "t1-t01-fake-00000001"
 
 
 @pytest.fixture(scope="module")
-def fake_results(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    return make_fake_run(tmp_path_factory.mktemp("fake_run"))
+def fake_results(fake_runs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return fake_runs.make(tmp_path_factory.mktemp("fake_run"))
 
 
 @pytest.fixture(scope="module")
-def report(fake_results: tuple[Path, dict]) -> Iterator[ReportPage]:
+def report(fake_results: tuple[Path, dict], report_browser) -> Iterator[Any]:
+    """The opened page (conftest's `ReportPage`)."""
     run, results = fake_results
     index = write_report(run, results, progress=False)
     # a missing browser or Playwright is a failure, not a skip: CI installs both
-    with open_report(index) as rp:
+    with report_browser(index) as rp:
         yield rp
 
 
-def test_loads_cleanly_and_offline(report: ReportPage) -> None:
-    n, bad = images_not_loaded(report.page)
+def test_loads_cleanly_and_offline(report) -> None:
+    n, bad = report.images_not_loaded()
     assert n > 40 and bad == []
     assert report.console_errors == [] and report.page_errors == []
     assert report.requests and all(u.startswith("file://") for u in report.requests)
@@ -56,36 +44,36 @@ def test_loads_cleanly_and_offline(report: ReportPage) -> None:
     assert report.page.locator("img.alpha").count() == 10
 
 
-def test_hover_shows_the_image(report: ReportPage) -> None:
-    points = map_points(report.page, T0)
+def test_hover_shows_the_image(report) -> None:
+    points = report.map_points(T0)
     for i in (0, 7):
-        shown = hover_point(report.page, T0, i)
+        shown = report.hover_point(T0, i)
         assert shown["path"] == points[i]["p"]
         assert shown["src"].endswith(points[i]["t"]) and shown["natural_width"] > 0
         assert f"facet {points[i]['f']}" in shown["text"]
     # an unreadable image shows its reason instead of a broken picture
     broken = next(i for i, p in enumerate(points) if p["p"].endswith("missing.png"))
-    shown = hover_point(report.page, T0, broken)
+    shown = report.hover_point(T0, broken)
     assert "src" not in shown and "missing file" in shown["text"]
     assert report.console_errors == [] and report.page_errors == []
 
 
-def test_hostile_names_are_text(report: ReportPage) -> None:
+def test_hostile_names_are_text(report, fake_runs) -> None:
     page = report.page
-    points = map_points(page, T0)
-    evil = next(i for i, p in enumerate(points) if p["p"].endswith(EVIL_NAME))
-    shown = hover_point(page, T0, evil)
-    assert shown["path"] == f"inputs/odd/{EVIL_NAME}"  # visible, verbatim
-    assert EVIL_LABEL in shown["text"]
-    assert page.get_by_text(EVIL_CLASS).first.is_visible()
-    assert page.locator("section.target h2 code").nth(1).inner_text().endswith(EVIL_CLASS)
+    points = report.map_points(T0)
+    evil = next(i for i, p in enumerate(points) if p["p"].endswith(fake_runs.EVIL_NAME))
+    shown = report.hover_point(T0, evil)
+    assert shown["path"] == f"inputs/odd/{fake_runs.EVIL_NAME}"  # visible, verbatim
+    assert fake_runs.EVIL_LABEL in shown["text"]
+    assert page.get_by_text(fake_runs.EVIL_CLASS).first.is_visible()
+    assert page.locator("section.target h2 code").nth(1).inner_text().endswith(fake_runs.EVIL_CLASS)
     assert page.locator("b", has_text="bold").count() == 0  # '<b>bold</b>' in a spec stays text
-    assert page.get_by_text(f"coverage by {EVIL_JUDGE}").first.is_visible()
+    assert page.get_by_text(f"coverage by {fake_runs.EVIL_JUDGE}").first.is_visible()
     assert report.dialogs == []
     assert page.evaluate("document.scripts.length") == 2
 
 
-def test_metrics_have_plain_names_and_explanations(report: ReportPage,
+def test_metrics_have_plain_names_and_explanations(report,
                                                    fake_results: tuple[Path, dict]) -> None:
     page = report.page
     text = page.evaluate("document.body.innerText")
@@ -113,11 +101,12 @@ def test_metrics_have_plain_names_and_explanations(report: ReportPage,
     assert grey == "rgb(152, 162, 179)"
 
 
-def test_verdicts_and_trace_charts(report: ReportPage, fake_results: tuple[Path, dict]) -> None:
+def test_verdicts_and_trace_charts(report, fake_runs, fake_results: tuple[Path, dict]
+                                   ) -> None:
     page = report.page
     section = page.locator(f"section.target[id='{T0}']")
     verdicts = section.locator(".verdict")
-    assert verdicts.count() == len(RECIPES)
+    assert verdicts.count() == len(fake_runs.RECIPES)
     assert verdicts.nth(0).get_attribute("data-outcome") == "better"
     assert "covers 2/2 classes vs 1/2 from random starts" in verdicts.nth(0).inner_text()
     worse = verdicts.nth(1).locator(".clause[data-outcome='worse']")
@@ -136,30 +125,30 @@ def test_verdicts_and_trace_charts(report: ReportPage, fake_results: tuple[Path,
         assert " → " in chart["ends"] and "per optimization step" in chart["title"]
 
 
-def test_clicking_a_facet_highlights_its_members(report: ReportPage) -> None:
+def test_clicking_a_facet_highlights_its_members(report) -> None:
     page = report.page
-    points = map_points(page, T0)
+    points = report.map_points(T0)
     section = page.locator(f"section.target[id='{T0}']")
     members = sorted(i for i, p in enumerate(points) if p["f"] == 1)
 
     section.locator(".card.facet[data-facet='1'] header").click()
-    state = highlighted(page, T0)
+    state = report.highlighted(T0)
     assert state["on"] == members and state["facets"] == [1]
     assert state["on_opacity"] == 1 and state["off_opacity"] < 0.3
     assert "selected" in (section.locator(".lg[data-facet='1']").get_attribute("class") or "")
 
     section.locator(".lg[data-facet='2']").click()  # the legend switches to another facet
-    state = highlighted(page, T0)
+    state = report.highlighted(T0)
     assert state["facets"] == [2] and len(state["on"]) == sum(p["f"] == 2 for p in points)
 
     section.locator(".lg[data-facet='2']").click()  # and toggles it off
-    state = highlighted(page, T0)
+    state = report.highlighted(T0)
     assert state["on"] == [] and state["off_opacity"] == 1
     # the other target's map is untouched
-    assert highlighted(page, T1)["on"] == []
+    assert report.highlighted(T1)["on"] == []
 
 
-def test_screenshot(report: ReportPage, tmp_path: Path) -> None:
+def test_screenshot(report, tmp_path: Path) -> None:
     shot = tmp_path / "report.png"
     report.page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 20_000

@@ -21,6 +21,7 @@ and locks.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import multiprocessing
@@ -49,7 +50,6 @@ from mfv.core.errors import MfvError
 from mfv.runtime.settings import flag_of
 from test_orchestration import CLASSES, PRE, comparable, make_images
 
-NOBODY = 65534  # the unprivileged user: owner-only permissions really stop it, unlike root
 HANG_S = 60  # a child that takes longer than this is stuck (each needs a few seconds)
 
 
@@ -91,13 +91,28 @@ def finish(proc: multiprocessing.Process, log: Path, timeout: float = HANG_S) ->
     return proc.exitcode
 
 
-def _cli_as(uid: int | None, argv: list[str]) -> int:
-    """`mfv ARGV` in a child, as user `uid` (None: as we are). mfv is imported already."""
-    if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
+def _cli_as(bound: bool, argv: list[str]) -> int:
+    """`mfv ARGV` in a child (mfv is imported already); `bound`: bound by permission bits even
+    as root (`_drop_dac_override`)."""
+    if bound:
+        _drop_dac_override()
     return main(argv)
+
+
+def _drop_dac_override() -> None:
+    """Take from this process root's power to ignore permission bits (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH, CAP_FOWNER; effective and permitted, so `os.access` agrees). It stays
+    uid 0 and so still reads the checkout wherever that lies, even in a private folder, which
+    another user could not (the reason this does not switch to an unprivileged user)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~0b1110 & 0xFFFFFFFF  # capabilities 1, 2 and 3
+    data[0], data[1] = data[0] & keep, data[1] & keep
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -312,21 +327,18 @@ def test_a_model_file_loads_without_extra_lines_on_stderr(bad_options, command, 
 
 
 @contextlib.contextmanager
-def unwritable(world: Path, finished: Path) -> Iterator[tuple[int | None, list[Path]]]:
+def unwritable(world: Path, finished: Path) -> Iterator[tuple[bool, list[Path]]]:
     """Run directories this process's child cannot write: a finished run, a folder below a
-    read-only one, and one below a folder it may not enter. As root (CI), permissions do not
-    stop writes, so the child runs as nobody; otherwise they are taken away for the test."""
+    read-only one, and one below a folder it may not enter; and whether the child must drop
+    root's power to ignore permission bits (as root, in CI) for them to stop it."""
     readonly, private = world / "readonly", world / "private"
     readonly.mkdir()
     private.mkdir()
     readonly.chmod(0o555)
     private.chmod(0o000)
-    as_root = os.geteuid() == 0
-    if not as_root:
-        finished.chmod(0o555)
+    finished.chmod(0o555)
     try:
-        yield (NOBODY if as_root else None), [finished, readonly / "new" / "run",
-                                              private / "run"]
+        yield os.geteuid() == 0, [finished, readonly / "new" / "run", private / "run"]
     finally:
         finished.chmod(0o755)
         readonly.chmod(0o755)
@@ -336,10 +348,10 @@ def unwritable(world: Path, finished: Path) -> Iterator[tuple[int | None, list[P
 def test_an_unwritable_out_is_one_line_exit_2_and_changes_nothing(world, command, finished,
                                                                   fork, tmp_path):
     before = snapshot(finished)
-    with unwritable(world, finished) as (uid, outs):
+    with unwritable(world, finished) as (bound, outs):
         for n, out in enumerate(outs):
             log = tmp_path / f"cli{n}.log"
-            proc = start(fork, log, _cli_as, uid, command(out))
+            proc = start(fork, log, _cli_as, bound, command(out))
             assert finish(proc, log) == 2, log.read_text()
             message = one_line_error(log.read_text())
             assert f"--out {out}" in message and "choose another directory" in message
@@ -395,17 +407,19 @@ def test_a_bad_value_on_the_command_line_reads_like_the_python_api(args, options
 
 def test_every_numeric_option_reads_its_number_from_the_command_line():
     from mfv.cli import _settings
-    from mfv.runtime.settings import Settings
+    from mfv.runtime.settings import field_of, locations
 
-    numeric = {name: kind for name, info in Settings.model_fields.items() for kind in (int, float)
-               if flag_of(name) != name and kind in {info.annotation,
-                                                     *typing.get_args(info.annotation)}}
-    assert {"steps", "seed", "facets", "workers"} <= set(numeric)
+    numeric = {name: kind for name in locations() for kind in (int, float)
+               if flag_of(name) != name and kind in {field_of(name).annotation,
+                                                     *typing.get_args(field_of(name).annotation)}}
+    assert {"steps", "seed", "facets", "workers", "units", "top_n"} <= set(numeric)
     for name, kind in numeric.items():
         value = kind(40) if kind is int else 0.5  # within every range (size >= 32, steps >= 10)
-        command = (Settings.model_fields[name].json_schema_extra.get("commands") or ["run"])[0]
-        settings = _settings(build_parser().parse_args([command, flag_of(name), str(value)]))
-        assert getattr(settings, name) == value and type(getattr(settings, name)) is kind, name
+        command = "sweep" if ("sweep", name) in locations()[name] else "run"
+        extra = ["--backend", "ray"] if name == "ray_workers" else []
+        settings = _settings(build_parser().parse_args([command, flag_of(name), str(value),
+                                                        *extra]))
+        assert settings.value(name) == value and type(settings.value(name)) is kind, name
 
 
 def test_an_unknown_setting_names_the_file(tmp_path, capsys):
@@ -444,7 +458,7 @@ KILL_POINTS = {  # stage: the file whose appearance says the stage is under way
 def killable_run(out: str, images: str, delay: float) -> dict:
     torch.manual_seed(0)
     model = mfv.load_model(SlowNet(delay).eval(), preprocess=PRE, classes=CLASSES)
-    return mfv.run(model=model, images=images, out=out, **KILLABLE)
+    return mfv.run(model=model, images=images, out=out, **KILLABLE).to_dict()  # as the file
 
 
 def _killable_child(out: str, images: str) -> None:
@@ -502,7 +516,7 @@ def test_two_writers_one_runs_and_the_other_is_told_who_holds_the_directory(
         fork, command, tmp_path, capsys):
     out = tmp_path / "run"
     log = tmp_path / "first.log"
-    first = start(fork, log, _cli_as, None, command(out))
+    first = start(fork, log, _cli_as, False, command(out))
     try:
         deadline = time.monotonic() + HANG_S
         holder_file = out / ".lock.holder.json"
@@ -526,7 +540,7 @@ def test_two_writers_one_runs_and_the_other_is_told_who_holds_the_directory(
 # ------------------------------------------------------------------------ 6. --device auto
 def test_device_auto_is_the_default_and_picks_what_is_there(finished, exported):
     from mfv.cli import _settings
-    from mfv.runtime.pipeline import prepare_model
+    from mfv.runtime.prepare import prepare_model
     from mfv.runtime.settings import Settings, make_settings
 
     expected = "cuda" if torch.cuda.is_available() else (

@@ -15,11 +15,15 @@ import pytest
 import torch
 from PIL import Image
 
+from mfv.core.errors import MfvError
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.models.base import to_tensor
 from mfv.models.targets import parse_targets
+from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import ScanResult, decoding_workers, scan
+
+SMALL = ScanOptions(batch_size=4, chunk_batches=1, workers=0)  # several chunks of tiny batches
 
 
 def _make_images(folder: Path, n: int, seed: int = 0) -> None:
@@ -59,8 +63,8 @@ def test_scan_records_logits_and_codes(tmp_path, tiny):
     _make_images(tmp_path / "imgs", 21)
     images = from_folder(tmp_path / "imgs")
     targets = parse_targets(["fc:*", "conv2:1"], tiny)
-    result = scan(tiny, images, targets, tmp_path / "run", batch_size=4, chunk_batches=2,
-                  workers=0, progress=False)
+    result = scan(tiny, images, targets, tmp_path / "run",
+                  ScanOptions(batch_size=4, chunk_batches=2, workers=0), progress=False)
     logits, codes = _direct(tiny, images)
     assert result.activations.shape == (21, 6) and result.codes.shape == (21, 16)
     np.testing.assert_allclose(result.activations[:, :5], logits, atol=1e-5)
@@ -76,7 +80,7 @@ def test_scan_records_logits_and_codes(tmp_path, tiny):
     np.testing.assert_array_equal(again.activations, result.activations)
     Image.new("RGB", (30, 30), "white").save(images[0].path)
     changed = scan(tiny, from_folder(tmp_path / "imgs"), targets, tmp_path / "run",
-                   batch_size=4, workers=0, progress=False)
+                   ScanOptions(batch_size=4, workers=0), progress=False)
     assert not np.allclose(changed.activations[0], result.activations[0])
 
 
@@ -84,10 +88,11 @@ def test_topn_mode_equals_full_ranking(tmp_path, tiny):
     _make_images(tmp_path / "imgs", 30)
     images = from_folder(tmp_path / "imgs")
     targets = parse_targets(["fc:*"], tiny)
-    full = scan(tiny, images, targets, tmp_path / "a", batch_size=4, chunk_batches=1,
-                workers=0, progress=False, mode="full")
-    top = scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
-               workers=0, progress=False, mode="topn", top_n=7)
+    full = scan(tiny, images, targets, tmp_path / "a",
+                ScanOptions(batch_size=4, chunk_batches=1, workers=0, mode="full"), progress=False)
+    top = scan(tiny, images, targets, tmp_path / "b",
+               ScanOptions(batch_size=4, chunk_batches=1, workers=0, mode="topn", top_n=7),
+               progress=False)
     assert top.activations is None
     for t in range(5):
         i_full, v_full = full.top(t, 7)
@@ -104,8 +109,8 @@ def test_bad_files_are_counted_and_listed(tmp_path, tiny):
     (tmp_path / "imgs/blue thing/cut.png").write_bytes(good.read_bytes()[:200])
     (tmp_path / "imgs/blue thing/notes.png").write_text("hello")
     images = from_folder(tmp_path / "imgs")
-    result = scan(tiny, images, parse_targets(["fc:0"], tiny), tmp_path / "run", batch_size=3,
-                  workers=2, progress=False)
+    result = scan(tiny, images, parse_targets(["fc:0"], tiny), tmp_path / "run",
+                  ScanOptions(batch_size=3, workers=2), progress=False)
     bad = {Path(b["path"]).name: b["reason"] for b in result.bad}
     assert set(bad) == {"empty.jpg", "noise.jpg", "cut.png", "notes.png"}
     assert all(bad.values())
@@ -114,16 +119,22 @@ def test_bad_files_are_counted_and_listed(tmp_path, tiny):
     assert np.isnan(result.activations[rows]).all() and not result.valid[rows].any()
 
 
+def test_scan_options_refuse_bad_values_in_one_line():
+    with pytest.raises(MfvError, match=r"^ScanOptions: scan_batch_size must be at least 1 "):
+        ScanOptions(batch_size=0)
+    with pytest.raises(MfvError, match=r"^ScanOptions: scan_mode must be one of"):
+        ScanOptions(mode="half")
+    assert ScanOptions(scan_batch_size=8).batch_size == 8  # the setting's flat name works too
+
+
 def test_shards_merge_to_the_same_arrays(tmp_path, tiny):
     _make_images(tmp_path / "imgs", 25)
     images = from_folder(tmp_path / "imgs")
     targets = parse_targets(["fc:*"], tiny)
-    whole = scan(tiny, images, targets, tmp_path / "a", batch_size=4, chunk_batches=1,
-                 workers=0, progress=False)
-    assert scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
-                workers=0, progress=False, shard=(0, 2)) is None
-    merged = scan(tiny, images, targets, tmp_path / "b", batch_size=4, chunk_batches=1,
-                  workers=0, progress=False, shard=(1, 2))
+    whole = scan(tiny, images, targets, tmp_path / "a", SMALL, progress=False)
+    assert scan(tiny, images, targets, tmp_path / "b", SMALL, progress=False,
+                shard=(0, 2)) is None
+    merged = scan(tiny, images, targets, tmp_path / "b", SMALL, progress=False, shard=(1, 2))
     np.testing.assert_array_equal(whole.activations, merged.activations)
     np.testing.assert_array_equal(whole.codes, merged.codes)
 
@@ -136,7 +147,8 @@ def test_real_model_on_imagenette(imagenette, lite0, tmp_path):
     items = tuple(chosen[:12] + chosen[-12:])
     sub = ImageList(items, "subset")
     targets = parse_targets(["_fc:*"], lite0)
-    result = scan(lite0, sub, targets, tmp_path, batch_size=8, workers=1, progress=False)
+    result = scan(lite0, sub, targets, tmp_path, ScanOptions(batch_size=8, workers=1),
+                  progress=False)
     logits, codes = _direct(lite0, items)
     # Two float32 programs of one function: the direct pass runs torch's batch norms, the scan
     # folds them into the convolutions; each is up to ~1.1e-5 from a float64 pass on these
@@ -154,12 +166,13 @@ SCRIPT = textwrap.dedent("""
     import sys
     from mfv.data.sources import open_images
     from mfv.models import load_model
+    from mfv.scan.options import ScanOptions
     from mfv.scan.scanner import scan
     from mfv.models.targets import parse_targets
     model = load_model("efficientnet_lite0")
     images = open_images(sys.argv[1])
     scan(model, images, parse_targets(["_fc:*", "_blocks.10:5"], model), sys.argv[2],
-         batch_size=4, chunk_batches=1, workers=0, progress=False)
+         ScanOptions(batch_size=4, chunk_batches=1, workers=0), progress=False)
 """)
 
 

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 import mfv.render.batch as batch_module
-import mfv.render.fourier as fourier_module
-import mfv.render.maco as maco_module
-import mfv.render.paper as paper_module
+import mfv.render.recipes.base as loop_module
+import mfv.render.recipes.paper as paper_module
 from mfv.core.errors import MfvError
 from mfv.models import Preprocess, load_model
 from mfv.models.passes import Forward, prepared
@@ -295,7 +294,7 @@ RENDER = Path(batch_module.__file__).parent
 # The step counters of torch's optimizers live on the CPU (not `capturable`): reading them is
 # no device sync. The CPU TV backend (tv.py) works on host arrays by design; on CUDA the loops
 # use its torch backend.
-ALLOWED = (str(Path(torch.optim.Optimizer.__module__.replace(".", "/"))), str(RENDER / "tv.py"))
+ALLOWED = (str(Path(torch.optim.Optimizer.__module__.replace(".", "/"))), str(RENDER / "tv"))
 READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
 
 
@@ -337,7 +336,7 @@ def host_reads_in_loops() -> Iterator[Counter]:
         def close(self):
             state["inside"] -= 1
 
-    modules = (fourier_module, maco_module, paper_module)
+    modules = (loop_module,)  # the recipes' shared loop owns the progress bar
     saved = [m.tqdm for m in modules]
     for m in modules:
         m.tqdm = Bar

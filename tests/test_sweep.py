@@ -19,6 +19,7 @@ import mfv
 from mfv.cli import main
 from mfv.data.sources import from_folder
 from mfv.models.targets import parse_targets
+from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
 from mfv.study.layers import MEASURES, block_layers, sweep
 from test_orchestration import CLASSES, PRE, make_images, net
@@ -51,10 +52,11 @@ def test_the_streaming_top_n_of_every_unit_equals_a_brute_force_ranking(tmp_path
     model = tiny()
     targets = parse_targets(["conv1:*", "conv2:*", "fc:*"], model)
     listed = from_folder(images)
-    full = scan(model, listed, targets, tmp_path / "a", batch_size=3, chunk_batches=2,
-                workers=0, mode="full", progress=False)
-    streamed = scan(model, listed, targets, tmp_path / "b", batch_size=3, chunk_batches=2,
-                    workers=0, mode="topn", top_n=7, progress=False)
+    small = {"batch_size": 3, "chunk_batches": 2, "workers": 0}
+    full = scan(model, listed, targets, tmp_path / "a", ScanOptions(**small, mode="full"),
+                progress=False)
+    streamed = scan(model, listed, targets, tmp_path / "b",
+                    ScanOptions(**small, mode="topn", top_n=7), progress=False)
     assert streamed.activations is None
     for t in range(len(targets)):
         values = np.where(full.valid, full.activations[:, t], -np.inf)
@@ -128,3 +130,24 @@ def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys
                  "--out", str(tmp_path / "run"), "--quiet"])
     assert code == 2 and "has no layer '_blokcs.4'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images):
+    """One definition of a facet's representatives and mean image: `mfv run` on a unit and the
+    sweep's example of the same unit, under the same settings (`--mean-resize squash` here, not
+    the default), store the same pictures."""
+    same = dict(top_n=16, embedding="pca", mean_of=3, mean_resize="squash", reduction="mean",
+                progress=False, device="cpu", scan_batch_size=4)
+    doc = sweep(model=tiny(), images=str(images), out=str(tmp_path / "sweep"), layers="relu2",
+                units=4, embedder="efficientnet_lite0", **same)
+    example = doc["layers"][0]["examples"][0]
+    unit = next(u for u in doc["layers"][0]["units"] if u["unit"] == example["unit"])
+    results = mfv.run(model=tiny(), images=str(images), out=str(tmp_path / "run"),
+                      targets=[f"relu2:{unit['unit']}"], selection="top", facets="auto",
+                      until="facets", **same)
+    facets = results.targets[0].facets
+    assert [f.size for f in facets] == unit["sizes"] and len(facets) >= 1
+    for facet, shown in zip(facets, example["facets"], strict=True):
+        made = np.asarray(Image.open(tmp_path / "run" / facet.mean_image))
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sweep" /
+                                                            shown["mean_image"])), made)

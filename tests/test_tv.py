@@ -1,7 +1,7 @@
 """tv_bregman must reproduce the paper's skimage call: denoise_tv_bregman on an (H, W, 3) 0..255
 array with the old single-kernel behaviour, i.e. skimage >= 0.19 with channel_axis=None, with
-every backend and method (acceptance: mean |difference| <= 0.5 grey levels for weights 0.001..2).
-The numba backend, ``auto``'s choice on the CPU, runs skimage's own sweep: equal to rounding.
+both backends (acceptance: mean |difference| <= 0.5 grey levels for weights 0.001..2). The
+numba backend, ``auto``'s choice on the CPU, runs skimage's own sweep: equal to rounding.
 """
 
 from __future__ import annotations
@@ -14,17 +14,16 @@ from PIL import Image
 from skimage import data, transform
 from skimage.restoration import denoise_tv_bregman
 
-import mfv.render.tv as tv_module
+import mfv.render.tv.kernels as tv_module
 from mfv.core.errors import MfvError
 from mfv.render.tv import tv_bregman
+from mfv.render.tv.sweep import torch_tv
 
 PAPER_WEIGHTS = (0.001, 0.01, 0.05, 0.1, 0.4, 0.8, 2.0)
-# (backend, method) pairs, and how close each must be to skimage on photos: (mean, max) levels.
+# Backends, and how close each must be to skimage on photos: (mean, max) grey levels.
 VARIANTS = {
-    ("skimage", "exact"): (1e-4, 1e-3),  # skimage itself in float64, cast to float32
-    ("numba", "exact"): (1e-4, 1e-3),  # skimage's sweep in float32: measured <= 2e-5, 2e-4
-    ("torch", "exact"): (1e-3, 1e-2),  # the same iterates up to float32 rounding
-    ("torch", "fast"): (0.05, 1.5),  # red-black sweep: measured <= 0.02 mean
+    "numba": (1e-4, 1e-3),  # skimage's sweep in float32: measured <= 2e-5, 2e-4
+    "torch": (1e-3, 1e-2),  # the same iterates up to float32 rounding
 }
 
 
@@ -75,13 +74,12 @@ def photo_batch(photos):
     return imgs, weights, refs, _to_torch(imgs, torch.float32)
 
 
-@pytest.mark.parametrize(("backend", "method"), list(VARIANTS))
-def test_float32_batch_matches_skimage_on_photos(photo_batch, backend, method):
+@pytest.mark.parametrize("backend", list(VARIANTS))
+def test_float32_batch_matches_skimage_on_photos(photo_batch, backend):
     imgs, weights, refs, batch = photo_batch
-    out = tv_bregman(batch, torch.tensor(weights, dtype=torch.float64), method=method,
-                     backend=backend)
+    out = tv_bregman(batch, torch.tensor(weights, dtype=torch.float64), backend=backend)
     assert out.dtype == torch.float32 and out.shape == batch.shape
-    mean_tol, max_tol = VARIANTS[backend, method]
+    mean_tol, max_tol = VARIANTS[backend]
     for k, (img, ref, w) in enumerate(zip(imgs, refs, weights, strict=True)):
         diff = np.abs(out[k].permute(1, 2, 0).double().numpy() - ref)
         assert diff.mean() < mean_tol, (w, diff.mean())
@@ -93,16 +91,12 @@ def test_float32_batch_matches_skimage_on_photos(photo_batch, backend, method):
     assert tv[-1] < _tv_l1(batch[:1])[0]  # weight 2 still denoises
 
 
-def test_auto_is_numba_on_cpu_and_skimage_without_numba(photo_batch, monkeypatch):
+def test_auto_is_numba_on_cpu(photo_batch):
     _, _, _, batch = photo_batch
     x = batch[[1, 4], :, :80, :90]
     torch.testing.assert_close(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="numba"),
                                rtol=0, atol=0)
-    monkeypatch.setattr(tv_module, "numba", None)  # as if numba were not installed
-    torch.testing.assert_close(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="skimage"),
-                               rtol=0, atol=0)
-    with pytest.raises(MfvError, match="numba"):
-        tv_bregman(x, 0.4, backend="numba")
+    assert not torch.equal(tv_bregman(x, 0.4), tv_bregman(x, 0.4, backend="torch"))
 
 
 @pytest.mark.parametrize("isotropic", [True, False])
@@ -116,26 +110,19 @@ def test_float64_torch_exact_equals_skimage_to_rounding(isotropic):
     x = _to_torch([img] * 3, torch.float64)
     exact = tv_bregman(x, torch.tensor(weights, dtype=torch.float64), isotropic=isotropic,
                        backend="torch")
-    fast = tv_bregman(x, torch.tensor(weights, dtype=torch.float64), isotropic=isotropic,
-                      method="fast", backend="torch")
     for k, w in enumerate(weights):
         ref = _skimage(img, w, isotropic=isotropic)
         np.testing.assert_allclose(exact[k].permute(1, 2, 0).numpy(), ref, rtol=0, atol=1e-8)
-        # The red-black sweep is another iteration, not a rounding of this one ...
-        fast_diff = np.abs(fast[k].permute(1, 2, 0).numpy() - ref)
-        assert fast_diff.max() > 1e-4
-        # ... that lands close (anisotropic at small weights hits the cap unconverged: ~0.1).
-        assert fast_diff.mean() < (0.05 if isotropic or w > 0.1 else 0.3), (w, fast_diff.mean())
 
 
-@pytest.mark.parametrize(("backend", "method"), list(VARIANTS))
-def test_batch_equals_each_sample_alone(backend, method):
+@pytest.mark.parametrize("backend", list(VARIANTS))
+def test_batch_equals_each_sample_alone(backend):
     """Per-sample stopping: converged samples freeze while the others keep iterating (one torch
     chunk: the batch is small). Single channel, which skimage would squeeze away."""
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 24, 31, generator=gen, dtype=torch.float64) * 255.0
     weights = torch.tensor([0.002, 2.0, 0.05, 0.5], dtype=torch.float64)
-    kwargs = {"max_iter": 60, "eps": 0.05, "method": method, "backend": backend}
+    kwargs = {"max_iter": 60, "eps": 0.05, "backend": backend}
     batched = tv_bregman(x, weights, **kwargs)
     assert batched.shape == x.shape
     for k in range(4):
@@ -146,17 +133,14 @@ def test_batch_equals_each_sample_alone(backend, method):
     assert (longer - batched[:1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["exact", "fast"])
-def test_reading_the_stopping_test_less_often_changes_nothing(method):
+def test_reading_the_stopping_test_less_often_changes_nothing():
     """Accelerators read the per-sample stopping test back every few iterations only; samples
     that stopped in between stay frozen, so the result equals checking every iteration."""
-    from mfv.render.tv import _torch_tv
-
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 20, 26, generator=gen, dtype=torch.float64) * 255.0
     wt = torch.tensor([0.01, 0.5, 2.0], dtype=torch.float64).view(3, 1, 1, 1)
-    every = _torch_tv(x, wt, 100, 0.05, True, method, check_every=1)
-    sparse = _torch_tv(x, wt, 100, 0.05, True, method, check_every=8)
+    every = torch_tv(x, wt, 100, 0.05, True, check_every=1)
+    sparse = torch_tv(x, wt, 100, 0.05, True, check_every=8)
     assert torch.equal(every, sparse)
 
 
@@ -174,30 +158,20 @@ def test_a_bad_weight_is_refused_before_any_work():
             tv_bregman(torch.cat([x, x]), bad)
 
 
-def test_skimage_thread_pool_equals_one_call_per_sample():
-    x = torch.rand(3, 3, 20, 17, generator=torch.Generator().manual_seed(2)) * 255.0
-    weights = torch.tensor([0.01, 0.2, 1.5], dtype=torch.float64)
-    torch.set_num_threads(2)  # `_one_thread` restores the previous setting afterwards
-    pooled = tv_bregman(x, weights, backend="skimage")
-    for k in range(3):
-        ref = _skimage(x[k].permute(1, 2, 0).double().numpy(), float(weights[k]))
-        np.testing.assert_allclose(pooled[k].permute(1, 2, 0).numpy(), ref, rtol=0, atol=1e-4)
-
-
 def test_chunked_torch_cpu_batches_equal_one_call_per_image(photo_batch):
     """Two 227x227x3 images exceed one CPU chunk: the result equals one call per image."""
     _, _, _, batch = photo_batch
     x, w = batch[[0, 8]], torch.tensor([0.05, 1.0], dtype=torch.float64)
-    together = tv_bregman(x, w, max_iter=15, backend="torch", method="fast")
+    together = tv_bregman(x, w, max_iter=15, backend="torch")
     for k in range(2):
-        alone = tv_bregman(x[k : k + 1], float(w[k]), max_iter=15, backend="torch", method="fast")
+        alone = tv_bregman(x[k : k + 1], float(w[k]), max_iter=15, backend="torch")
         torch.testing.assert_close(together[k : k + 1], alone, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("backend", "method"), list(VARIANTS))
-def test_shape_dtype_device_and_fixed_points(backend, method):
+@pytest.mark.parametrize("backend", list(VARIANTS))
+def test_shape_dtype_device_and_fixed_points(backend):
     const = torch.full((2, 3, 9, 8), 100.0, dtype=torch.float16)
-    out = tv_bregman(const, 0.05, method=method, backend=backend)
+    out = tv_bregman(const, 0.05, backend=backend)
     assert out.shape == const.shape and out.dtype == torch.float16 and out.device == const.device
     torch.testing.assert_close(out, const)  # a constant image is a fixed point
     x = torch.rand(1, 3, 8, 8) * 255
@@ -213,9 +187,8 @@ def test_shape_dtype_device_and_fixed_points(backend, method):
         (torch.zeros(2, 3, 8, 8), {"weight": 0.0}),  # weight must be positive
         (torch.zeros(2, 3, 8, 8), {"weight": torch.tensor([0.1, 0.2, 0.3])}),  # wrong batch size
         (torch.zeros(2, 3, 8, 8), {"weight": float("nan")}),
-        (torch.zeros(2, 3, 8, 8), {"method": "jacobi"}),
+        (torch.zeros(2, 3, 8, 8), {"backend": "skimage"}),  # not kept: numba runs its sweep
         (torch.zeros(2, 3, 8, 8), {"backend": "numpy"}),
-        (torch.zeros(2, 3, 8, 8, device="meta"), {"backend": "skimage"}),  # CPU only
         (torch.zeros(2, 3, 8, 8, device="meta"), {"backend": "numba"}),  # CPU only
     ],
 )

@@ -20,9 +20,9 @@ _EXPORTS = {
     "sweep": "mfv.study.layers",
     "Settings": "mfv.runtime.settings", "make_settings": "mfv.runtime.settings",
     "load_model": "mfv.models", "LoadedModel": "mfv.models", "Preprocess": "mfv.data.preprocess",
-    "MfvError": "mfv.core.errors",
+    "MfvError": "mfv.core.errors", "visualize": "mfv.api", "open": "mfv.results.read",
 }
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(set(_EXPORTS) - {"open"})  # `from mfv import *` keeps the builtin open
 
 
 def __getattr__(name: str) -> Any:

@@ -10,8 +10,12 @@ option the user gives wins over the preset, also when it equals mfv's general de
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
+from mfv.render.recipes import DEFAULT
+from mfv.results.model import Results
 from mfv.runtime.pipeline import run, scan_images
 from mfv.runtime.settings import Settings, make_settings
 from mfv.scan.scanner import ScanResult
@@ -19,9 +23,10 @@ from mfv.scan.scanner import ScanResult
 PRESET = {
     "out": "mfv-demo", "model": "efficientnet_lite0", "images": "demo",
     "scan_targets": ("_fc:*", "_blocks.10:*"), "selection": "top", "top_n": 60, "facets": 3,
-    "mean_of": 10, "steps": 48, "recipes": ("anchored",), "batch_size": 24,
+    "mean_of": 10, "steps": 48, "recipes": (DEFAULT,), "batch_size": 24,
 }
 MIN_CROPS = 20
+log = logging.getLogger(__name__)
 
 
 def choose_targets(result: ScanResult, n_classes: int = 2, n_channels: int = 2,
@@ -62,14 +67,13 @@ def demo_settings(settings: Settings | None = None) -> Settings:
     """The demo's preset, overridden by every option set in `settings` (`Settings.given`),
     whatever its value (targets excepted: the demo chooses them)."""
     given = {} if settings is None else {
-        k: v for k, v in settings.model_dump().items()
-        if k in settings.given and k not in ("targets", "scan_targets")}
+        k: settings.value(k) for k in settings.given - {"targets", "scan_targets"}}
     return make_settings(**{**PRESET, **given})
 
 
-def demo(settings: Settings | None = None) -> dict:
+def demo(settings: Settings | None = None) -> Results:
     """Run the demo (`demo_settings`): scan the pool, choose targets, run the pipeline."""
     preset = demo_settings(settings)
-    chosen = choose_targets(scan_images(preset.updated(targets=())), top_n=preset.top_n)
-    print("demo targets: " + ", ".join(chosen))
+    chosen = choose_targets(scan_images(preset.updated(targets=())), top_n=preset.facets.top_n)
+    log.info("demo targets: %s", ", ".join(chosen))
     return run(preset.updated(targets=tuple(chosen)))

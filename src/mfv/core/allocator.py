@@ -9,7 +9,11 @@ forward+backward at batch 24 took 4.3-8.9 s of system time and 1.6-2.8 M page fa
 (`python benchmarks/allocator.py`). `keep_freed_memory` switches that off for this process (and
 the processes it forks) the way the `MALLOC_MMAP_MAX_` / `MALLOC_TRIM_THRESHOLD_` environment
 variables would. The price is a larger resident heap, so `release_free_memory` hands its free
-pages back between stages (once a stage, not once a step).
+pages back between stages (once a stage, not once a step; it changes no setting).
+
+A process-wide setting is its owner's choice: the `mfv` command and mfv's Ray workers call
+`keep_freed_memory`; a library call (`mfv.run`, `mfv.sweep`) never does, so a Python caller who
+wants the speed calls `mfv.core.allocator.keep_freed_memory()` once, before the runs.
 """
 
 from __future__ import annotations

@@ -43,6 +43,16 @@ class RunLayout:
     def thumbs_dir(self) -> Path:
         return self.root / "report" / "thumbs"
 
+    @property
+    def own_folders(self) -> tuple[Path, ...]:
+        """The folders that hold what mfv made (never input: `mfv.data.sources` skips them)."""
+        return self.scans_dir, self.targets_dir, self.sweep_dir, self.thumbs_dir.parent
+
+    def holds_a_run(self) -> bool:
+        """Whether `root` is a run directory: mfv's lock file beside its settings or stores."""
+        return (self.root / ".lock").is_file() and any(
+            p.exists() for p in (self.root / "settings.json", self.scans_dir, self.targets_dir))
+
     def relative(self, path: Path) -> str:
         """A path inside the run as results.json writes it (relative, with forward slashes)."""
         return path.relative_to(self.root).as_posix()

@@ -7,6 +7,9 @@
 - `open_images(spec)`: picks one of the above from a command-line argument, or the embedded demo
   pool (`mfv.data.demo_pool`) for the string "demo".
 
+A run directory is never input: a folder walk leaves out the folders where a run directory (an
+`--out` inside `--images`, or the same folder) keeps what mfv made, and says so in one warning.
+
 Listing never opens an image: it only names files (and `ImageList.fingerprint` only stats them),
 so a named pipe, a device or a huge file in the folder cannot block or fill memory here. Whether a
 listed file is a usable image is decided when it is decoded (`mfv.data.images.load_rgb`), which
@@ -16,18 +19,22 @@ reports bad ones with a reason.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mfv.core.errors import MfvError
+from mfv.core.layout import RunLayout
 from mfv.data.demo_pool import demo_pool
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 LIST_EXTENSIONS = frozenset({".txt", ".lst"})
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,12 +94,14 @@ def _is_image_name(name: str) -> bool:
 
 
 def _walk_images(root: str) -> list[str]:
-    """Relative paths of image files under `root`, recursively, skipping hidden entries.
+    """Relative paths of image files under `root`, recursively, skipping hidden entries and the
+    folders where a run directory keeps what mfv made (one warning names the run directories).
 
     Any non-directory entry with an image extension is listed (pipes and devices too, so that
     decoding reports them); directories are descended into whatever their name.
     """
     found: list[str] = []
+    runs: list[str] = []
     seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -101,10 +110,19 @@ def _walk_images(root: str) -> list[str]:
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        run = RunLayout(dirpath)
+        if run.holds_a_run():
+            runs.append(dirpath)
+            own = {p.name for p in run.own_folders}
+            dirnames[:] = [d for d in dirnames if d not in own]
         rel_dir = os.path.relpath(dirpath, root)
         for name in filenames:
             if not name.startswith(".") and _is_image_name(name):
                 found.append(name if rel_dir == "." else os.path.join(rel_dir, name))
+    if runs:
+        log.warning("images: left out what mfv made in the run director%s %s (a run's pictures "
+                    "and thumbnails are never scanned as input)", "y" if len(runs) == 1 else
+                    "ies", ", ".join(runs))
     return sorted(found, key=lambda rel: Path(rel).parts)
 
 
@@ -131,9 +149,11 @@ def from_folder(root: str | os.PathLike) -> ImageList:
 def from_list(list_file: str | os.PathLike) -> ImageList:
     """Images named in a text file: one path per line, optionally `<TAB>label`.
 
-    Relative paths are resolved against the list file's folder; blank lines and lines starting
-    with `#` are ignored. Listed files are not checked here: missing or broken ones are reported
-    when decoded, like every other bad image.
+    Relative paths are resolved against the list file's folder (not the current directory: a
+    list means the same wherever it is used from); one warning says so when relative paths are
+    missing there but exist in the current directory. Blank lines and lines starting with `#`
+    are ignored. Listed files are not checked here: missing or broken ones are reported when
+    decoded, like every other bad image.
     """
     list_s = os.fspath(list_file)
     try:
@@ -144,6 +164,7 @@ def from_list(list_file: str | os.PathLike) -> ImageList:
         raise MfvError(f"cannot read image list {list_s!r}: {exc}") from None
     base = os.path.dirname(list_s)
     items = []
+    elsewhere: list[str] = []  # relative paths found from the current directory, not the list's
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#"):
@@ -151,10 +172,17 @@ def from_list(list_file: str | os.PathLike) -> ImageList:
         path, _, label = line.partition("\t")
         path, label = path.strip(), label.strip()
         if not os.path.isabs(path):
+            if base and not os.path.lexists(os.path.join(base, path)) and os.path.lexists(path):
+                elsewhere.append(path)
             path = os.path.join(base, path)
         items.append(ImageItem(path, label or None))
     if not items:
         raise MfvError(f"image list {list_s!r} names no images")
+    if elsewhere:
+        log.warning("images: %d relative path(s) of %s (first: %s) are not in the list's folder "
+                    "%s but are in the current directory; a list's relative paths are read from "
+                    "its own folder: write them relative to it, or absolute", len(elsewhere),
+                    list_s, elsewhere[0], base)
     return ImageList(tuple(items), f"list {list_s}")
 
 

@@ -34,20 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mfv.core.errors import MfvError
-from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT, mix_channels
+from mfv.data.colour import color_matrix, mix_channels
 
 SIGMOID_SLOPE = 4.0  # 1 / sigmoid'(0): u = 4 (x - 1/2) is the sigmoid's tangent at 0, inverted
-
-
-def color_matrix(dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-                 inverse: bool = False) -> Tensor:
-    """Lucid's colour correlation matrix normalized by its largest column norm (or its inverse):
-    decorrelated channels -> RGB, `mix_channels(C, z)`."""
-    color = torch.tensor(COLOR_CORRELATION_SVD_SQRT, dtype=torch.float64)
-    color = color / torch.linalg.vector_norm(color, dim=0).max()
-    if inverse:
-        color = torch.linalg.inv(color)
-    return color.to(device=device, dtype=dtype)
 
 
 def spectral_domain(images: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ independent judges."""
 from mfv.core.lazy import lazy_exports
 
 _EXPORTS = {
+    "Case": "mfv.evaluate.evaluation",
     "evaluate_target": "mfv.evaluate.evaluation",
     "networks": "mfv.evaluate.evaluation",
     "Network": "mfv.evaluate.evaluation",

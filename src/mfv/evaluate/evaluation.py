@@ -16,14 +16,13 @@ the optimized network alone.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from mfv.data.images import BadImageError, load_rgb
 from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
@@ -40,9 +39,11 @@ from mfv.models import LoadedModel, load_model
 from mfv.models.activations import TargetBank, capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import inference, laid_out
+from mfv.models.read import channel_means, read_photos
 from mfv.models.targets import LayerRef, Target, resolve_layer
 from mfv.render.anchor import depth_layers
 from mfv.render.objective import central_box
+from mfv.results.metrics import means
 
 PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
 PATH_LAYERS = 5  # layers along the depth where the activation path is compared
@@ -93,20 +94,13 @@ class Network:
         with capture(self.model, layers) as store, inference(self.model) as forward:
             forward(images)
             out = {"code": store[self.code.key].flatten(1).float().cpu().numpy(),
-                   "path": [_channel_means(store[ref.key]) for ref in self.path]}
+                   "path": [channel_means(store[ref.key].float()).cpu().numpy()
+                            for ref in self.path]}
             if logits_ref is not None:
                 out["logits"] = store[logits_ref.key].float().cpu().numpy()
             if bank is not None:
                 out["values"] = bank(store).float().cpu().numpy()
         return out
-
-
-def _channel_means(acts: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) or tokens (B, N, C) → (B, C): each channel's mean over positions."""
-    acts = acts.float()
-    if acts.dim() == 4:
-        return acts.mean(dim=(2, 3)).cpu().numpy()
-    return (acts.mean(dim=1) if acts.dim() == 3 else acts).cpu().numpy()
 
 
 def networks(model: LoadedModel, code_ref: LayerRef, judge_names: Sequence[str]
@@ -130,19 +124,6 @@ def _centre_and_corners(image: np.ndarray, size: int) -> list[np.ndarray]:
         (size, size), Image.Resampling.BICUBIC)) for t, left in boxes]
 
 
-def _photos(paths: Sequence[str], net: LoadedModel) -> tuple[torch.Tensor | None, np.ndarray]:
-    """Real photos as a network's input (its own photo preprocessing), and the indices of
-    `paths` they are: unreadable ones are skipped."""
-    tensors, kept = [], []
-    for i, path in enumerate(paths):
-        try:
-            tensors.append(to_tensor(net.preprocess, load_rgb(path)))
-        except BadImageError:
-            continue
-        kept.append(i)
-    return (torch.stack(tensors).to(net.device) if tensors else None), np.array(kept, dtype=int)
-
-
 class _Judgement:
     """What the networks make of a group of pictures, as seen and centrally."""
 
@@ -157,31 +138,36 @@ class _Judgement:
         self.judges_central = [j.read(to_input(j.model, central)) for j in judges]
 
 
-def evaluate_target(own: Network, judges: Sequence[Network], target: Target,
-                    facets: FacetResult, pictures: Sequence[Picture],
-                    members: Sequence[Sequence[str]], real_max: float,
-                    truth: np.ndarray | None, seed: int = 0) -> dict:
-    """Every metric of one target: per facet and recipe, and for the target as a whole.
+@dataclass(frozen=True)
+class Case:
+    """One target as evaluate judges it: its facets and pictures, each facet's member photos
+    (`members[r]`: paths), the target's maximum over its selected photos (`real_max`), and the
+    true sub-type label of each selected photo (`truth`, for facet recovery) or None."""
 
-    `members[r]` are the paths of facet r's member photos, `real_max` the target's maximum over
-    its selected photos, `truth` the true sub-type label of each selected photo (for facet
-    recovery), or None.
-    """
+    target: Target
+    facets: FacetResult
+    pictures: Sequence[Picture]
+    members: Sequence[Sequence[str]]
+    real_max: float
+    truth: np.ndarray | None = None
+
+
+def evaluate_target(own: Network, judges: Sequence[Network], case: Case, seed: int = 0) -> dict:
+    """Every metric of one target: per facet and recipe, and for the target as a whole."""
     with contextlib.ExitStack() as stack:  # every network's weights laid out once, not per read
         for net in (own, *judges):
             stack.enter_context(laid_out(net.model))
-        centres = np.stack([f.code_centre for f in facets.facets])
-        entry: dict = {"facets": {}, "target": {"activation_max_real": real_max}}
+        entry: dict = {"facets": {}, "target": {"activation_max_real": case.real_max}}
+        truth = case.truth
         if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
-            entry["target"]["recovery"] = recovery(facets.assignment, truth)
-        reference = _references(own, judges, members, seed)
-        for recipe in dict.fromkeys(p.recipe for p in pictures):
+            entry["target"]["recovery"] = recovery(case.facets.assignment, truth)
+        reference = _references(own, judges, case.members, seed)
+        for recipe in dict.fromkeys(p.recipe for p in case.pictures):
             for kind in ("facet", "random"):
-                group = sorted((p for p in pictures if p.recipe == recipe and p.kind == kind),
+                group = sorted((p for p in case.pictures if p.recipe == recipe and p.kind == kind),
                                key=lambda p: p.rank)
                 if group:
-                    _evaluate_group(entry, own, judges, target, facets, centres, group, recipe,
-                                    kind, real_max, reference)
+                    _evaluate_group(entry, own, judges, case, group, reference)
         return entry
 
 
@@ -189,45 +175,39 @@ def _references(own: Network, judges: Sequence[Network], members: Sequence[Seque
                 seed: int) -> list[dict]:
     """Per facet: a seeded sample of its members as the own network and the last judge see
     them (path channel means, judge codes); each network reads every facet's sample in one
-    pass."""
+    pass (`mfv.models.read`)."""
     rng = np.random.default_rng(seed)
     chosen = [[paths[i] for i in sorted(rng.choice(len(paths), min(len(paths),
                                                                 PLAUSIBILITY_MEMBERS),
                                                    replace=False))] for paths in members]
+    paths = [p for group in chosen for p in group]
+    group_of = np.repeat(np.arange(len(chosen)), [len(g) for g in chosen])
     out: list[dict] = [{} for _ in members]
     if own.path:
-        for ref, read in zip(out, _read_groups(own, chosen), strict=True):
-            if read is not None:
-                ref["path"] = [p.mean(0) for p in read["path"]]
+        read = read_photos(own.model, paths, own.path, channel_means, batch_size=READ_BATCH)
+        for ref, rows in _by_group(out, group_of[read.kept]):
+            ref["path"] = [layer[rows].mean(0) for layer in read.outputs]
     if judges:
-        for ref, read in zip(out, _read_groups(judges[-1], chosen), strict=True):
-            if read is not None:
-                ref["judge_codes"] = read["code"]
+        read = read_photos(judges[-1].model, paths, [judges[-1].code], batch_size=READ_BATCH)
+        for ref, rows in _by_group(out, group_of[read.kept]):
+            ref["judge_codes"] = read.outputs[0][rows]
     return out
 
 
-def _read_groups(net: Network, groups: Sequence[Sequence[str]]) -> list[dict | None]:
-    """`net.read` of several groups of photos in one pass, split back per group (None for a
-    group none of whose photos could be read)."""
-    photos, owner = _photos([p for group in groups for p in group], net.model)
-    if photos is None:
-        return [None] * len(groups)
-    parts = [net.read(photos[s:s + READ_BATCH]) for s in range(0, len(photos), READ_BATCH)]
-    read = {"code": np.concatenate([r["code"] for r in parts]),
-            "path": [np.concatenate(layer)
-                     for layer in zip(*(r["path"] for r in parts), strict=True)]}
-    group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])[owner]
-    out: list[dict | None] = []
-    for g in range(len(groups)):
-        rows = np.flatnonzero(group_of == g)
-        out.append({"code": read["code"][rows], "path": [p[rows] for p in read["path"]]}
-                   if len(rows) else None)
-    return out
+def _by_group(out: list[dict], owner: np.ndarray) -> Iterator[tuple[dict, np.ndarray]]:
+    """Each group's entry and its rows of a reading (groups none of whose photos could be read
+    are left out)."""
+    for g, entry in enumerate(out):
+        rows = np.flatnonzero(owner == g)
+        if len(rows):
+            yield entry, rows
 
 
-def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target: Target,
-                    facets: FacetResult, centres: np.ndarray, group: Sequence[Picture],
-                    recipe: str, kind: str, real_max: float, reference: list[dict]) -> None:
+def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], case: Case,
+                    group: Sequence[Picture], reference: list[dict]) -> None:
+    """The metrics of one recipe's pictures of one kind (facet or random starts)."""
+    target, facets, recipe, kind = case.target, case.facets, group[0].recipe, group[0].kind
+    centres = np.stack([f.code_centre for f in facets.facets])
     seen = _Judgement(own, judges, target, group)
     per: list[dict] = []
     dominance = _dominance(own, target, [p.image for p in group])
@@ -237,7 +217,7 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target
         for view, data in (("", seen.seen), ("_central", seen.central)):
             value = float(data["values"][i, 0])
             m[f"activation{view}"] = value
-            m[f"activation_ratio{view}"] = activation_ratio(value, real_max)
+            m[f"activation_ratio{view}"] = activation_ratio(value, case.real_max)
             if facet is not None:
                 m[f"activation_ratio_facet{view}"] = activation_ratio(value, facet.activation_max)
         m["centre_dominance"] = dominance[i]
@@ -267,7 +247,7 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target
     if kind == "facet":
         for picture, m in zip(group, per, strict=True):
             entry["facets"].setdefault(f"facet{picture.rank:02d}", {})[recipe] = m
-    stats = _means(per) if kind == "random" else {}
+    stats = means(per) if kind == "random" else {}
     stats["diversity"] = diversity(seen.seen["code"])
     stats["diversity_central"] = diversity(seen.central["code"])
     if target.classes:
@@ -276,13 +256,6 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], target
         stats["coverage"] = {name: coverage(logits, target.classes) for name, logits in nets
                              if logits is not None}
     entry["target"].setdefault(kind, {})[recipe] = stats
-
-
-def _means(per: Sequence[dict]) -> dict:
-    """Means of the numeric metrics of several pictures (random starts)."""
-    keys = [k for k in per[0] if isinstance(per[0][k], (int, float)) and
-            not isinstance(per[0][k], bool)]
-    return {k: float(np.mean([m[k] for m in per if m.get(k) is not None])) for k in keys}
 
 
 def _dominance(own: Network, target: Target, images: Sequence[np.ndarray]) -> list[float]:
@@ -294,13 +267,11 @@ def _dominance(own: Network, target: Target, images: Sequence[np.ndarray]) -> li
 
 
 def summary(per_target: dict[str, dict]) -> dict:
-    """Means over all facets of all targets, per recipe, for the report's headline."""
-    rows: dict[str, dict[str, list]] = {}
+    """Per recipe, every scalar metric averaged over all facets of all targets (by its rule in
+    `mfv.results.metrics`), for the report's headline."""
+    pictures: dict[str, list[dict]] = {}
     for entry in per_target.values():
         for metrics in entry["facets"].values():
             for recipe, m in metrics.items():
-                for key, value in m.items():
-                    if isinstance(value, (int, float, bool)) and value is not None:
-                        rows.setdefault(recipe, {}).setdefault(key, []).append(float(value))
-    return {recipe: {k: float(np.nanmean(v)) for k, v in metrics.items()}
-            for recipe, metrics in rows.items()}
+                pictures.setdefault(recipe, []).append(m)
+    return {recipe: means(group) for recipe, group in pictures.items()}

@@ -9,7 +9,7 @@ _EXPORTS = {
     "facet_means": "mfv.facets.find",
     "Facet": "mfv.facets.find",
     "FacetResult": "mfv.facets.find",
-    "FacetOptions": "mfv.facets.find",
+    "FacetOptions": "mfv.facets.options",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

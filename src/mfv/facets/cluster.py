@@ -20,7 +20,6 @@ from sklearn.metrics import silhouette_score
 
 from mfv.core.errors import MfvError
 
-EMBEDDINGS = ("tsne", "pca", "umap")  # what `--embedding` accepts
 AUTO_K_TOLERANCE = 0.02  # silhouette points: prefer fewer facets when scores are this close
 SILHOUETTE_SAMPLE = 4000  # silhouette on at most this many points (seeded sample) for speed
 LARGE_N = 5000  # above this, t-SNE uses FFT gradients and a shorter schedule
@@ -153,7 +152,9 @@ def _tsne(reduced, perplexity, tsne_iter, seed, n_jobs, settings) -> np.ndarray:
         TSNE = None  # noqa: N806
     if TSNE is not None:
         method = "fft" if large else "bh"
-        settings.update(embedding_used="tsne (openTSNE)", tsne_gradient=method)
+        perp = min(perp, (n - 1) / 3.0)  # openTSNE's own limit (else it logs that it clamps)
+        settings.update(embedding_used="tsne (openTSNE)", tsne_gradient=method,
+                        perplexity_used=perp)
         est = TSNE(
             n_components=2,
             perplexity=perp,

@@ -47,9 +47,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from mfv.core.errors import MfvError
-from mfv.facets.cluster import EMBEDDINGS, Embedding, cluster, dissolve_small, merge_close
-
-POLICIES = ("class", "top", "auto")
+from mfv.facets.cluster import Embedding, cluster, dissolve_small, merge_close
+from mfv.facets.options import POLICIES, FacetOptions
 
 
 @dataclass
@@ -83,6 +82,16 @@ class FacetResult:
     settings: dict[str, Any] = field(default_factory=dict)
     scores: dict[int, float] = field(default_factory=dict)  # silhouette per k (auto k only)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step
+    # patch facets (`mfv.facets.patches`): each selected image's crop (top, left, height,
+    # width) in the scanned frame, rows in the order of `selected`; None for whole photos
+    boxes: np.ndarray | None = None
+
+    def box_of(self, index: int) -> tuple[int, int, int, int] | None:
+        """The crop of original image `index` that was clustered, or None (whole photo)."""
+        if self.boxes is None:
+            return None
+        row = np.flatnonzero(self.selected == index)
+        return tuple(int(v) for v in self.boxes[row[0]]) if row.size else None
 
 
 # --------------------------------------------------------------------------- selection
@@ -141,28 +150,16 @@ def select_images(
 # --------------------------------------------------------------------------- facets
 
 
-@dataclass(frozen=True)
-class FacetOptions:
-    """How a target's facets are found (the run's settings of the facets stage)."""
-
-    selection: str = "auto"
-    top_n: int = 200
-    k: int | str = 10
-    m: int = 15
-    embedding: str = "tsne"
-    merge: bool | None = None
-    min_size: int = 1
-    seed: int = 0
-
-
-def facets_of_target(activations: np.ndarray, codes: np.ndarray, valid: np.ndarray,
+def facets_of_target(activations: np.ndarray,
+                     codes: np.ndarray | Callable[[np.ndarray], np.ndarray], valid: np.ndarray,
                      labels: np.ndarray | None, classes: tuple[int, ...],
                      options: FacetOptions, name: str = "target") -> FacetResult:
     """The facets of one target over a scanned collection.
 
     `activations` (N,) hold the target on every image (NaN where unknown), `codes` (N, D) the
-    images' codes, `valid` (N,) which images decoded, `labels` (N,) their class indices (or
-    None), `classes` the classes whose images drive the target (its positively weighted class
+    images' codes (or a function giving the (n, D) codes of the selected images, e.g. of their
+    patches), `valid` (N,) which images decoded, `labels` (N,) their class indices (or None),
+    `classes` the classes whose images drive the target (its positively weighted class
     logits). Selection follows the paper: all images of the class for a class neuron (for a sum
     of class logits, of any of its classes), the top-N for other units.
     """
@@ -177,9 +174,12 @@ def facets_of_target(activations: np.ndarray, codes: np.ndarray, valid: np.ndarr
     chosen = select_images(activations, in_class, 1 if in_class is not None else None,
                            options.selection, options.top_n, name=name)
     chosen = chosen[valid[chosen]]
-    result = find_facets(codes, np.nan_to_num(activations, nan=0.0), chosen, k=options.k,
-                         m=options.m, embedding=options.embedding, merge=options.merge,
-                         min_size=options.min_size, seed=options.seed, name=name)
+    acts = np.nan_to_num(activations, nan=0.0)
+    if callable(codes):  # codes of the selected images only: cluster them, then re-index
+        result = _reindexed(find_facets(codes(chosen), acts[chosen], None, options, name=name),
+                            chosen)
+    else:
+        result = find_facets(codes, acts, chosen, options, name=name)
     by_class = (in_class is not None and options.selection != "top"
                 and bool(np.all(in_class[chosen] == 1)))
     result.settings["selection_policy"] = "class" if by_class else "top"
@@ -187,40 +187,32 @@ def facets_of_target(activations: np.ndarray, codes: np.ndarray, valid: np.ndarr
     return result
 
 
+def _reindexed(result: FacetResult, rows: np.ndarray) -> FacetResult:
+    """A clustering of `rows` of a collection, its indices (0..n-1) turned into those rows."""
+    for f in result.facets:
+        f.members, f.representatives = rows[f.members], rows[f.representatives]
+    result.selected = rows[result.selected]
+    return result
 
 
-def find_facets(
-    codes: np.ndarray,
-    activations: np.ndarray,
-    indices: np.ndarray | Sequence[int] | None = None,
-    *,
-    k: int | Literal["auto"] = 10,
-    m: int = 15,
-    embedding: Literal["tsne", "pca", "umap"] = "tsne",
-    merge: bool | None = None,
-    merge_threshold: float = 0.5,
-    min_size: int = 1,
-    k_range: tuple[int, int] = (2, 10),
-    perplexity: float = 30.0,
-    pca_dims: int = 50,
-    tsne_iter: int | None = None,
-    seed: int = 0,
-    n_jobs: int = 1,
-    name: str = "target",
-) -> FacetResult:
-    """Cluster the selected images of one target into facets (same inputs, seed and n_jobs give
-    identical facets).
+def find_facets(codes: np.ndarray, activations: np.ndarray,
+                indices: np.ndarray | Sequence[int] | None = None,
+                options: FacetOptions | None = None, *, name: str = "target",
+                n_jobs: int = 1) -> FacetResult:
+    """Cluster the selected images of one target into facets as `options` say (same inputs,
+    options and n_jobs give identical facets).
 
     `codes` (N, D) and `activations` (N,) hold one row per image of the original list; `indices`
     picks the rows to cluster (default: all), and facet members are reported as these row
-    indices. `name` is the target as the user wrote it, for messages. `tsne_iter` is the total
-    number of t-SNE iterations including 250 of early exaggeration (default 1000, or 500 with FFT
-    gradients above 5,000 images).
+    indices. `name` is the target as the user wrote it, for messages; `n_jobs` caps the
+    threads.
     """
+    o = options or FacetOptions()
+    k, m, merge_threshold, k_range = o.k, o.m, o.merge_threshold, o.k_range
     t_start = time.perf_counter()
     codes = np.asarray(codes)
     acts_all = np.asarray(activations, dtype=np.float64)
-    _check_args(codes, acts_all, k, m, embedding, merge_threshold, min_size, k_range, pca_dims)
+    _check_arrays(codes, acts_all)
     selected = _check_indices(indices, codes.shape[0])
     n = selected.size
     x = np.asarray(codes[selected], dtype=np.float64)
@@ -240,7 +232,7 @@ def find_facets(
             "or use --facets auto"
         )
     k = "auto" if k == "auto" else int(k)
-    do_merge = (k == "auto") if merge is None else bool(merge)
+    do_merge = (k == "auto") if o.merge is None else o.merge
     notes: list[str] = []
     settings: dict[str, Any] = {
         "name": name,
@@ -248,19 +240,19 @@ def find_facets(
         "k_requested": k,
         "k_range": list(k_range),
         "m": m,
-        "embedding": embedding,
+        "embedding": o.embedding,
         "merge": do_merge,
         "merge_threshold": merge_threshold,
-        "min_size": min_size,
-        "seed": seed,
+        "min_size": o.min_size,
+        "seed": o.seed,
         "n_jobs": n_jobs,
     }
     timings: dict[str, float] = {}
 
     # Cap BLAS/OpenMP threads: on a busy machine k-means' spinning OpenMP threads run 50x slower.
     with threadpool_limits(limits=None if n_jobs < 0 else n_jobs):
-        clustering = cluster(x, k, Embedding(embedding, perplexity, pca_dims, tsne_iter, seed,
-                                               n_jobs), k_range, name)
+        clustering = cluster(x, k, Embedding(o.embedding, o.perplexity, o.pca_dims, o.tsne_iter,
+                                             o.seed, n_jobs), k_range, name)
     settings.update(clustering.info)
     notes += clustering.notes
     timings.update(clustering.timings)
@@ -269,7 +261,7 @@ def find_facets(
     k_chosen, scores = clustering.k_chosen, clustering.scores
 
     t = time.perf_counter()
-    labels, dissolved = dissolve_small(labels, space, min_size)
+    labels, dissolved = dissolve_small(labels, space, o.min_size)
     merges: list[dict[str, Any]] = []
     if do_merge:
         labels, merges = merge_close(labels, reduced, merge_threshold)
@@ -293,27 +285,13 @@ def find_facets(
     )
 
 
-def _check_args(codes, acts, k, m, embedding, merge_threshold, min_size, k_range, pca_dims):
+def _check_arrays(codes: np.ndarray, acts: np.ndarray) -> None:
     if codes.ndim != 2:
         raise MfvError(f"codes must be a 2-D array (images x features), got shape {codes.shape}")
     if acts.shape != (codes.shape[0],):
         raise MfvError(
             f"activations shape {acts.shape} does not match the {codes.shape[0]} rows of codes"
         )
-    if k != "auto" and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
-        raise MfvError(f"the number of facets must be a positive integer or 'auto', got {k!r}")
-    if not isinstance(m, (int, np.integer)) or m < 1:
-        raise MfvError(f"m (images per mean image) must be a positive integer, got {m!r}")
-    if embedding not in EMBEDDINGS:
-        raise MfvError(f"unknown embedding {embedding!r}; use one of {', '.join(EMBEDDINGS)}")
-    if not merge_threshold >= 0:
-        raise MfvError(f"merge_threshold must be >= 0, got {merge_threshold!r}")
-    if min_size < 1:
-        raise MfvError(f"min_size must be at least 1, got {min_size}")
-    if len(k_range) != 2 or not 2 <= k_range[0] <= k_range[1]:
-        raise MfvError(f"k_range must be (low, high) with 2 <= low <= high, got {k_range!r}")
-    if pca_dims < 2:
-        raise MfvError(f"pca_dims must be at least 2, got {pca_dims}")
 
 
 def _check_indices(indices, n_rows: int) -> np.ndarray:

@@ -47,6 +47,8 @@ def reduce_unit(activation: torch.Tensor, unit: int, reduction: str) -> torch.Te
 
 def target_value(target: Target, store: dict[str, torch.Tensor]) -> torch.Tensor:
     """One target's value for each sample of a captured batch, shape (B,)."""
+    if target.sum_mode == "maps":
+        return TargetBank([target])(store)[:, 0]
     total = None
     for term in target.terms:
         value = term.weight * reduce_unit(store[term.layer.key], term.unit, target.reduction)
@@ -54,44 +56,109 @@ def target_value(target: Target, store: dict[str, torch.Tensor]) -> torch.Tensor
     return total
 
 
+def combined_maps(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sums of a layer's unit maps, one per row of `weights` (T, C): (B, T, H, W)
+    from (B, C, H, W), (B, N, T) from tokens (B, N, C), (B, T) from (B, C)."""
+    if activation.dim() == 3:
+        return activation @ weights.T
+    units = weights.abs().argmax(1)
+    scale = weights.gather(1, units[:, None])[:, 0]
+    if activation.dim() == 4 and bool(((weights != 0).sum(1) == 1).all()):  # one unit each
+        return activation.index_select(1, units) * scale.view(1, -1, 1, 1)
+    return torch.einsum("bc...,tc->bt...", activation, weights)
+
+
+def peak_cells(maps: torch.Tensor, reduction: str) -> torch.Tensor:
+    """(B, T, 2) the (row, column) where each (B, T, H, W) map is read: its centre for the
+    `center` reduction, else where it is largest (first such cell)."""
+    b, t, h, w = maps.shape
+    if reduction in ("center", "cls"):
+        flat = torch.full((b, t), (h // 2) * w + w // 2, dtype=torch.long, device=maps.device)
+    else:
+        flat = maps.flatten(2).argmax(2)
+    return torch.stack([flat // w, flat % w], dim=2)
+
+
 class TargetBank:
     """Many targets evaluated at once: per layer, reduced units times a weight matrix.
 
     Scanning all 1000 logits or every channel of a layer costs one matrix product per layer,
-    not one Python call per target.
+    not one Python call per target. A `maps` sum (`mfv.models.targets.SUMS`) first combines its
+    layer's maps with its weights, then reduces the combined map once.
     """
 
     def __init__(self, targets: Sequence[Target]) -> None:
         self.targets = list(targets)
-        self._groups: dict[tuple[LayerRef, str], list[tuple[int, int, float]]] = {}
+        self._groups: dict[tuple[LayerRef, str, bool], list[tuple[int, int, float]]] = {}
+        self._peaks: dict[tuple[LayerRef, str], list[tuple[int, int, float]]] = {}
         for t_index, target in enumerate(self.targets):
+            first = target.terms[0].layer
             for term in target.terms:
-                key = (term.layer, target.reduction)
+                key = (term.layer, target.reduction, target.sum_mode == "maps")
                 self._groups.setdefault(key, []).append((t_index, term.unit, term.weight))
+                if term.layer == first:
+                    self._peaks.setdefault((first, target.reduction), []).append(
+                        (t_index, term.unit, term.weight))
         self._weights: dict = {}
 
     @property
     def layers(self) -> list[LayerRef]:
-        return list(dict.fromkeys(ref for ref, _ in self._groups))
+        return list(dict.fromkeys(ref for ref, *_ in self._groups))
 
-    def _matrix(self, key, units: int, like: torch.Tensor) -> torch.Tensor:
-        cache_key = (key, units, like.device, like.dtype)
+    def _matrix(self, key, entries, units: int, like: torch.Tensor, compact: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weights of a group's terms, (T, units) (`compact`: only the group's targets, as
+        rows) and the target index of each row."""
+        cache_key = (key, compact, units, like.device, like.dtype)
         if cache_key not in self._weights:
-            w = torch.zeros(len(self.targets), units, dtype=like.dtype)
-            for t_index, unit, weight in self._groups[key]:
-                w[t_index, unit] += weight
-            self._weights[cache_key] = w.to(like.device)
+            rows = list(dict.fromkeys(t for t, _, _ in entries)) if compact else \
+                list(range(len(self.targets)))
+            where = {t: i for i, t in enumerate(rows)}
+            w = torch.zeros(len(rows), units, dtype=like.dtype)
+            for t_index, unit, weight in entries:
+                w[where[t_index], unit] += weight
+            self._weights[cache_key] = (w.to(like.device),
+                                        torch.tensor(rows, device=like.device))
         return self._weights[cache_key]
 
     def __call__(self, store: dict[str, torch.Tensor]) -> torch.Tensor:
         """Values of every target for every sample: (B, T)."""
         total = None
-        for key in self._groups:
-            ref, reduction = key
-            reduced = reduce_layer(store[ref.key], reduction)
-            part = reduced @ self._matrix(key, reduced.shape[1], reduced).T
+        for key, entries in self._groups.items():
+            ref, reduction, maps = key
+            act = store[ref.key]
+            if maps and act.dim() > 2:  # combine the maps, then reduce once
+                w, rows = self._matrix(key, entries, act.shape[-1 if act.dim() == 3 else 1],
+                                       act, compact=True)
+                reduced = reduce_layer(combined_maps(act, w), reduction)
+                part = act.new_zeros(act.shape[0], len(self.targets)).index_add(1, rows,
+                                                                                 reduced)
+            else:
+                reduced = reduce_layer(act, reduction)
+                part = reduced @ self._matrix(key, entries, reduced.shape[1], reduced,
+                                              compact=False)[0].T
             total = part if total is None else total + part
         return total
+
+    def peaks(self, store: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """Where each target peaks on each sample: (B, T, 2) (row, column) in its grid, -1
+        for a target whose first term's layer is not a spatial map, and each target's grid
+        (H, W) or None. The map is the weighted sum of the target's terms on that layer
+        (`combined_maps`); the place is its centre for `center`, else its argmax."""
+        batch = next(iter(store.values())).shape[0]
+        device = next(iter(store.values())).device
+        out = torch.full((batch, len(self.targets), 2), -1, dtype=torch.long, device=device)
+        grids: list = [None] * len(self.targets)
+        for key, entries in self._peaks.items():
+            ref, reduction = key
+            act = store[ref.key]
+            if act.dim() != 4:
+                continue
+            w, rows = self._matrix(("peak", *key), entries, act.shape[1], act, compact=True)
+            out[:, rows] = peak_cells(combined_maps(act.detach(), w), reduction)
+            for t in rows.tolist():
+                grids[t] = (int(act.shape[2]), int(act.shape[3]))
+        return out, grids
 
 
 @contextmanager

@@ -5,14 +5,20 @@ any module.
 preprocessing, its class names (for classifiers) and the path of its logits layer. mfv reads inner
 layers with forward hooks, so a model must be an `nn.Module` whose submodules are called: a
 `torch.export` program (`.pt2`) is unflattened back into its module tree; TorchScript archives
-cannot be hooked and are refused with a message saying what to use instead.
+cannot be hooked and are refused with a message saying what to use instead (also when named
+`.pt2`: the archive's entries tell). A program must accept any batch size (mfv feeds batches of
+one to many images): one exported with a fixed batch dimension is refused before any work, with
+how to export it again. Torch's own log output while loading is silenced: a file that cannot be
+loaded gives mfv's one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -166,16 +172,90 @@ def _script_message(path: str) -> str:
     return _NO_TORCHSCRIPT.format(what=f"--model {path}: this TorchScript file")
 
 
-def _exported(path: str, preprocess, classes, logits_layer) -> LoadedModel:
-    """A `torch.export` program, unflattened into its module tree so layers can be hooked."""
+def _archive_kind(path: str) -> str | None:
+    """What wrote a model file, from its zip entries: "export" (torch.export.save),
+    "torchscript" (torch.jit.save), "pickle" (torch.save), "zip" (something else), or None (no
+    zip archive: damaged, truncated, or no model at all)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    if not infos or min(i.header_offset for i in infos) != 0:  # a zip found inside a cut file
+        return None
+    names = {info.filename.split("/", 1)[-1] for info in infos}
+    if "archive_format" in names:
+        return "export"
+    if "constants.pkl" in names or any(name.startswith("code/") for name in names):
+        return "torchscript"
+    return "pickle" if "data.pkl" in names else "zip"
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Torch's loggers silenced for the block: a file torch cannot load makes it log its own
+    traceback (13-19 lines) before it raises; mfv's message says what matters in one."""
+    names = ["torch", *(n for n in logging.root.manager.loggerDict if n.startswith("torch."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():  # torch's own loader warns about its internals
             warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+_DYNAMIC_BATCH = ("export it again with a dynamic batch dimension: torch.export.export(model, "
+                  "(torch.rand(2, 3, H, W),), dynamic_shapes=({0: torch.export.Dim('batch')},))")
+
+
+def _check_batch(program, path: str) -> None:
+    """Refuse a program whose inputs do not take batches of any size (mfv feeds one to many
+    images at a time): a fixed batch dimension, or a dynamic one that excludes 1 or 2."""
+    inputs = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" and node.name in inputs \
+            else None
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        batch = value.shape[0]
+        if isinstance(batch, int):
+            raise MfvError(f"--model {path} was exported with a fixed batch size of {batch} "
+                           f"(input {node.name}), but mfv runs batches of images: "
+                           + _DYNAMIC_BATCH)
+        bounds = program.range_constraints.get(batch.node.expr)  # a lower bound of 2 takes 1 too
+        if bounds is not None and bounds.lower > 2:
+            raise MfvError(f"--model {path} takes batches of {bounds.lower} to {bounds.upper} "
+                           f"images only (input {node.name}), but mfv runs batches of any "
+                           f"size: " + _DYNAMIC_BATCH.replace("Dim('batch')",
+                                                              "Dim('batch', min=1)"))
+
+
+def _exported(path: str, preprocess, classes, logits_layer) -> LoadedModel:
+    """A `torch.export` program, unflattened into its module tree so layers can be hooked."""
+    kind = _archive_kind(path)
+    if kind == "torchscript":
+        raise MfvError(_script_message(path))
+    if kind != "export":
+        what = {None: "no complete zip archive (damaged, cut short, or not a model file)",
+                "pickle": "a torch.save file", "zip": "a zip archive of something else"}[kind]
+        raise MfvError(f"--model {path} is not a torch.export program: it is {what}; save the "
+                       "model with torch.export.save(torch.export.export(model, (example,)), "
+                       "'model.pt2')")
+    try:
+        with _quiet_torch():
             program = torch.export.load(path)
             module = torch.export.unflatten(program)
-    except Exception as exc:  # a zip that is not an exported program, a newer format, ...
+    except Exception as exc:  # a damaged archive, a newer format, ...
+        reason = (str(exc).strip().splitlines() or [""])[0][:200]
         raise MfvError(f"--model {path} is not a torch.export program that this torch "
-                       f"({torch.__version__}) can load: {type(exc).__name__}: {exc}") from None
+                       f"({torch.__version__}) can load: {type(exc).__name__}: {reason}") \
+            from None
+    _check_batch(program, path)
     return LoadedModel(Path(path).stem, module, preprocess or Preprocess(), classes,
                        logits_layer or _last_linear(module),
                        {"source": "torch.export", "file": str(path)})

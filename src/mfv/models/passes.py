@@ -159,7 +159,7 @@ def _folded(conv: nn.modules.conv._ConvNd, norm: nn.modules.batchnorm._BatchNorm
 def default_channels_last(device: torch.device) -> bool:
     """channels_last by default on CUDA (the usual win for convolutions) and on the CPU (Lite0's
     forward+backward takes 0.75-0.9x the time of the standard layout on 2 cores,
-    `benchmarks/sweep.py`); elsewhere (MPS, ...) the standard layout."""
+    `benchmarks/steps.py`); elsewhere (MPS, ...) the standard layout."""
     return device.type in ("cuda", "cpu")
 
 

@@ -3,7 +3,11 @@
 A target is a weighted sum of units, `"_fc:0 + _fc:701"`, `"_fc:1 - 0.5*_fc:2"`, or a class name
 (`"bell pepper"` → the model's logit for that class). Spatial maps (B, C, H, W) and token maps
 (B, N, C) reduce to one number per image by a policy: `center` (the paper: the unit at the
-central position), `max` or `mean` (and `cls`, token 0, for transformers). Reading the values
+central position), `max` or `mean` (and `cls`, token 0, for transformers). A sum of units of a
+spatial layer reads in one of two ways (`SUMS`): `terms` (the default) reduces each term's map
+on its own, then sums, so with `max` "A + B" is max(A) + max(B); `maps` sums the weighted maps
+first and reduces the combined map once, max(A + B): a direction in the layer's space (Lucent's
+`direction` objective), every term on one layer. Reading the values
 (hooks, reductions) is `mfv.models.activations`; this module needs no torch.
 """
 
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 REDUCTIONS = ("center", "max", "mean", "cls")  # how a spatial or token map gives one number
 ACTIVATIONS = ("pre", "post")  # a layer's output as is, or after the activation that follows it
 ALIASES = ("logits", "penultimate")
+SUMS = ("terms", "maps")  # reduce each term, then sum; or sum the maps, then reduce once
 _NUMBER = r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?"
 
 
@@ -58,6 +63,7 @@ class Target:
     reduction: str = "center"
     class_index: int | None = None  # set when the target is one logit of a classifier
     _logit_units: tuple[int, ...] = ()  # positively weighted logits, when all terms are logits
+    sum_mode: str = "terms"  # `SUMS`: how the terms of a spatial sum combine
 
     @property
     def layers(self) -> list[LayerRef]:
@@ -72,16 +78,15 @@ class Target:
         return self._logit_units
 
     def to_dict(self) -> dict:
-        return {"spec": self.spec, "reduction": self.reduction, "class_index": self.class_index,
-                "terms": [{"weight": t.weight, "layer": t.layer.key, "unit": t.unit}
-                          for t in self.terms]}
+        doc = {"spec": self.spec, "reduction": self.reduction, "class_index": self.class_index,
+               "terms": [{"weight": t.weight, "layer": t.layer.key, "unit": t.unit}
+                         for t in self.terms]}
+        return {**doc, "sum": self.sum_mode} if self.sum_mode != "terms" else doc
 
 
 def _closest(name: str, names: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    if not close:
-        close = [n for n in names if name.split(".")[0] in n][:5] or list(names[:5])
-    return ", ".join(close)
+    """The five names most like `name` (difflib's similarity, best first)."""
+    return ", ".join(difflib.get_close_matches(name, [n for n in names if n], n=5, cutoff=0.0))
 
 
 def resolve_layer(model: LoadedModel, path: str, activation: str = "pre") -> LayerRef:
@@ -109,8 +114,8 @@ def resolve_layer(model: LoadedModel, path: str, activation: str = "pre") -> Lay
 def _parse_term(text: str, model: LoadedModel, activation: str) -> tuple[float, LayerRef, int,
                                                                       int | None]:
     weight = 1.0
-    m = re.fullmatch(rf"({_NUMBER})\s*\*\s*(.+)", text) or None
-    if m:
+    m = re.fullmatch(rf"([+-]?{_NUMBER})\s*\*\s*(.+)", text) or None  # a signed weight too:
+    if m:  # `_fc:0 + -0.5*_fc:1` reads as `_fc:0 - 0.5*_fc:1`
         weight, text = float(m.group(1)), m.group(2).strip()
     else:
         m = re.fullmatch(rf"(.+?)\s*\*\s*({_NUMBER})", text)
@@ -131,13 +136,16 @@ def _parse_term(text: str, model: LoadedModel, activation: str) -> tuple[float, 
 
 
 def parse_target(spec: str, model: LoadedModel, reduction: str = "center",
-                 activation: str = "pre") -> Target:
+                 activation: str = "pre", sum_mode: str = "terms") -> Target:
     """Parse `"_blocks.10:37"`, `"bell pepper"`, `"_fc:0 + _fc:701"`, `"_fc:1 - 0.5*_fc:2"`.
 
-    Binary `+`/`-` need spaces around them, so hyphenated class names stay whole.
+    Binary `+`/`-` need spaces around them, so hyphenated class names stay whole. `sum_mode`
+    says how the terms of a sum combine (`SUMS`).
     """
     if reduction not in REDUCTIONS:
         raise MfvError(f"unknown reduction {reduction!r}; choose one of {', '.join(REDUCTIONS)}")
+    if sum_mode not in SUMS:
+        raise MfvError(f"unknown sum {sum_mode!r}; choose one of {', '.join(SUMS)}")
     text = spec.strip()
     if not text:
         raise MfvError("empty target; write LAYER:UNIT, a class name, or a sum such as "
@@ -162,7 +170,11 @@ def parse_target(spec: str, model: LoadedModel, reduction: str = "center",
     single_class = classes[0] if len(terms) == 1 and terms[0].weight > 0 else None
     logit_units = (tuple(c for c, t in zip(classes, terms, strict=True) if t.weight > 0)
                    if all(c is not None for c in classes) else ())
-    return Target(spec.strip(), tuple(terms), reduction, single_class, logit_units)
+    if sum_mode == "maps" and len({t.layer for t in terms}) > 1:
+        raise MfvError(f"--sum maps adds the terms' maps, so every term of {spec.strip()!r} "
+                       "must be on one layer; use --sum terms for a sum across layers")
+    return Target(spec.strip(), tuple(terms), reduction, single_class, logit_units,
+                  sum_mode if len(terms) > 1 else "terms")
 
 
 def _units(model: LoadedModel, ref: LayerRef, shapes: dict[str, int]) -> int:
@@ -175,7 +187,7 @@ def _units(model: LoadedModel, ref: LayerRef, shapes: dict[str, int]) -> int:
 
 
 def parse_targets(specs: Sequence[str], model: LoadedModel, reduction: str = "center",
-                  activation: str = "pre") -> list[Target]:
+                  activation: str = "pre", sum_mode: str = "terms") -> list[Target]:
     """Parse several targets; `LAYER:*` expands to every unit of the layer."""
     targets = []
     for spec in specs:
@@ -186,9 +198,9 @@ def parse_targets(specs: Sequence[str], model: LoadedModel, reduction: str = "ce
             targets += [parse_target(f"{m.group(1)}:{u}", model, reduction, activation)
                         for u in range(units)]
         else:
-            targets.append(parse_target(spec, model, reduction, activation))
+            targets.append(parse_target(spec, model, reduction, activation, sum_mode))
     return targets
 
 
 __all__ = ["Target", "Term", "LayerRef", "parse_target", "parse_targets", "resolve_layer",
-           "REDUCTIONS", "ACTIVATIONS"]
+           "REDUCTIONS", "ACTIVATIONS", "SUMS"]

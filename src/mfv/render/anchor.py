@@ -34,7 +34,16 @@ from mfv.models import LoadedModel
 from mfv.models.activations import capture
 from mfv.models.targets import LayerRef
 from mfv.render.objective import Objective
-from mfv.render.recipes import AnchorSettings
+
+
+@dataclass(frozen=True)
+class AnchorSettings:
+    """Weights of the anchored objective's terms (dimensionless, module doc) and the layers
+    whose activation distributions are matched (empty: chosen along the depth)."""
+
+    code_weight: float = 1.0
+    match_weight: float = 1.0
+    match_layers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

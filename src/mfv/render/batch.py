@@ -18,31 +18,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mfv.core.errors import MfvError
 from mfv.models import LoadedModel
-from mfv.models.passes import Forward, default_channels_last, prepared
-from mfv.models.targets import Target, resolve_layer
-from mfv.render.anchor import Anchor, AnchoredObjective, default_match_layers
-from mfv.render.fourier import fourier_loop
-from mfv.render.maco import GPU_PASS_IMAGES, maco_loop
+from mfv.models.passes import prepared
+from mfv.models.targets import Target
+from mfv.render.anchor import Anchor
 from mfv.render.objective import Objective, Rendered, measure
-from mfv.render.paper import paper_loop
-from mfv.render.recipes import (
-    RECIPES,
-    SCHEDULES,
-    AnchorSettings,
-    FourierSettings,
-    MacoSettings,
-    schedule,
-)
+from mfv.render.options import RenderOptions
+from mfv.render.recipes import DEFAULT, get
+from mfv.render.recipes.base import Batch
 
 # Images per batch on the CPU: Lite0's forward+backward per image is flat from batch 8 to 16 on 2
-# cores (`benchmarks/sweep.py`: ~2x faster than batch 1), so the default k = 10 facets of a
+# cores (`benchmarks/steps.py`: ~2x faster than batch 1), so the default k = 10 facets of a
 # target go in one batch rather than as 5 + 5.
 CPU_BATCH = 10
 OTHER_BATCH = 8  # devices neither CPU nor CUDA: not probed (their out-of-memory errors differ)
@@ -51,36 +43,14 @@ PROBE_LIMIT = 512  # the probe stops here: GPU throughput has long stopped growi
 
 @dataclass(frozen=True)
 class Job:
-    """One visualization to make: which target, from which start image (None: noise), seed,
-    and for the anchored recipe its facet (None: the target alone)."""
+    """One visualization to make: which target, from which start image (None: the recipe's
+    random start), seed, and for a recipe that keeps to a facet its anchor (None: the target
+    alone)."""
 
     target: int
     start: torch.Tensor | None = None  # (3, S, S) in 0..255 at the model's input size
     seed: int = 0
     anchor: Anchor | None = None
-
-
-@dataclass(frozen=True)
-class RenderOptions:
-    """What a recipe needs besides its jobs."""
-
-    steps: int | None = None  # rescale the recipe's iterations (None: its own)
-    as_written: bool = False  # the paper's schedules as written, not as the authors' code ran
-    code_layer: str = "penultimate"  # where the anchored recipe pulls toward the facet
-    anchor: AnchorSettings = field(default_factory=AnchorSettings)
-    maco_crops: int | None = None  # MACO's crops per step (None: the published 32)
-    amplitude: np.ndarray | None = None  # MACO's fixed amplitude: the scanned images' spectrum
-    precision: str = "float32"  # the model's pass: "float32", or "bfloat16" (autocast; GPUs)
-    channels_last: bool | None = None  # the pass's memory layout (None: `default_channels_last`)
-
-    def __post_init__(self) -> None:
-        Forward(self.precision)  # checks it
-
-    def forward(self, device: torch.device) -> Forward:
-        """How the model's pass runs on `device` (batch norms as affine maps: always)."""
-        layout = default_channels_last(device) if self.channels_last is None \
-            else self.channels_last
-        return Forward(self.precision, layout, affine_batchnorm=True)
 
 
 @dataclass
@@ -95,28 +65,9 @@ class Result:
 
 def _run_batch(recipe: str, objective: Objective, jobs: Sequence[Job], options: RenderOptions,
                progress: bool, desc: str) -> Rendered:
-    starts, seeds = [j.start for j in jobs], [j.seed for j in jobs]
-    fourier = FourierSettings().with_steps(options.steps)
-    if recipe == "fourier":
-        return fourier_loop(objective, starts, seeds, fourier, progress, desc)
-    if recipe == "maco":
-        if options.amplitude is None:
-            raise MfvError("the maco recipe needs the images' amplitude spectrum "
-                           "(RenderOptions.amplitude: a finished scan's `spectrum`)")
-        settings = MacoSettings().with_steps(options.steps)
-        if options.maco_crops is not None:
-            settings = replace(settings, crops=options.maco_crops)
-        return maco_loop(objective, starts, seeds, settings,
-                         torch.as_tensor(options.amplitude, dtype=torch.float32), progress, desc)
-    if recipe == "anchored":
-        model = objective.model
-        match = options.anchor.match_layers or default_match_layers(model)
-        anchored = AnchoredObjective(
-            objective, [j.anchor for j in jobs], resolve_layer(model, options.code_layer),
-            options.anchor, [resolve_layer(model, path) for path in match])
-        return fourier_loop(anchored, starts, seeds, fourier, progress, desc)
-    return paper_loop(objective, starts, seeds, schedule(recipe, options.steps),
-                      options.as_written, progress, desc)
+    batch = Batch(objective, [j.start for j in jobs], [j.seed for j in jobs],
+                  [j.anchor for j in jobs], progress, desc)
+    return get(recipe).render(batch, options)
 
 
 def default_batch_size(model: LoadedModel) -> int:
@@ -145,8 +96,8 @@ def batch_size_for(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
 
 
 def _probe_key(model: LoadedModel, recipe: str, options: RenderOptions) -> tuple:
-    """What decides a batch's memory: device, recipe, input size, the pass, MACO's crops and
-    the anchored recipe's captured layers."""
+    """What decides a batch's memory: device, recipe, input size, the pass, the crops per step
+    and the captured layers."""
     return (str(model.device), recipe, model.preprocess.input_size,
             options.forward(model.device), options.maco_crops, options.code_layer,
             options.anchor)
@@ -162,7 +113,7 @@ def probe_batch(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Jo
                 recipe: str, options: RenderOptions | None = None,
                 limit: int = PROBE_LIMIT) -> int:
     """The largest batch of this recipe that runs on the model's device: the recipe's own loop
-    for a few steps (its peak memory: one MACO pass, every paper octave) on 1, 2, 4, ... and
+    for a few steps (`Recipe.probe_options`: its peak memory) on 1, 2, 4, ... and
     finally min(limit, len(jobs)) jobs (cycled from `jobs`), until the device runs out of
     memory. What fitted and what failed is remembered (`_probe_memo`), so sizes are tried once
     per process; a later call with more jobs probes on from there."""
@@ -189,11 +140,8 @@ def probe_batch(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Jo
 def _fits(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job], recipe: str,
           options: RenderOptions) -> bool:
     """Whether a batch of `jobs` runs a few steps of the recipe without running out of memory
-    (MACO: its crops capped to one pass, the most it holds at once)."""
-    steps = 2 * len(SCHEDULES[recipe]) if recipe in SCHEDULES else 2
-    crops = options.maco_crops or MacoSettings().crops
-    probe = replace(options, steps=steps,
-                    maco_crops=min(crops, max(1, GPU_PASS_IMAGES // len(jobs))))
+    (the recipe's `probe_options`: its peak memory in as few steps as that takes)."""
+    probe = get(recipe).probe_options(options, len(jobs))
     objective = Objective(model, targets, [j.target for j in jobs], probe.forward(model.device))
     try:
         _run_batch(recipe, objective, jobs, probe, False, "probe")
@@ -225,20 +173,18 @@ def _remember_failure(model: LoadedModel, recipe: str, options: RenderOptions, b
 
 
 def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
-                   recipe: str = "paper-mean", options: RenderOptions | None = None,
+                   recipe: str = DEFAULT, options: RenderOptions | None = None,
                    batch_size: int | None = None, progress: bool = True,
                    on_batch: Callable[[list[int], list[Result]], None] | None = None
                    ) -> list[Result]:
     """Make one visualization per job, `batch_size` jobs at a time (all targets mixed; None:
     `batch_size_for`, probed on CUDA).
 
-    `options.steps` rescales the recipe's iterations (None: the paper's 370 / 530 steps, the
-    Fourier recipes' 256). `on_batch(indices, results)` is called after each batch, so callers
-    can save as they go.
+    `options.steps` rescales the recipe's iterations (None: the recipe's own).
+    `on_batch(indices, results)` is called after each batch, so callers can save as they go.
     """
     options = options or RenderOptions()
-    if recipe not in RECIPES:
-        raise MfvError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    get(recipe)  # a known recipe
     size = model.preprocess.input_size
     for job in jobs:
         if job.start is not None and tuple(job.start.shape) != (3, size, size):
@@ -247,14 +193,13 @@ def render_batches(model: LoadedModel, targets: Sequence[Target], jobs: Sequence
     forward = options.forward(model.device)
     with prepared(model, forward):
         batch = batch_size or batch_size_for(model, targets, jobs, recipe, options)
-        return _render_all(model, targets, jobs, recipe, options, forward, batch, progress,
-                           on_batch)
+        return _render_all(model, targets, jobs, recipe, options, batch, progress, on_batch)
 
 
 def _render_all(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job],
-                recipe: str, options: RenderOptions, forward: Forward, batch: int,
-                progress: bool, on_batch: Callable[[list[int], list[Result]], None] | None
-                ) -> list[Result]:
+                recipe: str, options: RenderOptions, batch: int, progress: bool,
+                on_batch: Callable[[list[int], list[Result]], None] | None) -> list[Result]:
+    forward = options.forward(model.device)
     results: list[Result | None] = [None] * len(jobs)
     start = 0
     while start < len(jobs):
@@ -273,7 +218,7 @@ def _render_all(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Jo
                 torch.cuda.empty_cache()
             continue
         saved = out.images.round().clamp(0, 255)  # the 8-bit picture the user gets
-        finals = measure(objective, saved, whole=recipe == "maco")
+        finals = measure(objective, saved, whole=get(recipe).whole_canvas)
         images = saved.to(torch.uint8).permute(0, 2, 3, 1).cpu()
         alphas = out.alpha.float().cpu().numpy() if out.alpha is not None else None
         batch_results = [Result(images[b].numpy(), out.trace[b], float(finals[b]),

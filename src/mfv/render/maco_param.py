@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from mfv.core.errors import MfvError
-from mfv.data.colour import mix_channels
-from mfv.data.spectrum import check_amplitude, color_matrix, spectral_domain
+from mfv.data.colour import color_matrix, mix_channels
+from mfv.data.spectrum import check_amplitude, spectral_domain
 
 STANDARDIZE_EPS = 1e-5  # added to the phase's std, as in the reference code
 

@@ -13,23 +13,91 @@ captured activations stay float32).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mfv.core.errors import MfvError
 from mfv.models import LoadedModel
 from mfv.models.activations import TargetBank, capture
 from mfv.models.passes import Forward
-from mfv.models.targets import LayerRef, Target
+from mfv.models.targets import LayerRef, Target, resolve_layer
 
 
 def as_float(store: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Captured activations in float32 (a no-op for a float32 pass), so objectives are computed
     at full precision whatever the pass ran in."""
     return {k: v.float() if v.is_floating_point() else v for k, v in store.items()}
+
+
+class _Unread(MfvError):
+    """A target function read a layer that was not captured."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"the target function read layer {name!r}, which it did not read on "
+                         "its first call; read the same layers on every call")
+        self.name = name
+
+
+class Activations:
+    """A captured batch as a target function sees it: `acts[name]` is a layer's output, float32
+    and differentiable (`name` a module path as `mfv layers` lists it, or `penultimate`, the
+    classifier's input, or `logits`)."""
+
+    def __init__(self, refs: dict[str, LayerRef], store: dict[str, torch.Tensor]) -> None:
+        self.refs, self.store = refs, store
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        ref = self.refs.get(name)
+        if ref is None or ref.key not in self.store:
+            raise _Unread(name)
+        return self.store[ref.key]
+
+
+class FunctionTarget:
+    """A target given as a function of the model's activations: `fn(acts)` returns one value per
+    sample, (B,), from `acts` (`Activations`), as Lucent's objectives do. Only the layers it
+    reads (`function_target` finds them) are captured."""
+
+    class_index = None  # never a class logit: `kind="prob"` keeps its own value
+
+    def __init__(self, fn: Callable[[Activations], torch.Tensor], refs: dict[str, LayerRef],
+                 spec: str = "function") -> None:
+        self.fn, self.refs, self.spec = fn, refs, spec
+
+    @property
+    def layers(self) -> list[LayerRef]:
+        return list(self.refs.values())
+
+    def __call__(self, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        value = self.fn(Activations(self.refs, store))
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != (batch,):
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value)
+            raise MfvError(f"a target function must return one value per sample, a tensor of "
+                           f"shape ({batch},); got {shape}")
+        return value.float()
+
+
+def function_target(model: LoadedModel, fn: Callable[[Activations], torch.Tensor]
+                    ) -> FunctionTarget:
+    """`fn` as a target of `model`: called on a grey image, each layer it reads is captured on
+    the next try, until it runs (names that are not layers of the model say which are)."""
+    size = model.preprocess.input_size
+    grey = torch.full((1, 3, size, size), 0.5, device=model.device)
+    target = FunctionTarget(fn, {}, getattr(fn, "__name__", "function"))
+    while True:
+        with capture(model, target.layers) as store, torch.no_grad():
+            model(grey)
+            try:
+                target(as_float(store), 1)
+                return target
+            except _Unread as unread:
+                if unread.name in target.refs:
+                    raise
+                target.refs[unread.name] = resolve_layer(model, unread.name)
 
 
 class Objective:
@@ -39,25 +107,36 @@ class Objective:
     first octaves); targets that are not a single class logit keep their own value.
     """
 
-    def __init__(self, model: LoadedModel, targets: Sequence[Target], assign: Sequence[int],
-                 forward: Forward | None = None):
+    def __init__(self, model: LoadedModel, targets: Sequence[Target | FunctionTarget],
+                 assign: Sequence[int], forward: Forward | None = None):
         self.model = model
         self.forward = forward or Forward()
-        self.bank = TargetBank(targets)
+        self.targets = list(targets)
+        self.bank = TargetBank([t for t in targets if isinstance(t, Target)])
+        functions = [t for t in targets if isinstance(t, FunctionTarget)]
         device = model.device  # indices live there: no host-to-device copy per step
         self.assign = torch.as_tensor(list(assign), dtype=torch.long).to(device)
         classes = [targets[a].class_index for a in assign]
         self.class_of = torch.tensor([-1 if c is None else c for c in classes],
                                      dtype=torch.long).to(device)
         self.logits = LayerRef(model.logits_layer) if model.logits_layer else None
-        self.layers = list(dict.fromkeys([*self.bank.layers, *([self.logits] if
-                                          self.logits else [])]))
+        self.layers = list(dict.fromkeys([*self.bank.layers, *(r for f in functions
+                                                               for r in f.layers),
+                                          *([self.logits] if self.logits else [])]))
 
     def values(self, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
         """Each sample's own target, from a captured batch (differentiable, float32)."""
-        values = self.bank(as_float(store))
+        values = self._table(as_float(store), batch)
         rows = torch.arange(batch, device=values.device)
         return values[rows, self.assign.to(values.device)]
+
+    def _table(self, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
+        """Every target's value for every sample, (B, T)."""
+        if len(self.bank.targets) == len(self.targets):
+            return self.bank(store)
+        bank = iter(self.bank(store).unbind(1) if self.bank.targets else ())
+        return torch.stack([t(store, batch) if isinstance(t, FunctionTarget) else next(bank)
+                            for t in self.targets], dim=1)
 
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""

@@ -5,8 +5,8 @@ the **0..255** domain. That is the paper's domain: its step sizes (mean |step| i
 and its TV-Bregman weights (tuned on 0..255 input; TV denoising is not scale invariant) are both
 in grey levels, so keeping the image in 0..255 lets a recipe use them verbatim.
 
-(The paper's own raw-pixel parameterization needs no module: `mfv.render.paper` steps the pixels
-of its canvas directly.)
+(The paper's own raw-pixel parameterization needs no module: `mfv.render.recipes.paper` steps
+the pixels of its canvas directly.)
 
 - ``FourierImage``: Lucid-style image: an rfft2 spectrum scaled by 1/frequency, optionally
   colour-decorrelated with Lucid's ImageNet colour matrix, squashed by a sigmoid into 0..255.
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mfv.core.errors import MfvError
-from mfv.data.colour import COLOR_CORRELATION_SVD_SQRT, mix_channels
+from mfv.data.colour import color_matrix, mix_channels
 
 # FourierImage init is clamped to [SIGMOID_MARGIN, 255 - SIGMOID_MARGIN] so its logit is finite.
 SIGMOID_MARGIN = 0.5
@@ -75,10 +75,7 @@ class FourierImage(nn.Module):
         spectrum = torch.randn(spec_shape, generator=generator, device=device, dtype=dtype) * sd
         self.spectrum = nn.Parameter(spectrum)
         self.register_buffer("scale", _spectrum_scale(h, w, device), persistent=False)
-        color = torch.tensor(COLOR_CORRELATION_SVD_SQRT, dtype=torch.float64)
-        color = color / torch.linalg.vector_norm(color, dim=0).max()
-        if not decorrelate:
-            color = torch.eye(3, dtype=torch.float64)
+        color = color_matrix(torch.float64) if decorrelate else torch.eye(3, dtype=torch.float64)
         self.register_buffer("color", color.to(device), persistent=False)
         self.register_buffer("color_inv", torch.linalg.inv(color).to(device), persistent=False)
         if init is not None:

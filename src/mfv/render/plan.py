@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from mfv.core.keys import digest
-from mfv.render.recipes import FACET_RECIPES, AnchorSettings
+from mfv.render.anchor import AnchorSettings
+from mfv.render.recipes import get
 
-KINDS = ("facet", "random")
 # Raised whenever the engine's output for the same settings changes, so older pictures are
 # redone (2: the recorded activation is the saved 8-bit picture's).
 ENGINE = 2
@@ -52,8 +52,8 @@ class RenderSettings:
     model: str  # the model's fingerprint
     code_layer: str = "penultimate"
     anchor: AnchorSettings = AnchorSettings()
-    maco_crops: int | None = None
-    spectrum: str | None = None  # digest of the amplitude MACO keeps fixed
+    maco_crops: int | None = None  # crops per step of recipes that sample crops
+    spectrum: str | None = None  # digest of the scanned images' amplitude spectrum
 
 
 def derived_seed(*parts: object) -> int:
@@ -68,25 +68,23 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
     (`Target.to_dict()`), `means[i]` its facets' mean images by rank, `facet_keys[i]` the key
     of its clustering (which fixes each facet's anchor: centre, spread, photos)."""
     out = []
+    recipes = {name: get(name) for name in settings.recipes}
     for t, (definition, slug_name, facet_means, facets_key) in enumerate(
             zip(targets, slugs, means, facet_keys, strict=True)):
-        for recipe in settings.recipes:
+        for name, recipe in recipes.items():
             starts: list[tuple[str, int, np.ndarray | None]] = [
                 ("facet", rank, mean) for rank, mean in enumerate(facet_means)]
             if settings.baseline:
                 starts += [("random", rank, None) for rank in range(len(facet_means))]
             for kind, rank, start in starts:
-                seed = derived_seed(settings.seed, slug_name, kind, rank, recipe)
-                material = {"engine": ENGINE, "recipe": recipe, "steps": settings.steps,
+                seed = derived_seed(settings.seed, slug_name, kind, rank, name)
+                material = {"engine": ENGINE, "recipe": name, "steps": settings.steps,
                             "as_written": settings.as_written, "seed": seed,
                             "size": settings.size, "model": settings.model,
-                            "target": definition, "kind": kind, "rank": rank}
-                if recipe == "maco":
-                    material.update(crops=settings.maco_crops, spectrum=settings.spectrum)
-                if recipe in FACET_RECIPES:
-                    material.update(code_layer=settings.code_layer,
-                                    anchor=settings.anchor.__dict__,
-                                    facet=facets_key if kind == "facet" else None)
+                            "target": definition, "kind": kind, "rank": rank,
+                            **recipe.key_material(settings)}
+                if recipe.needs_anchor:
+                    material["facet"] = facets_key if kind == "facet" else None
                 key = digest(material, start if start is not None else "noise")
-                out.append(Visual(t, kind, rank, recipe, seed, key, start))
+                out.append(Visual(t, kind, rank, name, seed, key, start))
     return out

@@ -9,7 +9,8 @@ network: its CSS and script are inline and its images are files inside the run d
 results, RUN/sweep/sweep.json), on the same terms.
 
 Pages are Jinja2 templates on one base layout (`mfv.report.pages` says how to add one);
-metric names and explanations live in `mfv.report.glossary`.
+metric names and explanations live in the metric registry, `mfv.results.metrics`. The report
+reads the typed results (`mfv.results.Results`); a dict is validated into them first.
 """
 
 from __future__ import annotations
@@ -24,40 +25,43 @@ from mfv.report.layers_page import LayersPage, layers_thumb_paths, run_sections
 from mfv.report.pages import KV, PAGES, Img, Links, PageSpec, render_page, write_page
 from mfv.report.run_page import RunPage, thumb_paths
 from mfv.report.thumbs import make_thumbs
+from mfv.results.model import Results, Sweep
 
 __all__ = ["KV", "PAGES", "Img", "Links", "PageSpec", "render_page", "write_layers_page",
            "write_page", "write_report"]
 
 
-def write_report(run: RunLayout | str | Path, results: Mapping[str, Any], *,
+def write_report(run: RunLayout | str | Path, results: Results | Mapping[str, Any], *,
                  progress: bool = True) -> Path:
-    """Write the run's report page for `results` (schema mfv.results/2) and return its path."""
+    """Write the run's report page for `results` and return its path."""
     run = run if isinstance(run, RunLayout) else RunLayout(run)
-    base = (results.get("data") or {}).get("base")
+    if not isinstance(results, Results):
+        results = Results.model_validate(results)
+    base = results.data.base if results.data else None
     thumbs = make_thumbs(run.thumbs_dir, run.relative(run.thumbs_dir), thumb_paths(results),
                          base, progress=progress)
     context = RunPage(results, Links(run, PAGES["run"]), thumbs).context()
     return write_page(run, "run", context)
 
 
-def write_layers_page(run: RunLayout | str | Path, doc: Mapping[str, Any], *,
+def write_layers_page(run: RunLayout | str | Path, doc: Sweep | Mapping[str, Any], *,
                       progress: bool = True) -> Path:
     """Write the Layers page for a sweep's results `doc` (format mfv.sweep/1) and return its
     path. Its example units link to their sections of the run page where the run page shows
     them (the units `--render` rendered); the run page, when there is one, is written again
     from results.json so that its navigation lists the new page."""
     run = run if isinstance(run, RunLayout) else RunLayout(run)
+    doc = doc if isinstance(doc, Sweep) else Sweep.model_validate(doc)
     results = None
     if run.report_file.is_file() and run.results_file.is_file():
         try:
-            results = read_json(run.results_file)
+            results = Results.model_validate(read_json(run.results_file))
         except (OSError, ValueError):  # a broken results.json: no links, the run page as it is
             results = None
-        results = results if isinstance(results, Mapping) else None
     links = Links(run, PAGES["layers"])
     rendered = run_sections(results, links.page(PAGES["run"])) if results else {}
     thumbs = make_thumbs(run.thumbs_dir, run.relative(run.thumbs_dir), layers_thumb_paths(doc),
-                         (doc.get("data") or {}).get("base"), progress=progress)
+                         doc.data.base if doc.data else None, progress=progress)
     page = write_page(run, "layers", LayersPage(doc, links, thumbs, rendered).context())
     if results is not None:
         write_report(run, results, progress=progress)

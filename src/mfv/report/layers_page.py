@@ -1,12 +1,12 @@
-"""The Layers page's context: `RUN/sweep/sweep.json` (format mfv.sweep/1) as plain values for
-`layers.html`.
+"""The Layers page's context: `RUN/sweep/sweep.json` (format mfv.sweep/1, read as
+`mfv.results.model.Sweep`) as plain values for `layers.html`.
 
 The page answers the sweep's question (does multifacetedness grow with depth?) in plain
 sentences, one per measure, under the plot; a table gives each layer's mean and interval of
 every measure against its chance level; per layer, its example units show their facets (mean
 image, size, a strip of member thumbnails) and link to the unit's section of the run page when
 the sweep rendered it too (`--render`: a target of results.json named "LAYER:UNIT"). Measures
-are named and explained by `mfv.report.glossary.SWEEP_MEASURES`; everything the template shows
+are named and explained by `mfv.results.metrics.SWEEP_MEASURES`; everything the template shows
 is decided here, and the template escapes it.
 """
 
@@ -18,10 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mfv.report.glossary import SWEEP_MEASURES, Metric, describe, format_value
-from mfv.report.pages import KV, Img, Links
-from mfv.report.run_page import STRIP_MAX, colour, duration, fmt, section_id
+from mfv.report.pages import KV, STRIP_MAX, Img, Links, colour, duration, fmt, section_id
 from mfv.report.thumbs import Thumb
+from mfv.results.metrics import SWEEP_MEASURES, Metric, describe, format_value
+from mfv.results.model import (
+    DataInfo,
+    ExampleFacet,
+    ExampleUnit,
+    Results,
+    Sweep,
+    SweepLayer,
+    Trend,
+)
 
 ANSWER_DIGITS = 2  # significant digits of the answer's numbers
 TINY = 1e-9  # relative to a measure's scale: below it a slope or bound reads as 0 (round-off)
@@ -32,21 +40,6 @@ TRENDS = {  # what a slope's interval says, as the sentence's verb
 
 
 # ------------------------------------------------------------------------- helpers
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _maps(items: Any) -> list[Mapping[str, Any]]:
-    return [x for x in items or [] if isinstance(x, Mapping)] if isinstance(
-        items, (list, tuple)) else []
-
-
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _plain(value: float, scale: float) -> float:
     """`value`, or 0 when it is round-off against `scale` (a constant measure's slope)."""
     return 0.0 if abs(value) < TINY * max(1.0, scale) else value
@@ -80,7 +73,7 @@ def measure_info(key: str) -> Metric:
     return describe(key, SWEEP_MEASURES)
 
 
-def answer_sentence(label: str, answer: Mapping[str, Any]) -> tuple[str, str]:
+def answer_sentence(label: str, answer: Trend | Mapping[str, Any]) -> tuple[str, str]:
     """(trend, sentence) for one measure's entry of the sweep's `answer`: the slope of its layer
     means against depth with the slope's 95 % interval, its first vs last quarter and its
     chance level, e.g. "1 − MonoScore grows with depth: +0.012 per layer (95 % CI
@@ -88,9 +81,9 @@ def answer_sentence(label: str, answer: Mapping[str, Any]) -> tuple[str, str]:
     "grows" or "shrinks" when the interval excludes 0, "flat" when slope and interval are 0,
     "unclear" otherwise, "unknown" without a slope."""
     subject = label[:1].upper() + label[1:]
-    slope, low, high = (_finite(answer.get(k)) for k in ("slope", "low", "high"))
-    first, last, chance = (_finite(answer.get(k))
-                           for k in ("first_quarter", "last_quarter", "chance"))
+    a = answer if isinstance(answer, Trend) else Trend.model_validate(answer)
+    slope, low, high, first, last = a.slope, a.low, a.high, a.first_quarter, a.last_quarter
+    chance = a.chance
     if slope is None:
         return "unknown", f"{subject}: too few layers with measured units to tell a trend."
     scale = max([abs(v) for v in (first, last) if v is not None] or [1.0])
@@ -120,24 +113,18 @@ def answer_sentence(label: str, answer: Mapping[str, Any]) -> tuple[str, str]:
     return trend, text
 
 
-def layers_thumb_paths(doc: Mapping[str, Any]) -> list[str]:
+def layers_thumb_paths(doc: Sweep) -> list[str]:
     """Every input image the page shows: the example units' facet members (at most
     STRIP_MAX a facet)."""
-    return [p for e in _maps(doc.get("layers")) for u in _maps(e.get("examples"))
-            for f in _maps(u.get("facets")) for p in _members(f)]
+    return [p for e in doc.layers for u in e.examples for f in u.facets
+            for p in f.members[:STRIP_MAX]]
 
 
-def _members(facet: Mapping[str, Any]) -> list[str]:
-    members = facet.get("members")
-    return [p for p in members if isinstance(p, str)][:STRIP_MAX] \
-        if isinstance(members, list) else []
-
-
-def run_sections(results: Mapping[str, Any], run_page_url: str) -> dict[str, str]:
+def run_sections(results: Results, run_page_url: str) -> dict[str, str]:
     """The URL of each target's section of the run page, by its spec ("LAYER:UNIT" for the
     units the sweep rendered)."""
-    return {str(t["spec"]): f"{run_page_url}#{section_id(t, i)}"
-            for i, t in enumerate(_maps(results.get("targets"))) if t.get("spec") is not None}
+    return {t.spec: f"{run_page_url}#{section_id(t.slug, i)}"
+            for i, t in enumerate(results.targets) if t.spec}
 
 
 def layer_id(layer: str, depth: int) -> str:
@@ -219,32 +206,28 @@ class LayersPage:
     """Builds the Layers page's context from a sweep document, the thumbnails of its example
     members and the run page's sections of rendered units (`run_sections`)."""
 
-    def __init__(self, doc: Mapping[str, Any], links: Links, thumbs: Mapping[str, Thumb],
+    def __init__(self, doc: Sweep, links: Links, thumbs: Mapping[str, Thumb],
                  rendered: Mapping[str, str] | None = None) -> None:
         self.doc = doc
         self.links = links
         self.thumbs = thumbs
         self.rendered = rendered or {}
-        keys = doc.get("measures")
-        self.keys = [str(k) for k in keys] if isinstance(keys, list) else list(SWEEP_MEASURES)
+        self.keys = doc.measures if doc.measures is not None else list(SWEEP_MEASURES)
 
     def context(self) -> dict[str, Any]:
         doc = self.doc
-        model = _mapping(doc.get("model"))
-        layers = _maps(doc.get("layers"))
         measures = [self.measure(k) for k in self.keys]
-        plot = _mapping(doc.get("plot"))
         return {
-            "title": f"mfv layers — {model.get('name') or 'sweep'}",
-            "subtitle": self.subtitle(layers),
-            "plot": Img(self.links.file(plot.get("png")), "the measures against depth", "plot",
-                        missing="plot not written"),
-            "plot_svg": self.links.file(plot.get("svg")),
+            "title": f"mfv layers — {doc.model.name or 'sweep'}",
+            "subtitle": self.subtitle(),
+            "plot": Img(self.links.file(doc.plot.get("png")), "the measures against depth",
+                        "plot", missing="plot not written"),
+            "plot_svg": self.links.file(doc.plot.get("svg")),
             "answers": [self.answer(m) for m in measures],
             "method": self.method(),
             "measures": measures,
-            "rows": [self.row(e, i) for i, e in enumerate(layers)],
-            "layers": [self.layer(e, i) for i, e in enumerate(layers)],
+            "rows": [self.row(e, i) for i, e in enumerate(doc.layers)],
+            "layers": [self.layer(e, i) for i, e in enumerate(doc.layers)],
             "info": self.info(),
             "glossary": [*(KV(m.label, m.explanation) for m in measures),
                          KV("chance", "The same measure on random sets of images as large as "
@@ -252,58 +235,56 @@ class LayersPage:
                             "for images the unit did not choose."),
                          KV("95 % CI", "A percentile-bootstrap interval: the layer's units "
                             "resampled 1000 times; for a slope, every layer's units at once.")],
-            "footer": {"format": str(doc.get("format") or "?")},
+            "footer": {"format": doc.format or "?"},
         }
 
     # ------------------------------------------------------------------ the answer
     def measure(self, key: str) -> Measure:
         info = measure_info(key)
-        chance = _mapping(_mapping(self.doc.get("chance")).get(key))
-        mean, std = _finite(chance.get("mean")), _finite(chance.get("std"))
+        chance = self.doc.chance.get(key)
+        mean, std = (chance.mean, chance.std) if chance else (None, None)
         text = format_value(mean, info.kind) if mean is not None else "–"
         if mean is not None and std is not None:
             text += f" ± {format_value(std, info.kind)}"
-        title = (f"{info.label} on {fmt(chance.get('draws'))} random image sets of "
-                 f"{self.top_n()}: mean ± standard deviation")
+        title = (f"{info.label} on {fmt(chance.draws if chance else None)} random image sets "
+                 f"of {self.top_n()}: mean ± standard deviation")
         return Measure(key, info.label, info.explanation, text, title)
 
     def answer(self, m: Measure) -> Answer:
-        entry = dict(_mapping(_mapping(self.doc.get("answer")).get(m.key)))
-        if "chance" not in entry:
-            entry["chance"] = _mapping(_mapping(self.doc.get("chance")).get(m.key)).get("mean")
+        entry = self.doc.answer.get(m.key) or Trend()
+        chance = self.doc.chance.get(m.key)
+        if entry.chance is None and chance is not None:
+            entry = entry.model_copy(update={"chance": chance.mean})
         trend, text = answer_sentence(m.label, entry)
         return Answer(m.key, m.label, m.explanation, trend, text)
 
     def top_n(self) -> str:
-        return fmt(_mapping(self.doc.get("settings")).get("top_n"))
+        return fmt(self.doc.settings.get("top_n"))
 
     def method(self) -> str:
-        layers = _maps(self.doc.get("layers"))
-        quarter = max(1, len(layers) // 4)
-        names = [str(e.get("layer")) for e in layers]
+        names = [e.layer for e in self.doc.layers]
+        quarter = max(1, len(names) // 4)
         first = ", ".join(names[:quarter])
         last = ", ".join(names[-quarter:]) if names else ""
-        draws = fmt(_mapping(_mapping(self.doc.get("chance")).get(self.keys[0] if self.keys
-                                                                  else "")).get("draws"))
+        chance = self.doc.chance.get(self.keys[0]) if self.keys else None
+        draws = fmt(chance.draws if chance else None)
         return (f"Slopes per layer of depth (0 = the first layer swept), of a straight line "
                 f"through the layers' means; the first quarter of the layers is {first}, the "
                 f"last {last}; chance: the measure on {draws} random sets of {self.top_n()} "
                 "images.")
 
     # ------------------------------------------------------------------ the table
-    def row(self, entry: Mapping[str, Any], i: int) -> LayerRow:
-        layer = str(entry.get("layer", f"layer {i}"))
-        depth = int(entry.get("depth", i)) if _finite(entry.get("depth")) is not None else i
-        units = len(_maps(entry.get("units")))
+    def row(self, entry: SweepLayer, i: int) -> LayerRow:
+        layer = entry.layer or f"layer {i}"
+        depth = entry.depth if entry.depth is not None else i
+        units = len(entry.units)
         cells = []
-        summary = _mapping(entry.get("summary"))
         for key in self.keys:
             info = measure_info(key)
-            s = _mapping(summary.get(key))
-            value = format_value(_finite(s.get("mean")), info.kind) if s else "–"
-            low, high = _finite(s.get("low")), _finite(s.get("high"))
-            interval = (_interval(format_value(low, info.kind), format_value(high, info.kind))
-                        if low is not None and high is not None else "")
+            s = entry.summary.get(key)
+            value = format_value(s.mean, info.kind) if s else "–"
+            interval = (_interval(format_value(s.low, info.kind), format_value(s.high, info.kind))
+                        if s and s.low is not None and s.high is not None else "")
             title = f"{info.label} on {layer}: mean {value} over {units} units"
             if interval:
                 title += f", 95 % CI {interval}"
@@ -311,73 +292,68 @@ class LayersPage:
         return LayerRow(layer_id(layer, depth), layer, depth, units, cells)
 
     # ------------------------------------------------------------------ a layer
-    def layer(self, entry: Mapping[str, Any], i: int) -> LayerView:
+    def layer(self, entry: SweepLayer, i: int) -> LayerView:
         row = self.row(entry, i)
         chips = [KV(f"{row.units} unit{'s' if row.units != 1 else ''} measured", "")]
         chips += [KV(f"{measure_info(k).label} {c.value}", c.title)
                   for k, c in zip(self.keys, row.cells, strict=True)]
-        units = [self.unit(row.layer, u) for u in _maps(entry.get("examples"))]
+        units = [self.unit(row.layer, u) for u in entry.examples]
         return LayerView(row.sid, row.depth, row.layer, chips, units, row.units)
 
-    def unit(self, layer: str, u: Mapping[str, Any]) -> UnitView:
-        unit = fmt(u.get("unit"))
+    def unit(self, layer: str, u: ExampleUnit) -> UnitView:
+        unit = fmt(u.unit)
         spec = f"{layer}:{unit}"
-        facets = [self.facet(spec, f, j) for j, f in enumerate(_maps(u.get("facets")))]
-        k = u.get("k", len(facets))
+        facets = [self.facet(spec, f) for f in u.facets]
+        k = u.k if u.k is not None else len(facets)
         meta = f"{fmt(k)} facet{'s' if k != 1 else ''}"
         return UnitView(spec, unit, meta, self.rendered.get(spec), facets)
 
-    def facet(self, spec: str, f: Mapping[str, Any], j: int) -> FacetView:
-        rank = int(f["rank"]) if _finite(f.get("rank")) is not None else j
-        size = f.get("size")
-        shown = _members(f)
-        label = f"{spec} facet {rank}"
-        mean = Img(self.links.file(f.get("mean_image")), f"{label}: mean image", "vis",
+    def facet(self, spec: str, f: ExampleFacet) -> FacetView:
+        shown = f.members[:STRIP_MAX]
+        label = f"{spec} facet {f.rank}"
+        mean = Img(self.links.file(f.mean_image), f"{label}: mean image", "vis",
                    f"{label}: mean of its images nearest the facet's centre")
         strip = []
         for path in shown:
             thumb = self.thumbs.get(path) or Thumb(None, "no thumbnail")
             strip.append(Img(self.links.thumb(thumb), path.replace("\\", "/").rsplit("/", 1)[-1],
                              "thumb", path, thumb.reason or "", lazy=True))
-        more = max(0, int(size) - len(shown)) if _finite(size) is not None else 0
-        return FacetView(rank, colour(rank), fmt(size), mean, strip, more)
+        more = max(0, f.size - len(shown)) if f.size is not None else 0
+        return FacetView(f.rank, colour(f.rank), fmt(f.size), mean, strip, more)
 
     # ------------------------------------------------------------------ overview
-    def subtitle(self, layers: list[Mapping[str, Any]]) -> list[tuple[str, str]]:
+    def subtitle(self) -> list[tuple[str, str]]:
         """(plain, bold) pieces: the template bolds the model's name."""
         doc = self.doc
-        data = _mapping(doc.get("data"))
-        parts = [("model ", str(_mapping(doc.get("model")).get("name") or "?"))]
-        if doc.get("device"):
-            parts.append((f"on {doc['device']}", ""))
-        parts.append((f"{len(layers)} layer{'s' if len(layers) != 1 else ''}", ""))
-        if data.get("n_valid") is not None:
-            parts.append((f"{fmt(data.get('n_valid'))} images", ""))
+        n = len(doc.layers)
+        parts = [("model ", doc.model.name or "?")]
+        if doc.device:
+            parts.append((f"on {doc.device}", ""))
+        parts.append((f"{n} layer{'s' if n != 1 else ''}", ""))
+        if doc.data is not None and doc.data.n_valid is not None:
+            parts.append((f"{fmt(doc.data.n_valid)} images", ""))
         parts.append((f"top {self.top_n()} images per unit", ""))
         return parts
 
     def info(self) -> dict[str, list[KV]]:
         doc = self.doc
-        model = _mapping(doc.get("model"))
-        data = _mapping(doc.get("data"))
-        settings = _mapping(doc.get("settings"))
+        data = doc.data or DataInfo()
+        settings = doc.settings
         units = settings.get("units")
         sweep = [
-            KV("model", fmt(model.get("name"))),
-            KV("parameters", fmt(model.get("parameters"))),
-            KV("device", fmt(doc.get("device"))),
-            KV("images", fmt(data.get("source"))),
-            KV("images read", f"{fmt(data.get('n_valid'))} of {fmt(data.get('n_images'))}"),
+            KV("model", fmt(doc.model.name)),
+            KV("parameters", fmt(doc.model.parameters)),
+            KV("device", fmt(doc.device)),
+            KV("images", fmt(data.source)),
+            KV("images read", f"{fmt(data.n_valid)} of {fmt(data.n_images)}"),
             KV("units per layer", "all" if units == "all" else f"up to {fmt(units)}",
                "a seeded sample of each layer's units; units no image activates are left out"),
             KV("top images per unit", self.top_n()),
             KV("clustering space", fmt(settings.get("embedding")),
                "where the paper's clustering ran (and the silhouette is taken)"),
-            KV("independent embedding", fmt(doc.get("embedder")),
+            KV("independent embedding", fmt(doc.embedder),
                "the network whose penultimate features score 1 − MonoScore and the "
                "separation ratio"),
             KV("seed", fmt(settings.get("seed"))),
         ]
-        timings = [KV(str(k), duration(v)) for k, v in _mapping(doc.get("timings")).items()]
-        return {"sweep": sweep, "timings": timings}
-
+        return {"sweep": sweep, "timings": [KV(k, duration(v)) for k, v in doc.timings.items()]}

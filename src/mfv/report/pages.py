@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import metadata, resources
@@ -44,6 +45,7 @@ from markupsafe import Markup
 from mfv.core.io import atomic_write_text
 from mfv.core.layout import RunLayout
 from mfv.report.thumbs import Thumb
+from mfv.results.display import facet_colour
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,48 @@ class Img:
     title: str = ""
     missing: str = "not available"
     lazy: bool = False
+    href: str | None = None  # where a click leads (a crop's whole photo, its box outlined)
+
+
+STRIP_MAX = 12  # real member images shown per facet
+colour = facet_colour  # a facet's fixed colour, the same in the notebook (mfv.results.display)
+
+
+def fmt(value: Any) -> str:
+    """A short, readable rendering of a number or other value (escaped by the template)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}" if value == value else "nan"
+    if isinstance(value, (list, tuple)) and all(
+        not isinstance(v, (dict, list, tuple)) for v in value
+    ):
+        return ", ".join(fmt(v) for v in value) or "–"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
+
+
+def duration(seconds: Any) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return fmt(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def section_id(slug: str, index: int) -> str:
+    """The id of a target's section: `t<index>-<slug>` (slug reduced to safe characters)."""
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", slug)[:60]
+    return f"t{index}-{slug}" if slug else f"t{index}"
 
 
 @dataclass(frozen=True)

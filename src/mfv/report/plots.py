@@ -84,7 +84,8 @@ def _figure(layers, measures, chance) -> Figure:
                            markersize=5, linewidth=1.2, label="mean over units, bootstrap CI")
         bars.lines[0].set_gid(f"mean-{panel_id(name)}")
         if name in chance:
-            (line,) = ax.plot(x, [float(c) for c in chance[name]], linestyle="--", color="0.45",
+            levels = [math.nan if c is None else float(c) for c in chance[name]]
+            (line,) = ax.plot(x, levels, linestyle="--", color="0.45",
                               marker="", linewidth=1.2, label="chance")
             line.set_gid(f"chance-{panel_id(name)}")
         ax.set_title(name)

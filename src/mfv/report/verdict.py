@@ -8,12 +8,12 @@ the same recipe. The summary names what MFV wins and what it loses, so a loss re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mfv.report.glossary import format_value, number
+from mfv.results.metrics import METRICS, finite_number, format_value, number
+from mfv.results.model import TargetResult
 
 ACTIVATION_TOL = 0.02  # relative: closer than this counts as a tie
 DIVERSITY_TOL = 1.05  # a ratio within [1/x, x] counts as a tie
@@ -71,30 +71,20 @@ def _join(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def _finite(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def _mean(values: Sequence[Any]) -> float | None:
-    finite = [v for v in (_finite(x) for x in values) if v is not None]
-    return sum(finite) / len(finite) if finite else None
-
-
 def _compare(mfv: float, random: float, tol: float) -> str:
     if abs(mfv - random) <= tol * max(abs(mfv), abs(random)):
         return "even"
     return "better" if mfv > random else "worse"
 
 
-def n_classes(target: Mapping[str, Any]) -> int | None:
+def n_classes(target: TargetResult) -> int | None:
     """How many classes a target's coverage counts: 1 for a class logit, else its positively
     weighted terms (coverage exists only when all terms are logits)."""
-    if target.get("class_index") is not None:
+    if target.class_index is not None:
         return 1
-    terms = (target.get("target") or {}).get("terms") or []
-    positive = [t for t in terms if isinstance(t, Mapping) and (_finite(t.get("weight")) or 0) > 0]
+    terms = target.target.get("terms") or []
+    positive = [t for t in terms
+                if isinstance(t, Mapping) and (finite_number(t.get("weight")) or 0) > 0]
     return len(positive) or None
 
 
@@ -110,13 +100,13 @@ def _coverage(mfv: Any, random: Any, own: str | None, n: int | None) -> Clause |
     random = random if isinstance(random, Mapping) else {}
     others = [k for k in mfv if k != own]
     nets = others or list(mfv)
-    m = _mean([mfv[k] for k in nets])
+    m = METRICS["coverage"].combine(mfv[k] for k in nets)
     if m is None:
         return None
     noun = "class" if n == 1 else "classes"
     who = (f"judged by {len(nets)} other network{'s' if len(nets) != 1 else ''}" if others
            else f"judged by {nets[0]}")
-    r = _mean([random[k] for k in nets if k in random])
+    r = METRICS["coverage"].combine(random[k] for k in nets if k in random)
     if r is None:
         return Clause("coverage", f"covers {_classes(m, n)} {noun}, {who}", "info")
     return Clause("coverage", f"covers {_classes(m, n)} {noun} vs {_classes(r, n)} from random "
@@ -127,21 +117,22 @@ def _fidelity(values: Sequence[Any]) -> Clause | None:
     known = [bool(v) for v in values if isinstance(v, bool)]
     if not known:
         return None
-    share = sum(known) / len(known)
+    share = METRICS["fidelity"].combine(known)
     return Clause("fidelity", f"{sum(known)}/{len(known)} pictures stay in their facet "
                   f"(fidelity {format_value(share, 'share')})", "info")
 
 
 def _activation(ratios: Sequence[Any], values: Sequence[Any], random: Mapping[str, Any]
                 ) -> Clause | None:
-    m, r = _mean(ratios), _finite(random.get("activation_ratio"))
+    m = METRICS["activation_ratio"].combine(ratios)
+    r = finite_number(random.get("activation_ratio"))
     if m is not None:
         if r is None:
             return Clause("activation", f"{format_value(m, 'ratio')} the best photo", "info")
         return Clause("activation", f"{format_value(m, 'ratio')} the best photo vs "
                       f"{format_value(r, 'ratio')} from random starts",
                       _compare(m, r, ACTIVATION_TOL))
-    m, r = _mean(values), _finite(random.get("activation"))
+    m, r = METRICS["activation"].combine(values), finite_number(random.get("activation"))
     if m is None:
         return None
     if r is None:
@@ -151,7 +142,7 @@ def _activation(ratios: Sequence[Any], values: Sequence[Any], random: Mapping[st
 
 
 def _diversity(mfv: Any, random: Any) -> Clause | None:
-    m, r = _finite(mfv), _finite(random)
+    m, r = finite_number(mfv), finite_number(random)
     if m is None:
         return None
     if r is None:
@@ -173,22 +164,17 @@ def _diversity(mfv: Any, random: Any) -> Clause | None:
     return Clause("diversity", f"as diverse as random starts {values}", "even")
 
 
-def verdicts(target: Mapping[str, Any], model_name: str | None = None) -> list[Verdict]:
+def verdicts(target: TargetResult | Mapping[str, Any], model_name: str | None = None
+             ) -> list[Verdict]:
     """One verdict per recipe that has facet pictures with metrics."""
-    metrics = target.get("metrics") if isinstance(target.get("metrics"), Mapping) else {}
-    facet_level = metrics.get("facet") if isinstance(metrics.get("facet"), Mapping) else {}
-    random_level = metrics.get("random") if isinstance(metrics.get("random"), Mapping) else {}
-    per_facet = [f.get("metrics") for f in target.get("facets") or [] if isinstance(f, Mapping)]
-    per_facet = [m for m in per_facet if isinstance(m, Mapping)]
-    recipes = list(dict.fromkeys([*(r for m in per_facet for r in m if isinstance(m[r], Mapping)),
-                                  *facet_level]))
+    if not isinstance(target, TargetResult):
+        target = TargetResult.model_validate(target)
     n = n_classes(target)
     out = []
-    for recipe in recipes:
-        pics = [m[recipe] for m in per_facet if isinstance(m.get(recipe), Mapping)]
-        mfv = facet_level.get(recipe) if isinstance(facet_level.get(recipe), Mapping) else {}
-        random = random_level.get(recipe)
-        random = random if isinstance(random, Mapping) else {}
+    for recipe in target.recipes:
+        pics = target.picture_metrics(recipe)
+        mfv = target.metrics.facet.get(recipe, {})
+        random = target.metrics.random.get(recipe, {})
         clauses = [
             _coverage(mfv.get("coverage"), random.get("coverage"), model_name, n),
             _fidelity([p.get("fidelity") for p in pics]),

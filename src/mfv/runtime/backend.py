@@ -1,7 +1,7 @@
 """Where the stages' units of work run: in this process, or on a Ray cluster.
 
 The pipeline cuts every stage into independent units — scan shards, one target's facets, one
-batch of pictures, one target's evaluation — and hands them to a backend's `map(work, context,
+batch of pictures, one target's evaluation — and hands them to a backend's `imap(work, context,
 units)`, which returns each unit's result in order. `work(worker, context, unit)` is a
 module-level function; `worker` is a `Worker`: the model (loaded once per worker process) and a
 cache for what else a worker keeps (the judge networks). Units read their inputs from, and write
@@ -10,14 +10,15 @@ cluster); the driver alone writes indexes and the public files.
 
 - `LocalBackend`: the units one after the other, in this process, on the run's model.
 - `RayBackend`: one Ray actor per worker, each holding its own copy of the model (and a GPU when
-  the run uses one). A worker that dies is restarted and its unit retried (a unit's writes are
-  atomic and keyed, so a retry neither loses nor duplicates work); a unit that raises stops the
-  run with a message naming it.
+  the run uses one); each unit goes to whichever worker is free. A worker that dies is
+  restarted and its unit retried (a unit's writes are atomic and keyed, so a retry neither
+  loses nor duplicates work); a unit that raises stops the run with a message naming it.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 BACKENDS = ("local", "ray")
 RETRIES = 3  # restarts of a dead Ray worker, and retries of the unit it was running
 START_TIMEOUT_S = 120  # how long the workers may take to start (import torch, load the model)
+USAGE_STATS = "RAY_USAGE_STATS_ENABLED"  # Ray's usage reporting: off unless the user says
 
 
 @dataclass
@@ -108,14 +110,18 @@ class RayBackend(_Closing):
         except ImportError:
             raise MfvError("--backend ray needs Ray: pip install 'mfv[ray]'") from None
         self._ray = ray
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if not ray.is_initialized():
             _check_reachable(address)
+            given = os.environ.get(USAGE_STATS)
+            os.environ.setdefault(USAGE_STATS, "0")  # for the Ray that this starts, not after
             try:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             except ConnectionError as exc:
                 raise _no_cluster(address, exc) from None
+            finally:
+                if given is None:
+                    os.environ.pop(USAGE_STATS, None)
         gpus = 1 if model.device.type == "cuda" else 0
         resources = ray.cluster_resources()
         available = int(resources.get("GPU" if gpus else "CPU", 1))
@@ -136,25 +142,40 @@ class RayBackend(_Closing):
 
     def imap(self, work: Work, context: Any, units: Sequence[Any],
              label: Callable[[Any], str] = str) -> Iterator[Any]:
+        """Each unit to whichever worker is free (`ray.wait` on the running ones), so a slow
+        unit holds up only its own worker; results in the units' order."""
         ray = self._ray
         context_ref = ray.put(context)
-        refs = [self.actors[i % len(self.actors)].run.remote(work, context_ref, unit)
-                for i, unit in enumerate(units)]
-        for unit, ref in zip(units, refs, strict=True):
-            try:
-                yield ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                if isinstance(cause, MfvError):
-                    raise MfvError(f"{label(unit)}: {cause}") from None
-                raise MfvError(f"{label(unit)} failed on a Ray worker: "
-                               f"{type(cause).__name__}: {cause}") from None
-            except ray.exceptions.RayError as exc:  # a worker that could not start or run
-                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-                why = next((line for line in reversed(lines) if "Error" in line), lines[-1:])
-                raise MfvError(f"{label(unit)}: its Ray worker failed ({type(exc).__name__}: "
-                               f"{why}); a model class must be importable on every worker "
-                               "(see the README's Scale out)") from None
+        free, running, finished = list(self.actors), {}, {}
+        todo = iter(enumerate(units))
+        for index, unit in enumerate(units):
+            while index not in finished:
+                for i, item in itertools.islice(todo, len(free)):
+                    actor = free.pop()
+                    running[actor.run.remote(work, context_ref, item)] = (i, actor)
+                ready, _ = ray.wait(list(running), num_returns=1)
+                done, actor = running.pop(ready[0])
+                finished[done] = ready[0]
+                free.append(actor)
+            yield self._result(finished.pop(index), unit, label)
+
+    def _result(self, ref: Any, unit: Any, label: Callable[[Any], str]) -> Any:
+        """A finished unit's result, or its failure as one `MfvError` naming the unit."""
+        ray = self._ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, MfvError):
+                raise MfvError(f"{label(unit)}: {cause}") from None
+            raise MfvError(f"{label(unit)} failed on a Ray worker: "
+                           f"{type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayError as exc:  # a worker that could not start or run
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            why = next((line for line in reversed(lines) if "Error" in line), lines[-1:])
+            raise MfvError(f"{label(unit)}: its Ray worker failed ({type(exc).__name__}: "
+                           f"{why}); a model class must be importable on every worker "
+                           "(see the README's Scale out)") from None
 
     def worker_pids(self) -> list[int]:
         """The process ids of the workers (for the fault tests)."""
@@ -172,7 +193,7 @@ class _RayWorker:
     def __init__(self, model: LoadedModel | _FromFile, device: str) -> None:
         import torch
 
-        keep_freed_memory()
+        keep_freed_memory()  # the worker process is mfv's own: its allocator is tuned
         torch.set_num_threads(1)  # one CPU per worker: the cluster's cores are the workers
         if isinstance(model, _FromFile):
             model = model.load()

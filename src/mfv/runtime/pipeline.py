@@ -14,32 +14,36 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from torch import nn
 
-from mfv.core.allocator import keep_freed_memory, release_free_memory
+from mfv.core.allocator import release_free_memory
 from mfv.core.errors import MfvError
+from mfv.core.io import WriteError
 from mfv.core.keys import digest, slug
 from mfv.data.preprocess import Preprocess
-from mfv.data.sources import ImageList, open_images
+from mfv.data.sources import ImageList
 from mfv.evaluate.evaluation import summary
-from mfv.models import LoadedModel, load_model
-from mfv.models.targets import Target, parse_targets
+from mfv.facets.patches import PATCH_CODE
+from mfv.models import LoadedModel
+from mfv.models.targets import Target
 from mfv.render.batch import default_batch_size
 from mfv.render.plan import RenderSettings, Visual, plan
+from mfv.render.recipes import get
 from mfv.report import write_report
+from mfv.results.model import Results
 from mfv.runtime.backend import Backend, make_backend, run_all
-from mfv.runtime.results import STAGES, TargetRecord, build
-from mfv.runtime.rundir import RenderEntry, RunDir, check_out, open_run
-from mfv.runtime.settings import Settings, make_settings
+from mfv.runtime.prepare import Inputs, prepare
+from mfv.runtime.results import STAGES, RunState, TargetRecord, build, write
+from mfv.runtime.rundir import RenderEntry, RunDir, open_run
+from mfv.runtime.settings import Settings
 from mfv.runtime.tasks import (
     RunContext,
     anchor_settings,
     evaluate_unit,
-    facet_options,
     facets_unit,
     render_label,
     render_unit,
@@ -52,22 +56,23 @@ METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are r
 
 def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
         preprocess: Preprocess | None = None, backend: str | Backend | None = None,
-        until: str = "report", **options) -> dict:
-    """Run the pipeline up to `until` (a stage name) and return the results object (what
-    `RUN/results.json` holds).
+        until: str = "report", **options) -> Results:
+    """Run the pipeline up to `until` (a stage name) and return its typed results (what
+    `RUN/results.json` holds; `.to_dict()` gives the plain dict, `.root` the run directory).
 
     `mfv.run(images="photos/", targets=["bell pepper"], out="runs/pepper")` in a notebook is
     `mfv run --images photos/ --target "bell pepper" --out runs/pepper` on the command line.
     `model` may be a name or file (as `--model`), an `nn.Module` (with its `preprocess`), or a
     `LoadedModel`; the run directory records its class, size and weights' fingerprint.
     `backend` is "local" or "ray" (as `--backend`), or a `mfv.runtime.backend` backend whose workers
-    the caller keeps across runs.
+    the caller keeps across runs. The process keeps its allocator settings and the library only
+    logs (`logging`); `mfv.core.allocator.keep_freed_memory()` is the command line's speed-up.
     """
     if until not in STAGES:
         raise MfvError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
     if isinstance(backend, str):
         options["backend"], backend = backend, None
-    line = _prepare(settings, model, preprocess, options)
+    line = prepare(settings, model, preprocess, options, scan_only=until == "scan")
     with _backend(line, backend) as workers, open_run(line.settings.out) as rundir:
         return _Line(*line, rundir, workers).run(until)
 
@@ -76,7 +81,7 @@ def scan_images(settings: Settings | None = None, *,
                 model: str | nn.Module | LoadedModel | None = None,
                 preprocess: Preprocess | None = None, **options) -> ScanResult:
     """Only the scan of a run (its targets and `scan_targets`), returned as a `ScanResult`."""
-    line = _prepare(settings, model, preprocess, options)
+    line = prepare(settings, model, preprocess, options, scan_only=True)
     with _backend(line, None) as backend, open_run(line.settings.out) as rundir:
         stages = _Line(*line, rundir, backend)
         stages.run("scan")
@@ -84,67 +89,14 @@ def scan_images(settings: Settings | None = None, *,
 
 
 @contextlib.contextmanager
-def _backend(line: _Inputs, given: Backend | None) -> Iterator[Backend]:
+def _backend(line: Inputs, given: Backend | None) -> Iterator[Backend]:
     """The backend the caller gave, or the run's own (`--backend`), closed when it ends."""
     if given is not None:
         yield given
         return
-    with make_backend(line.settings.backend, line.model, line.settings.ray_address,
-                      line.settings.ray_workers) as backend:
+    where = line.settings.backend
+    with make_backend(where.kind, line.model, where.ray_address, where.ray_workers) as backend:
         yield backend
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    settings: Settings
-    model: LoadedModel
-    images: ImageList
-    targets: list[Target]
-    scan_targets: list[Target]
-
-    def __iter__(self):
-        return iter((self.settings, self.model, self.images, self.targets, self.scan_targets))
-
-
-def _prepare(settings: Settings | None, model, preprocess, options: dict) -> _Inputs:
-    """Everything a run needs, checked before the run directory is touched: settings, device
-    and model, targets (before the images, so a typo is reported first), images."""
-    settings = settings.updated(**options) if settings is not None else make_settings(**options)
-    check_out(settings.out)
-    loaded = prepare_model(settings, model, preprocess)
-    if model is not None and not isinstance(model, str):
-        settings = settings.updated(model=loaded.name)
-    targets = []
-    if settings.targets or not settings.scan_targets:
-        targets = parse_run_targets(settings.targets, loaded, settings)
-    scan_targets = parse_targets(list(settings.scan_targets), loaded, settings.reduction,
-                                 settings.activation)
-    return _Inputs(settings, loaded, open_images(settings.images), targets, scan_targets)
-
-
-def prepare_model(settings: Settings, model: str | nn.Module | LoadedModel | None = None,
-                  preprocess: Preprocess | None = None) -> LoadedModel:
-    """The model a run uses, on its device, at its input size. From here on freed memory stays
-    in the process (`mfv.core.allocator`: runs and sweeps allocate the same large blocks every
-    step)."""
-    keep_freed_memory()
-    loaded = load_model(model if model is not None else settings.model, device=settings.device,
-                        weights=settings.weights, preprocess=preprocess)
-    if settings.size is not None:
-        loaded.preprocess = loaded.preprocess.resized(settings.size)
-    return loaded
-
-
-def parse_run_targets(specs: Sequence[str], model: LoadedModel, settings: Settings
-                      ) -> list[Target]:
-    if not specs:
-        raise MfvError("no target given: add --target LAYER:UNIT or a class name "
-                       "(see `mfv layers MODEL`)")
-    targets = parse_targets(list(specs), model, settings.reduction, settings.activation)
-    if any(spec.strip().endswith(":*") for spec in specs):
-        raise MfvError("LAYER:* (every unit) is for scanning; give single units, class names "
-                       "or sums as --target")
-    return targets
 
 
 @dataclass
@@ -173,7 +125,7 @@ class _Line:
             else None)) for t in self.targets]
         self.timings = self.rundir.read_record("timings") or {}
 
-    def run(self, until: str) -> dict:
+    def run(self, until: str) -> Results:
         self.rundir.write_record("settings", self.settings.to_dict())
         self.rundir.write_record("model", self.model.describe())
         last = STAGES.index(until)
@@ -185,8 +137,9 @@ class _Line:
                 execute = i <= last
                 self._timed(stage, functools.partial(getattr(self, f"_{stage}"), execute))
         except BaseException as error:
-            self._collect_visuals()  # what a failed render finished is shown
-            self._publish(error=str(error) or type(error).__name__)
+            with contextlib.suppress(WriteError):  # a full disk: its first failed write is news
+                self._collect_visuals()  # what a failed render finished is shown
+                self._publish(error=str(error) or type(error).__name__)
             raise
         results = self._publish()
         if until == "report" and self.done >= {"facets", "render", "evaluate"}:
@@ -225,8 +178,8 @@ class _Line:
         for record in self.records:
             record.facets_key = digest({
                 "scan": result.key, "target": record.target.to_dict(),
-                "options": facet_options(s).__dict__, "mean_resize": s.mean_resize,
-                "size": self.model.preprocess.input_size})
+                "options": s.facets.key(), "mean_resize": s.facets.mean_resize,
+                "size": self.model.preprocess.input_size, "patch": PATCH_CODE})
         missing = [i for i, r in enumerate(self.records)
                    if self.rundir.target(r.slug).load_facets(r.facets_key) is None]
         if missing and not execute:
@@ -253,8 +206,8 @@ class _Line:
                 if (stored := indexes[v.target].get(v.slot)) is None or stored.key != v.key]
         worked = bool(todo) and execute
         if worked:
-            size = s.batch_size or default_batch_size(self.model)
-            batches = [chunk for recipe in s.recipes
+            size = s.render.batch_size or default_batch_size(self.model)
+            batches = [chunk for recipe in s.render.recipes
                        for group in [[v for v in todo if v.recipe == recipe]]
                        for chunk in (group[i:i + size] for i in range(0, len(group), size))]
             for entries in self.backend.imap(render_unit, self._context(), batches,
@@ -273,10 +226,12 @@ class _Line:
 
     def _render_settings(self) -> RenderSettings:
         s = self.settings
-        spectrum = digest(self.scanned.spectrum) if "maco" in s.recipes else None
-        return RenderSettings(s.recipes, s.baseline, s.steps, s.as_written, s.seed,
+        r = s.render
+        spectrum = digest(self.scanned.spectrum) if any(
+            get(recipe).needs_spectrum for recipe in r.recipes) else None
+        return RenderSettings(r.recipes, r.baseline, r.steps, r.as_written, s.seed,
                               self.model.preprocess.input_size, self.model.fingerprint(),
-                              s.code_layer, anchor_settings(s), s.maco_crops, spectrum)
+                              s.scan.code_layer, anchor_settings(s), r.maco_crops, spectrum)
 
     def _collect_visuals(self) -> int:
         """Give each record the stored visualizations that the plan still asks for; how many."""
@@ -292,8 +247,8 @@ class _Line:
             return False
         s = self.settings
         keys = [digest({"visuals": sorted(e.key for e in r.visuals), "facets": r.facets_key,
-                        "judges": list(s.judges), "code_layer": s.code_layer, "seed": s.seed,
-                        "version": METRICS_VERSION}) for r in self.records]
+                        "judges": list(s.evaluate.judges), "code_layer": s.scan.code_layer,
+                        "seed": s.seed, "version": METRICS_VERSION}) for r in self.records]
         stores = [self.rundir.target(r.slug) for r in self.records]
         for record, store, key in zip(self.records, stores, keys, strict=True):
             record.metrics = store.load_evaluation(key)
@@ -310,22 +265,20 @@ class _Line:
         return bool(missing)
 
     # ----------------------------------------------------------------------------- outputs
-    def _publish(self, error: str | None = None) -> dict:
+    def _publish(self, error: str | None = None) -> Results:
         """Write results.json and the report for what the current settings have produced."""
         previous = self.rundir.read_record("results")
         done = set(self.done) if error is None else self.done - {"report"}
         evaluation = summary({r.slug: r.metrics for r in self.records if r.metrics}) \
             if "evaluate" in done else None
-        common = dict(settings=self.settings.to_dict(), model=self.model.describe(),
-                      device=str(self.model.device),
-                      scan=self.scanned, records=self.records, timings=self.timings,
-                      error=error, created=(previous or {}).get("created"),
-                      evaluation=evaluation)
-        results = build(self.rundir, done=done | ({"report"} if error is None else set()),
-                        **common)
+        results = build(self.rundir, RunState(
+            settings=self.settings.to_dict(), model=self.model.describe(),
+            device=str(self.model.device), scan=self.scanned, records=self.records,
+            timings=self.timings, done=done | ({"report"} if error is None else set()),
+            error=error, created=(previous or {}).get("created"), evaluation=evaluation))
         write_report(self.rundir, results, progress=self.settings.progress)
-        self.rundir.write_record("results", results)
-        return results
+        write(self.rundir, results)
+        return results.at(self.rundir.root)
 
     def _prune(self) -> None:
         current: dict[str, tuple[str | None, dict]] = {

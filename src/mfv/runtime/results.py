@@ -1,16 +1,15 @@
-"""`RUN/results.json`: the machine-readable face of a run (schema `mfv.results/2`).
+"""`RUN/results.json`: the machine-readable face of a run, built as `mfv.results.Results`.
 
 Built from the plain objects the pipeline holds (the scan, each target's facets, visualizations
 and metrics), never by reading files back, so it says exactly what the current settings have
 produced. Paths of generated files are relative to the run directory; input images keep the path
-they were given with (relative ones resolve against `data.base`). The schema is
-`docs/results.schema.json`.
+they were given with (relative ones resolve against `data.base`). The model, its schema version
+and `docs/results.schema.json` are in `mfv.results.model`; the file is strict JSON.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import platform
 from collections.abc import Sequence
@@ -19,13 +18,14 @@ from importlib import metadata
 
 import numpy as np
 
+from mfv.core.io import atomic_write_text
 from mfv.facets.find import FacetResult
 from mfv.models.targets import Target
+from mfv.results.model import SCHEMA, STAGES, Results
 from mfv.runtime.rundir import RenderEntry, RunDir
 from mfv.scan.scanner import ScanResult
 
-SCHEMA = "mfv.results/2"
-STAGES = ("scan", "facets", "render", "evaluate", "report")
+__all__ = ["STAGES", "RunState", "TargetRecord", "build", "write"]
 
 
 @dataclass
@@ -39,6 +39,24 @@ class TargetRecord:
     facets_key: str | None = None
     visuals: list[RenderEntry] = field(default_factory=list)  # current ones only
     metrics: dict | None = None
+
+
+@dataclass
+class RunState:
+    """What the pipeline holds when it publishes: `done` names the stages finished for the
+    current settings; `error` says why the run stopped early (the results then cover what was
+    finished); `created` is the first run's time, kept across reruns."""
+
+    settings: dict
+    model: dict
+    device: str
+    scan: ScanResult | None
+    records: Sequence[TargetRecord]
+    timings: dict
+    done: set[str]
+    error: str | None = None
+    created: str | None = None
+    evaluation: dict | None = None
 
 
 def versions() -> dict[str, str]:
@@ -56,33 +74,33 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def build(run: RunDir, *, settings: dict, model: dict, device: str, scan: ScanResult | None,
-          records: Sequence[TargetRecord], timings: dict, done: set[str],
-          error: str | None = None, created: str | None = None,
-          evaluation: dict | None = None) -> dict:
-    """The results object: `done` names the stages finished for the current settings; `error`
-    says why the run stopped early (the results then cover what was finished)."""
-    results: dict = {
-        "schema": SCHEMA, "mfv_version": versions().get("mfv", "unknown"),
-        "created": created or now(), "updated": now(),
-        "status": "failed" if error else ("complete" if done >= set(STAGES) else "partial"),
-        "error": error,
-        "stages": {stage: "done" if stage in done else "missing" for stage in STAGES},
-        "model": model, "device": device, "data": None, "settings": settings,
-        "versions": versions(),
-        "timings": dict(timings), "targets": [],
+def build(run: RunDir, state: RunState) -> Results:
+    """The typed results of the run as far as `state` goes."""
+    s = state
+    found = versions()
+    doc: dict = {
+        "schema": SCHEMA, "mfv_version": found.get("mfv", "unknown"),
+        "created": s.created or now(), "updated": now(),
+        "status": "failed" if s.error else ("complete" if s.done >= set(STAGES) else "partial"),
+        "error": s.error,
+        "stages": {stage: "done" if stage in s.done else "missing" for stage in STAGES},
+        "model": s.model, "device": s.device, "data": None, "settings": s.settings,
+        "versions": found, "timings": dict(s.timings),
+        "targets": [_target(run, s.scan, record, s.settings) for record in s.records],
     }
-    if scan is not None:
-        m = scan.manifest
-        results["data"] = {"source": m["source"], "base": os.getcwd(), "n_images": len(m["images"]),
-                           "n_valid": m["n_valid"], "fingerprint": m["fingerprint"],
-                           "skipped": m["bad"], "code_layer": m["code_layer"],
-                           "scan_key": m["key"]}
-    for record in records:
-        results["targets"].append(_target(run, scan, record, settings))
-    if evaluation:
-        results["evaluation"] = evaluation
-    return json.loads(json.dumps(results))  # plain JSON types: exactly what results.json holds
+    if s.scan is not None:
+        m = s.scan.manifest
+        doc["data"] = {"source": m["source"], "base": os.getcwd(), "n_images": len(m["images"]),
+                       "n_valid": m["n_valid"], "fingerprint": m["fingerprint"],
+                       "skipped": m["bad"], "code_layer": m["code_layer"], "scan_key": m["key"]}
+    if s.evaluation:
+        doc["evaluation"] = s.evaluation
+    return Results.model_validate(doc)
+
+
+def write(run: RunDir, results: Results) -> None:
+    """Write results.json (atomically, strict JSON)."""
+    atomic_write_text(run.results_file, results.to_json())
 
 
 def _target(run: RunDir, scan: ScanResult | None, record: TargetRecord, settings: dict) -> dict:
@@ -124,6 +142,8 @@ def _target(run: RunDir, scan: ScanResult | None, record: TargetRecord, settings
             "rank": facet.rank, "size": facet.size,
             "members": [paths[i] for i in facet.members],
             "representatives": [paths[i] for i in facet.representatives],
+            "boxes": [list(facet_box) for i in facet.members
+                      if (facet_box := facets.box_of(i)) is not None],
             "mean_image": run.relative(store.mean_image_file(record.facets_key, facet.rank)),
             "activation_real": {"mean": facet.activation_mean, "max": facet.activation_max},
             "visualizations": {e.recipe: visual(e) for e in record.visuals

@@ -11,6 +11,11 @@
       results.json  index.html  report/thumbs/     the public face (see `mfv.runtime.results`)
       sweep/                                       `mfv sweep`'s layer study
 
+Every file is checked when it is reused: an index (a clustering's `facets.json`, a target's
+`render.json`, a scan's manifest) stamps the files it names with their size and CRC-32, and a
+record that cannot be parsed, or a file that no longer matches its stamp, counts as never written —
+what it held is computed again, with one warning naming the file (`mfv.core.io.reuse`).
+
 Every stored result lives under a key: a digest of everything that determines it (settings that
 matter, the model's weights, the image list, the target, the start image, the seed), so a rerun
 reuses exactly what its settings would produce again and nothing else. A result is published
@@ -22,6 +27,8 @@ a run directory at a time (`open_run`); a crashed holder's lock is released by t
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import os
 import shutil
 import socket
@@ -35,13 +42,28 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from mfv.core.errors import MfvError
-from mfv.core.io import atomic_save_npy, atomic_write_json, load_npy, read_json, save_png
+from mfv.core.io import (
+    Damaged,
+    atomic_save_npy,
+    atomic_write_json,
+    check,
+    load_json,
+    load_npy,
+    own_name,
+    remove,
+    reuse,
+    save_png,
+    stamp,
+    write_error,
+)
 from mfv.core.keys import KEY_CHARS
 from mfv.core.layout import RunLayout
 from mfv.facets.find import Facet, FacetResult
 from mfv.scan.store import ScanStore
 
-FACETS_FORMAT = "mfv.facets/3"
+FACETS_FORMAT = "mfv.facets/4"  # /4: facets.json stamps its files
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- render index
@@ -55,6 +77,7 @@ class RenderEntry:
     key: str
     activation: float  # the target on the central view of the final image
     files: dict[str, str] = field(default_factory=dict)  # role → file in the target folder
+    stamps: dict[str, dict] = field(default_factory=dict)  # file → its size and CRC-32
 
     @property
     def name(self) -> str:
@@ -82,29 +105,46 @@ class TargetDir:
         return self.directory / "facets" / key[:KEY_CHARS]
 
     def load_facets(self, key: str) -> tuple[FacetResult, list[np.ndarray]] | None:
-        """The clustering stored under `key` with its mean images, or None."""
+        """The clustering stored under `key` with its mean images, or None (also when any of
+        its files is damaged: then it is computed again, with one warning)."""
+        return reuse(log, f"the facets of {self.slug} are computed again",
+                     lambda: self._load_facets(key))
+
+    def _load_facets(self, key: str) -> tuple[FacetResult, list[np.ndarray]] | None:
         d = self._facets_dir(key)
-        if not (d / "facets.json").is_file():
+        doc = load_json(d / "facets.json")
+        if doc is None or doc.get("format") != FACETS_FORMAT or doc.get("key") != key:
             return None
-        doc = read_json(d / "facets.json")
-        if doc.get("format") != FACETS_FORMAT or doc.get("key") != key:
-            return None
-        selected = load_npy(d / "selected.npy")
-        assignment = load_npy(d / "assignment.npy")
-        centres = load_npy(d / "code_centres.npy")
-        facets = [Facet(rank=f["rank"], members=selected[assignment == f["rank"]],
-                        representatives=np.asarray(f["representatives"], dtype=np.int64),
-                        centre_2d=np.asarray(f["centre_2d"], dtype=np.float64),
-                        code_centre=centres[f["rank"]], code_spread=f["code_spread"],
-                        activation_mean=f["activation_mean"],
-                        activation_max=f["activation_max"]) for f in doc["facets"]]
-        result = FacetResult(facets=facets, coords_2d=load_npy(d / "coords_2d.npy"),
-                             selected=selected, assignment=assignment,
-                             k_requested=doc["k_requested"], k_chosen=doc["k_chosen"],
-                             settings=doc["settings"],
-                             scores={int(k): float(v) for k, v in doc["scores"].items()},
-                             timings=doc["timings"])
-        means = [load_npy(d / f"mean{f.rank:02d}.npy") for f in facets]
+        try:
+            files = doc["files"]
+            if not all(map(own_name, files)):
+                raise TypeError("a file outside the clustering's folder")
+            arrays = {name: load_npy(d / name, recorded=files[name]) for name in files
+                      if name.endswith(".npy")}
+            for name in files:
+                if not name.endswith(".npy"):  # the mean images' pictures
+                    check(d / name, files[name])
+            selected, assignment = arrays["selected.npy"], arrays["assignment.npy"]
+            centres = arrays["code_centres.npy"]
+            facets = [Facet(rank=f["rank"], members=selected[assignment == f["rank"]],
+                            representatives=np.asarray(f["representatives"], dtype=np.int64),
+                            centre_2d=np.asarray(f["centre_2d"], dtype=np.float64),
+                            code_centre=centres[f["rank"]], code_spread=f["code_spread"],
+                            activation_mean=f["activation_mean"],
+                            activation_max=f["activation_max"]) for f in doc["facets"]]
+            result = FacetResult(facets=facets, coords_2d=arrays["coords_2d.npy"],
+                                 selected=selected, assignment=assignment,
+                                 k_requested=doc["k_requested"], k_chosen=doc["k_chosen"],
+                                 settings=doc["settings"],
+                                 scores={int(k): float(v) for k, v in doc["scores"].items()},
+                                 timings=doc["timings"], boxes=arrays.get("boxes.npy"))
+            means = [arrays[f"mean{f.rank:02d}.npy"] for f in facets]
+        except Damaged:
+            remove(d)  # the clustering is no longer whole: compute it again
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            remove(d)
+            raise Damaged(d / "facets.json", f"unexpected content: {exc!r}") from None
         return result, means
 
     def save_facets(self, key: str, result: FacetResult, means: list[np.ndarray]) -> None:
@@ -112,10 +152,23 @@ class TargetDir:
         final = self._facets_dir(key)
         staging = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         shutil.rmtree(staging, ignore_errors=True)
+        try:
+            self._stage_facets(staging, key, result, means)
+            remove(final)  # an incomplete leftover of the same key, or a file in its place
+            staging.rename(final)
+        except OSError as exc:
+            raise write_error(final, exc) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # what a failed write left
+
+    def _stage_facets(self, staging: Path, key: str, result: FacetResult,
+                      means: list[np.ndarray]) -> None:
         staging.mkdir(parents=True)
         atomic_save_npy(staging / "selected.npy", result.selected)
         atomic_save_npy(staging / "coords_2d.npy", result.coords_2d)
         atomic_save_npy(staging / "assignment.npy", result.assignment)
+        if result.boxes is not None:  # patch facets: the crop of each selected image
+            atomic_save_npy(staging / "boxes.npy", result.boxes)
         atomic_save_npy(staging / "code_centres.npy",
                         np.stack([f.code_centre for f in result.facets]))
         for facet, mean in zip(result.facets, means, strict=True):
@@ -129,22 +182,41 @@ class TargetDir:
                         "representatives": f.representatives.tolist(),
                         "centre_2d": f.centre_2d.tolist(), "code_spread": f.code_spread,
                         "activation_mean": f.activation_mean,
-                        "activation_max": f.activation_max} for f in result.facets]})
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same key
-        staging.rename(final)
+                        "activation_max": f.activation_max} for f in result.facets],
+            "files": {p.name: stamp(p) for p in sorted(staging.iterdir())}}, sealed=True)
 
     def mean_image_file(self, key: str, rank: int) -> Path:
         return self._facets_dir(key) / f"mean{rank:02d}.png"
 
     # visualizations ---------------------------------------------------------------------
     def render_index(self) -> dict[tuple[str, int, str], RenderEntry]:
-        """Every stored visualization by its slot (kind, rank, recipe)."""
+        """Every stored visualization by its slot (kind, rank, recipe), each checked against its
+        stamps: a damaged index, or an entry with a damaged file, is dropped from the index with
+        one warning (and its pictures are rendered again)."""
+        entries = reuse(log, f"the pictures of {self.slug} are rendered again",
+                        self._entries) or []
+        index = {e.slot: e for e in entries if reuse(
+            log, f"{e.name} of {self.slug} is rendered again", functools.partial(
+                self._check_entry, e))}
+        if len(index) < len(entries):
+            self._write_index(index)
+        return index
+
+    def _entries(self) -> list[RenderEntry]:
         path = self.directory / "render.json"
-        if not path.exists():
-            return {}
-        entries = [RenderEntry(**e) for e in read_json(path).get("entries", [])]
-        return {e.slot: e for e in entries if all(
-            (self.directory / f).exists() for f in e.files.values())}
+        doc = load_json(path) or {"entries": []}
+        try:
+            entries = [RenderEntry(**e) for e in doc["entries"]]
+            if not all(_typed(e) for e in entries):
+                raise TypeError("a field of the wrong type")
+        except (KeyError, TypeError) as exc:
+            raise Damaged(path, f"unexpected content: {exc}") from None
+        return entries
+
+    def _check_entry(self, entry: RenderEntry) -> bool:
+        for name in entry.files.values():
+            check(self.directory / name, entry.stamps.get(name))
+        return True
 
     def write_visual(self, kind: str, rank: int, recipe: str, key: str, *, image: np.ndarray,
                      trace: np.ndarray, activation: float, alpha: np.ndarray | None = None
@@ -157,7 +229,8 @@ class TargetDir:
         if alpha is not None:
             files["alpha"] = f"{stem}_alpha.png"
             save_png(self.directory / files["alpha"], np.repeat(alpha[..., None] * 255, 3, -1))
-        return RenderEntry(kind, rank, recipe, key, float(activation), files)
+        return RenderEntry(kind, rank, recipe, key, float(activation), files,
+                           {name: stamp(self.directory / name) for name in files.values()})
 
     def record(self, entries: list[RenderEntry]) -> None:
         """Add entries to the index (replacing their slots), then delete replaced files."""
@@ -174,21 +247,23 @@ class TargetDir:
     def _write_index(self, index: Mapping[tuple[str, int, str], RenderEntry]) -> None:
         entries = sorted(index.values(), key=lambda e: (e.kind, e.rank, e.recipe))
         atomic_write_json(self.directory / "render.json",
-                          {"entries": [asdict(e) for e in entries]})
+                          {"entries": [asdict(e) for e in entries]}, sealed=True)
 
     def file(self, name: str) -> Path:
         return self.directory / name
 
     # evaluation -------------------------------------------------------------------------
     def load_evaluation(self, key: str) -> dict | None:
-        path = self.directory / "evaluate.json"
-        if not path.exists():
+        """The metrics stored for `key`, or None (a damaged file: evaluated again)."""
+        doc = reuse(log, f"{self.slug} is evaluated again",
+                    lambda: load_json(self.directory / "evaluate.json"))
+        if doc is None or doc.get("key") != key:
             return None
-        doc = read_json(path)
-        return doc["metrics"] if doc.get("key") == key else None
+        return doc["metrics"] if isinstance(doc.get("metrics"), dict) else None
 
     def save_evaluation(self, key: str, metrics: dict) -> None:
-        atomic_write_json(self.directory / "evaluate.json", {"key": key, "metrics": metrics})
+        atomic_write_json(self.directory / "evaluate.json", {"key": key, "metrics": metrics},
+                          sealed=True)
 
     # pruning ----------------------------------------------------------------------------
     def prune(self, facets_key: str | None, visuals: Mapping[tuple[str, int, str], str]) -> None:
@@ -207,7 +282,7 @@ class TargetDir:
             "render.json", "evaluate.json", "facets"}
         for path in self.directory.iterdir():
             if path.name not in keep:
-                _remove(path)
+                remove(path)
 
 
 # ------------------------------------------------------------------------------ the sweep
@@ -222,29 +297,37 @@ class SweepStore:
         atomic_write_json(self.directory / f"{name}.json", doc)
 
     def read(self, name: str) -> dict | None:
-        path = self.directory / f"{name}.json"
-        return read_json(path) if path.exists() else None
+        """A stored document, or None (also when damaged: it is computed again)."""
+        return reuse(log, "it is computed again",
+                     lambda: load_json(self.directory / f"{name}.json"))
 
     def read_unit(self, key: str) -> dict | None:
-        path = self.directory / "units" / f"{key[:KEY_CHARS]}.json"
-        if not path.exists():
+        doc = reuse(log, "the unit's measures are computed again", lambda: load_json(
+            self.directory / "units" / f"{key[:KEY_CHARS]}.json"))
+        if doc is None or doc.get("key") != key:
             return None
-        doc = read_json(path)
-        return doc["measures"] if doc.get("key") == key else None
+        return doc["measures"] if isinstance(doc.get("measures"), dict) else None
 
     def write_unit(self, key: str, measures: dict) -> None:
         atomic_write_json(self.directory / "units" / f"{key[:KEY_CHARS]}.json",
-                          {"key": key, "measures": measures})
+                          {"key": key, "measures": measures}, sealed=True)
 
     def read_array(self, name: str) -> np.ndarray | None:
         path = self.directory / f"{name}.npy"
-        return load_npy(path) if path.exists() else None
+        return reuse(log, "it is computed again",
+                     lambda: load_npy(path) if path.exists() else None)
 
     def write_array(self, name: str, array: np.ndarray) -> None:
         atomic_save_npy(self.directory / f"{name}.npy", array)
 
     def example_dir(self, layer_slug: str, unit: int) -> Path:
         return self.directory / "examples" / layer_slug / f"u{unit:05d}"
+
+    def has_image(self, path: Path) -> bool:
+        """Whether an example picture is stored whole (decoded to its last pixel); a damaged
+        one is removed, with a warning, to be made again."""
+        return path.exists() and bool(reuse(log, "it is made again",
+                                            lambda: check(path) or True))
 
     def write_image(self, path: Path, image: np.ndarray) -> None:
         if not path.is_relative_to(self.directory):
@@ -275,8 +358,11 @@ class RunDir(RunLayout):
         atomic_write_json(self.root / f"{name}.json", data)
 
     def read_record(self, name: str) -> Any:
-        path = self.root / f"{name}.json"
-        return read_json(path) if path.exists() else None
+        """A record the last run wrote (`settings`, `timings`, `results`...), or None (also when
+        it is damaged: it is written again)."""
+        redo = "the stages' times are recorded anew as they run" if name == "timings" else \
+            "it is written again"
+        return reuse(log, redo, lambda: load_json(self.root / f"{name}.json"))
 
     def prune(self, scan_keys: set[str], targets: Mapping[str, tuple[str | None, Mapping]]
               ) -> None:
@@ -285,14 +371,14 @@ class RunDir(RunLayout):
         keep = {k[:KEY_CHARS] for k in scan_keys}
         for d in self.scans_dir.glob("*") if self.scans_dir.exists() else []:
             if d.name not in keep:
-                _remove(d)
+                remove(d)
         folders = self.targets_dir
         for d in folders.glob("*") if folders.exists() else []:
             if d.name in targets:
                 facets_key, visuals = targets[d.name]
                 self.target(d.name).prune(facets_key, visuals)
             else:
-                _remove(d)
+                remove(d)
 
 
 def check_out(root: str | os.PathLike) -> None:
@@ -327,12 +413,16 @@ def open_run(root: str | os.PathLike) -> Iterator[RunDir]:
     except OSError as exc:
         raise MfvError(f"--out {root} is not writable ({exc.strerror}); choose another "
                        "directory") from None
+    if (root / ".lock").is_dir() and not (root / ".lock").is_symlink():
+        remove(root / ".lock")  # a folder where the lock file goes: no process can hold it
     lock = FileLock(root / ".lock", timeout=0)
     holder_file = root / ".lock.holder.json"
     try:
         lock.acquire()
     except Timeout:
-        holder = read_json(holder_file) if holder_file.exists() else {}
+        holder = {}
+        with contextlib.suppress(Damaged):  # a broken holder's record: "another process"
+            holder = load_json(holder_file) or {}
         who = (f"process {holder.get('pid')} on {holder.get('host')} since "
                f"{holder.get('since')}") if holder else "another process"
         raise MfvError(f"--out {root} is in use by {who}; wait for it to finish or choose "
@@ -346,11 +436,13 @@ def open_run(root: str | os.PathLike) -> Iterator[RunDir]:
         lock.release()
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def _typed(entry: RenderEntry) -> bool:
+    """Whether an entry read from an index has its fields' types."""
+    return (isinstance(entry.kind, str) and isinstance(entry.rank, int)
+            and isinstance(entry.recipe, str) and isinstance(entry.key, str)
+            and isinstance(entry.activation, (int, float)) and isinstance(entry.files, dict)
+            and isinstance(entry.stamps, dict)
+            and all(map(own_name, entry.files.values())))
 
 
 def _plain(obj: Any) -> Any:

@@ -7,7 +7,8 @@ the same files and loses nothing. The driver decides which units are missing, an
 indexes (`TargetDir.record`), evaluations and the public files.
 
 - `scan_shard`: every n-th chunk of the scan (`mfv.scan.scanner.scan(shard=...)`), not merged;
-- `facets_unit`: one target's facets and mean images;
+- `facets_unit`: one target's facets and mean images (of whole photos, or for hidden spatial
+  units of the patches around their peaks: `mfv.facets.patches`);
 - `render_unit`: one batch of pictures (the driver cuts the batches, so they are the same
   whatever runs them), files written, index entries returned;
 - `evaluate_unit`: one target's metrics, returned.
@@ -25,14 +26,16 @@ from PIL import Image
 
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList
-from mfv.evaluate.evaluation import Picture, evaluate_target, networks
-from mfv.facets.find import FacetOptions, facet_means, facets_of_target
+from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
+from mfv.facets.find import FacetResult, facet_means, facets_of_target
+from mfv.facets.patches import PATCH_CODE, Patches, frames, load_crops, resolve_region
 from mfv.models import LoadedModel
-from mfv.models.targets import Target, resolve_layer
+from mfv.models.receptive import ERF_IMAGES, receptive_fields
+from mfv.models.targets import LayerRef, Target, resolve_layer
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.plan import Visual
-from mfv.render.recipes import FACET_RECIPES, AnchorSettings
+from mfv.render.recipes import AnchorSettings, get
 from mfv.runtime.backend import Backend, Worker, run_all
 from mfv.runtime.rundir import RenderEntry, RunDir
 from mfv.runtime.settings import Settings
@@ -62,14 +65,9 @@ class RunContext:
         return ScanResult.load(self.run.scan(self.scan_key))
 
 
-def facet_options(settings: Settings) -> FacetOptions:
-    return FacetOptions(settings.selection, settings.top_n, settings.facets, settings.mean_of,
-                        settings.embedding, settings.merge, settings.min_facet_size,
-                        settings.seed)
-
-
 def anchor_settings(settings: Settings) -> AnchorSettings:
-    return AnchorSettings(settings.anchor_weight, settings.match_weight, settings.match_layers)
+    r = settings.render
+    return AnchorSettings(r.anchor_weight, r.match_weight, r.match_layers)
 
 
 def pixels(model: LoadedModel, policy: str, paths: Sequence[str], indices: np.ndarray
@@ -81,16 +79,10 @@ def pixels(model: LoadedModel, policy: str, paths: Sequence[str], indices: np.nd
 
 
 # --------------------------------------------------------------------------------- scan
-def _scan_options(s: Settings) -> dict:
-    """The settings that decide a scan, as `mfv.scan.scanner.scan` takes them."""
-    return dict(code_layer=s.code_layer, batch_size=s.scan_batch_size, workers=s.workers,
-                mode=s.scan_mode, top_n=s.top_n)
-
-
 def scan_shard(worker: Worker, ctx: RunContext, shard: tuple[int, int]) -> None:
     """Every `shard[1]`-th chunk of the scan from `shard[0]`, written, not merged."""
-    scan(worker.model, ctx.images, list(ctx.scanned_targets), ctx.run,
-         **_scan_options(ctx.settings), shard=shard, merge=False, progress=False)
+    scan(worker.model, ctx.images, list(ctx.scanned_targets), ctx.run, ctx.settings.scan,
+         shard=shard, merge=False, progress=False)
 
 
 def scan_label(shard: tuple[int, int]) -> str:
@@ -104,21 +96,63 @@ def scan_on(backend: Backend, model: LoadedModel, ctx: RunContext, run: RunDir
     if backend.workers > 1:
         run_all(backend, scan_shard, ctx, [(i, backend.workers) for i in range(backend.workers)],
                 scan_label)
-    return scan(model, ctx.images, list(ctx.scanned_targets), run,
-                **_scan_options(ctx.settings), progress=ctx.settings.progress)
+    return scan(model, ctx.images, list(ctx.scanned_targets), run, ctx.settings.scan,
+                progress=ctx.settings.progress)
 
 
 # ------------------------------------------------------------------------------- facets
 def facets_unit(worker: Worker, ctx: RunContext, index: int) -> None:
-    """Target `index`'s facets and mean images, stored under `ctx.facets_keys[index]`."""
+    """Target `index`'s facets and mean images, stored under `ctx.facets_keys[index]`: of the
+    whole photos, or (`--region patch`) of the crops around the target's peaks."""
     result, target, s = ctx.scanned, ctx.targets[index], ctx.settings
     labels = result.class_labels(worker.model.classes)
-    facets = facets_of_target(result.activations_of(result.target_index(target.spec)),
-                              result.codes, result.valid, labels, target.classes,
-                              facet_options(s), target.spec)
-    means = facet_means(facets, functools.partial(pixels, worker.model, s.mean_resize,
-                                                  result.paths))
+    t = result.target_index(target.spec)
+    if resolve_region(s.facets.region, target, result.grid(t)) == "patch":
+        side = patch_side(worker, ctx, target.terms[0].layer)
+        patches = Patches(worker.model, result.paths,
+                          functools.partial(result.peak_pixels, t), side,
+                          resolve_layer(worker.model, s.scan.code_layer))
+        facets = facets_of_target(result.activations_of(t), patches.codes, result.valid,
+                                  labels, target.classes, s.facets, target.spec)
+        facets.boxes = patches.boxes(facets.selected)
+        facets.settings.update(region="patch", patch_side=side, patch_code=PATCH_CODE)
+        means = facet_means(facets, patches.pixels)
+    else:
+        facets = facets_of_target(result.activations_of(t), result.codes, result.valid,
+                                  labels, target.classes, s.facets, target.spec)
+        facets.settings["region"] = "image"
+        means = facet_means(facets, functools.partial(
+            pixels, worker.model, s.facets.mean_resize, result.paths))
     ctx.run.target(ctx.slugs[index]).save_facets(ctx.facets_keys[index], facets, means)
+
+
+def patch_side(worker: Worker, ctx: RunContext, layer: LayerRef) -> int:
+    """The side of a layer's patches (`--patch-size`), by default its effective receptive field
+    (90 % of the gradient over the scan's first valid images, measured once per worker, scan
+    and layer) kept within 1/4 and 1/2 of the input: smaller crops of early layers are a blur
+    once resized, larger ones of deep layers are the whole photo again (docs/hidden-units.md)."""
+    given, size = ctx.settings.facets.patch_size, worker.model.preprocess.input_size
+    if given != "auto":
+        return min(int(given), size)
+    key = f"patch side {ctx.scan_key} {layer.key}"
+    if key not in worker.cache:
+        model = worker.model
+        first = np.flatnonzero(ctx.scanned.valid)[:ERF_IMAGES]
+        images = torch.from_numpy(frames(model, ctx.scanned.paths, first)).to(model.device)
+        fields = receptive_fields(model, [layer],
+                                  images=images.permute(0, 3, 1, 2).float() / 255)
+        worker.cache[key] = fields[layer.key].side()
+    return int(np.clip(worker.cache[key], size // 4, size // 2))
+
+
+def facet_photos(model: LoadedModel, ctx: RunContext, facets: FacetResult,
+                 indices: np.ndarray) -> np.ndarray:
+    """(m, S, S, 3) uint8: the given members as the facets saw them, their crops for patch
+    facets, else the whole photos resized as the run says."""
+    paths = ctx.scanned.paths
+    if facets.boxes is None:
+        return pixels(model, ctx.settings.facets.mean_resize, paths, indices)
+    return load_crops(model, paths, indices, np.array([facets.box_of(i) for i in indices]))
 
 
 # ------------------------------------------------------------------------------- render
@@ -132,8 +166,10 @@ def render_unit(worker: Worker, ctx: RunContext, visuals: Sequence[Visual]
     jobs = [Job(v.target, None if v.start is None else
                 torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed,
                 _anchor(worker, ctx, v)) for v in visuals]
-    options = RenderOptions(s.steps, s.as_written, s.code_layer, anchor_settings(s),
-                            s.maco_crops, ctx.scanned.spectrum if recipe == "maco" else None)
+    r = s.render
+    options = RenderOptions(r.steps, r.as_written, s.scan.code_layer, anchor_settings(s),
+                            r.maco_crops, ctx.scanned.spectrum if get(recipe).needs_spectrum
+                            else None)
     results = render_batches(model, list(ctx.targets), jobs, recipe, options,
                              batch_size=len(jobs), progress=s.progress)
     out = []
@@ -146,14 +182,13 @@ def render_unit(worker: Worker, ctx: RunContext, visuals: Sequence[Visual]
 
 
 def _anchor(worker: Worker, ctx: RunContext, visual: Visual) -> Anchor | None:
-    """The facet a picture of an anchored recipe keeps to (None for random starts)."""
-    if visual.kind != "facet" or visual.recipe not in FACET_RECIPES:
+    """The facet a picture keeps to, for recipes that keep to one (None for random starts)."""
+    if visual.kind != "facet" or not get(visual.recipe).needs_anchor:
         return None
     stored = ctx.run.target(ctx.slugs[visual.target]).load_facets(
         ctx.facets_keys[visual.target])
     facet = stored[0].facets[visual.rank]
-    photos = pixels(worker.model, ctx.settings.mean_resize, ctx.scanned.paths,
-                    facet.representatives)
+    photos = facet_photos(worker.model, ctx, stored[0], facet.representatives)
     return Anchor(facet.code_centre, facet.code_spread, facet.activation_max,
                   photos.transpose(0, 3, 1, 2).astype(np.float32))
 
@@ -171,8 +206,8 @@ def evaluate_unit(worker: Worker, ctx: RunContext,
     index, visuals = item
     model, s = worker.model, ctx.settings
     if "networks" not in worker.cache:  # the judges load once per worker
-        worker.cache["networks"] = networks(model, resolve_layer(model, s.code_layer),
-                                            s.judges)
+        worker.cache["networks"] = networks(model, resolve_layer(model, s.scan.code_layer),
+                                            s.evaluate.judges)
     own, judges = worker.cache["networks"]
     result, target = ctx.scanned, ctx.targets[index]
     store = ctx.run.target(ctx.slugs[index])
@@ -183,8 +218,8 @@ def evaluate_unit(worker: Worker, ctx: RunContext,
     members = [[result.paths[i] for i in f.members] for f in facets.facets]
     labels = result.class_labels(model.classes)
     truth = labels[facets.selected] if labels is not None else None
-    return evaluate_target(own, judges, target, facets, pictures, members,
-                           float(np.nanmax(real)), truth, s.seed)
+    return evaluate_target(own, judges, Case(target, facets, pictures, members,
+                                             float(np.nanmax(real)), truth), s.seed)
 
 
 def _open_rgb(path) -> np.ndarray:

@@ -5,7 +5,9 @@ preprocessing, decoding, image list and its fingerprint, targets, code layer, ba
 `.npy` arrays — `activations` (N, T) or, when full vectors would not fit, a streaming top-N per
 target (`top_indices`, `top_values`, (T, n)), `codes` (N, D), `valid` (N,) and the images' mean
 amplitude spectrum (what the MACO recipe keeps fixed). Rows of undecodable images are NaN and
-invalid.
+invalid. For targets on spatial maps, where each image drives the target most (its peak:
+`TargetBank.peaks`) is kept next to its activation: `peaks` (N, T, 2) or `top_peaks` (T, n, 2),
+(row, column) in the target's grid (the manifest's `grids`), -1 where there is none.
 
 The pass is cut into chunks of whole batches; each finished chunk is written atomically, so a scan
 killed at any moment resumes from the last finished chunk and its merged arrays equal an
@@ -16,6 +18,7 @@ chunk, so several processes or machines can share one scan.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -36,110 +39,12 @@ from mfv.models.activations import TargetBank, capture
 from mfv.models.base import to_tensor
 from mfv.models.passes import default_channels_last, inference
 from mfv.models.targets import Target, resolve_layer
+from mfv.scan.options import ScanOptions
+from mfv.scan.result import ScanResult
 from mfv.scan.store import ScanStore, choose_mode
-from mfv.scan.topn import merge_top
+from mfv.scan.topn import merge_top, peaks_of_top
 
-
-class ScanResult:
-    """A finished scan: its manifest, and its arrays read (memory-mapped) on first use."""
-
-    def __init__(self, store: ScanStore, manifest: dict) -> None:
-        self.store = store
-        self.manifest = manifest
-
-    @classmethod
-    def load(cls, where: ScanStore | str | Path) -> ScanResult:
-        """The finished scan in a store (`ScanStore.under(run, key)`) or its folder."""
-        store = where if isinstance(where, ScanStore) else ScanStore(Path(where))
-        directory = store.directory
-        manifest = store.manifest()
-        if manifest is None or manifest.get("status") != "complete":
-            raise MfvError(f"the scan in {directory} is not complete; run `mfv scan` to "
-                           "finish it")
-        return cls(store, manifest)
-
-    @property
-    def key(self) -> str:
-        return self.manifest["key"]
-
-    @property
-    def paths(self) -> list[str]:
-        return [row[0] for row in self.manifest["images"]]
-
-    @property
-    def labels(self) -> list[str | None]:
-        return [row[1] for row in self.manifest["images"]]
-
-    @property
-    def targets(self) -> list[str]:
-        return [t["spec"] for t in self.manifest["targets"]]
-
-    @property
-    def bad(self) -> list[dict]:
-        return self.manifest["bad"]
-
-    @functools.cached_property
-    def codes(self) -> np.ndarray:
-        return self.store.read_array("codes", mmap=True)
-
-    @functools.cached_property
-    def valid(self) -> np.ndarray:
-        return self.store.read_array("valid")
-
-    @functools.cached_property
-    def spectrum(self) -> np.ndarray:
-        """(3, S, S // 2 + 1) mean amplitude spectrum of the valid images at the input size."""
-        return self.store.read_array("spectrum")
-
-    @functools.cached_property
-    def activations(self) -> np.ndarray | None:
-        """(N, T) activations, or None when the scan kept only a top-N per target."""
-        return self.store.read_array("activations", mmap=True) \
-            if self.store.has_array("activations") else None
-
-    @functools.cached_property
-    def _top(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.store.read_array("top_indices"), self.store.read_array("top_values")
-
-    def target_index(self, spec: str) -> int:
-        return self.targets.index(spec)
-
-    def top(self, target: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Indices and values of the n valid images that activate `target` most, best first."""
-        if self.activations is not None:
-            values = np.where(self.valid, self.activations[:, target], -np.inf)
-            order = np.argsort(-values, kind="stable")[: min(n, int(self.valid.sum()))]
-            return order, values[order]
-        indices, values = self._top[0][target], self._top[1][target]
-        keep = indices >= 0
-        return indices[keep][:n], values[keep][:n]
-
-    def activation_of(self, target: int, indices: np.ndarray) -> np.ndarray:
-        """The target's activation on given images (from full vectors or the stored top-N)."""
-        if self.activations is not None:
-            return np.asarray(self.activations[indices, target])
-        lookup = dict(zip(self._top[0][target].tolist(), self._top[1][target].tolist(),
-                          strict=True))
-        return np.array([lookup.get(int(i), np.nan) for i in indices], dtype=np.float32)
-
-    def activations_of(self, target: int) -> np.ndarray:
-        """(N,) the target's activation on every image; NaN where unknown (invalid images, or
-        outside the stored top-N)."""
-        if self.activations is not None:
-            return np.where(self.valid, self.activations[:, target], np.nan)
-        out = np.full(len(self.paths), np.nan)
-        idx, vals = self.top(target, len(self.paths))
-        out[idx] = vals
-        return out
-
-    def class_labels(self, classes) -> np.ndarray | None:
-        """Image labels as class indices of `classes` (-1 where a label is no class), or None
-        when the images carry no labels or the model has no classes."""
-        labels = self.labels
-        if classes is None or all(label is None for label in labels):
-            return None
-        lookup = {label: classes.lookup(label) for label in set(labels) if label is not None}
-        return np.array([-1 if lookup.get(lbl) is None else lookup[lbl] for lbl in labels])
+log = logging.getLogger(__name__)
 
 
 def decode_settings(model: LoadedModel) -> dict:
@@ -168,6 +73,7 @@ def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
                    "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1,
+                   "peaks": 1,
                    "layout": default_channels_last(model.device), "batchnorm": "folded"})
 
 
@@ -194,27 +100,27 @@ class _Pass:
 
 
 def scan(model: LoadedModel, images: ImageList, targets: list[Target],
-         run: RunLayout | str | Path, *, code_layer: str = "penultimate", batch_size: int = 32,
-         workers: int | None = None, chunk_batches: int = 8, mode: str = "auto", top_n: int = 200,
+         run: RunLayout | str | Path, options: ScanOptions | None = None, *,
          shard: tuple[int, int] = (0, 1), merge: bool = True,
          progress: bool = True) -> ScanResult | None:
-    """Scan `images` for `targets`; reuse or resume what the run directory holds for this key.
+    """Scan `images` for `targets` as `options` say; reuse or resume what the run directory
+    holds for this key.
 
     Returns the merged result, or None when this shard finished but others are still missing
-    (or `merge` is False: a worker's shard, which another process merges). `workers`: decoding
-    processes (None: `decoding_workers`).
+    (or `merge` is False: a worker's shard, which another process merges).
     """
+    o = options or ScanOptions()
     if not targets:
         raise MfvError("no targets to scan for")
     if len(images) == 0:
         raise MfvError("the image source holds no images")
-    workers = decoding_workers(model.device) if workers is None else workers
-    if batch_size < 1 or chunk_batches < 1 or workers < 0 or top_n < 1:
-        raise MfvError("scan: batch_size, chunk_batches and top_n must be >= 1, workers >= 0")
+    workers = decoding_workers(model.device) if o.workers is None else o.workers
+    code_layer, batch_size, chunk_batches, top_n = o.code_layer, o.batch_size, \
+        o.chunk_batches, o.top_n
     index, count = shard
     if not 0 <= index < count:
         raise MfvError(f"shard {index} of {count} does not exist")
-    mode = choose_mode(mode, len(images), len(targets))
+    mode = choose_mode(o.mode, len(images), len(targets))
     key = scan_key(model, images, targets, code_layer, mode, top_n)
     store = ScanStore.under(run.root if isinstance(run, RunLayout) else run, key)
     manifest = store.manifest()
@@ -244,8 +150,8 @@ def scan(model: LoadedModel, images: ImageList, targets: list[Target],
     result = _merge(job, manifest, time.perf_counter() - started)
     if progress:
         m = result.manifest
-        print(f"scan: {len(images)} images, {len(images) - len(m['bad'])} read, "
-              f"{len(m['bad'])} skipped, {m['seconds']:.1f} s")
+        log.info("scan: %d images, %d read, %d skipped, %.1f s", len(images),
+                 len(images) - len(m["bad"]), len(m["bad"]), m["seconds"])
     return result
 
 
@@ -274,6 +180,8 @@ def _scan_chunks(job: _Pass, chunks: list[int], workers: int, progress: bool) ->
                 forward(pixels)
                 state.rows.append(indices.numpy())
                 state.acts.append(bank(store).float().cpu().numpy())
+                peaks, state.grids = bank.peaks(store)
+                state.peaks.append(peaks.cpu().numpy().astype(np.int16))
                 state.codes.append(store[code_ref.key].flatten(1).float().cpu().numpy())
                 state.spectrum.update(pixels)
             state.bad += [[images[i].path, reason] for i, reason in bad]
@@ -291,6 +199,8 @@ class _Chunk:
         self.rows: list[np.ndarray] = []
         self.acts: list[np.ndarray] = []
         self.codes: list[np.ndarray] = []
+        self.peaks: list[np.ndarray] = []
+        self.grids: list = []
         self.bad: list[list[str]] = []
         self.seen = 0
         self.spectrum = AmplitudeSpectrum()
@@ -301,13 +211,21 @@ def _write_chunk(job: _Pass, c: int, state: _Chunk) -> None:
     rows = np.concatenate(state.rows) if state.rows else np.zeros(0, np.int64)
     acts = np.concatenate(state.acts) if state.acts else np.zeros((0, n_targets), np.float32)
     arrays: dict[str, np.ndarray] = {}
+    spatial = any(g is not None for g in state.grids)
     if job.mode == "full":
         full = np.full((size, n_targets), np.nan, np.float32)
         full[rows - start] = acts
         arrays["acts"] = full
+        if spatial:
+            arrays["peaks"] = np.full((size, n_targets, 2), -1, np.int16)
+            arrays["peaks"][rows - start] = np.concatenate(state.peaks)
     else:
-        values, indices = merge_top(acts.T, np.broadcast_to(rows, acts.T.shape), job.top_n)
+        candidates = np.broadcast_to(rows, acts.T.shape)
+        values, indices = merge_top(acts.T, candidates, job.top_n)
         arrays.update(topv=values, topi=indices)
+        if spatial:
+            arrays["topp"] = peaks_of_top(indices, candidates,
+                                          np.concatenate(state.peaks).transpose(1, 0, 2))
     valid = np.zeros(size, bool)
     valid[rows - start] = True
     arrays["valid"] = valid
@@ -318,18 +236,21 @@ def _write_chunk(job: _Pass, c: int, state: _Chunk) -> None:
         arrays["codes"] = full_codes
         arrays.update({f"spectrum_{k}": v for k, v in state.spectrum.state().items()})
     job.store.write_chunk(c, arrays, {"chunk": c, "start": start, "size": size,
-                                      "bad": state.bad})
+                                      "bad": state.bad, "grids": state.grids})
 
 
 def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
     """Fold the chunks, one at a time, into the scan's arrays: a top-N scan keeps only the
     running top-N per target in memory (targets × N), never images × targets."""
     store = job.store
-    valid, codes, acts, bad = [], [], [], []
+    valid, codes, acts, bad, peaks = [], [], [], [], []
     spectrum = AmplitudeSpectrum()
     top: tuple[np.ndarray, np.ndarray] | None = None
+    top_peaks, grids = None, None
     for c in range(job.n_chunks):
         arrays, meta = store.read_chunk(c)
+        grids = grids or (meta.get("grids") if any(meta.get("grids") or ()) else None)
+        none = np.full((job.chunk_size(c), len(job.targets), 2), -1, np.int16)
         valid.append(arrays["valid"])
         codes.append(arrays.get("codes"))
         bad += [{"path": p, "reason": r} for p, r in meta["bad"]]
@@ -339,16 +260,24 @@ def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
                  if k.startswith("spectrum_")}))
         if job.mode == "full":
             acts.append(arrays["acts"])
+            peaks.append(arrays.get("peaks", none))
         else:
             pair = (arrays["topv"], arrays["topi"])
+            here = arrays.get("topp", np.full((*pair[1].shape, 2), -1, np.int16))
             if top is not None:
                 pair = (np.concatenate([top[0], pair[0]], axis=1),
                         np.concatenate([top[1], pair[1]], axis=1))
+                here = np.concatenate([top_peaks, here], axis=1)
             top = merge_top(*pair, job.top_n)
+            top_peaks = peaks_of_top(top[1], pair[1], here)
     valid = np.concatenate(valid)
-    if not valid.any():
-        raise MfvError(f"no image of {job.images.source} could be read; see the skipped files "
-                       "and their reasons in the report's data section or the scan manifest")
+    if not valid.any():  # the reasons are kept in the manifest, and the first few shown
+        store.write_manifest({**manifest, "status": "unreadable", "bad": bad})
+        shown = "; ".join(f"{Path(b['path']).name}: {b['reason']}" for b in bad[:3])
+        more = f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise MfvError(f"no image of {job.images.source} could be read ({shown}{more}); every "
+                       f"skipped file and its reason: \"bad\" in "
+                       f"{store.directory / 'manifest.json'}")
     dim = next(block.shape[1] for block in codes if block is not None)
     store.write_array("codes", np.concatenate([
         block if block is not None else np.full((job.chunk_size(c), dim), np.nan, np.float32)
@@ -360,7 +289,11 @@ def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
     else:
         store.write_array("top_values", top[0])
         store.write_array("top_indices", top[1])
-    manifest = {**manifest, "status": "complete", "bad": bad, "n_valid": int(valid.sum()),
+    if grids:
+        store.write_array("peaks" if job.mode == "full" else "top_peaks",
+                          np.concatenate(peaks) if job.mode == "full" else top_peaks)
+    manifest = {**manifest, "grids": grids, "status": "complete", "bad": bad,
+                "n_valid": int(valid.sum()),
                 "code_dim": int(dim), "seconds": manifest.get("seconds", 0.0) + seconds}
     store.write_manifest(manifest)
     store.drop_chunks()

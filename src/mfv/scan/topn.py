@@ -1,4 +1,5 @@
-"""Streaming top-N: every unit's N most activating images, in memory units x N, not images x units.
+"""Top-N merging: every unit's N most activating images, in memory units x N, not images x units
+(the scan keeps a top-N per chunk, then merges the chunks' tops with `merge_top`).
 
 Order: highest value first, ties to the lower image index (exact, at float32 precision). An entry
 with value NaN (an undecodable image) or -inf is never kept; unused slots hold (-inf, -1).
@@ -7,8 +8,7 @@ How: each (value, image index) pair is packed into one int64 key whose integer o
 order: the high 32 bits are the float32 bits mapped to an order-preserving signed integer (-0.0
 counted as +0.0), the low 32 bits are `2**31 - 1 - index`, so of two equal values the lower index
 has the larger key. Keys of real entries are distinct, so `torch.topk` on the keys of the kept
-top plus a new batch is exact with no sort stability to rely on, and the state is the (U, N) key
-tensor alone (decoded once, at the end). It stays on the device of the values (CPU or CUDA).
+top plus a new batch is exact with no sort stability to rely on.
 """
 
 from __future__ import annotations
@@ -44,10 +44,6 @@ def _encode(values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return keys.masked_fill(empty, EMPTY_KEY)
 
 
-def _empty(rows: int, cols: int, device: torch.device | str) -> torch.Tensor:
-    return torch.full((rows, cols), EMPTY_KEY, dtype=torch.int64, device=device)
-
-
 def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(values float32, indices int64) of keys; an unused slot decodes to (-inf, -1)."""
     indices = INDEX_LIMIT - 1 - (keys & _LOW_MASK)
@@ -56,17 +52,13 @@ def _decode(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), indices
 
 
-def _top_keys(keys: torch.Tensor, n: int, sort: bool) -> torch.Tensor:
-    """The n largest keys per row (padded with empty keys when a row holds fewer)."""
+def _top_keys(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """The n largest keys per row, largest first (padded with empty keys when a row holds
+    fewer)."""
     if keys.shape[1] < n:
-        keys = torch.cat([keys, _empty(keys.shape[0], n - keys.shape[1], keys.device)], dim=1)
-    return torch.topk(keys, n, dim=1, largest=True, sorted=sort).values
-
-
-def _check_indices(indices: torch.Tensor) -> None:
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= INDEX_LIMIT):
-        raise MfvError(f"image indices must lie in 0..{INDEX_LIMIT - 1}, got "
-                       f"{int(indices.min())}..{int(indices.max())}")
+        pad = torch.full((keys.shape[0], n - keys.shape[1]), EMPTY_KEY, dtype=torch.int64)
+        keys = torch.cat([keys, pad], dim=1)
+    return torch.topk(keys, n, dim=1, largest=True, sorted=True).values
 
 
 def merge_top(values: np.ndarray, indices: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,88 +77,22 @@ def merge_top(values: np.ndarray, indices: np.ndarray, n: int) -> tuple[np.ndarr
                        "2-D shape (units x entries)")
     if i.numel() and int(i.max()) >= INDEX_LIMIT:
         raise MfvError(f"image indices must be below {INDEX_LIMIT}, got {int(i.max())}")
-    top_v, top_i = _decode(_top_keys(_encode(v, i), n, sort=True))
+    top_v, top_i = _decode(_top_keys(_encode(v, i), n))
     return top_v.numpy().copy(), top_i.numpy().copy()
 
 
-class StreamingTopN:
-    """Keep each unit's top-n images by activation over a stream of batches.
-
-    `update(values (B, U), indices (B,))` adds a batch: row b holds the U units' activations on
-    image `indices[b]` (a global image index); NaN rows (undecodable images) are ignored. The
-    state is a (U, n) int64 key tensor plus a (U,) running minimum, on `device` or else on the
-    device of the first batch; an update needs U x (n + B) keys of scratch. Shards built over
-    disjoint images combine with `merge`, in any order, to the single-stream result.
-    """
-
-    def __init__(self, units: int, n: int, device: torch.device | str | None = None) -> None:
-        if units < 1 or n < 1:
-            raise MfvError(f"StreamingTopN needs units >= 1 and n >= 1, got {units} and {n}")
-        self.units = int(units)
-        self.n = int(n)
-        self._keys: torch.Tensor | None = None
-        self._min: torch.Tensor | None = None
-        if device is not None:
-            self._init_state(torch.device(device))
-
-    def _init_state(self, device: torch.device) -> None:
-        self._keys = _empty(self.units, self.n, device)
-        self._min = torch.full((self.units,), torch.inf, dtype=torch.float32, device=device)
-
-    @property
-    def device(self) -> torch.device | None:
-        return None if self._keys is None else self._keys.device
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held between updates (constant: it never grows with the number of images)."""
-        if self._keys is None:
-            return 0
-        return self._keys.element_size() * self._keys.numel() + 4 * self.units
-
-    def update(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """Add one batch: `values` (B, U) activations, `indices` (B,) global image indices."""
-        if values.ndim != 2 or values.shape[1] != self.units:
-            raise MfvError(f"values must be (batch, {self.units}), got {tuple(values.shape)}")
-        indices = torch.as_tensor(indices)
-        if indices.shape != (values.shape[0],):
-            raise MfvError(f"indices must be ({values.shape[0]},), got {tuple(indices.shape)}")
-        if values.shape[0] == 0:
-            return
-        _check_indices(indices)
-        if self._keys is None:
-            self._init_state(values.device)
-        values = values.detach().to(self.device, torch.float32)
-        indices = indices.to(self.device, torch.int64)
-        keys = _encode(values, indices[:, None].expand_as(values)).T
-        self._keys = _top_keys(torch.cat([self._keys, keys], dim=1), self.n, sort=False)
-        finite = torch.where(torch.isnan(values) | (values == -torch.inf), torch.inf, values)
-        self._min = torch.minimum(self._min, finite.amin(dim=0))
-
-    def merge(self, other: StreamingTopN) -> None:
-        """Fold in a shard's state (built over other images) in place."""
-        if (other.units, other.n) != (self.units, self.n):
-            raise MfvError(f"cannot merge a top-{other.n} of {other.units} units into a "
-                           f"top-{self.n} of {self.units} units")
-        if other._keys is None:
-            return
-        if self._keys is None:
-            self._init_state(other.device)
-        self._keys = _top_keys(torch.cat([self._keys, other._keys.to(self.device)], dim=1),
-                               self.n, sort=False)
-        self._min = torch.minimum(self._min, other._min.to(self.device))
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(values (U, n) float32, indices (U, n) int64), best first, padded with (-inf, -1)."""
-        keys = self._keys if self._keys is not None else _empty(self.units, self.n, "cpu")
-        values, indices = _decode(torch.sort(keys, dim=1, descending=True).values)
-        return values.cpu().numpy().copy(), indices.cpu().numpy().copy()
-
-    def minimum(self) -> np.ndarray:
-        """(U,) float32 smallest value seen per unit (+inf before any), ignoring NaN and -inf.
-
-        The floor of MonoScore's min-max activation scaling (`mono_score(act_min=...)`).
-        """
-        if self._min is None:
-            return np.full(self.units, np.inf, np.float32)
-        return self._min.cpu().numpy().copy()
+def peaks_of_top(indices: np.ndarray, candidates: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+    """(T, n, 2) the peaks (row, column) of the kept image `indices` (T, n), looked up among
+    the `candidates` (T, M) whose peaks are `peaks` (T, M, 2); (-1, -1) for an empty slot or
+    an image that is no candidate. A top-N scan's peaks follow its values through `merge_top`
+    this way."""
+    rows = np.arange(candidates.shape[0], dtype=np.int64)[:, None] * (INDEX_LIMIT + 1)
+    keys = (candidates.astype(np.int64) + 1 + rows).ravel()
+    order = np.argsort(keys, kind="stable")
+    want = (indices.astype(np.int64) + 1 + rows).ravel()
+    at = order[np.searchsorted(keys[order], want).clip(max=max(len(keys) - 1, 0))]
+    if not len(keys):
+        return np.full((*indices.shape, 2), -1, peaks.dtype)
+    out = peaks.reshape(-1, 2)[at].reshape(*indices.shape, 2).copy()
+    out[(indices < 0) | (keys[at] != want).reshape(indices.shape)] = -1  # not a candidate
+    return out

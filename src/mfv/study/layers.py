@@ -19,37 +19,36 @@ Everything lands in `RUN/sweep/` (`mfv.runtime.rundir.SweepStore`), results in
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from mfv.core.errors import MfvError
 from mfv.core.keys import digest, slug
-from mfv.data.images import BadImageError, load_rgb
 from mfv.data.preprocess import Preprocess
 from mfv.data.sources import open_images
+from mfv.facets.find import mean_image
 from mfv.models import LoadedModel, load_model
-from mfv.models.activations import capture
-from mfv.models.base import to_tensor
-from mfv.models.passes import inference
+from mfv.models.read import read_photos
 from mfv.models.targets import parse_targets, resolve_layer
 from mfv.report import write_layers_page
-from mfv.report.glossary import SWEEP_MEASURES
 from mfv.report.plots import plot_layer_measures
+from mfv.results.metrics import SWEEP_MEASURES
+from mfv.results.model import Sweep
 from mfv.runtime.backend import Backend, Worker, make_backend
-from mfv.runtime.pipeline import prepare_model
 from mfv.runtime.pipeline import run as run_pipeline
+from mfv.runtime.prepare import check_layers, check_model_name, prepare_model
 from mfv.runtime.rundir import RunDir, check_out, open_run
 from mfv.runtime.settings import Settings, make_settings
-from mfv.runtime.tasks import RunContext, scan_on
+from mfv.runtime.tasks import RunContext, pixels, scan_on
 from mfv.scan.scanner import ScanResult
-from mfv.study.measures import bootstrap_ci, mono_score, unit_measures
+from mfv.study.measures import bootstrap_ci, mono_score, percentile_ci, unit_measures
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
@@ -83,7 +82,10 @@ def choose_layers(model: LoadedModel, spec: str) -> list[str]:
         return block_layers(model)
     layers = [p.strip() for p in spec.split(",") if p.strip()]
     for path in layers:
-        resolve_layer(model, path)  # a clear error for a typo
+        try:
+            resolve_layer(model, path)
+        except MfvError as exc:  # a typo: one line naming the option
+            raise MfvError(f"--layers {path}: {exc}") from None
     if not layers:
         raise MfvError("--layers: give 'auto' or a comma-separated list of layers")
     return layers
@@ -104,19 +106,25 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
     settings = settings.updated(scan_mode="topn")  # units × N in memory, never images × units
     check_out(settings.out)
     loaded = prepare_model(settings, model, preprocess)
-    layers = choose_layers(loaded, settings.layers)
+    check_layers(settings, loaded)
+    check_model_name(settings.sweep.embedder, "--embedder")
+    if settings.sweep.embedder == loaded.name:
+        raise MfvError(f"--embedder {loaded.name} is the network being swept; an independent "
+                       "embedding needs another network (e.g. efficientnet_lite2)")
+    layers = choose_layers(loaded, settings.sweep.layers)
     targets = parse_targets([f"{layer}:*" for layer in layers], loaded, settings.reduction,
                             settings.activation)
     images = open_images(settings.images)
     started = time.perf_counter()
-    with make_backend(settings.backend, loaded, settings.ray_address,
-                      settings.ray_workers) as backend, open_run(settings.out) as run:
+    where = settings.backend
+    with make_backend(where.kind, loaded, where.ray_address, where.ray_workers) as backend, \
+            open_run(settings.out) as run:
         context = RunContext(str(run.root), settings, (), (), tuple(targets), images)
         result = scan_on(backend, loaded, context, run)
         doc = _measure(run, settings, loaded, layers, result, backend)
         doc["timings"]["total"] = round(time.perf_counter() - started, 3)
-        run.sweep.write("sweep", doc)
-    if settings.render:
+        run.sweep.write("sweep", Sweep.model_validate(doc).to_dict())  # strict JSON
+    if settings.sweep.render:
         _render(settings, loaded, doc)
     with open_run(settings.out) as run:
         write_layers_page(run, doc, progress=settings.progress)
@@ -134,11 +142,12 @@ def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
     out = {}
     for layer in layers:
         columns = by_layer[layer]
-        if settings.units != "all" and len(columns) > settings.units:
-            columns = sorted(rng.choice(columns, settings.units, replace=False).tolist())
+        units = settings.sweep.units
+        if units != "all" and len(columns) > units:
+            columns = sorted(rng.choice(columns, units, replace=False).tolist())
         units = []
         for column in columns:
-            rows, values = result.top(column, settings.top_n)
+            rows, values = result.top(column, settings.facets.top_n)
             if len(rows) >= 2 and values.max() > 0 and np.ptp(values) > 0:
                 units.append(_Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
                                    rows, values))
@@ -168,10 +177,10 @@ def _measure_unit(worker: Worker, ctx: _SweepContext, u: _Unit) -> dict:
     if stored is not None:
         return stored
     m = unit_measures(ctx.codes[u.rows], ctx.embedding[[ctx.row_of[int(r)] for r in u.rows]],
-                      u.values, seed=s.seed, m=s.mean_of, embedding=s.embedding)
+                      u.values, seed=s.seed, m=s.facets.m, embedding=s.facets.embedding)
     doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
-           **m.to_dict(), "members": [[ctx.paths[int(u.rows[i])] for i in members]
-                                      for members in m.members]}
+           **m.to_dict(), **{name: [[ctx.paths[int(u.rows[i])] for i in rows] for rows in
+                                    getattr(m, name)] for name in ("members", "representatives")}}
     run.sweep.write_unit(key, doc)
     return doc
 
@@ -181,7 +190,7 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
     t0 = time.perf_counter()
     units = _sampled_units(settings, result, layers)
     pool = np.flatnonzero(result.valid)
-    size = settings.top_n
+    size = settings.facets.top_n
     rng = np.random.default_rng(settings.seed + 1)
     chance_sets = [np.sort(rng.choice(pool, min(size, pool.size), replace=False))
                    for _ in range(CHANCE_REPEATS)]
@@ -191,8 +200,9 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
     t1 = time.perf_counter()
     codes = np.asarray(result.codes)
     row_of = {int(r): i for i, r in enumerate(needed)}
-    options = {"top_n": size, "embedding": settings.embedding, "mean_of": settings.mean_of,
-               "seed": settings.seed, "embedder": embedder, "version": 1}
+    options = {"top_n": size, "embedding": settings.facets.embedding,
+               "mean_of": settings.facets.m,
+               "seed": settings.seed, "embedder": embedder, "version": 2}
     context = _SweepContext(str(run.root), settings, result.key, options, codes, embedding,
                             row_of, tuple(result.paths))
     todo = [u for layer in layers for u in units[layer]]
@@ -217,7 +227,7 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         entry["summary"] = {name: dict(zip(("mean", "low", "high"), bootstrap_ci(
             [u[name] for u in entry["units"]], seed=settings.seed), strict=True))
             for name in MEASURES}
-        entry["examples"] = _examples(run, settings, model, result, entry)
+        entry["examples"] = _examples(run, settings, model, entry)
     stem = run.sweep.plot_stem
     label = {name: SWEEP_MEASURES[name].label for name in MEASURES}
     plot_layer_measures(
@@ -244,33 +254,19 @@ def _independent_codes(run: RunDir, settings: Settings, model: LoadedModel, resu
                        rows: np.ndarray) -> tuple[str, np.ndarray]:
     """Penultimate codes of the given images by the independent network (`--embedder`), in the
     order of `rows`; stored under a key of the network and the rows."""
-    name = settings.embedder
-    if name == model.name:
-        raise MfvError(f"--embedder {name} is the network being swept; an independent embedding "
-                       "needs another network (e.g. efficientnet_lite2)")
+    name = settings.sweep.embedder
     embedder = load_model(name, device=model.device)
     key = digest(result.key, embedder.fingerprint(), rows)
     stored = run.sweep.read_array(f"embedding-{key[:16]}")
     if stored is not None:
         return name, stored
-    code = resolve_layer(embedder, "penultimate")
-    out = []
-    bar = tqdm(total=len(rows), desc="sweep: independent codes", unit="img",
-               disable=not settings.progress)
-    for start in range(0, len(rows), EMBED_BATCH):
-        batch = []
-        for r in rows[start:start + EMBED_BATCH]:
-            try:
-                batch.append(to_tensor(embedder.preprocess, load_rgb(result.paths[int(r)])))
-            except BadImageError:  # it decoded in the scan; a file changed since: zeros
-                batch.append(torch.zeros(3, embedder.preprocess.input_size,
-                                         embedder.preprocess.input_size))
-        with capture(embedder, [code]) as store, inference(embedder) as forward:
-            forward(torch.stack(batch).to(embedder.device))
-            out.append(store[code.key].flatten(1).float().cpu().numpy())
-        bar.update(len(batch))
-    bar.close()
-    codes = np.concatenate(out)
+    read = read_photos(embedder, [result.paths[int(r)] for r in rows],
+                       [resolve_layer(embedder, "penultimate")], batch_size=EMBED_BATCH,
+                       progress="sweep: independent codes" if settings.progress else None)
+    if not len(read.kept):
+        raise MfvError(f"none of the {len(rows)} images the sweep needs can be read any more")
+    codes = np.zeros((len(rows), read.outputs[0].shape[1]), np.float32)
+    codes[read.kept] = read.outputs[0]  # a file unreadable since the scan: a zero code
     run.sweep.write_array(f"embedding-{key[:16]}", codes)
     return name, codes
 
@@ -283,7 +279,8 @@ def _chance(codes: np.ndarray, embedding: np.ndarray, row_of: dict[int, int],
         other = embedding[[row_of[int(r)] for r in rows]]
         # a random set has no activations: a ramp stands in (it only orders the facets)
         m = unit_measures(codes[rows], other, np.linspace(2.0, 1.0, len(rows)),
-                          seed=settings.seed, m=settings.mean_of, embedding=settings.embedding)
+                          seed=settings.seed, m=settings.facets.m,
+                          embedding=settings.facets.embedding)
         draws["k"].append(m.k)
         draws["silhouette"].append(m.silhouette)
         draws["polysemanticity"].append(1.0 - mono_score(other))
@@ -292,32 +289,27 @@ def _chance(codes: np.ndarray, embedding: np.ndarray, row_of: dict[int, int],
     for name, values in draws.items():
         v = np.asarray(values, np.float64)
         finite = v[np.isfinite(v)]
-        out[name] = {"mean": float(finite.mean()) if finite.size else float("nan"),
-                     "std": float(finite.std()) if finite.size else float("nan"),
-                     "draws": len(v)}
+        out[name] = {"mean": SWEEP_MEASURES[name].combine(values),  # None: no finite draw
+                     "std": float(finite.std()) if finite.size else None, "draws": len(v)}
     return out
 
 
-def _examples(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
-              entry: dict) -> list[dict]:
-    """The first few measured units of a layer, with their facets' mean images stored."""
+def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) -> list[dict]:
+    """The first few measured units of a layer, with their facets' mean images stored: each the
+    mean of the facet's representatives resized as `--mean-resize` says, as `mfv run` makes it
+    (`mfv.runtime.tasks.pixels`, `mfv.facets.find.mean_image`)."""
     out = []
     for unit in entry["units"][:EXAMPLES]:
-        row_of = {p: i for i, p in enumerate(result.paths)}
         folder = run.sweep.example_dir(slug(entry["layer"], {"layer": entry["layer"]}),
                                        unit["unit"])
         facets = []
-        for rank, members in enumerate(unit["members"]):
-            rows = np.array([row_of[p] for p in members])
-            centre = np.asarray(result.codes)[rows].mean(0)
-            nearest = rows[np.argsort(((np.asarray(result.codes)[rows] - centre) ** 2).sum(1),
-                                      kind="stable")[:settings.mean_of]]
-            mean_file = folder / f"mean{rank:02d}.png"
-            if not mean_file.exists():
-                pixels = np.stack([np.round(model.preprocess.to_array(
-                    load_rgb(result.paths[int(i)])) * 255).astype(np.uint8).transpose(1, 2, 0)
-                    for i in nearest])
-                run.sweep.write_image(mean_file, pixels.mean(0))
+        for rank, (members, chosen) in enumerate(zip(unit["members"], unit["representatives"],
+                                                     strict=True)):
+            key = digest(chosen, settings.facets.mean_resize, model.preprocess.to_dict())[:10]
+            mean_file = folder / f"mean{rank:02d}-{key}.png"
+            if not run.sweep.has_image(mean_file):  # missing, or damaged (then one warning)
+                run.sweep.write_image(mean_file, mean_image(pixels(
+                    model, settings.facets.mean_resize, chosen, range(len(chosen)))))
             facets.append({"rank": rank, "size": len(members),
                            "mean_image": run.relative(mean_file),
                            "members": members[:12]})
@@ -330,7 +322,6 @@ def _answer(per_layer: Sequence[dict], level: dict) -> dict:
     depth (per layer of depth), with a bootstrap interval over units, and the first-vs-last
     quarter contrast."""
     out = {}
-    rng = np.random.default_rng(0)
     for name in MEASURES:
         depth = np.array([e["depth"] for e in per_layer], np.float64)
         per_unit = [np.array([u[name] for u in e["units"]], np.float64) for e in per_layer]
@@ -340,14 +331,10 @@ def _answer(per_layer: Sequence[dict], level: dict) -> dict:
             out[name] = {"slope": float("nan"), "low": float("nan"), "high": float("nan")}
             continue
         slope = float(np.polyfit(depth[ok], means[ok], 1)[0])
-        boots = []
-        for _ in range(1000):
-            resampled = np.array([np.nanmean(rng.choice(v[np.isfinite(v)], np.isfinite(v).sum()))
-                                  if np.isfinite(v).any() else np.nan for v in per_unit])
-            good = np.isfinite(resampled)
-            if good.sum() >= 2:
-                boots.append(np.polyfit(depth[good], resampled[good], 1)[0])
-        low, high = np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan)
+        finite = [(d, v[np.isfinite(v)]) for d, v in zip(depth, per_unit, strict=True)
+                  if np.isfinite(v).any()]
+        low, high = percentile_ci([v for _, v in finite], functools.partial(
+            _slope, np.array([d for d, _ in finite])))
         quarter = max(1, len(per_layer) // 4)
         first, last = np.nanmean(means[:quarter]), np.nanmean(means[-quarter:])
         out[name] = {"slope": slope, "low": float(low), "high": float(high),
@@ -356,11 +343,18 @@ def _answer(per_layer: Sequence[dict], level: dict) -> dict:
     return out
 
 
+def _slope(depth: np.ndarray, *layers: np.ndarray, axis: int = -1) -> np.ndarray:
+    """The least-squares slope of the layers' mean values against depth (vectorized over
+    bootstrap resamples: each layer's values (..., units))."""
+    means = np.stack([v.mean(axis=axis) for v in layers])
+    return np.polyfit(depth, means.reshape(len(depth), -1), 1)[0].reshape(means.shape[1:])
+
+
 def _render(settings: Settings, model: LoadedModel, doc: dict) -> None:
     """The pipeline (default recipe) on the first `--render` measured units of each layer,
     over the sweep's scan (the same targets and top-N mode: the same scan key)."""
     chosen = [f"{e['layer']}:{u['unit']}" for e in doc["layers"]
-              for u in e["units"][:settings.render]]
+              for u in e["units"][:settings.sweep.render]]
     run_pipeline(settings.updated(targets=tuple(chosen), scan_targets=tuple(
         f"{layer['layer']}:*" for layer in doc["layers"]), selection="top", facets="auto",
         scan_mode="topn"), model=model)

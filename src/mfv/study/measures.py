@@ -14,8 +14,7 @@ the space the clustering was done in:
   of different facets over the mean distance between images of the same facet.
 * `silhouette`: the mean silhouette of the facets in the clustering's own space.
 
-`chance` gives the level a measure reaches on random image sets of the same size, and
-`bootstrap_ci` a percentile-bootstrap CI of a layer's mean over its units.
+`bootstrap_ci` gives a percentile-bootstrap CI of a layer's mean over its units (scipy's).
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ from typing import Any, Literal
 
 import numpy as np
 from scipy.spatial.distance import pdist
+from scipy.stats import bootstrap
 from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
 from mfv.core.errors import MfvError
 from mfv.facets.find import find_facets
+from mfv.facets.options import FacetOptions
 
 _EPS = 1e-8  # norm floor of the cosine similarity, as torch.nn.functional.cosine_similarity
 
@@ -63,7 +64,7 @@ def mono_score(
     cosine similarity of the raw (uncentred) embeddings, product weights, self-pairs excluded,
     activations min-max scaled per unit. There the minimum is over the whole image collection;
     here only the unit's top images are given, so pass that collection-wide minimum as
-    `act_min` (`StreamingTopN.minimum()`) to match it. `act_min=None` scales over the given
+    `act_min` to match it. `act_min=None` scales over the given
     activations, which gives the least activating given image weight 0. `activations=None`
     weights all images equally (plain mean pairwise similarity, e.g. for a chance level).
     NaN when no pair has weight (fewer than two images, or all activations equal).
@@ -127,69 +128,35 @@ def silhouette(space: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
     return float(silhouette_score(x, lab))
 
 
-@dataclass(frozen=True)
-class Chance:
-    """A measure on random image sets: mean and standard deviation over the draws (NaN-aware)."""
-
-    mean: float
-    std: float
-    values: np.ndarray  # one value per draw, in draw order
-
-
-def chance(
-    measure: Callable[[np.ndarray], float],
-    pool_rows: np.ndarray | Sequence[int],
-    size: int,
-    n_repeats: int = 20,
-    seed: int = 0,
-) -> Chance:
-    """The chance level of `measure`: its value on `n_repeats` random sets of `size` rows.
-
-    Each set is drawn without replacement from `pool_rows` (e.g. every valid image of the
-    collection); `measure(rows)` scores one set, e.g. `lambda r: unit_measures(codes[r], ...)`.
-    Same arguments and seed, same draws.
-    """
-    pool = np.asarray(pool_rows)
-    if pool.ndim != 1:
-        raise MfvError("pool_rows must be a 1-D array of row indices")
-    if not 1 <= size <= pool.size:
-        raise MfvError(f"cannot draw sets of {size} images from a pool of {pool.size}")
-    if n_repeats < 1:
-        raise MfvError(f"n_repeats must be at least 1, got {n_repeats}")
-    rng = np.random.default_rng(seed)
-    values = np.array([float(measure(rng.choice(pool, size, replace=False)))
-                       for _ in range(n_repeats)])
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return Chance(float("nan"), float("nan"), values)
-    return Chance(float(finite.mean()), float(finite.std()), values)
+def percentile_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray],
+                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """scipy's percentile bootstrap (`scipy.stats.bootstrap`) of `statistic(*samples, axis=-1)`,
+    each sample (e.g. one layer's units) resampled on its own; seeded. A one-value sample is
+    that value in every resample."""
+    if not 0 < level < 1:
+        raise MfvError(f"level must lie strictly between 0 and 1, got {level}")
+    if n_boot < 1:
+        raise MfvError(f"n_boot must be at least 1, got {n_boot}")
+    data = tuple(np.repeat(v, 2) if v.size == 1 else v for v in samples)
+    ci = bootstrap(data, statistic, n_resamples=n_boot, confidence_level=level,
+                   method="percentile", paired=False, vectorized=True,
+                   rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)
 
 
 def bootstrap_ci(
     values: np.ndarray | Sequence[float], n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float, float]:
-    """(mean, low, high): the mean over units and its percentile-bootstrap CI.
+    """(mean, low, high): the mean over units and its percentile-bootstrap CI (`percentile_ci`).
 
     NaN values (units a measure is undefined for) are left out; no finite value gives NaNs.
-    Resamples the units with replacement `n_boot` times (seeded: same inputs, same CI).
     """
     v = np.asarray(values, dtype=np.float64).ravel()
     v = v[~np.isnan(v)]
-    if not 0 < level < 1:
-        raise MfvError(f"level must lie strictly between 0 and 1, got {level}")
-    if n_boot < 1:
-        raise MfvError(f"n_boot must be at least 1, got {n_boot}")
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = np.empty(n_boot)
-    step = max(1, 2_000_000 // v.size)  # bound the (draws x units) index block
-    for s in range(0, n_boot, step):
-        b = min(step, n_boot - s)
-        means[s : s + b] = v[rng.integers(0, v.size, (b, v.size))].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(v.mean()), float(low), float(high)
+    low, high = percentile_ci([v], np.mean, n_boot, level, seed)
+    return float(v.mean()), low, high
 
 
 @dataclass(frozen=True)
@@ -199,6 +166,7 @@ class UnitMeasures:
     k: int  # facets after the clustering's merging
     sizes: list[int]  # facet sizes, largest first
     members: list[np.ndarray]  # row indices of each facet's images, same order as sizes
+    representatives: list[np.ndarray]  # each facet's mean-image rows (`Facet.representatives`)
     silhouette: float  # in the clustering's own space; NaN for k = 1
     mono_score: float  # MonoScore in the independent embedding
     separation: float  # PURE-style separation ratio in the independent embedding
@@ -214,6 +182,7 @@ class UnitMeasures:
             "k": self.k,
             "sizes": list(self.sizes),
             "members": [m.tolist() for m in self.members],
+            "representatives": [r.tolist() for r in self.representatives],
             "silhouette": self.silhouette,
             "mono_score": self.mono_score,
             "polysemanticity": self.polysemanticity,
@@ -230,7 +199,6 @@ def unit_measures(
     k: int | Literal["auto"] = "auto",
     m: int = 15,
     embedding: Literal["tsne", "pca", "umap"] = "tsne",
-    act_min: float | None = None,
 ) -> UnitMeasures:
     """Cluster one unit's top images into facets and measure how multifaceted it is.
 
@@ -238,8 +206,8 @@ def unit_measures(
     network's codes of the same image) and `activations` (the unit's) is one image. Facets are
     those of `find_facets` after its near-duplicate merging (auto k merges by default); their
     members are row indices. The silhouette is taken in the space k-means ran in (the t-SNE or
-    UMAP map, or the PCA codes for embedding "pca"); MonoScore (weights: `activations`, scaled
-    with `act_min`, see `mono_score`) and the separation ratio in the independent embedding.
+    UMAP map, or the PCA codes for embedding "pca"); MonoScore (weights: `activations`, see
+    `mono_score`) and the separation ratio in the independent embedding.
     Raises `MfvError` for a dead unit (no positive activation), as `find_facets` does.
     """
     codes = _matrix(cluster_codes, "cluster_codes")
@@ -247,7 +215,8 @@ def unit_measures(
     if other.shape[0] != codes.shape[0]:
         raise MfvError(f"independent_embedding has {other.shape[0]} rows, cluster_codes "
                        f"{codes.shape[0]}: they must describe the same images")
-    result = find_facets(codes, activations, k=k, m=m, embedding=embedding, seed=seed)
+    result = find_facets(codes, activations,
+                         options=FacetOptions(k=k, m=m, embedding=embedding, seed=seed))
     labels = np.empty(codes.shape[0], dtype=np.int64)
     labels[result.selected] = result.assignment
     sil = float("nan")
@@ -261,7 +230,8 @@ def unit_measures(
         k=len(result.facets),
         sizes=[f.size for f in result.facets],
         members=[f.members.copy() for f in result.facets],
+        representatives=[f.representatives.copy() for f in result.facets],
         silhouette=sil,
-        mono_score=mono_score(other, activations, act_min=act_min),
+        mono_score=mono_score(other, activations),
         separation=separation_ratio(other, labels),
     )

@@ -1,6 +1,6 @@
 """MACO (Fel et al., NeurIPS 2023, arXiv 2306.06805), batched: optimize only the Fourier phase of
-a canvas whose amplitude is the natural images' mean spectrum, with NAdam on many random crops,
-and accumulate the input gradients into a transparency (attribution) map.
+a canvas whose amplitude is the natural images' mean spectrum (the scan's), with NAdam on many
+random crops, and accumulate the input gradients into a transparency (attribution) map.
 
 Per step and sample: the canvas (`MacoImage`), `crops` square boxes of it (centre ~ N(1/2, 0.15)
 of the side, side ~ N(mean, 0.05) clipped to [0.05, 1], the mean going linearly 0.5 -> 0.05
@@ -8,114 +8,133 @@ over the run) resized bilinearly to the model's input, outside the canvas mid-gr
 noise of sd `noise` and uniform noise of width `noise` (grey levels); the objective is the mean
 over the crops; NAdam ascends it on the phase; |d objective / d canvas| is summed over the steps.
 The transparency is that sum averaged over the colour channels, clipped at its 80th percentile
-and divided by its maximum (the reference code's `plot_maco`), (H, W) in 0..1.
+and divided by its maximum (the reference code's `plot_maco`), (H, W) in 0..1. A picture is
+measured on its whole canvas resized to the input (the crops see every scale).
 
 Defaults (`MacoSettings`) are those of the authors' implementation released with the paper
-(xplique `maco`, Fel, July 2023): 256 steps, NAdam lr 1.0, 32 crops, a 512 px canvas for a 224 px
-model (`canvas` = 512 / 224), box 0.5 -> 0.05, noise 0.08 on a (-1, 1) value range (10.2 grey
-levels). Their later PyTorch code (serre-lab/Horama `maco`) uses 1000 steps, 6 crops of a 1280 px
-canvas, box sides uniform in [0.25, 0.30] (documented as 0.20-0.25), noise 0.05 on a (-2.5, 2.5)
-range (2.55 grey levels) and bicubic antialiased resizing; `HORAMA` approximates it. Crop
-geometry and the start phase come from a per-sample CPU generator, the noise from a per-sample
-generator on the model's device, both seeded by the sample's seed: a batch gives each sample what
-it would get alone (up to float rounding), on any device.
-
-Cost on 2 CPU cores (Lite0, 224 px, one class logit): ~44 ms a crop in 8-image passes when the
-machine is quiet, so 32 crops cost ~1.4 s a step and sample (256 steps: ~6 min a sample);
-`CPU_CROPS` = 4 costs ~0.19 s (~0.8 min). Measured quality (one run, tench, 32 fixed evaluation
-crops): 32 crops x 64 steps logit 14.7 / p 0.94; 4 crops x 256 steps (a third of that time) 13.6 /
-0.92; 4 crops x 64 steps 11.1 / 0.77. Starting from an image: at lr 1.0 its phase is scrambled
-within a few steps (correlation with the photo 0.81 -> 0.44 after 1 step, 0.12 after 10); at lr
-0.1 it fades gradually (0.74 after 10 steps, 0.46 after 100) while the logit rises.
+(xplique `maco`, July 2023); how they compare with the later Horama code, and what fewer crops
+cost in quality, is in docs/benchmarks.md ("MACO"). Crop geometry and the start phase come from a
+per-sample CPU generator, the noise from a per-sample generator on the model's device, both
+seeded by the sample's seed: a batch gives each sample what it would get alone (up to float
+rounding), on any device.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from mfv.core.errors import MfvError
 from mfv.data.spectrum import check_amplitude, resize_amplitude
 from mfv.render.maco_param import MacoImage
 from mfv.render.objective import Objective, Rendered
-from mfv.render.recipes import MacoSettings
+from mfv.render.recipes import register
+from mfv.render.recipes.base import Batch, Recipe, optimize
 
+if TYPE_CHECKING:
+    from mfv.render.options import RenderOptions
+    from mfv.render.plan import RenderSettings
+
+NAMES = ("maco",)
 GREY = 127.5  # what the crops see outside the canvas (0 in the reference code's value range)
-# Crops per forward pass by default: on 2 CPU cores Lite0 runs 8-image passes at ~44 ms a crop,
-# 32-image passes at ~74 (cache); on a GPU larger passes pay (memory: ~the pass's activations).
+# Crops per forward pass by default: on 2 CPU cores Lite0 runs 8-image passes faster per crop
+# than 32-image ones (cache); on a GPU larger passes pay (memory: ~the pass's activations).
 CPU_PASS_IMAGES, GPU_PASS_IMAGES = 8, 128
 
 
-HORAMA = MacoSettings(steps=1000, crops=6, box=(0.275, 0.275), box_sd=0.05 / math.sqrt(12),
-                      box_min=0.25, noise=2.55, canvas=1280 / 224)
-CPU_CROPS = 4  # a CPU-friendly crop count, `replace(MacoSettings(), crops=CPU_CROPS)`: 8x cheaper
+@dataclass(frozen=True)
+class MacoSettings:
+    """MACO's optimization settings (the reference implementation's defaults, module doc)."""
+
+    steps: int = 256
+    lr: float = 1.0  # NAdam, on the (standardized) phase
+    crops: int = 32  # random crops per step and sample
+    box: tuple[float, float] = (0.5, 0.05)  # mean crop side / canvas side, first -> last step
+    box_sd: float = 0.05  # sd of each crop's side around the mean
+    box_min: float = 0.05  # crop sides are clipped to [box_min, 1]
+    center_sd: float = 0.15  # sd of crop centres around the canvas centre (fraction of the side)
+    noise: float = 10.2  # grey levels: N(0, noise^2) + U(-noise / 2, noise / 2) on every crop
+    canvas: float = 512 / 224  # canvas side / model input side
+    alpha_percentile: float = 80.0  # the transparency is clipped at this percentile
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.crops < 1 or self.lr <= 0 or self.canvas < 1:
+            raise MfvError("MACO needs steps >= 0, crops >= 1, lr > 0 and canvas >= 1")
+        spreads = (self.box_sd, self.center_sd, self.noise)
+        if not 0 < self.box_min <= 1 or not all(0 < b <= 1 for b in self.box) or \
+                min(spreads) < 0 or not 0 < self.alpha_percentile <= 100:
+            raise MfvError("MACO box sizes must be in (0, 1], spreads and noise >= 0, and the "
+                           "alpha percentile in (0, 100]")
+
+    def with_steps(self, steps: int | None) -> MacoSettings:
+        return self if steps is None else replace(self, steps=steps)
+
+    def canvas_size(self, input_size: int) -> int:
+        return max(input_size, round(self.canvas * input_size))
 
 
 def maco_loop(objective: Objective, starts: Sequence[torch.Tensor | None], seeds: Sequence[int],
-              settings: MacoSettings | None, amplitude: torch.Tensor, progress: bool = False,
-              desc: str = "render", max_images: int | None = None) -> Rendered:
+              settings: MacoSettings | None, amplitude: torch.Tensor,
+              max_images: int | None = None) -> Rendered:
     """MACO on a batch: `starts[b]` a (3, S, S) 0..255 image (its phase is the start) or None
     (random phase); `amplitude` the natural images' mean spectrum (`AmplitudeSpectrum.result()`,
     any size: resampled to the canvas). Returns the canvases (B, 3, M, M) in 0..255, the objective
     (mean over the crops) at every step (B, steps), and the transparency (B, M, M) in 0..1.
     `max_images` caps the crops per forward pass (default: `CPU_PASS_IMAGES` on the CPU,
     `GPU_PASS_IMAGES` elsewhere); results are the same up to float rounding."""
-    settings = settings or MacoSettings()
+    return run_maco(Batch(objective, starts, seeds), settings or MacoSettings(), amplitude,
+                    max_images)
+
+
+def run_maco(batch: Batch, settings: MacoSettings, amplitude: torch.Tensor,
+             max_images: int | None = None) -> Rendered:
+    """`maco_loop` on a `Batch`."""
     check_amplitude(amplitude)
-    model = objective.model
-    device = model.device
-    size = model.preprocess.input_size
+    objective, device, size = batch.objective, batch.device, batch.size
     side = settings.canvas_size(size)
-    batch = len(seeds)
-    if len(starts) != batch:
-        raise MfvError(f"got {len(starts)} starts for {batch} seeds")
-    gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-    shape = (3, side, side // 2 + 1)
-    phase = torch.stack([torch.randn(shape, generator=g) for g in gens])
-    geometry = _crop_geometry(gens, settings)  # (steps, B, crops, 3) on the CPU
+    count = len(batch.seeds)
+    gens = batch.generators()
+    phase = torch.stack([torch.randn((3, side, side // 2 + 1), generator=g) for g in gens])
+    geometry = _crop_geometry(gens, settings).to(device)  # (steps, B, crops, 3)
     noise_gens = [torch.Generator(device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
                   for g in gens]
     image = MacoImage(resize_amplitude(amplitude.float(), side).to(device), phase.to(device))
-    rows = [b for b, s in enumerate(starts) if s is not None]
+    rows = [b for b, s in enumerate(batch.starts) if s is not None]
     if rows:
-        image.set_image(_canvas_starts([starts[b] for b in rows], size, side, device), rows)
+        image.set_image(_canvas_starts([batch.starts[b] for b in rows], size, side, device), rows)
     optimizer = torch.optim.NAdam(image.parameters(), lr=settings.lr)
-    geometry = geometry.to(device)
     max_images = max_images or (CPU_PASS_IMAGES if device.type == "cpu" else GPU_PASS_IMAGES)
-    per_pass = max(1, max_images // batch)
-    tiled = {}
-    saliency = torch.zeros(batch, side, side, device=device)
-    trace = []
-    for step in tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress,
-                     leave=False):
+    per_pass = max(1, max_images // count)
+    tiled: dict[int, Objective] = {}
+    saliency = torch.zeros(count, side, side, device=device)
+
+    def step(i: int) -> torch.Tensor:
         pixels = image()
         canvas = pixels.detach().requires_grad_(True)
-        value = torch.zeros(batch, device=device)
+        value = torch.zeros(count, device=device)
         for first in range(0, settings.crops, per_pass):
-            count = min(per_pass, settings.crops - first)
-            if count not in tiled:
-                tiled[count] = objective.tiled(count)
-            crops = _crops(canvas, geometry[step, :, first:first + count], size)
-            crops = crops + _noise(noise_gens, count, size, settings.noise, crops)
-            values = tiled[count](crops).view(count, batch)
+            n = min(per_pass, settings.crops - first)
+            if n not in tiled:
+                tiled[n] = objective.tiled(n)
+            crops = _crops(canvas, geometry[i, :, first:first + n], size)
+            crops = crops + _noise(noise_gens, n, size, settings.noise, crops)
+            values = tiled[n](crops).view(n, count)
             (values.sum() / settings.crops).backward()
             value = value + values.detach().sum(0) / settings.crops
-        grad = canvas.grad
-        saliency += grad.abs().mean(dim=1)
+        saliency.add_(canvas.grad.abs().mean(dim=1))
         optimizer.zero_grad(set_to_none=True)
-        pixels.backward(-grad)  # ascend: NAdam minimizes
+        pixels.backward(-canvas.grad)  # ascend: NAdam minimizes
         optimizer.step()
-        trace.append(value)
+        return value
+
+    trace = optimize(batch, settings.steps, step)
     with torch.no_grad():
         final = image().clamp(0, 255)
-    trace_array = (torch.stack(trace, dim=1).float().cpu().numpy() if trace
-                   else np.zeros((batch, 0), np.float32))
-    return Rendered(final, trace_array, transparency(saliency, settings.alpha_percentile))
+    return Rendered(final, trace, transparency(saliency, settings.alpha_percentile))
 
 
 def transparency(saliency: torch.Tensor, percentile: float = 80.0) -> torch.Tensor:
@@ -188,3 +207,35 @@ def _canvas_starts(starts: Sequence[torch.Tensor], size: int, side: int,
     if side != size:
         images = F.interpolate(images, size=(side, side), mode="bicubic", align_corners=False)
     return images.clamp(0, 255)
+
+
+class Maco(Recipe):
+    """MACO on the scanned images' amplitude (`RenderOptions.amplitude`), with
+    `RenderOptions.maco_crops` crops a step (None: the published 32)."""
+
+    name = "maco"
+    needs_spectrum = True
+    whole_canvas = True
+
+    def settings(self, options: RenderOptions) -> MacoSettings:
+        settings = MacoSettings().with_steps(options.steps)
+        return settings if options.maco_crops is None else replace(settings,
+                                                                    crops=options.maco_crops)
+
+    def key_material(self, settings: RenderSettings) -> dict[str, Any]:
+        return {"crops": settings.maco_crops, "spectrum": settings.spectrum}
+
+    def probe_options(self, options: RenderOptions, batch: int) -> RenderOptions:
+        """Two steps with the crops capped to one pass: the most a step holds at once."""
+        crops = min(self.settings(options).crops, max(1, GPU_PASS_IMAGES // batch))
+        return replace(options, steps=2, maco_crops=crops)
+
+    def render(self, batch: Batch, options: RenderOptions) -> Rendered:
+        if options.amplitude is None:
+            raise MfvError("the maco recipe needs the images' amplitude spectrum "
+                           "(RenderOptions.amplitude: a finished scan's `spectrum`)")
+        return run_maco(batch, self.settings(options),
+                        torch.as_tensor(options.amplitude, dtype=torch.float32))
+
+
+register(Maco())

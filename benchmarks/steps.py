@@ -1,8 +1,8 @@
-"""Cost sweep (issue 16): every recipe's cost per visualization at batch 1, 2, 4, ... as fits, its
+"""Step costs (issue 16): every recipe's cost per visualization at batch 1, 2, 4, ... as fits, its
 step over the model's own forward+backward, the scan's throughput with several decoding workers,
 and a projection to ImageNet-1k x 10 facets on one device.
 
-Usage: python benchmarks/sweep.py [--device cpu|cuda] [--quick] [--model efficientnet_lite0]
+Usage: python benchmarks/steps.py [--device cpu|cuda] [--quick] [--model efficientnet_lite0]
            [--recipes fourier anchored ...] [--batches 1 2 4 ...] [--max-batch N] [--max-step 10]
            [--steps 6] [--workers 0 1 2] [--scan-images 320] [--precision float32|bfloat16]
            [--layout auto|standard|channels_last] [--only SECTION ...] [--data DIR]
@@ -59,15 +59,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import mfv.render.fourier as fourier_module
-import mfv.render.maco as maco_module
-import mfv.render.paper as paper_module
+import mfv.render.recipes.base as loop_module
 from mfv.core.allocator import keep_freed_memory
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.data.spectrum import AmplitudeSpectrum
-from mfv.evaluate.evaluation import Picture, evaluate_target, networks
+from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
 from mfv.facets.find import facet_means, find_facets
+from mfv.facets.options import FacetOptions
 from mfv.models import LoadedModel, load_model
 from mfv.models.activations import capture
 from mfv.models.base import to_tensor
@@ -75,9 +74,10 @@ from mfv.models.passes import Forward, declared_pairs, prepared
 from mfv.models.targets import parse_targets, resolve_layer
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, out_of_memory, render_batches
-from mfv.render.maco import CPU_PASS_IMAGES, GPU_PASS_IMAGES
-from mfv.render.recipes import SCHEDULES, schedule
+from mfv.render.recipes.maco import CPU_PASS_IMAGES, GPU_PASS_IMAGES
+from mfv.render.recipes.paper import SCHEDULES, schedule
 from mfv.runtime.tasks import pixels
+from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
@@ -114,16 +114,10 @@ class StepClock:
         self.sync, self.now = sync, now
         self.stamps: list[float] = []
 
-    def __call__(self, iterable=None, **_):
-        return self if iterable is None else self._steps(iterable)
+    def __call__(self, **_):
+        return self
 
-    def _steps(self, iterable):
-        for item in iterable:
-            self._stamp()
-            yield item
-        self._stamp()
-
-    def update(self, n: int = 1) -> None:  # the paper loop's bar
+    def update(self, n: int = 1) -> None:  # after every step
         self._stamp()
 
     def close(self) -> None:
@@ -143,7 +137,7 @@ class StepClock:
 def clocked(sync: Callable[[], None], now: Callable[[], float]) -> Iterator[StepClock]:
     """Every render loop's progress bar replaced by one `StepClock` inside the block."""
     clock = StepClock(sync, now)
-    modules = (fourier_module, maco_module, paper_module)
+    modules = (loop_module,)  # the recipes' shared loop owns the progress bar
     saved = [m.tqdm for m in modules]
     for m in modules:
         m.tqdm = clock
@@ -357,7 +351,8 @@ def section_scan(model: LoadedModel, images: ImageList, n: int, workers: Sequenc
     for w in workers:
         with tempfile.TemporaryDirectory() as run:
             start = time.perf_counter()
-            scan(model, subset, targets, run, batch_size=batch_size, workers=w, progress=False)
+            scan(model, subset, targets, run, ScanOptions(batch_size=batch_size, workers=w),
+                 progress=False)
             rates[w] = len(subset) / (time.perf_counter() - start)
         print(f"workers {w}: {rates[w]:7.1f} images/s (load {_load()})", flush=True)
     return rates
@@ -381,7 +376,8 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
     paths = [inputs.paths[r] for r in rows]
     print(f"\n## Per-target units, {model.name} ({model.device})")
     start = time.perf_counter()
-    facets = find_facets(codes, acts, k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed)
+    facets = find_facets(codes, acts,
+                         options=FacetOptions(k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed))
     clustering = time.perf_counter() - start
     start = time.perf_counter()
     facet_means(facets, lambda idx: pixels(model, "crop", paths, idx))
@@ -403,8 +399,8 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
                 for kind in ("facet", "random") for rank in range(len(facets.facets))]
     members = [[paths[i] for i in f.members] for f in facets.facets]
     start = time.perf_counter()
-    evaluate_target(own, judge_nets, target, facets, pictures, members, float(acts.max()),
-                    None, seed)
+    evaluate_target(own, judge_nets, Case(target, facets, pictures, members, float(acts.max())),
+                    seed)
     evaluate = time.perf_counter() - start
     print(f"evaluation of one target ({len(pictures)} pictures, {len(judge_nets)} judges): "
           f"{evaluate:.1f} s (load {_load()})")
@@ -502,7 +498,7 @@ def section_syncs(inputs: Inputs, options: RenderOptions) -> None:
 
 
 def main() -> None:
-    keep_freed_memory()  # as `mfv run` does
+    keep_freed_memory()  # as the `mfv` command does
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="efficientnet_lite0")
@@ -551,7 +547,7 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 3)
     layout = None if args.layout == "auto" else args.layout == "channels_last"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
-    print(f"# benchmarks/sweep.py {'--quick ' if args.quick else ''}: device {device} (GPU "
+    print(f"# benchmarks/steps.py {'--quick ' if args.quick else ''}: device {device} (GPU "
           f"{gpu}), {os.cpu_count()} CPUs, torch {torch.__version__} with "
           f"{torch.get_num_threads()} threads, {args.clock} clock, load {_load()}")
     model = load_model(args.model, device=device)

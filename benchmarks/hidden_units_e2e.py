@@ -1,0 +1,176 @@
+"""Texture units end to end through `mfv.run` (issue 22): the ARI of the library's facets with
+`--region patch` against `--region image`, at several depths of EfficientNet-Lite0.
+
+Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
+       [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
+       [--sum maps|terms] [--units channels|probe]
+       [--out benchmarks/results/hidden-units-e2e.md]
+
+The units and composites are those of `benchmarks/constructed_units.py` (its functions are
+imported, not copied): grass and masonry crops pasted (64-128 px) on photos of other classes; per
+block the channel most selective for each texture's patches, `"B:a + w*B:b"` with w equalising
+the halves' 90th percentiles, chosen on one set of composites. A fresh pool (new backgrounds and
+crops, plus plain photos) is written as PNG files and run through `mfv.run(..., until="facets",
+reduction="max", selection="top", facets=2)` once per region; the ARI is computed from
+`results.json`'s facet members against the pasted texture (over the top images that are
+composites).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+import mfv
+from mfv.core.io import atomic_write_text
+from mfv.models.loading import load_model
+from mfv.models.targets import LayerRef
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import constructed_units as cu  # noqa: E402  (the research helper's constructions)
+
+
+def composites(args, rng):
+    """The selection set and the pool (images, kind, boxes), as `constructed_units` builds
+    them (kind 0/1 = texture A/B, -1 = plain photo)."""
+    paths = sorted(args.data.glob("*/*.JPEG"))
+    paths = [paths[i] for i in rng.permutation(len(paths))]
+    tex = {name: [p for p in paths if p.parent.name == folder][:args.texture_photos]
+           for name, folder, _ in cu.TEXTURES}
+    crops = {name: cu.texture_crops(cu.load_images(tex[name]), rule, 96, 2 * args.texture_count)
+             for name, _, rule in cu.TEXTURES}
+    kinds = list(crops)
+    others = [p for p in paths if p.parent.name not in {f for _, f, _ in cu.TEXTURES}]
+    groups = [others[i * args.photos:(i + 1) * args.photos] for i in range(6)]
+
+    def texture_set(a_paths, b_paths, plain, half):
+        (ca, ba), (cb, bb) = (cu.paste(cu.load_images(ps), crops[k][half::2], rng, 64, 128)
+                              for ps, k in ((a_paths, kinds[0]), (b_paths, kinds[1])))
+        kind = np.repeat([0, 1, -1], [len(a_paths), len(b_paths), len(plain)])
+        return (torch.cat([ca, cb, cu.load_images(plain)]), kind,
+                np.concatenate([ba, bb, -np.ones((len(plain), 3), int)]))
+    return texture_set(*groups[0:3], 0), texture_set(*groups[3:6], 1), kinds
+
+
+def direction_spec(block: str, vec: torch.Tensor) -> str:
+    """A direction in a layer's space as a target: "w0*B:0 + w1*B:1 - ..." (`--sum maps`)."""
+    terms = [(float(v), c) for c, v in enumerate(vec.tolist()) if abs(v) > 1e-6]
+    text = f"{terms[0][0]:.5g}*{block}:{terms[0][1]}"
+    return text + "".join(f" {'-' if v < 0 else '+'} {abs(v):.5g}*{block}:{c}"
+                          for v, c in terms[1:])
+
+
+def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
+                 rng: np.random.Generator) -> list[str]:
+    """Per block, `"B:a + w*B:b"` with a, b the channels most selective for each texture's
+    patches (`channels`), or the direction of the two textures' linear probes, vA + w vB
+    (`probe`, Lucent's `direction`); w equalises the halves' 90th percentiles."""
+    images, kind, boxes = sel
+    acts = cu.forward(model, images, [LayerRef(b) for b in blocks], batch)
+    specs = []
+    for block in blocks:
+        maps = acts[block]
+        mask = cu.in_box(boxes, tuple(maps.shape[-2:]))
+        own = [torch.as_tensor(kind == k) for k in (0, 1)]
+        if kind_of == "probe":
+            va, vb = (cu.probe(maps, mask & o[:, None, None], rng)[0] for o in own)
+        else:
+            order = [torch.argsort(cu.patch_selectivity(maps, mask, o), descending=True
+                                   ).tolist() for o in own]
+            a = order[0][0]
+            b = next(c for c in order[1] if c != a)
+            va, vb = cu.onehot(a, maps.shape[1]), cu.onehot(b, maps.shape[1])
+        qa = cu.unit_map(maps[own[0]], va).amax((1, 2)).quantile(0.9)
+        qb = cu.unit_map(maps[own[1]], vb).amax((1, 2)).quantile(0.9)
+        w = float(qa / qb) if qa > 0 and qb > 0 else 1.0
+        specs.append(direction_spec(block, va + w * vb) if kind_of == "probe" else
+                     f"{block}:{int(va.argmax())} + {w:.3f}*{block}:{int(vb.argmax())}")
+    return specs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--photos", type=int, default=80)
+    ap.add_argument("--texture-photos", type=int, default=300)
+    ap.add_argument("--texture-count", type=int, default=24)
+    ap.add_argument("--top-n", type=int, default=60)
+    ap.add_argument("--blocks", nargs="+", default=["_blocks.2", "_blocks.5", "_blocks.10",
+                                                    "_blocks.14"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--regions", nargs="+", default=["patch", "image"])
+    ap.add_argument("--sum", default="maps", choices=["maps", "terms"],
+                    help="how the unit's two channels combine (maps: the max of the combined "
+                    "map, as the units are built; terms: max(a) + w*max(b))")
+    ap.add_argument("--units", default="channels", choices=["channels", "probe"])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
+    ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results/hidden-units-e2e.md")
+    args = ap.parse_args()
+    t0, load0 = time.perf_counter(), os.getloadavg()[0]
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    sel, pool, kinds = composites(args, rng)
+    model = load_model("efficientnet_lite0")
+    specs = choose_units(model, sel, args.blocks, args.batch, args.units, rng)
+    images, truth, _ = pool
+    rows: dict[str, dict[str, list[float]]] = {s: {r: [] for r in args.regions} for s in specs}
+    sides: dict[str, int] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pool"
+        folder.mkdir()
+        for i, img in enumerate(images):
+            Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
+                folder / f"p{i:04d}.png")
+        for region in args.regions:
+            for seed in args.seeds:
+                res = mfv.run(model=model, images=str(folder), targets=specs, reduction="max",
+                              sum=args.sum,
+                              selection="top", top_n=args.top_n, facets=2, region=region,
+                              seed=seed, out=str(Path(tmp) / "run"), until="facets",
+                              progress=False).to_dict()
+                for spec, rec in zip(specs, res["targets"], strict=True):
+                    label = {int(Path(p).stem[1:]): f["rank"] for f in rec["facets"]
+                             for p in f["members"]}
+                    idx = np.array(sorted(label))
+                    known = truth[idx] >= 0
+                    rows[spec][region].append(adjusted_rand_score(
+                        truth[idx][known], np.array([label[i] for i in idx])[known]))
+                    side = json.loads(next((Path(tmp) / "run" / "targets" / rec["slug"] /
+                                            "facets").glob("*/facets.json")).read_text())[
+                        "settings"].get("patch_side")
+                    sides[spec] = side or sides.get(spec)
+            print(f"{region} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
+    cmd = "python benchmarks/hidden_units_e2e.py " + " ".join(sys.argv[1:])
+    lines = ["# Texture units through `mfv.run`: facets of patches vs whole photos (issue 22)",
+             "", f"`{cmd.strip()}`: {os.cpu_count()} cores, load avg {load0:.1f} at start / "
+             f"{load1:.1f} at end, {wall / 60:.1f} min. Textures A = {kinds[0]}, B = {kinds[1]};"
+             f" pool: {args.photos} composites of each and {args.photos} plain photos; top-N = "
+             f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
+             f"that are composites, per t-SNE seed ({', '.join(map(str, args.seeds))}) and their "
+             "mean.",
+             "", "| unit | patch side (px) | " + " | ".join(
+                 f"ARI --region {r}" for r in args.regions) + " |",
+             "|---|---|" + "---|" * len(args.regions)]
+    for spec in specs:
+        cells = [f"{np.mean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})"
+                 for v in rows[spec].values()]
+        block = spec.split(":")[0].split("*")[-1]
+        shown = spec if len(spec) < 60 else f"{block}: probe A + w * probe B (--sum maps)"
+        lines.append(f"| `{shown}` | {sides.get(spec)} | " + " | ".join(cells) + " |")
+    atomic_write_text(args.out, "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Photos through a network: files → decoded, preprocessed batches → chosen layers' outputs.
+
+One loop for what evaluate (facet members as the networks see them) and the layer study (an
+independent network's codes) read; the scan keeps its own chunked, resumable, sharded loop over
+the same decoding (`mfv.data.images`). Unreadable files are skipped, each with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mfv.data.images import BadImageError, load_rgb
+from mfv.models.activations import capture
+from mfv.models.base import LoadedModel, to_tensor
+from mfv.models.passes import inference
+from mfv.models.targets import LayerRef
+
+log = logging.getLogger(__name__)
+
+
+def flat(acts: torch.Tensor) -> torch.Tensor:
+    """(B, ...) → (B, D): a layer's whole output as one vector per photo (a code)."""
+    return acts.flatten(1)
+
+
+def channel_means(acts: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) or tokens (B, N, C) → (B, C): each channel's mean over positions."""
+    if acts.dim() == 4:
+        return acts.mean(dim=(2, 3))
+    return acts.mean(dim=1) if acts.dim() == 3 else acts
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a network made of a list of photos."""
+
+    outputs: list[np.ndarray]  # per layer: (len(kept), ...) float32, the reduced outputs
+    kept: np.ndarray  # indices into the paths of the photos that were read, in order
+    bad: list[tuple[int, str]]  # (index, reason) of the photos that could not be
+
+
+def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[LayerRef],
+                reduce: Callable[[torch.Tensor], torch.Tensor] = flat, *, batch_size: int = 32,
+                progress: str | None = None) -> Reading:
+    """Each photo decoded, preprocessed as the model's own photos are (resize, centre crop), and
+    passed through the model without gradients in batches; `reduce` of every layer's output.
+    `progress`: a progress bar's title (None: no bar)."""
+    outputs: list[list[np.ndarray]] = [[] for _ in layers]
+    kept: list[int] = []
+    bad: list[tuple[int, str]] = []
+    bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None)
+    with capture(model, layers) as store, inference(model) as forward:
+        for start in range(0, len(paths), batch_size):
+            batch = []
+            for i in range(start, min(start + batch_size, len(paths))):
+                try:
+                    batch.append(to_tensor(model.preprocess, load_rgb(paths[i])))
+                    kept.append(i)
+                except BadImageError as exc:
+                    bad.append((i, str(exc)))
+            if batch:
+                forward(torch.stack(batch).to(model.device))
+                for out, ref in zip(outputs, layers, strict=True):
+                    out.append(reduce(store[ref.key].float()).cpu().numpy())
+            bar.update(min(batch_size, len(paths) - start))
+    bar.close()
+    for i, reason in bad:
+        log.warning("skipped %s: %s", paths[i], reason)
+    return Reading([np.concatenate(out) if out else np.zeros((0,), np.float32)
+                    for out in outputs], np.array(kept, dtype=np.int64), bad)
