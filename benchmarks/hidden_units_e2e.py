@@ -98,6 +98,14 @@ def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
     return specs
 
 
+def _inside(box, patch, zoom: float, shift: float) -> bool:
+    """Whether a facet box's centre (the unit's peak) lies in the pasted patch (top, left,
+    side, in the composite's pixels), both in the model's frame."""
+    top, left, side = (v * zoom - (shift if i < 2 else 0) for i, v in enumerate(patch))
+    cy, cx = box[0] + box[2] / 2, box[1] + box[3] / 2
+    return bool(top <= cy < top + side and left <= cx < left + side)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=80)
@@ -122,7 +130,11 @@ def main() -> None:
     sel, pool, kinds = composites(args, rng)
     model = load_model("efficientnet_lite0")
     specs = choose_units(model, sel, args.blocks, args.batch, args.units, rng)
-    images, truth, _ = pool
+    images, truth, pasted = pool
+    pre = model.preprocess
+    zoom = pre.resize_size / cu.SIZE  # the model's frame: resized, then its centre cropped
+    shift = (pre.resize_size - pre.input_size) / 2
+    seen: dict[str, float] = {}
     rows: dict[str, dict[str, list[float]]] = {s: {r: [] for r in args.regions} for s in specs}
     sides: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,6 +161,12 @@ def main() -> None:
                                             "facets").glob("*/facets.json")).read_text())[
                         "settings"].get("patch_side")
                     sides[spec] = side or sides.get(spec)
+                    if region == "patch" and seed == args.seeds[0]:  # the peak in the patch?
+                        hits = [_inside(b, pasted[int(Path(p).stem[1:])], zoom, shift)
+                                for f in rec["facets"] for p, b in zip(f["members"], f["boxes"],
+                                                                       strict=True)
+                                if truth[int(Path(p).stem[1:])] >= 0]
+                        seen[spec] = float(np.mean(hits))
             print(f"{region} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     cmd = "python benchmarks/hidden_units_e2e.py " + " ".join(sys.argv[1:])
@@ -159,15 +177,16 @@ def main() -> None:
              f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
              f"that are composites, per t-SNE seed ({', '.join(map(str, args.seeds))}) and their "
              "mean.",
-             "", "| unit | patch side (px) | " + " | ".join(
+             "", "| unit | patch side (px) | peak in patch | " + " | ".join(
                  f"ARI --region {r}" for r in args.regions) + " |",
-             "|---|---|" + "---|" * len(args.regions)]
+             "|---|---|---|" + "---|" * len(args.regions)]
     for spec in specs:
         cells = [f"{np.mean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})"
                  for v in rows[spec].values()]
         block = spec.split(":")[0].split("*")[-1]
         shown = spec if len(spec) < 60 else f"{block}: probe A + w * probe B (--sum maps)"
-        lines.append(f"| `{shown}` | {sides.get(spec)} | " + " | ".join(cells) + " |")
+        hit = f"{seen[spec]:.2f}" if spec in seen else "n/a"
+        lines.append(f"| `{shown}` | {sides.get(spec)} | {hit} | " + " | ".join(cells) + " |")
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,10 +1,22 @@
-"""Shared fixtures: the real default model, real photos, and a tiny model for fast unit tests."""
+"""Shared fixtures and helpers: the real default model, real photos, a tiny model for fast unit
+tests, its runs on synthetic photos, child processes, and a command-line run. Test modules share
+code only through this file (`from conftest import make_images`), never by importing each other
+(tests/test_architecture.py checks)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
+import json
 import math
+import multiprocessing
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mfv.cli import main
 from mfv.models import LoadedModel, Preprocess, load_model
 from mfv.models.classes import ClassNames
 from mfv.results.metrics import means
@@ -70,11 +83,8 @@ class TinyNet(nn.Module):
 
 
 def make_tiny(seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    names = ClassNames(("red thing", "green thing", "blue thing", "grey-ish thing", "dark"))
-    return load_model(TinyNet(), preprocess=Preprocess(input_size=32, resize_size=36,
-                                                       mean=(0.5,) * 3, std=(0.5,) * 3),
-                      classes=names)
+    """`tiny_net(seed)` with the tests' preprocessing (`PRE`) and class names (`CLASSES`)."""
+    return load_model(tiny_net(seed), preprocess=PRE, classes=CLASSES)
 
 
 @pytest.fixture()
@@ -479,3 +489,199 @@ def highlighted(page: Any, section_id: str) -> dict[str, Any]:
 def report_browser() -> Callable[..., AbstractContextManager[ReportPage]]:
     """`open_report`: `with report_browser(index_html) as rp: rp.map_points(...)`."""
     return open_report
+
+
+# ----------------------------------------------------------------------------- tiny runs
+# The tiny network on small synthetic photos: its settings, the photos, and what two runs with
+# the same settings must agree on. CLASSES names the photo folders "red thing" / "blue thing"
+# as classes 0 and 2.
+
+PRE = Preprocess(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
+CLASSES = ClassNames(("red thing", "green thing", "blue thing", "grey-ish thing", "dark"))
+FAST = dict(facets=2, mean_of=3, steps=10, embedding="pca", progress=False, device="cpu",
+            recipes=["paper-mean"])
+SWEEP = dict(layers="conv1,conv2,fc", units=3, top_n=16, embedder="efficientnet_lite0",
+             embedding="pca", mean_of=3, progress=False, device="cpu", scan_batch_size=4)
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    """TinyNet with the weights of `seed`, in eval mode: every tiny run's network."""
+    torch.manual_seed(seed)
+    return TinyNet().eval()
+
+
+class SlowNet(TinyNet):
+    """TinyNet that waits `delay` seconds in each forward pass, so that each stage lasts long
+    enough to be killed in; it computes what TinyNet computes."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return super().forward(x)
+
+
+def make_images(root: Path, n: int = 20, seed: int = 0) -> Path:
+    """n small photos in two labelled folders, red-ish and blue-ish."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        label = ("red thing", "blue thing")[i % 2]
+        (root / label).mkdir(parents=True, exist_ok=True)
+        arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        arr[..., 0 if i % 2 == 0 else 2] = 250
+        Image.fromarray(arr).save(root / label / f"img{i:03d}.png")
+    return root
+
+
+def _significant(value: Any, digits: int = 5) -> Any:
+    """Floats to `digits` significant digits, in any nesting (float tolerance: the same images
+    in batches of another size give activations that differ in the 7th digit)."""
+    if isinstance(value, dict):
+        return {k: _significant(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_significant(v, digits) for v in value]
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def comparable(results: dict) -> dict:
+    """What two runs with the same settings must agree on (not times, dates or file names,
+    which carry keys)."""
+    out = []
+    for t in results["targets"]:
+        out.append({
+            "spec": t["spec"], "slug": t["slug"], "k": t["k_chosen"],
+            "facets": [(f["size"], f["members"], {r: round(v["activation"], 4)
+                                                 for r, v in f["visualizations"].items()})
+                       for f in t["facets"]],
+            "baselines": {r: [round(b["activation"], 4) for b in bs]
+                          for r, bs in t["baselines"].items()},
+            "metrics": _significant(json.loads(json.dumps(t["metrics"], default=str))),
+        })
+    return {"targets": out, "stages": results["stages"], "status": results["status"]}
+
+
+# ----------------------------------------------------------------------------- child processes
+# Real processes for signals, locks and limits: `start(fork, log, work, *args)` runs `work` in a
+# child from a forkserver that has imported mfv once (so each starts in a moment instead of
+# importing torch again), `finish` waits for it and fails a child that hangs.
+
+HANG_S = 60  # a child that takes longer than this is stuck (each needs a few seconds)
+
+
+@pytest.fixture(scope="module")
+def fork() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mfv.runtime.pipeline", "mfv.cli"])
+    return ctx
+
+
+def _child_main(log: str, work: Callable[..., int | None], *args: Any) -> None:
+    """In the child: its own process group (so a hung child is killed with its workers), output
+    to `log`, exit status from `work`."""
+    os.setpgrp()
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    code = work(*args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code or 0)
+
+
+def start(fork: multiprocessing.context.BaseContext, log: Path, work: Callable[..., int | None],
+          *args: Any) -> multiprocessing.Process:
+    proc = fork.Process(target=_child_main, args=(str(log), work, *args))
+    proc.start()
+    return proc
+
+
+def finish(proc: multiprocessing.Process, log: Path, timeout: float = HANG_S) -> int:
+    """The child's exit status; a child still running after `timeout` is killed and fails."""
+    proc.join(timeout)
+    if proc.is_alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.join()
+        pytest.fail(f"the child did not finish within {timeout} s (hung):\n{log.read_text()}")
+    return proc.exitcode
+
+
+def cli_as(bound: bool, argv: list[str]) -> int:
+    """`mfv ARGV` in a child (mfv is imported already); `bound`: bound by permission bits even
+    as root (`_drop_dac_override`)."""
+    if bound:
+        _drop_dac_override()
+    return main(argv)
+
+
+def _drop_dac_override() -> None:
+    """Take from this process root's power to ignore permission bits (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH, CAP_FOWNER; effective and permitted, so `os.access` agrees). It stays
+    uid 0 and so still reads the checkout wherever that lies, even in a private folder, which
+    another user could not (the reason this does not switch to an unprivileged user)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    keep = ~0b1110 & 0xFFFFFFFF  # capabilities 1, 2 and 3
+    data[0], data[1] = data[0] & keep, data[1] & keep
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def one_line_error(err: str) -> str:
+    """The single `mfv: error:` line a command printed (no traceback, nothing else)."""
+    assert err.startswith("mfv: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
+    assert "Traceback" not in err
+    return err.strip()
+
+
+# ----------------------------------------------------------------------------- a command-line run
+# `mfv run` on the tiny network exported to a file, in a folder every user may enter: `world`,
+# `exported`, `command` (its arguments for a given --out) and `finished` (a complete run).
+
+
+@pytest.fixture(scope="module")
+def world() -> Iterator[Path]:
+    """A folder that every user may enter (tmp_path's parents are private to their owner)."""
+    root = Path(tempfile.mkdtemp(prefix="mfv-robust-"))
+    root.chmod(0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def exported(world: Path) -> Path:
+    """The tiny network as a torch.export file, for the command line."""
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.export.export(tiny_net(), (torch.rand(2, 3, 32, 32),),
+                                  dynamic_shapes=(dims,))
+    torch.export.save(program, world / "tiny.pt2")
+    return world / "tiny.pt2"
+
+
+@pytest.fixture(scope="module")
+def command(world: Path, exported: Path) -> Callable[[Path], list[str]]:
+    """`mfv run` on the tiny exported network and 12 small photos, for a given --out."""
+    images = make_images(world / "imgs", n=12)
+
+    def argv(out: Path) -> list[str]:
+        return ["run", "--model", str(exported), "--images", str(images), "--target", "fc:1",
+                "--size", "32", "--facets", "2", "--mean-of", "3", "--steps", "10",
+                "--embedding", "pca", "--judges", "none", "--workers", "0", "--quiet",
+                "--out", str(out)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def finished(world: Path, command: Callable[[Path], list[str]]) -> Path:
+    """A complete run directory, made by `command`."""
+    out = world / "finished"
+    assert main(command(out)) == 0
+    assert json.loads((out / "results.json").read_text())["status"] == "complete"
+    return out

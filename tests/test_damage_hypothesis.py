@@ -23,14 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mfv
-from conftest import TinyNet
-from mfv.models import load_model
-from test_orchestration import CLASSES, FAST, PRE, comparable, make_images
+from conftest import FAST, comparable, make_images, make_tiny
 
 DEFAULT_EXAMPLES = 20
 LONG_EXAMPLES = 250
@@ -42,8 +39,7 @@ class Finished:
     """A finished tiny run: its folder, its results, and how to run it again."""
 
     def __init__(self, root: Path) -> None:
-        torch.manual_seed(0)
-        self.model = load_model(TinyNet().eval(), preprocess=PRE, classes=CLASSES)
+        self.model = make_tiny()
         self.images = make_images(root / "imgs", n=8)
         self.out = root / "run"
         self.results = comparable(self.run(self.out))

@@ -14,16 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import WALL_TIMES
+from conftest import WALL_TIMES, ReportPage
 from mfv.cli import main
-from report_fixtures import (
-    ReportPage,
-    highlighted,
-    hover_point,
-    images_not_loaded,
-    map_points,
-    open_report,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,8 +32,8 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRe
 
 
 @pytest.fixture(scope="module")
-def demo_report(demo_run: Path) -> Iterator[ReportPage]:
-    with open_report(demo_run / "index.html") as rp:
+def demo_report(demo_run: Path, report_browser) -> Iterator[ReportPage]:
+    with report_browser(demo_run / "index.html") as rp:
         yield rp
 
 
@@ -83,7 +75,7 @@ def test_demo_renders_class_logits_and_channels_with_baselines(demo_results, dem
 @pytest.mark.slow
 @pytest.mark.browser
 def test_demo_report_loads_cleanly_offline(demo_report: ReportPage):
-    n, bad = images_not_loaded(demo_report.page)
+    n, bad = demo_report.images_not_loaded()
     assert n > 100 and bad == []
     assert demo_report.console_errors == [] and demo_report.page_errors == []
     assert all(u.startswith("file://") for u in demo_report.requests)
@@ -96,13 +88,13 @@ def test_demo_map_hover_and_facet_highlight(demo_report: ReportPage, demo_result
     page = demo_report.page
     for index in range(len(demo_results["targets"])):
         sid = _section(demo_results, index)
-        points = map_points(page, sid)
+        points = demo_report.map_points(sid)
         assert len(points) == 60  # the demo's top-N per target
-        shown = hover_point(page, sid, len(points) // 2)
+        shown = demo_report.hover_point(sid, len(points) // 2)
         assert shown["path"] == points[len(points) // 2]["p"] and shown["natural_width"] > 0
         section = page.locator(f"section.target[id='{sid}']")
         section.locator(".card.facet[data-facet='0'] header").click()
-        state = highlighted(page, sid)
+        state = demo_report.highlighted(sid)
         assert state["on"] == sorted(i for i, p in enumerate(points) if p["f"] == 0)
         assert state["on_opacity"] == 1 and state["off_opacity"] < 0.3
         section.locator(".card.facet[data-facet='0'] header").click()  # toggle off again

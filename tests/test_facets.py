@@ -42,19 +42,25 @@ def test_select_class_top_and_auto():
     acts = np.array([0.5, 3.0, -1.0, 2.0, 0.0, 3.0])
     labels = np.array([1, 2, 1, 2, 2, 0])
     assert select_images(acts, labels, 2, "class").tolist() == [1, 3, 4]
-    # top: positive activations only, highest first, ties to the lower index
+    # top: highest first whatever the sign, ties to the lower index
     assert select_images(acts, None, None, "top", top_n=3).tolist() == [1, 5, 3]
-    assert select_images(acts, None, None, "top", top_n=100).tolist() == [1, 5, 3, 0]
+    assert select_images(acts, None, None, "top", top_n=100)[:4].tolist() == [1, 5, 3, 0]
+    assert len(select_images(acts, None, None, "top", top_n=100)) == np.isfinite(acts).sum()
     assert select_images(acts, labels, 1, "auto").tolist() == [0, 2]
     # auto falls back to top when the class has no images or there are no labels
     assert select_images(acts, labels, 7, "auto", top_n=2).tolist() == [1, 5]
     assert select_images(acts, None, 1, "auto", top_n=2).tolist() == [1, 5]
 
 
+def test_a_target_negative_everywhere_is_ranked_by_value_with_a_warning(caplog):
+    acts = np.array([-3.0, -1.0, -2.0, np.nan])
+    assert select_images(acts, None, None, "top", top_n=2, name="unit 7").tolist() == [1, 2]
+    assert "every activation of unit 7 is <= 0" in caplog.text
+
+
 def test_select_errors_name_the_target():
-    acts = np.array([0.0, -1.0, 0.0])
-    with pytest.raises(MfvError, match="no image activates unit 7"):
-        select_images(acts, None, None, "top", name="unit 7")
+    with pytest.raises(MfvError, match="no activation of unit 7 is a number"):
+        select_images(np.full(3, np.nan), None, None, "top", name="unit 7")
     with pytest.raises(MfvError, match="no image has the class of tench"):
         select_images(np.ones(3), np.array([1, 1, 2]), 0, "class", name="tench")
     with pytest.raises(MfvError, match="needs image labels"):
@@ -213,10 +219,26 @@ def test_more_facets_than_images_suggests_auto():
 
 
 @pytest.mark.parametrize("acts", [np.zeros(20), np.full(20, -2.0), np.full(20, 1.5)])
-def test_dead_target_is_an_error(acts):
+def test_equal_or_negative_activations_still_give_facets(acts):
+    """Twelve copies of one photo or a unit negative everywhere are not "dead": the facets come
+    from the codes (a false "no image activates" message used to stop these)."""
+    codes, _, truth = blobs(20, 2, dim=20)
+    result = find_facets(codes, acts, options=FacetOptions(k=2), name="conv5:12")
+    assert sorted(f.size for f in result.facets) == sorted(np.bincount(truth).tolist())
+
+
+def test_activations_that_are_not_numbers_are_an_error():
     codes, _, _ = blobs(20, 2, dim=20)
-    with pytest.raises(MfvError, match="no image activates conv5:12"):
-        find_facets(codes, acts, options=FacetOptions(k=2), name="conv5:12")
+    with pytest.raises(MfvError, match="activations of the images selected for conv5:12"):
+        find_facets(codes, np.full(20, np.nan), options=FacetOptions(k=2), name="conv5:12")
+
+
+def test_one_image_is_one_facet_or_a_true_message():
+    codes, _, _ = blobs(20, 2, dim=20)
+    (facet,) = find_facets(codes[:1], np.ones(1), options=FacetOptions(k="auto")).facets
+    assert facet.size == 1
+    with pytest.raises(MfvError, match="asked for 10 facets but only 1 image was selected"):
+        find_facets(codes[:1], np.ones(1), options=FacetOptions(k=10), name="u")
 
 
 def test_identical_codes_give_one_facet_with_a_warning():

@@ -19,13 +19,12 @@ from urllib.parse import quote, unquote
 import markupsafe
 import pytest
 
+from conftest import SWEEP, make_images, make_tiny
 from mfv.report import write_layers_page
 from mfv.report.layers_page import answer_sentence
 from mfv.report.run_page import STRIP_MAX
 from mfv.results.metrics import SWEEP_MEASURES, format_value
 from mfv.study.layers import sweep
-from test_orchestration import make_images
-from test_sweep import SWEEP, tiny
 
 EVIL_LAYER = "blocks.<script>alert(5)</script>\"&'"
 RENDER = dict(render=1, steps=10, recipes=["paper-mean"], baseline=False)
@@ -37,7 +36,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     Layers page: (run directory, sweep.json, the page's HTML)."""
     root = tmp_path_factory.mktemp("layers")
     out = root / "run"
-    sweep(model=tiny(), images=str(make_images(root / "imgs", n=40)), out=str(out), **SWEEP,
+    sweep(model=make_tiny(), images=str(make_images(root / "imgs", n=40)), out=str(out), **SWEEP,
           **RENDER)
     (out / "layers.html").unlink(missing_ok=True)  # whatever sweep() wrote: write it here
     doc = json.loads((out / "sweep" / "sweep.json").read_text(encoding="utf-8"))

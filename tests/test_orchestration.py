@@ -23,39 +23,26 @@ import torch
 from PIL import Image
 
 import mfv
-from conftest import LITE_LIKE_PRE, LiteLike, TinyNet, readme_example
+from conftest import (
+    CLASSES,
+    FAST,
+    LITE_LIKE_PRE,
+    PRE,
+    LiteLike,
+    comparable,
+    make_images,
+    readme_example,
+    tiny_net,
+)
 from mfv.cli import main
 from mfv.core.errors import MfvError
-from mfv.data.preprocess import Preprocess
-from mfv.models.classes import ClassNames
 
 REPO = Path(__file__).resolve().parents[1]
-PRE = Preprocess(input_size=32, resize_size=36, mean=(0.5,) * 3, std=(0.5,) * 3)
-CLASSES = ClassNames(("red thing", "green thing", "blue thing", "grey-ish thing", "dark"))
-FAST = dict(facets=2, mean_of=3, steps=10, embedding="pca", progress=False, device="cpu",
-            recipes=["paper-mean"])
-
-
-def make_images(root: Path, n: int = 20, seed: int = 0) -> Path:
-    """n small photos in two labelled folders, red-ish and blue-ish."""
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        label = ("red thing", "blue thing")[i % 2]
-        (root / label).mkdir(parents=True, exist_ok=True)
-        arr = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        arr[..., 0 if i % 2 == 0 else 2] = 250
-        Image.fromarray(arr).save(root / label / f"img{i:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_images(tmp_path_factory.mktemp("orch") / "imgs")
-
-
-def net(seed: int = 0) -> TinyNet:
-    torch.manual_seed(seed)
-    return TinyNet()
 
 
 def tiny_run(out: Path, images: Path, **options) -> dict:
@@ -64,37 +51,8 @@ def tiny_run(out: Path, images: Path, **options) -> dict:
     the dict results.json holds (these tests compare runs and files)."""
     settings = {**FAST, "images": str(images), "targets": ["fc:0 + fc:2", "conv2:3"],
                 "out": str(out), **options}
-    model = mfv.load_model(net(), preprocess=PRE, classes=CLASSES)
+    model = mfv.load_model(tiny_net(), preprocess=PRE, classes=CLASSES)
     return mfv.run(model=model, **settings).to_dict()
-
-
-def _significant(value, digits: int = 5):
-    """Floats to `digits` significant digits, in any nesting (float tolerance: the same images
-    in batches of another size give activations that differ in the 7th digit)."""
-    if isinstance(value, dict):
-        return {k: _significant(v, digits) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_significant(v, digits) for v in value]
-    if isinstance(value, float):
-        return float(f"{value:.{digits}g}")
-    return value
-
-
-def comparable(results: dict) -> dict:
-    """What two runs with the same settings must agree on (not times, dates or file names,
-    which carry keys)."""
-    out = []
-    for t in results["targets"]:
-        out.append({
-            "spec": t["spec"], "slug": t["slug"], "k": t["k_chosen"],
-            "facets": [(f["size"], f["members"], {r: round(v["activation"], 4)
-                                                 for r, v in f["visualizations"].items()})
-                       for f in t["facets"]],
-            "baselines": {r: [round(b["activation"], 4) for b in bs]
-                          for r, bs in t["baselines"].items()},
-            "metrics": _significant(json.loads(json.dumps(t["metrics"], default=str))),
-        })
-    return {"targets": out, "stages": results["stages"], "status": results["status"]}
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -147,7 +105,7 @@ def test_weights_changed_in_place_are_noticed(tmp_path, images):
     from safetensors.torch import save_file
 
     weights = tmp_path / "w.safetensors"
-    state = net().state_dict()
+    state = tiny_net().state_dict()
     save_file(state, weights)
     tiny_run(tmp_path / "run", images, weights=str(weights))
     state["conv2.weight"] = state["conv2.weight"] * 1.5
@@ -278,7 +236,7 @@ def test_one_writer_at_a_time_and_a_killed_holder_does_not_block(tmp_path, image
 
 
 def test_an_exported_model_file_runs_from_the_command_line(tmp_path, images, capsys):
-    module = net().eval()
+    module = tiny_net()
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     program = torch.export.export(module, (torch.rand(2, 3, 32, 32),), dynamic_shapes=(dims,))
     torch.export.save(program, tmp_path / "tiny.pt2")

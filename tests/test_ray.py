@@ -18,12 +18,11 @@ import ray
 import torch
 
 import mfv
+from conftest import CLASSES, HANG_S, PRE, comparable, make_images, start, tiny_net
 from mfv.cli import main
 from mfv.core.errors import MfvError
 from mfv.results.model import Results
 from mfv.runtime.backend import RayBackend
-from test_orchestration import CLASSES, PRE, comparable, make_images, net
-from test_robustness import HANG_S, start
 
 TESTS = Path(__file__).resolve().parent
 RUN = dict(targets=["fc:0 + fc:2", "conv2:3"], facets=2, mean_of=3, steps=10, embedding="pca",
@@ -54,7 +53,7 @@ class Pause:
 
 
 def tiny(delay: float = 0.0) -> mfv.LoadedModel:
-    module = net()
+    module = tiny_net()
     if delay:
         module.register_forward_pre_hook(Pause(delay))
     return mfv.load_model(module, preprocess=PRE, classes=CLASSES)
@@ -130,7 +129,7 @@ class FailingNet(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.inner = net()
+        self.inner = tiny_net()
 
     def forward(self, x):
         if torch.is_grad_enabled():
@@ -183,7 +182,7 @@ def test_an_interrupted_driver_resumes_with_the_finished_pictures(tmp_path, imag
 
 
 def test_the_command_line_runs_and_sweeps_on_ray(tmp_path, images, local, cluster, capsys):
-    module = net().eval()
+    module = tiny_net()
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     torch.export.save(torch.export.export(module, (torch.rand(2, 3, 32, 32),),
                                           dynamic_shapes=(dims,)), tmp_path / "tiny.pt2")

@@ -74,6 +74,10 @@ def test_key_material_belongs_to_its_recipe():
         assert {r for (r, _), k in now.items() if k != reference[r, _]} == owner
     moved = keys(base, "f2")
     assert {slot for slot, k in moved.items() if k != reference[slot]} == {("anchored", "facet")}
+    # the render batch size changes every picture's sums, so every key
+    batched = keys(replace(base, batch=4))
+    assert all(batched[slot] != reference[slot] for slot in reference)
+    assert keys(replace(base, batch=4)) == batched
 
 
 class PixelAscent(Recipe):

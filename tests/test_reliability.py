@@ -36,18 +36,14 @@ import numpy as np
 import pytest
 import torch
 
-import test_robustness as robust
+from conftest import cli_as, comparable, finish, make_images, one_line_error, start, tiny_net
 from mfv.cli import main
 from mfv.core.errors import MfvError
 from mfv.core.io import Damaged, WriteError, atomic_write_bytes, load_json, load_npy, stamp
 from mfv.scan.store import ScanStore
-from test_orchestration import comparable, make_images
-from test_robustness import _cli_as, finish, one_line_error, start, tiny_net
 
-# the fixtures of test_robustness: a world-readable folder, the tiny network exported, the
-# `mfv run` command on it and a finished run
-fork, world, exported, command, finished = (robust.fork, robust.world, robust.exported,
-                                            robust.command, robust.finished)
+# from conftest.py, the fixtures `fork`, `world` (a world-readable folder), `exported` (the tiny
+# network exported), `command` (`mfv run` on it) and `finished` (a finished run)
 
 
 def results_of(out: Path) -> dict:
@@ -278,7 +274,7 @@ def test_a_permission_lost_mid_run_is_one_line_and_the_rerun_completes(
     folder.chmod(0o555)
     try:
         log = tmp_path / "cli.log"
-        proc = start(fork, log, _cli_as, os.geteuid() == 0, command(out))
+        proc = start(fork, log, cli_as, os.geteuid() == 0, command(out))
         assert finish(proc, log) == 2, log.read_text()
         message = one_line_error(log.read_text())
         assert f"cannot write {folder}/" in message and "permission denied" in message

@@ -21,21 +21,16 @@ and locks.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
-import multiprocessing
 import os
 import resource
-import shutil
 import signal
 import socket
-import sys
-import tempfile
 import time
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,122 +39,25 @@ import torch
 from PIL import Image
 
 import mfv
-from conftest import TinyNet
+from conftest import (
+    CLASSES,
+    HANG_S,
+    PRE,
+    SlowNet,
+    cli_as,
+    comparable,
+    finish,
+    make_images,
+    one_line_error,
+    start,
+    tiny_net,
+)
 from mfv.cli import build_parser, main
 from mfv.core.errors import MfvError
 from mfv.runtime.settings import flag_of
-from test_orchestration import CLASSES, PRE, comparable, make_images
 
-HANG_S = 60  # a child that takes longer than this is stuck (each needs a few seconds)
-
-
-# ------------------------------------------------------------------------ child processes
-@pytest.fixture(scope="module")
-def fork() -> multiprocessing.context.BaseContext:
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["mfv.runtime.pipeline", "mfv.cli"])
-    return ctx
-
-
-def _child_main(log: str, work: Callable[..., int | None], *args) -> None:
-    """In the child: its own process group (so a hung child is killed with its workers), output
-    to `log`, exit status from `work`."""
-    os.setpgrp()
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    code = work(*args)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.exit(code or 0)
-
-
-def start(fork, log: Path, work: Callable[..., int | None], *args) -> multiprocessing.Process:
-    proc = fork.Process(target=_child_main, args=(str(log), work, *args))
-    proc.start()
-    return proc
-
-
-def finish(proc: multiprocessing.Process, log: Path, timeout: float = HANG_S) -> int:
-    """The child's exit status; a child still running after `timeout` is killed and fails."""
-    proc.join(timeout)
-    if proc.is_alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.join()
-        pytest.fail(f"the child did not finish within {timeout} s (hung):\n{log.read_text()}")
-    return proc.exitcode
-
-
-def _cli_as(bound: bool, argv: list[str]) -> int:
-    """`mfv ARGV` in a child (mfv is imported already); `bound`: bound by permission bits even
-    as root (`_drop_dac_override`)."""
-    if bound:
-        _drop_dac_override()
-    return main(argv)
-
-
-def _drop_dac_override() -> None:
-    """Take from this process root's power to ignore permission bits (CAP_DAC_OVERRIDE,
-    CAP_DAC_READ_SEARCH, CAP_FOWNER; effective and permitted, so `os.access` agrees). It stays
-    uid 0 and so still reads the checkout wherever that lies, even in a private folder, which
-    another user could not (the reason this does not switch to an unprivileged user)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-    data = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) x 2 words
-    if libc.capget(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    keep = ~0b1110 & 0xFFFFFFFF  # capabilities 1, 2 and 3
-    data[0], data[1] = data[0] & keep, data[1] & keep
-    if libc.capset(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-
-
-# ---------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def world() -> Iterator[Path]:
-    """A folder that every user may enter (tmp_path's parents are private to their owner)."""
-    root = Path(tempfile.mkdtemp(prefix="mfv-robust-"))
-    root.chmod(0o755)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def tiny_net(seed: int = 0) -> TinyNet:
-    torch.manual_seed(seed)
-    return TinyNet().eval()
-
-
-@pytest.fixture(scope="module")
-def exported(world) -> Path:
-    """The tiny network as a torch.export file, for the command line."""
-    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    program = torch.export.export(tiny_net(), (torch.rand(2, 3, 32, 32),),
-                                  dynamic_shapes=(dims,))
-    torch.export.save(program, world / "tiny.pt2")
-    return world / "tiny.pt2"
-
-
-@pytest.fixture(scope="module")
-def command(world, exported) -> Callable[[Path], list[str]]:
-    """`mfv run` on the tiny exported network and 12 small photos, for a given --out."""
-    images = make_images(world / "imgs", n=12)
-
-    def argv(out: Path) -> list[str]:
-        return ["run", "--model", str(exported), "--images", str(images), "--target", "fc:1",
-                "--size", "32", "--facets", "2", "--mean-of", "3", "--steps", "10",
-                "--embedding", "pca", "--judges", "none", "--workers", "0", "--quiet",
-                "--out", str(out)]
-    return argv
-
-
-@pytest.fixture(scope="module")
-def finished(world, command) -> Path:
-    """A complete run directory, made by the command that the bad options are added to."""
-    out = world / "finished"
-    assert main(command(out)) == 0
-    assert json.loads((out / "results.json").read_text())["status"] == "complete"
-    return out
+# child processes (`fork`, `start`, `finish`, `cli_as`) and the command-line run (`world`,
+# `exported`, `command`, `finished`): conftest.py
 
 
 def snapshot(folder: Path) -> dict[str, tuple[str | None, int]]:
@@ -167,13 +65,6 @@ def snapshot(folder: Path) -> dict[str, tuple[str | None, int]]:
     return {str(p.relative_to(folder)): (
         hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None, p.stat().st_mtime_ns)
         for p in [folder, *folder.rglob("*")]}
-
-
-def one_line_error(err: str) -> str:
-    """The single `mfv: error:` line a command printed (no traceback, nothing else)."""
-    assert err.startswith("mfv: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
-    assert "Traceback" not in err
-    return err.strip()
 
 
 # ----------------------------------------------------------------- 1. hostile files, real scan
@@ -351,7 +242,7 @@ def test_an_unwritable_out_is_one_line_exit_2_and_changes_nothing(world, command
     with unwritable(world, finished) as (bound, outs):
         for n, out in enumerate(outs):
             log = tmp_path / f"cli{n}.log"
-            proc = start(fork, log, _cli_as, bound, command(out))
+            proc = start(fork, log, cli_as, bound, command(out))
             assert finish(proc, log) == 2, log.read_text()
             message = one_line_error(log.read_text())
             assert f"--out {out}" in message and "choose another directory" in message
@@ -434,19 +325,6 @@ def test_an_unknown_setting_names_the_file(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- 4. SIGKILL, then resume
-class SlowNet(TinyNet):
-    """TinyNet that waits `delay` seconds in each forward pass, so that each stage lasts long
-    enough to be killed in; it computes what TinyNet computes."""
-
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.delay)
-        return super().forward(x)
-
-
 KILLABLE = dict(targets=["fc:0 + fc:2", "conv2:3"], facets=2, mean_of=3, steps=10,
                 embedding="pca", judges=(), scan_batch_size=1, batch_size=4, workers=0,
                 progress=False, device="cpu")
@@ -516,7 +394,7 @@ def test_two_writers_one_runs_and_the_other_is_told_who_holds_the_directory(
         fork, command, tmp_path, capsys):
     out = tmp_path / "run"
     log = tmp_path / "first.log"
-    first = start(fork, log, _cli_as, False, command(out))
+    first = start(fork, log, cli_as, False, command(out))
     try:
         deadline = time.monotonic() + HANG_S
         holder_file = out / ".lock.holder.json"

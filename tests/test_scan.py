@@ -72,12 +72,16 @@ def test_scan_records_logits_and_codes(tmp_path, tiny):
     assert result.labels[:2] == ["blue thing", "blue thing"]
     idx, vals = result.top(2, 5)
     assert np.all(np.diff(vals) <= 0) and vals[0] == result.activations[:, 2].max()
-    # a second call reuses the stored scan; a changed input invalidates it
+    # a second call reuses the stored scan; another batch size (whose sums differ in their last
+    # bits) or a changed input is another scan
     manifest = result.store.directory / "manifest.json"
     manifest_mtime = manifest.stat().st_mtime_ns
-    again = scan(tiny, images, targets, tmp_path / "run", progress=False)
+    again = scan(tiny, images, targets, tmp_path / "run",
+                 ScanOptions(batch_size=4, chunk_batches=2, workers=0), progress=False)
     assert manifest.stat().st_mtime_ns == manifest_mtime
     np.testing.assert_array_equal(again.activations, result.activations)
+    other = scan(tiny, images, targets, tmp_path / "run", ScanOptions(workers=0), progress=False)
+    assert other.key != result.key
     Image.new("RGB", (30, 30), "white").save(images[0].path)
     changed = scan(tiny, from_folder(tmp_path / "imgs"), targets, tmp_path / "run",
                    ScanOptions(batch_size=4, workers=0), progress=False)

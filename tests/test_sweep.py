@@ -16,17 +16,13 @@ import pytest
 from PIL import Image
 
 import mfv
+from conftest import CLASSES, HANG_S, PRE, SWEEP, SlowNet, finish, make_images, start, tiny_net
 from mfv.cli import main
 from mfv.data.sources import from_folder
 from mfv.models.targets import parse_targets
 from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
 from mfv.study.layers import MEASURES, block_layers, sweep
-from test_orchestration import CLASSES, PRE, make_images, net
-from test_robustness import HANG_S, SlowNet, finish, start
-
-SWEEP = dict(layers="conv1,conv2,fc", units=3, top_n=16, embedder="efficientnet_lite0",
-             embedding="pca", mean_of=3, progress=False, device="cpu", scan_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +38,9 @@ def images(tmp_path_factory) -> Path:
 
 
 def tiny(delay: float = 0.0):
-    model = SlowNet(delay).eval() if delay else net()
+    model = SlowNet(delay).eval() if delay else tiny_net()
     if delay:
-        model.load_state_dict(net().state_dict())
+        model.load_state_dict(tiny_net().state_dict())
     return mfv.load_model(model, preprocess=PRE, classes=CLASSES)
 
 

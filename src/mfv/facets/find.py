@@ -31,13 +31,15 @@ is bounded with openTSNE's FFT-accelerated gradients and 500 iterations (250 + 2
 codes and 2 busy cores that is about 35 s instead of 85 s. `n_jobs` also caps BLAS/OpenMP threads
 (threadpoolctl): on an oversubscribed machine extra threads make k-means up to 50x slower.
 
-Degenerate input: a dead target (no positive activation, or all activations equal) and a fixed k
-larger than the number of images are errors. Codes with fewer distinct rows than k are not: k is
-lowered to the number of distinct codes with a warning, so identical codes give one facet.
+Degenerate input: activations that are not numbers and a fixed k larger than the number of
+images are errors; a target negative on every image is ranked by value like any other. Codes
+with fewer distinct rows than k are not: k is lowered to the number of distinct codes with a
+warning, so identical codes give one facet.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +51,8 @@ from threadpoolctl import threadpool_limits
 from mfv.core.errors import MfvError
 from mfv.facets.cluster import Embedding, cluster, dissolve_small, merge_close
 from mfv.facets.options import POLICIES, FacetOptions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,9 +113,9 @@ def select_images(
     """Indices of the images that form U, the set to cluster.
 
     "class": every image whose label is `class_index` (paper, class neurons). "top": the `top_n`
-    images with the highest activation among those with a positive one (hidden units); ties go to
-    the lower index. "auto": "class" when labels and a class index are given and the class has
-    images, else "top".
+    images with the highest activation, whatever its sign (a unit negative on every image is
+    ranked too, with a warning); ties go to the lower index. "auto": "class" when labels and a
+    class index are given and the class has images, else "top".
     """
     acts = np.asarray(activations, dtype=np.float64)
     if acts.ndim != 1:
@@ -140,11 +144,15 @@ def select_images(
         return chosen.astype(np.int64)
     if top_n < 1:
         raise MfvError(f"top_n must be at least 1, got {top_n}")
-    positive = np.flatnonzero(np.isfinite(acts) & (acts > 0))
-    if positive.size == 0:
-        raise MfvError(f"no image activates {name}: no activation is positive")
-    order = np.lexsort((positive, -acts[positive]))  # highest first, ties to the lower index
-    return positive[order[:top_n]].astype(np.int64)
+    known = np.flatnonzero(np.isfinite(acts))
+    if known.size == 0:
+        raise MfvError(f"no activation of {name} is a number (every image is NaN or inf)")
+    order = np.lexsort((known, -acts[known]))  # highest first, whatever the sign; ties: lower
+    chosen = known[order[:top_n]].astype(np.int64)
+    if acts[chosen[0]] <= 0:
+        log.warning("every activation of %s is <= 0 (at most %.4g): its facets are of the "
+                    "images that drive it least negatively", name, acts[chosen[0]])
+    return chosen
 
 
 # --------------------------------------------------------------------------- facets
@@ -221,15 +229,13 @@ def find_facets(codes: np.ndarray, activations: np.ndarray,
         raise MfvError(f"the codes of the images selected for {name} contain NaN or inf")
     if n == 0:
         raise MfvError(f"no image was selected for {name}")
-    if not np.all(np.isfinite(acts)) or acts.max() <= 0 or np.ptp(acts) == 0:
-        raise MfvError(
-            f"no image activates {name}: over the {n} selected images the activation ranges "
-            f"from {acts.min():.4g} to {acts.max():.4g}; pick another target or more images"
-        )
+    if not np.all(np.isfinite(acts)):
+        raise MfvError(f"the activations of the images selected for {name} contain NaN or inf")
     if k != "auto" and k > n:
         raise MfvError(
-            f"{name}: asked for {k} facets but only {n} images were selected; lower --facets "
-            "or use --facets auto"
+            f"{name}: asked for {k} facets but only {n} "
+            f"{'image was' if n == 1 else 'images were'} selected; lower --facets or use "
+            "--facets auto"
         )
     k = "auto" if k == "auto" else int(k)
     do_merge = (k == "auto") if o.merge is None else o.merge

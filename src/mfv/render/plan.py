@@ -54,6 +54,7 @@ class RenderSettings:
     anchor: AnchorSettings = AnchorSettings()
     maco_crops: int | None = None  # crops per step of recipes that sample crops
     spectrum: str | None = None  # digest of the scanned images' amplitude spectrum
+    batch: int | None = None  # the render batch size: a kernel's sums, so a picture, depend on it
 
 
 def derived_seed(*parts: object) -> int:
@@ -85,6 +86,8 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
                             **recipe.key_material(settings)}
                 if recipe.needs_anchor:
                     material["facet"] = facets_key if kind == "facet" else None
+                if settings.batch is not None:
+                    material["batch"] = settings.batch
                 key = digest(material, start if start is not None else "noise")
                 out.append(Visual(t, kind, rank, name, seed, key, start))
     return out

@@ -231,7 +231,8 @@ class _Line:
             get(recipe).needs_spectrum for recipe in r.recipes) else None
         return RenderSettings(r.recipes, r.baseline, r.steps, r.as_written, s.seed,
                               self.model.preprocess.input_size, self.model.fingerprint(),
-                              s.scan.code_layer, anchor_settings(s), r.maco_crops, spectrum)
+                              s.scan.code_layer, anchor_settings(s), r.maco_crops, spectrum,
+                              r.batch_size or default_batch_size(self.model))
 
     def _collect_visuals(self) -> int:
         """Give each record the stored visualizations that the plan still asks for; how many."""

@@ -67,10 +67,12 @@ def decoding_workers(device: torch.device) -> int:
 
 
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,
-             mode: str, top_n: int) -> str:
+             mode: str, top_n: int, batch_size: int) -> str:
     """Everything a stored scan depends on: model (weights included), data, decoding, targets,
-    code layer, storage mode."""
+    code layer, storage mode, and the batch size (a kernel's sums, so the last bits of every
+    activation, depend on it)."""
     return digest({"model": model.describe(), "images": images.fingerprint(),
+                   "batch_size": batch_size,
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
                    "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1,
                    "peaks": 1,
@@ -121,7 +123,7 @@ def scan(model: LoadedModel, images: ImageList, targets: list[Target],
     if not 0 <= index < count:
         raise MfvError(f"shard {index} of {count} does not exist")
     mode = choose_mode(o.mode, len(images), len(targets))
-    key = scan_key(model, images, targets, code_layer, mode, top_n)
+    key = scan_key(model, images, targets, code_layer, mode, top_n, batch_size)
     store = ScanStore.under(run.root if isinstance(run, RunLayout) else run, key)
     manifest = store.manifest()
     if manifest and manifest.get("key") == key:

@@ -176,8 +176,11 @@ def _measure_unit(worker: Worker, ctx: _SweepContext, u: _Unit) -> dict:
     stored = run.sweep.read_unit(key)
     if stored is not None:
         return stored
-    m = unit_measures(ctx.codes[u.rows], ctx.embedding[[ctx.row_of[int(r)] for r in u.rows]],
-                      u.values, seed=s.seed, m=s.facets.m, embedding=s.facets.embedding)
+    try:
+        m = unit_measures(ctx.codes[u.rows], ctx.embedding[[ctx.row_of[int(r)] for r in u.rows]],
+                          u.values, seed=s.seed, m=s.facets.m, embedding=s.facets.embedding)
+    except MfvError as error:  # the message names the unit it is about
+        raise MfvError(f"{u.layer}:{u.unit}: {error}") from None
     doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
            **m.to_dict(), **{name: [[ctx.paths[int(u.rows[i])] for i in rows] for rows in
                                     getattr(m, name)] for name in ("members", "representatives")}}

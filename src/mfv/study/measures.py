@@ -208,7 +208,6 @@ def unit_measures(
     members are row indices. The silhouette is taken in the space k-means ran in (the t-SNE or
     UMAP map, or the PCA codes for embedding "pca"); MonoScore (weights: `activations`, see
     `mono_score`) and the separation ratio in the independent embedding.
-    Raises `MfvError` for a dead unit (no positive activation), as `find_facets` does.
     """
     codes = _matrix(cluster_codes, "cluster_codes")
     other = _matrix(independent_embedding, "independent_embedding")
