@@ -45,6 +45,21 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
         terminalreporter.write_line(f"wall time: {name}: {seconds:.0f} s")
 
 
+# A test that asks for one of these fixtures must carry the marker (pyproject.toml lists them).
+MARKED_FIXTURES = {"lite0": "slow", "imagenette": "slow", "report_browser": "browser"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Refuse to run a test that uses the real model, real photos or Chromium through a fixture
+    without its marker, so that `-m "not slow"` / `-m "not browser"` leave out every one."""
+    unmarked = sorted(f"{item.nodeid} uses {name} but is not marked @pytest.mark.{mark}"
+                      for item in items for name, mark in MARKED_FIXTURES.items()
+                      if name in getattr(item, "fixturenames", ()) and not
+                      item.get_closest_marker(mark))
+    if unmarked:
+        raise pytest.UsageError("\n".join(unmarked))
+
+
 def shared_data() -> Path:
     """The project's real photos: $MFV_SHARED_DATA or ../shared/data beside the repository."""
     path = Path(os.environ.get("MFV_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -574,6 +589,7 @@ HANG_S = 60  # a child that takes longer than this is stuck (each needs a few se
 
 @pytest.fixture(scope="module")
 def fork() -> multiprocessing.context.BaseContext:
+    """A forkserver context that imports mfv's pipeline and command line once, for `start`."""
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["mfv.runtime.pipeline", "mfv.cli"])
     return ctx

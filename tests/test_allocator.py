@@ -85,6 +85,7 @@ def test_an_allocator_configured_by_the_user_is_left_alone():
     assert _child("keep", GLIBC_TUNABLES="glibc.malloc.mmap_max=1")["applied"] is False
 
 
+@pytest.mark.slow
 @glibc
 def test_a_library_call_leaves_the_allocator_alone_and_the_command_line_tunes_it():
     library, command = _child("library"), _child("cli")
@@ -93,6 +94,7 @@ def test_a_library_call_leaves_the_allocator_alone_and_the_command_line_tunes_it
     assert command["faults"] < library["faults"] / 5
 
 
+@pytest.mark.slow
 def test_the_library_logs_its_messages_and_the_command_line_prints_them(tmp_path, capsys,
                                                                         caplog):
     images = tmp_path / "imgs"

@@ -84,6 +84,7 @@ def test_the_anchor_keeps_the_picture_near_its_facet(tiny):
     assert anchored.activation > before
 
 
+@pytest.mark.slow
 def test_match_layers_default_to_three_along_the_depth(lite0):
     assert default_match_layers(lite0) == ("_blocks.2", "_blocks.7", "_blocks.13")
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mfv"
+TESTS = Path(__file__).resolve().parent
 
 
 def module_name(path: Path) -> str:
@@ -96,3 +97,39 @@ def test_settings_and_the_cli_parser_import_no_torch_nor_scikit_learn():
                                capture_output=True, text=True, check=True)
     loaded = {line.split("|")[-1].strip() for line in help_text.stderr.splitlines()}
     assert "usage: mfv" in help_text.stdout and not loaded & {"torch", "sklearn"}
+
+
+def imported_names(source: str) -> set[str]:
+    """The top-level module names a file imports, anywhere in it (`import a.b` and `from a.b
+    import c` name `a`; `importlib.import_module("a")` too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):  # `from . import a` (tests/ is no package)
+            names |= ({node.module.split(".")[0]} if node.module else
+                      {alias.name for alias in node.names})
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == \
+                "import_module" and node.args and isinstance(node.args[0], ast.Constant):
+            names.add(str(node.args[0].value).split(".")[0])
+    return names
+
+
+def test_no_test_module_imports_another():
+    """Test modules share code only through conftest.py: a test module that imports another
+    runs that one's imports and ties the two together (moving or renaming one breaks the
+    other). A module of tests/ other than conftest.py is a test module here."""
+    local = {p.stem for p in TESTS.glob("*.py")} - {"conftest"}
+    found = {p.name: sorted(imported_names(p.read_text()) & local)
+             for p in sorted(TESTS.glob("test_*.py"))}
+    assert len(found) > 30 and "conftest" in imported_names((TESTS / "test_sweep.py")
+                                                            .read_text())  # the walk sees them
+    assert {name: mods for name, mods in found.items() if mods} == {}
+
+
+def test_the_import_finder_sees_every_form():
+    source = ("import test_a\nfrom test_b import x\nfrom conftest import y\nimport os.path\n"
+              "def f():\n    import test_c.sub\n    importlib.import_module('test_d')\n"
+              "from . import test_e\n")
+    assert imported_names(source) == {"test_a", "test_b", "conftest", "os", "test_c", "test_d",
+                                      "test_e"}

@@ -146,6 +146,7 @@ def test_receptive_field_of_a_stack_of_3x3_convs_is_2n_plus_1():
     assert fields["2"].grid == (SIZE, SIZE) and 1 <= fields["2"].side() <= 7
 
 
+@pytest.mark.slow
 def test_layers_command_shows_receptive_fields(capsys):
     from mfv.cli import main
 
@@ -205,7 +206,7 @@ def test_patch_facets_split_by_the_dot_whole_photos_by_background(tmp_path):
         stored = RunDir(tmp_path / region).target(record["slug"]).load_facets(key)[0]
         if region == "patch":
             assert stored.settings["region"] == "patch" and stored.boxes.shape == (40, 4)
-            assert stored.settings["patch_side"] == SIZE // 4  # the ERF (<= 5 px), kept >= S/4
+            assert stored.settings["patch_side"] == 7  # the ERF (<= 5 px), kept >= 3/14 of 32
             assert [len(f["boxes"]) for f in record["facets"]] == [f["size"] for f in
                                                                     record["facets"]]
             page = (tmp_path / region / "index.html").read_text()

@@ -63,6 +63,7 @@ def _expected_images(doc: dict[str, Any]) -> int:
 
 
 # ------------------------------------------------------------------------- the page
+@pytest.mark.slow
 def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
     out, doc, html = swept
     assert f'<img class="plot" src="{quote(doc["plot"]["png"])}"' in html
@@ -96,6 +97,8 @@ def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
         assert format_value(doc["chance"][key]["mean"], SWEEP_MEASURES[key].kind) in chance
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_every_image_loads_and_no_raw_measure_key_is_visible(swept, report_browser) -> None:
     out, doc, _ = swept
     with report_browser(out / "layers.html") as rp:
@@ -155,6 +158,7 @@ def _close(shown: str, value: float) -> bool:
     return math.isclose(float(shown.replace("−", "-")), value, rel_tol=0.051, abs_tol=1e-12)
 
 
+@pytest.mark.slow
 def test_the_answer_on_the_page_matches_sweep_json(swept) -> None:
     _, doc, html = swept
     shown = _answers(html)
@@ -180,6 +184,8 @@ def test_the_answer_on_the_page_matches_sweep_json(swept) -> None:
 
 
 # ------------------------------------------------------------------------- hostile names
+@pytest.mark.slow
+@pytest.mark.browser
 def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path, fake_runs,
                                               report_browser) -> None:
     out, doc, _ = swept
@@ -222,6 +228,8 @@ def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path, fake_runs,
 
 
 # ------------------------------------------------------------------------- navigation
+@pytest.mark.slow
+@pytest.mark.browser
 def test_the_run_page_and_the_layers_page_link_both_ways(swept, report_browser) -> None:
     out, doc, html = swept
     index = (out / "index.html").read_text(encoding="utf-8")

@@ -143,6 +143,7 @@ def test_resize_amplitude_resamples_in_cycles_per_pixel():
 
 # --- the phase-only image ---------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", [32, 73])
 def test_the_amplitude_is_the_fixed_one(amplitude, photos, side):
     """MACO's constraint, checked on the picture itself: undo the sigmoid and the colour matrix
@@ -175,6 +176,7 @@ def test_the_amplitude_is_the_fixed_one(amplitude, photos, side):
                                rtol=1e-3, atol=0)
 
 
+@pytest.mark.slow
 def test_start_phase_is_exact_and_the_start_image_approximately_reproduced(amplitude, photos):
     """The start's phase is reproduced exactly; with the natural (not its own) amplitude the
     picture correlates with the photo (measured here, 12 photos at 32 px: mean 0.84, worst 0.71
@@ -207,6 +209,7 @@ def test_start_phase_is_exact_and_the_start_image_approximately_reproduced(ampli
 
 # --- the loop ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_maco_increases_the_objective_and_keeps_the_amplitude(tiny, amplitude, photos):
     targets = parse_targets(["conv2:1", "conv2:3"], tiny, reduction="mean")
     objective = Objective(tiny, targets, [0, 1])
@@ -226,6 +229,7 @@ def test_maco_increases_the_objective_and_keeps_the_amplitude(tiny, amplitude, p
                                rtol=2e-3, atol=0)
 
 
+@pytest.mark.slow
 def test_batch_equals_one_by_one_and_crop_passes_do_not_matter(tiny, amplitude, photos):
     targets = parse_targets(["fc:0", "fc:2", "conv2:1"], tiny)
     start = photos[55] * 255
@@ -240,6 +244,7 @@ def test_batch_equals_one_by_one_and_crop_passes_do_not_matter(tiny, amplitude, 
         assert (together.alpha[b] - alone.alpha[0]).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_seeded_runs_are_identical_and_seeds_differ(tiny, amplitude):
     objective = Objective(tiny, parse_targets(["fc:3"], tiny), [0, 0])
     first = maco_loop(objective, [None, None], [7, 8], FAST, amplitude)
@@ -249,6 +254,7 @@ def test_seeded_runs_are_identical_and_seeds_differ(tiny, amplitude):
     assert (first.images[0] - first.images[1]).abs().mean() > 5  # another seed, another picture
 
 
+@pytest.mark.slow
 def test_transparency_accumulates_where_the_crops_look(tiny, amplitude):
     """Crops that always cover the canvas' central 60 %: the transparency is 0 outside them
     (beyond the bilinear footprint), in 0..1, and 1 on its top 20 % (the 80th percentile clip)."""
@@ -291,6 +297,7 @@ def test_settings_are_the_published_defaults_and_checked():
         MacoSettings(box=(0.5, 0.0))
 
 
+@pytest.mark.slow
 def test_maco_loop_checks_its_inputs(tiny, amplitude):
     objective = Objective(tiny, parse_targets(["fc:0"], tiny), [0])
     with pytest.raises(MfvError, match="amplitude"):

@@ -21,11 +21,13 @@ def _top(model, array, k=5):
     return [model.classes.names[i] for i in probs.topk(k).indices.tolist()]
 
 
+@pytest.mark.slow
 def test_lite0_classifies_scikit_image_photos(lite0):
     assert {"tiger cat", "Egyptian cat", "tabby"} <= set(_top(lite0, skimage.data.chelsea()))
     assert _top(lite0, skimage.data.coffee(), 1) == ["espresso"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [224, 227, 256])
 def test_lite0_same_padding_matches_reference_at_odd_sizes(lite0, size):
     from efficientnet_lite_pytorch import EfficientNet
@@ -68,6 +70,7 @@ def test_same_conv_equals_tensorflow_padding_of_a_copy(kernel, stride, groups, s
     torch.testing.assert_close(outputs[0][1], outputs[1][1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
 def test_larger_lites_load_and_see_a_cat(name):
     model = load_model(name)
@@ -84,6 +87,7 @@ def test_imagenet_classes_offline():
     assert classes.resolve("grocery store") == 582
 
 
+@pytest.mark.slow
 def test_model_bundle_describes_itself(lite0):
     assert not lite0.module.training
     assert lite0.logits_layer == "_fc"

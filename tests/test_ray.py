@@ -181,6 +181,7 @@ def test_an_interrupted_driver_resumes_with_the_finished_pictures(tmp_path, imag
             assert path.stat().st_mtime_ns == stamp
 
 
+@pytest.mark.slow
 def test_the_command_line_runs_and_sweeps_on_ray(tmp_path, images, local, cluster, capsys):
     module = tiny_net()
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
@@ -203,6 +204,7 @@ def test_the_command_line_runs_and_sweeps_on_ray(tmp_path, images, local, cluste
     assert doc["layers"] == json.loads(json.dumps(local_sweep["layers"]))
 
 
+@pytest.mark.slow
 def test_a_bad_ray_address_is_one_line(tmp_path, images, capsys):
     if ray.is_initialized():
         ray.shutdown()
@@ -213,6 +215,7 @@ def test_a_bad_ray_address_is_one_line(tmp_path, images, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_real_model_on_real_photos_gives_the_local_results(tmp_path, imagenette, cluster):
     """Lite0 over photos of tench and parachute on 2 Ray workers: scan, facets and render give
     what the local backend gives with the same arithmetic (one torch thread, as each worker)."""

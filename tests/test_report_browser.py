@@ -14,6 +14,8 @@ from PIL import Image
 from mfv.report import write_report
 from mfv.results.metrics import METRICS
 
+pytestmark = pytest.mark.browser  # every test here drives headless Chromium
+
 T0 = "t0-t00-fake-00000000"  # section ids of the two targets
 T1 = "t1-t01-fake-00000001"
 

@@ -62,6 +62,7 @@ def test_the_streaming_top_n_of_every_unit_equals_a_brute_force_ranking(tmp_path
         np.testing.assert_allclose(top, values[brute], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_sweep_measures_every_layer_and_a_rerun_reuses_it(tmp_path, images):
     out = tmp_path / "run"
     doc = sweep(model=tiny(), images=str(images), out=str(out), **SWEEP)
@@ -94,6 +95,7 @@ def _killable_sweep(out: str, images: str) -> None:
     sweep(model=tiny(delay=0.05), images=images, out=out, **{**SWEEP, "scan_batch_size": 1})
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_in_its_scan_resumes_to_the_same_results(tmp_path, images, fork):
     clean = sweep(model=tiny(), images=str(images), out=str(tmp_path / "clean"),
                   **{**SWEEP, "scan_batch_size": 1})
@@ -115,12 +117,14 @@ def test_a_sweep_killed_in_its_scan_resumes_to_the_same_results(tmp_path, images
     assert resumed["chance"] == json.loads(json.dumps(clean["chance"]))
 
 
+@pytest.mark.slow
 def test_blocks_of_efficientnet_and_a_clear_error_without_blocks(lite0):
     assert block_layers(lite0) == [f"_blocks.{i}" for i in range(16)] + ["_fc"]
     with pytest.raises(mfv.MfvError, match="found no blocks"):
         block_layers(tiny())
 
 
+@pytest.mark.slow
 def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys):
     code = main(["sweep", "--images", str(images), "--layers", "_blocks.3,_blokcs.4",
                  "--out", str(tmp_path / "run"), "--quiet"])
@@ -128,6 +132,7 @@ def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images):
     """One definition of a facet's representatives and mean image: `mfv run` on a unit and the
     sweep's example of the same unit, under the same settings (`--mean-resize squash` here, not

@@ -37,6 +37,7 @@ def test_combinations_are_weighted_sums(tiny):
     assert parse_target("fc:0 + fc:1", tiny).class_index is None
 
 
+@pytest.mark.slow
 def test_class_names_and_aliases(tiny, lite0):
     assert parse_target("green thing", tiny).terms[0].unit == 1
     assert parse_target("grey-ish thing", tiny).terms[0].unit == 3  # hyphen is not a minus
@@ -91,6 +92,7 @@ def test_errors_say_what_to_do(tiny, spec, message):
         parse_target(spec, tiny)
 
 
+@pytest.mark.slow
 def test_ambiguous_class_name(lite0):
     with pytest.raises(MfvError, match=r"matches several classes: 134 \(crane\), 517"):
         parse_target("crane", lite0)

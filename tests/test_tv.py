@@ -213,6 +213,7 @@ def real_photos(imagenette) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isotropic", [True, False])
 def test_numba_float64_equals_skimage_on_real_photos(real_photos, isotropic):
     """Every paper weight on a clean and a noisy real photo, as one per-sample-weight batch on

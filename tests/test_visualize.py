@@ -31,6 +31,7 @@ def _climbed(result) -> bool:
     return bool(result.activations[0] > result.traces[0][0] and len(result.traces[0]) == 32)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_as_written(tmp_path, monkeypatch):
     scope = _run_readme(tmp_path, monkeypatch, "LiteLike()")
     tench, unit = scope["tench"], scope["unit"]

@@ -32,8 +32,8 @@ class FacetOptions(Options):
         "penultimate and other non-spatial targets")
     patch_size: count_or("auto") = opt(
         "auto", "--patch-size", "side of the patches in input pixels, or auto: the layer's "
-        "effective receptive field (90 percent of the gradient) kept within 1/4 and 1/2 of the "
-        "input (measured on constructed texture units: docs/hidden-units.md)",
+        "effective receptive field (90 percent of the gradient) kept within 3/14 and 3/7 of the "
+        "input (48-96 px at 224; measured on constructed texture units: docs/hidden-units.md)",
         metavar="PX|auto")
     m: int = opt(15, "--mean-of", "images per mean image (15)", ge=1, alias="mean_of")
     embedding: Literal[EMBEDDINGS] = opt("tsne", "--embedding", "2-D map that is clustered "

@@ -29,7 +29,8 @@ from mfv.models.activations import capture
 from mfv.models.base import LoadedModel
 from mfv.models.targets import LayerRef, Target
 
-PATCH_CODE = "code-layer-of-resized-crop/1"  # what `crop_codes` computes (part of facets' keys)
+# what `crop_codes` computes and how large the patches are (part of the facets' keys)
+PATCH_CODE = "code layer of the crop resized to the input; side ERF-90 within [3/14, 3/7] /2"
 
 
 def resolve_region(region: str, target: Target, grid: tuple[int, int] | None) -> str:

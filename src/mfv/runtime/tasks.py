@@ -129,8 +129,9 @@ def facets_unit(worker: Worker, ctx: RunContext, index: int) -> None:
 def patch_side(worker: Worker, ctx: RunContext, layer: LayerRef) -> int:
     """The side of a layer's patches (`--patch-size`), by default its effective receptive field
     (90 % of the gradient over the scan's first valid images, measured once per worker, scan
-    and layer) kept within 1/4 and 1/2 of the input: smaller crops of early layers are a blur
-    once resized, larger ones of deep layers are the whole photo again (docs/hidden-units.md)."""
+    and layer) kept within 3/14 and 3/7 of the input (48-96 px at 224): smaller crops of early
+    layers are a blur once resized, larger ones of deep layers are the whole photo again
+    (docs/hidden-units.md)."""
     given, size = ctx.settings.facets.patch_size, worker.model.preprocess.input_size
     if given != "auto":
         return min(int(given), size)
@@ -142,7 +143,7 @@ def patch_side(worker: Worker, ctx: RunContext, layer: LayerRef) -> int:
         fields = receptive_fields(model, [layer],
                                   images=images.permute(0, 3, 1, 2).float() / 255)
         worker.cache[key] = fields[layer.key].side()
-    return int(np.clip(worker.cache[key], size // 4, size // 2))
+    return int(np.clip(worker.cache[key], round(size * 3 / 14), round(size * 3 / 7)))
 
 
 def facet_photos(model: LoadedModel, ctx: RunContext, facets: FacetResult,
