@@ -215,7 +215,7 @@ def test_stage_commands_stop_after_their_stage_and_show_what_still_holds(tmp_pat
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from mfv.runtime.rundir import open_run
+    from mfv.runtime.lock import open_run
     with open_run(sys.argv[1]):
         print("locked", flush=True)
         time.sleep(60)

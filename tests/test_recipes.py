@@ -120,7 +120,8 @@ def test_a_new_recipe_is_one_class_and_runs_everywhere(tiny, registered):
     again = render_batches(tiny, targets, jobs[:1], "pixel-ascent", RenderOptions(steps=15),
                            progress=False)
     np.testing.assert_array_equal(again[0].image, results[0].image)  # its seed, alone or not
-    shown = mfv.visualize(TinyNet(), "fc:2", recipe="pixel-ascent", steps=12, device="cpu",
-                          preprocess=Preprocess(32, 36, mean=(0.5,) * 3, std=(0.5,) * 3))
+    model = mfv.load_model(TinyNet(), preprocess=Preprocess(32, 36, mean=(0.5,) * 3,
+                                                             std=(0.5,) * 3))
+    shown = mfv.visualize(model, "fc:2", recipe="pixel-ascent", steps=12, device="cpu")
     assert shown.recipe == "pixel-ascent" and shown.traces[0].shape == (12,)
     assert shown.activations[0] > shown.traces[0][0]

@@ -49,9 +49,9 @@ def test_the_readme_example_on_lite0(tmp_path, monkeypatch):
 
 
 def _visualize(target, **kwargs):
-    kwargs = {"steps": 12, "device": "cpu", "preprocess": PRE, "recipe": "fourier", **kwargs}
+    kwargs = {"steps": 12, "device": "cpu", "recipe": "fourier", **kwargs}
     torch.manual_seed(0)  # the same network every time
-    return mfv.visualize(TinyNet(), target, **kwargs)
+    return mfv.visualize(mfv.load_model(TinyNet(), preprocess=PRE), target, **kwargs)
 
 
 def test_a_target_function_gives_what_its_string_gives():

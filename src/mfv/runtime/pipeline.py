@@ -36,9 +36,10 @@ from mfv.render.recipes import get
 from mfv.report import write_report
 from mfv.results.model import Results
 from mfv.runtime.backend import Backend, make_backend, run_all
+from mfv.runtime.lock import open_run
 from mfv.runtime.prepare import Inputs, prepare
 from mfv.runtime.results import STAGES, RunState, TargetRecord, build, write
-from mfv.runtime.rundir import RenderEntry, RunDir, open_run
+from mfv.runtime.rundir import RenderEntry, RunDir
 from mfv.runtime.settings import Settings
 from mfv.runtime.tasks import (
     RunContext,

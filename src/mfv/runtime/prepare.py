@@ -19,7 +19,7 @@ from mfv.data.sources import ImageList, open_images
 from mfv.models import LoadedModel, load_model
 from mfv.models.loading import BUILTIN, EXPORT_SUFFIXES, SCRIPT_SUFFIXES
 from mfv.models.targets import Target, parse_targets, resolve_layer
-from mfv.runtime.rundir import check_out
+from mfv.runtime.lock import check_out
 from mfv.runtime.settings import Settings, make_settings
 
 

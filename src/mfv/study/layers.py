@@ -42,9 +42,10 @@ from mfv.report.plots import plot_layer_measures
 from mfv.results.metrics import SWEEP_MEASURES
 from mfv.results.model import Sweep
 from mfv.runtime.backend import Backend, Worker, make_backend
+from mfv.runtime.lock import check_out, open_run
 from mfv.runtime.pipeline import run as run_pipeline
 from mfv.runtime.prepare import check_layers, check_model_name, prepare_model
-from mfv.runtime.rundir import RunDir, check_out, open_run
+from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import Settings, make_settings
 from mfv.runtime.tasks import RunContext, pixels, scan_on
 from mfv.scan.scanner import ScanResult
