@@ -76,6 +76,8 @@ def test_results_json_is_strict_json(case: str, tiny: LoadedModel, tmp_path: Pat
     mfv.run(model=tiny, images=str(images), out=str(out), facets=1, **FAST)  # each completes
     text = (out / "results.json").read_text(encoding="utf-8")
     doc = strict_loads(text)
+    for stored in out.rglob("*.json"):  # every file of the run, indexes and records too
+        strict_loads(stored.read_text(encoding="utf-8"))
     assert "NaN" not in text and "Infinity" not in text
     assert Results.model_validate(doc).to_dict() == doc  # reads back unchanged
     assert doc["status"] == "complete" and doc["error"] is None
