@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import adjusted_rand_score
-from torch import nn
 
 from mfv.core.io import atomic_write_text
 from mfv.data.images import load_rgb
@@ -42,6 +41,7 @@ from mfv.data.preprocess import Preprocess
 from mfv.facets.cluster import Embedding, cluster
 from mfv.models.activations import capture
 from mfv.models.loading import load_model
+from mfv.models.receptive import theoretical_rf
 from mfv.models.targets import LayerRef
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,21 +107,6 @@ def forward(model, images: torch.Tensor, refs: list[LayerRef], batch: int
             for r in refs:
                 parts[r.key].append(store[r.key].float().cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
-
-
-def theoretical_rf(module: nn.Module, path: str) -> tuple[int, int]:
-    """(receptive field, stride) in input pixels of the module at `path`, from the kernels and
-    strides of the convolutions up to it (valid for chain networks such as EfficientNet)."""
-    rf, jump, inside = 1, 1, False
-    for name, m in module.named_modules():
-        here = name == path or name.startswith(path + ".")
-        if inside and not here:
-            break
-        inside = inside or here
-        if isinstance(m, nn.Conv2d):
-            rf += (m.kernel_size[0] - 1) * m.dilation[0] * jump
-            jump *= m.stride[0]
-    return rf, jump
 
 
 def effective_rf(model, ref: LayerRef, images: torch.Tensor, masses: tuple[float, ...]

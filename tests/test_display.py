@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 import mfv
+from conftest import make_images
 from mfv.api import Visualization
 from mfv.core.errors import MfvError
 from mfv.results.model import Results
@@ -113,23 +114,12 @@ def test_visualize_pictures_display_as_a_grid_with_their_activations():
     assert "<script>" not in html and "&lt;script&gt;bad" in html
 
 
-def _images(folder, n: int = 12):
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        label = ("red thing", "blue thing")[i % 2]
-        (folder / label).mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-        pixels[..., 0 if i % 2 == 0 else 2] = 250
-        Image.fromarray(pixels).save(folder / label / f"img{i:03d}.png")
-    return folder
-
-
 FAST = dict(targets=["fc:0 + fc:2"], facets=2, mean_of=3, steps=10, embedding="pca",
             judges=[], baseline=False, device="cpu")
 
 
 def test_run_returns_typed_located_results_and_progress_false_is_silent(tmp_path, tiny, capfd):
-    images = _images(tmp_path / "imgs")
+    images = make_images(tmp_path / "imgs", 12)
     capfd.readouterr()
     results = mfv.run(model=tiny, images=str(images), out=str(tmp_path / "quiet"),
                       progress=False, **FAST)
