@@ -127,24 +127,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, sealed: bool = False
     """Write `obj` as strict JSON (an undefined number — NaN, ±inf — is `null`, so any parser
     reads every file of a run); `sealed` (a dict): with a CRC-32 of its content (`SEAL`), which
     `load_json` checks, so an index that is edited or damaged but still parses is noticed."""
-    text = json.dumps(strict(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    text = json.dumps(finite_tree(obj), indent=2, sort_keys=False, allow_nan=False) + "\n"
     if sealed:
         doc = json.loads(text)  # exactly what a reader will see
         text = json.dumps({**doc, SEAL: _crc_of(doc)}, indent=2, sort_keys=False) + "\n"
     return atomic_write_text(path, text)
 
 
-def strict(obj: Any) -> Any:
-    """`obj` with every non-finite float (numpy's too) replaced by None, at any depth."""
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+def finite_tree(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±inf) replaced by None, at any depth; numpy
+    numbers and arrays become Python ones (what strict JSON can hold)."""
+    if type(value).__module__ == "numpy":
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_tree(v) for v in value]
+    return value
 
 
 def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -16,7 +16,6 @@ schema change; their numbers are finite or null like every other number here.
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,25 +23,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
+from mfv.core.io import finite_tree
 from mfv.results import display
 
 SCHEMA = "mfv.results/2"
 STAGES = ("scan", "facets", "render", "evaluate", "report")
 SCHEMA_FILE = Path(__file__).resolve().parents[3] / "docs" / "results.schema.json"
-
-
-def finite_tree(value: Any) -> Any:
-    """`value` with every non-finite float (NaN, ±inf) replaced by None, at any depth; numpy
-    numbers and arrays become Python ones."""
-    if type(value).__module__ == "numpy":
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: finite_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_tree(v) for v in value]
-    return value
 
 
 Number = Annotated[float | None, BeforeValidator(finite_tree)]
