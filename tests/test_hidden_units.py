@@ -22,6 +22,8 @@ from mfv.models import LoadedModel, Preprocess, load_model
 from mfv.models.activations import TargetBank, capture, target_value
 from mfv.models.receptive import effective_rf, receptive_fields, theoretical_rf
 from mfv.models.targets import LayerRef, Target, Term, parse_target
+from mfv.render.anchor import Anchor, AnchoredObjective, AnchorSettings
+from mfv.render.objective import NEUTRAL, Objective, unit_view
 from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import make_settings
 from mfv.scan.options import ScanOptions
@@ -270,3 +272,62 @@ def test_sum_maps_needs_one_layer_and_flows_to_the_gradient(tiny):
     assert make_settings(sum="maps").sum == "maps"
     with pytest.raises(MfvError, match="--sum"):
         make_settings(sum="both")
+
+
+# --------------------------------------------------------------------------- unit scale
+def test_unit_view_shrinks_the_canvas_into_a_grey_frame():
+    canvas = torch.zeros(2, 3, SIZE, SIZE)
+    canvas[:, 0] = 200.0
+    canvas.requires_grad_(True)
+    viewed = unit_view(canvas, [8, None], SIZE)
+    top = (SIZE - 8) // 2
+    inside = viewed[0, :, top:top + 8, top:top + 8]
+    assert torch.allclose(inside[0], torch.full((8, 8), 200.0)) and inside[1:].abs().max() == 0
+    outside = viewed[0].clone()
+    outside[:, top:top + 8, top:top + 8] = NEUTRAL
+    assert torch.equal(outside, torch.full_like(outside, NEUTRAL))
+    assert torch.equal(viewed[1], canvas[1])  # no side: the canvas as it is
+    viewed[0].sum().backward()
+    assert canvas.grad[0].abs().sum() > 0 and canvas.grad[1].abs().sum() == 0
+
+
+def test_objective_at_unit_scale_reads_the_view_and_anchored_keeps_its_own_pass():
+    model = dotnet()
+    target = parse_target("conv2:0", model, reduction="center")
+    images = torch.rand(2, 3, SIZE, SIZE) * 255
+    plain = Objective(model, [target], [0, 0])
+    scaled = Objective(model, [target], [0, 0], views=[8, None])
+    expected = plain(unit_view(images, [8, None], SIZE))
+    assert torch.allclose(scaled(images), expected)
+    assert not torch.allclose(scaled(images)[0], plain(images)[0])
+    assert torch.allclose(scaled(images)[1], plain(images)[1])
+    anchors = [Anchor(np.zeros(3), 1.0, 1.0, None)] * 2
+    anchored = AnchoredObjective(scaled, anchors, LayerRef("pool"), AnchorSettings(match_weight=0))
+    _, value = anchored.maximize(images)
+    assert torch.allclose(value, expected)
+
+
+def test_patch_pictures_are_rendered_and_measured_at_the_units_scale(tmp_path):
+    model = dotnet()
+    dot_images(tmp_path / "imgs", 24)
+    common = dict(model=model, images=str(tmp_path / "imgs"), targets=["conv2:0"],
+                  reduction="center", selection="top", top_n=24, facets=2, progress=False,
+                  baseline=True, steps=10, recipes=["paper-mean"], judges=[], mean_of=3,
+                  until="render")
+    keys = {}
+    for region in ("patch", "image"):
+        mfv.run(out=str(tmp_path / region), region=region, **common)
+        run = RunDir(tmp_path / region)
+        (slug_dir,) = (tmp_path / region / "targets").iterdir()
+        entries = run.target(slug_dir.name).render_index()
+        keys[region] = {slot: e.key for slot, e in entries.items()}
+        if region == "patch":
+            side = 7  # the ERF, kept >= 3/14 of the 32 px input (as above)
+            objective = Objective(model, [parse_target("conv2:0", model, reduction="center")],
+                                  [0], views=[side])
+            for entry in entries.values():
+                picture = np.asarray(Image.open(slug_dir / entry.files["image"]))
+                x = torch.from_numpy(picture.copy()).permute(2, 0, 1)[None].float()
+                assert entry.activation == pytest.approx(float(objective(x)[0]), abs=1e-4)
+    assert set(keys["patch"]) == set(keys["image"])
+    assert all(keys["patch"][s] != keys["image"][s] for s in keys["patch"])

@@ -90,6 +90,13 @@ class FacetResult:
     # width) in the scanned frame, rows in the order of `selected`; None for whole photos
     boxes: np.ndarray | None = None
 
+    @property
+    def unit_side(self) -> int | None:
+        """The side (px) of the crops patch facets were made of: the scale at which the unit saw
+        them and reads its pictures (`mfv.render.objective.unit_view`); None for whole photos."""
+        side = self.settings.get("patch_side")
+        return int(side) if self.boxes is not None and side is not None else None
+
     def box_of(self, index: int) -> tuple[int, int, int, int] | None:
         """The crop of original image `index` that was clustered, or None (whole photo)."""
         if self.boxes is None:

@@ -121,10 +121,13 @@ class AnchoredObjective:
 
     def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch."""
-        layers = [*self.base.layers, self.code, *self.match]
+        # a target read at a unit's scale sees another view of the canvas: its own pass
+        target = self.base(images) if self.base.at_unit_scale else None
+        layers = [*([] if target is not None else self.base.layers), self.code, *self.match]
         with capture(self.model, layers) as store:
             self.base.forward(self.model, images)
-            target = self.base.values(store, len(images))
+            if target is None:
+                target = self.base.values(store, len(images))
             code = store[self.code.key].flatten(1).float()
             pull = ((code - self.centres) ** 2).sum(1) / self.spreads
             total = target / self.scales - self.settings.code_weight * pull

@@ -44,13 +44,15 @@ PROBE_LIMIT = 512  # the probe stops here: GPU throughput has long stopped growi
 @dataclass(frozen=True)
 class Job:
     """One visualization to make: which target, from which start image (None: the recipe's
-    random start), seed, and for a recipe that keeps to a facet its anchor (None: the target
-    alone)."""
+    random start), seed, for a recipe that keeps to a facet its anchor (None: the target
+    alone), and for a hidden unit's patch facets the side its target reads the canvas at
+    (`mfv.render.objective.unit_view`; None: the canvas as it is)."""
 
     target: int
     start: torch.Tensor | None = None  # (3, S, S) in 0..255 at the model's input size
     seed: int = 0
     anchor: Anchor | None = None
+    view: int | None = None
 
 
 @dataclass
@@ -142,7 +144,8 @@ def _fits(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Job], re
     """Whether a batch of `jobs` runs a few steps of the recipe without running out of memory
     (the recipe's `probe_options`: its peak memory in as few steps as that takes)."""
     probe = get(recipe).probe_options(options, len(jobs))
-    objective = Objective(model, targets, [j.target for j in jobs], probe.forward(model.device))
+    objective = Objective(model, targets, [j.target for j in jobs], probe.forward(model.device),
+                          [j.view for j in jobs])
     try:
         _run_batch(recipe, objective, jobs, probe, False, "probe")
         ok = True
@@ -205,7 +208,8 @@ def _render_all(model: LoadedModel, targets: Sequence[Target], jobs: Sequence[Jo
     while start < len(jobs):
         rows = list(range(start, min(start + batch, len(jobs))))
         chosen = [jobs[i] for i in rows]
-        objective = Objective(model, targets, [j.target for j in chosen], forward)
+        objective = Objective(model, targets, [j.target for j in chosen], forward,
+                              [j.view for j in chosen])
         desc = f"{recipe} {start + len(rows)}/{len(jobs)}"
         try:
             out = _run_batch(recipe, objective, chosen, options, progress, desc)

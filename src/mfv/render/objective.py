@@ -8,6 +8,12 @@ How that pass runs (`Forward`) is a speed setting, not part of the objective: th
 (`channels_last`: the same values up to float rounding) and the precision (`"bfloat16"`: the
 model's pass under autocast, the images, their gradients and everything computed from the
 captured activations stay float32).
+
+A hidden unit's facets are crops around its peaks, shown (and coded) resized to the input size;
+the unit saw them at their own size. Its pictures are painted on the same magnified canvas, and
+the unit reads them as it read the crops: shrunk to the crop's side at the centre of a neutral
+frame (`unit_view`), so a unit that sees 48 px is shown 48 px of picture, not a wallpaper of
+48 px motifs.
 """
 
 from __future__ import annotations
@@ -100,16 +106,45 @@ def function_target(model: LoadedModel, fn: Callable[[Activations], torch.Tensor
                 target.refs[unread.name] = resolve_layer(model, unread.name)
 
 
+NEUTRAL = 127.5  # the grey a unit-scale view's frame is filled with (0..255)
+
+
+def unit_view(images: torch.Tensor, sides: Sequence[int | None], size: int) -> torch.Tensor:
+    """What a hidden unit sees of (B, 3, H, W) canvases in 0..255: each sample with a side is
+    its central `size` window shrunk to side x side (antialiased, differentiable) and placed at
+    the centre of a `size` x `size` frame of `NEUTRAL` grey; samples without one pass as they
+    are (their central window)."""
+    images = central_crop(images, size)
+    if all(side is None for side in sides):
+        return images
+    out = images.clone()
+    for side in sorted({s for s in sides if s is not None}):
+        rows = [b for b, s in enumerate(sides) if s == side]
+        index = torch.tensor(rows, device=images.device)
+        small = F.interpolate(images.index_select(0, index), size=(side, side), mode="bilinear",
+                              antialias=side < size, align_corners=False)
+        frame = torch.full_like(images[:len(rows)], NEUTRAL)
+        top = (size - side) // 2
+        frame[:, :, top:top + side, top:top + side] = small
+        out = out.index_copy(0, index, frame)
+    return out
+
+
 class Objective:
-    """Per-sample objectives: sample b maximizes `targets[assign[b]]`.
+    """Per-sample objectives: sample b maximizes `targets[assign[b]]`, read on the canvas as it
+    is or (`views[b]`, a side in px) at the unit's scale (`unit_view`).
 
     `kind="prob"` uses the softmax probability of the target's class (the center-bias recipe's
     first octaves); targets that are not a single class logit keep their own value.
     """
 
     def __init__(self, model: LoadedModel, targets: Sequence[Target | FunctionTarget],
-                 assign: Sequence[int], forward: Forward | None = None):
+                 assign: Sequence[int], forward: Forward | None = None,
+                 views: Sequence[int | None] | None = None):
         self.model = model
+        self.views = list(views) if views is not None else [None] * len(assign)
+        if len(self.views) != len(assign):
+            raise MfvError(f"got {len(self.views)} views for {len(assign)} samples")
         self.forward = forward or Forward()
         self.targets = list(targets)
         self.bank = TargetBank([t for t in targets if isinstance(t, Target)])
@@ -138,10 +173,21 @@ class Objective:
         return torch.stack([t(store, batch) if isinstance(t, FunctionTarget) else next(bank)
                             for t in self.targets], dim=1)
 
+    @property
+    def at_unit_scale(self) -> bool:
+        """Whether some sample's target reads its canvas at a unit's scale (`unit_view`)."""
+        return any(side is not None for side in self.views)
+
+    def viewed(self, images: torch.Tensor) -> torch.Tensor:
+        """A (B, 3, S, S) batch as the samples' targets read it (`unit_view`)."""
+        if not self.at_unit_scale:
+            return images
+        return unit_view(images, self.views, self.model.preprocess.input_size)
+
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""
         with capture(self.model, self.layers) as store:
-            self.forward(self.model, images)
+            self.forward(self.model, self.viewed(images))
             value = self.values(store, len(images))
             if kind == "prob" and self.logits is not None:
                 rows = torch.arange(len(images), device=value.device)
@@ -157,6 +203,7 @@ class Objective:
         tiled = copy.copy(self)
         tiled.assign = self.assign.repeat(count)
         tiled.class_of = self.class_of.repeat(count)
+        tiled.views = self.views * count
         return tiled
 
     def exact(self) -> Objective:

@@ -33,6 +33,7 @@ class Visual:
     seed: int
     key: str
     start: np.ndarray | None = None  # (S, S, 3) float32 in 0..255: the facet's mean image
+    view: int | None = None  # patch facets: the side the unit reads the picture at
 
     @property
     def slot(self) -> tuple[str, int, str]:
@@ -64,14 +65,17 @@ def derived_seed(*parts: object) -> int:
 
 
 def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence[np.ndarray]],
-         facet_keys: Sequence[str], settings: RenderSettings) -> list[Visual]:
+         facet_keys: Sequence[str], settings: RenderSettings,
+         views: Sequence[int | None] | None = None) -> list[Visual]:
     """Every visualization of every target: `targets[i]` is target i's definition
     (`Target.to_dict()`), `means[i]` its facets' mean images by rank, `facet_keys[i]` the key
-    of its clustering (which fixes each facet's anchor: centre, spread, photos)."""
+    of its clustering (which fixes each facet's anchor: centre, spread, photos), `views[i]` the
+    side its unit reads pictures at (patch facets) or None."""
     out = []
     recipes = {name: get(name) for name in settings.recipes}
-    for t, (definition, slug_name, facet_means, facets_key) in enumerate(
-            zip(targets, slugs, means, facet_keys, strict=True)):
+    views = list(views) if views is not None else [None] * len(targets)
+    for t, (definition, slug_name, facet_means, facets_key, view) in enumerate(
+            zip(targets, slugs, means, facet_keys, views, strict=True)):
         for name, recipe in recipes.items():
             starts: list[tuple[str, int, np.ndarray | None]] = [
                 ("facet", rank, mean) for rank, mean in enumerate(facet_means)]
@@ -88,6 +92,8 @@ def plan(targets: Sequence[dict], slugs: Sequence[str], means: Sequence[Sequence
                     material["facet"] = facets_key if kind == "facet" else None
                 if settings.batch is not None:
                     material["batch"] = settings.batch
+                if view is not None:
+                    material["view"] = view
                 key = digest(material, start if start is not None else "noise")
-                out.append(Visual(t, kind, rank, name, seed, key, start))
+                out.append(Visual(t, kind, rank, name, seed, key, start, view))
     return out

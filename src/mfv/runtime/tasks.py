@@ -166,7 +166,7 @@ def render_unit(worker: Worker, ctx: RunContext, visuals: Sequence[Visual]
     run = ctx.run
     jobs = [Job(v.target, None if v.start is None else
                 torch.from_numpy(np.asarray(v.start, np.float32)).permute(2, 0, 1), v.seed,
-                _anchor(worker, ctx, v)) for v in visuals]
+                _anchor(worker, ctx, v), v.view) for v in visuals]
     r = s.render
     options = RenderOptions(r.steps, r.as_written, s.scan.code_layer, anchor_settings(s),
                             r.maco_crops, ctx.scanned.spectrum if get(recipe).needs_spectrum
