@@ -23,7 +23,7 @@ from mfv.models.activations import TargetBank, capture, target_value
 from mfv.models.receptive import effective_rf, receptive_fields, theoretical_rf
 from mfv.models.targets import LayerRef, Target, Term, parse_target
 from mfv.render.anchor import Anchor, AnchoredObjective, AnchorSettings
-from mfv.render.objective import NEUTRAL, Objective, unit_view
+from mfv.render.objective import NEUTRAL, Objective, central_crop, unit_view
 from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import make_settings
 from mfv.scan.options import ScanOptions
@@ -313,21 +313,19 @@ def test_patch_pictures_are_rendered_and_measured_at_the_units_scale(tmp_path):
     common = dict(model=model, images=str(tmp_path / "imgs"), targets=["conv2:0"],
                   reduction="center", selection="top", top_n=24, facets=2, progress=False,
                   baseline=True, steps=10, recipes=["paper-mean"], judges=[], mean_of=3,
-                  until="render")
+                  until="render", region="patch")
+    target = parse_target("conv2:0", model, reduction="center")
     keys = {}
-    for region in ("patch", "image"):
-        mfv.run(out=str(tmp_path / region), region=region, **common)
-        run = RunDir(tmp_path / region)
-        (slug_dir,) = (tmp_path / region / "targets").iterdir()
-        entries = run.target(slug_dir.name).render_index()
-        keys[region] = {slot: e.key for slot, e in entries.items()}
-        if region == "patch":
-            side = 7  # the ERF, kept >= 3/14 of the 32 px input (as above)
-            objective = Objective(model, [parse_target("conv2:0", model, reduction="center")],
-                                  [0], views=[side])
-            for entry in entries.values():
-                picture = np.asarray(Image.open(slug_dir / entry.files["image"]))
-                x = torch.from_numpy(picture.copy()).permute(2, 0, 1)[None].float()
-                assert entry.activation == pytest.approx(float(objective(x)[0]), abs=1e-4)
-    assert set(keys["patch"]) == set(keys["image"])
-    assert all(keys["patch"][s] != keys["image"][s] for s in keys["patch"])
+    for scale, side in (("unit", 7), ("input", None)):  # 7: the ERF, kept >= 3/14 of 32 px
+        mfv.run(out=str(tmp_path / scale), picture_scale=scale, **common)
+        (slug_dir,) = (tmp_path / scale / "targets").iterdir()
+        entries = RunDir(tmp_path / scale).target(slug_dir.name).render_index()
+        keys[scale] = {slot: e.key for slot, e in entries.items()}
+        objective = Objective(model, [target], [0], views=[side])
+        for entry in entries.values():
+            picture = np.asarray(Image.open(slug_dir / entry.files["image"]))
+            x = torch.from_numpy(picture.copy()).permute(2, 0, 1)[None].float()
+            value = objective(central_crop(x, SIZE))[0]  # what the optimizer drove
+            assert entry.activation == pytest.approx(float(value), abs=1e-4)
+    assert len(keys["unit"]) == 4 and set(keys["unit"]) == set(keys["input"])
+    assert all(keys["unit"][s] != keys["input"][s] for s in keys["unit"])

@@ -201,7 +201,8 @@ class _Line:
         self.planned = plan([r.target.to_dict() for r in self.records],
                             [r.slug for r in self.records], self.means,
                             [r.facets_key for r in self.records], self._render_settings(),
-                            [r.facets.unit_side for r in self.records])
+                            [r.facets.unit_side if s.render.picture_scale == "unit" else None
+                             for r in self.records])
         stores = [self.rundir.target(r.slug) for r in self.records]
         indexes = [store.render_index() for store in stores]
         todo = [v for v in self.planned

@@ -65,6 +65,9 @@ class RenderSection(Options):
                                  "(default: the published 32; 4 is 8x cheaper on a CPU)", ge=1)
     batch_size: int | None = opt(None, "--batch-size", "synthesis batch size (default: "
                                  "automatic)", ge=1)
+    picture_scale: Literal["unit", "input"] = opt(
+        "unit", "--picture-scale", "patch facets: the unit reads its pictures at the crops' "
+        "size, as it saw them (unit, default), or magnified to the input size (input)")
 
 
 class BackendSection(Options):
