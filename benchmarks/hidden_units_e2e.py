@@ -3,7 +3,7 @@
 
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
-       [--sum maps|terms] [--units channels|probe]
+       [--sum maps|terms] [--units channels|probe] [--photo-seed 0] [--centre firing|peak]
        [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
@@ -33,6 +33,7 @@ from sklearn.metrics import adjusted_rand_score
 
 import mfv
 from mfv.core.io import atomic_write_text
+from mfv.facets import patches
 from mfv.models.loading import load_model
 from mfv.models.targets import LayerRef
 
@@ -120,13 +121,22 @@ def main() -> None:
                     help="how the unit's two channels combine (maps: the max of the combined "
                     "map, as the units are built; terms: max(a) + w*max(b))")
     ap.add_argument("--units", default="channels", choices=["channels", "probe"])
+    ap.add_argument("--photo-seed", type=int, default=0,
+                    help="draws the photos, texture crops and pastes (so the chosen units too): "
+                    "another value is a fresh set to confirm a choice made on seed 0")
+    ap.add_argument("--centre", default="firing", choices=["firing", "peak"],
+                    help="where the library centres a crop: `firing` (its rule, "
+                    "`mfv.facets.patches.firing_centres`), or `peak`, the peak cell itself (the "
+                    "rule before, patched in here only to compare)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
     ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results/hidden-units-e2e.md")
     args = ap.parse_args()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
+    if args.centre == "peak":  # the local backend runs the facets in this process
+        patches.firing_centres = lambda model, target, images, peaks, **_: peaks
+    torch.manual_seed(args.photo_seed)
+    rng = np.random.default_rng(args.photo_seed)
     sel, pool, kinds = composites(args, rng)
     model = load_model("efficientnet_lite0")
     specs = choose_units(model, sel, args.blocks, args.batch, args.units, rng)
@@ -172,10 +182,12 @@ def main() -> None:
     cmd = "python benchmarks/hidden_units_e2e.py " + " ".join(sys.argv[1:])
     lines = ["# Texture units through `mfv.run`: facets of patches vs whole photos (issue 22)",
              "", f"`{cmd.strip()}`: {os.cpu_count()} cores, load avg {load0:.1f} at start / "
-             f"{load1:.1f} at end, {wall / 60:.1f} min. Textures A = {kinds[0]}, B = {kinds[1]};"
+             f"{load1:.1f} at end, {wall / 60:.1f} min, photo seed {args.photo_seed}. "
+             f"Textures A = {kinds[0]}, B = {kinds[1]};"
              f" pool: {args.photos} composites of each and {args.photos} plain photos; top-N = "
              f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
-             f"that are composites, per t-SNE seed ({', '.join(map(str, args.seeds))}) and their "
+             f"that are composites, crops centred by the `{args.centre}` rule, per t-SNE seed "
+             f"({', '.join(map(str, args.seeds))}) and their "
              "mean.",
              "", "| unit | patch side (px) | peak in patch | " + " | ".join(
                  f"ARI --region {r}" for r in args.regions) + " |",

@@ -17,7 +17,7 @@ from torch import nn
 import mfv
 from mfv.core.errors import MfvError
 from mfv.data.sources import from_folder
-from mfv.facets.patches import Patches, peak_boxes, resolve_region
+from mfv.facets.patches import Patches, firing_centre, peak_boxes, resolve_region
 from mfv.models import LoadedModel, Preprocess, load_model
 from mfv.models.activations import TargetBank, capture, target_value
 from mfv.models.receptive import effective_rf, receptive_fields, theoretical_rf
@@ -167,6 +167,33 @@ def test_peak_boxes_are_centred_and_inside_the_frame():
     assert peak_boxes(np.array([[5.0, 5.0]]), 100, SIZE).tolist() == [[0, 0, 32, 32]]
 
 
+def test_firing_centre_is_the_middle_of_the_strongest_region_not_a_stray_peak():
+    m = np.zeros((10, 10))
+    m[2:6, 3:7] = 1.0  # a patch the unit fires on, strongest on its rim
+    m[5, 6] = 1.2
+    m[8, 1] = 1.5  # a stray spot, higher than the patch
+    row, col = firing_centre(m)
+    assert 3.0 < row < 4.6 and 4.0 < col < 5.6  # inside the patch, near its middle
+    assert np.argmax(m) == 81  # where the crop was centred before
+    negative = -np.ones((3, 3))
+    negative[1, 0] = -0.5  # nowhere positive: the maximum's cell
+    assert firing_centre(negative) == (1.0, 0.0)
+
+
+def test_patch_crops_of_a_target_centre_on_its_firing_region(tmp_path):
+    model = dotnet()
+    truth = dot_images(tmp_path / "imgs", 6)
+    paths = [str(p) for p in sorted((tmp_path / "imgs").glob("*.png"))]
+    target = parse_target("conv2:0 + conv2:1", model, reduction="max", sum_mode="maps")
+    corner = lambda idx: np.zeros((len(idx), 2))  # noqa: E731  (a peak far from every dot)
+    boxes = Patches(model, paths, corner, 6, LayerRef("fc", use_input=True), target
+                    ).boxes(np.arange(6))
+    centre = boxes[:, :2] + 3
+    assert (np.abs(centre - (truth[:, 1:] + 2)) <= 2).all(), (centre, truth)
+    assert (Patches(model, paths, corner, 6, LayerRef("fc", use_input=True))
+            .boxes(np.arange(6))[:, :2] == 0).all()
+
+
 def test_patch_crops_land_on_the_dot(tmp_path):
     model = dotnet()
     truth = dot_images(tmp_path / "imgs", 6)
@@ -313,11 +340,16 @@ def test_patch_pictures_are_rendered_and_measured_at_the_units_scale(tmp_path):
     common = dict(model=model, images=str(tmp_path / "imgs"), targets=["conv2:0"],
                   reduction="center", selection="top", top_n=24, facets=2, progress=False,
                   baseline=True, steps=10, recipes=["paper-mean"], judges=[], mean_of=3,
-                  until="render", region="patch")
+                  region="patch", observer="none")
     target = parse_target("conv2:0", model, reduction="center")
     keys = {}
     for scale, side in (("unit", 7), ("input", None)):  # 7: the ERF, kept >= 3/14 of 32 px
-        mfv.run(out=str(tmp_path / scale), picture_scale=scale, **common)
+        results = mfv.run(out=str(tmp_path / scale), picture_scale=scale, **common)
+        for facet in results.targets[0].facets:  # evaluate reads the pictures the same way
+            m = facet.metrics["paper-mean"]
+            assert m["activation_central"] == pytest.approx(
+                facet.visualizations["paper-mean"].activation, abs=1e-4)
+            assert m["path_similarity"] is not None  # against the facet's crops
         (slug_dir,) = (tmp_path / scale / "targets").iterdir()
         entries = RunDir(tmp_path / scale).target(slug_dir.name).render_index()
         keys[scale] = {slot: e.key for slot, e in entries.items()}

@@ -75,9 +75,12 @@ def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
         assert cells[1] == str(len(entry["units"]))  # units measured
         for key, cell in zip(doc["measures"], cells[2:], strict=True):
             s, kind = entry["summary"][key], SWEEP_MEASURES[key].kind
+            power = entry["calibration"]["measures"][key]["power"]
             assert html_mod.unescape(cell) == (f"{format_value(s['mean'], kind)} <span class="
                                                f'"ci">{format_value(s["low"], kind)}–'
-                                               f'{format_value(s["high"], kind)}</span>')
+                                               f'{format_value(s["high"], kind)}</span>'
+                                               + (' <span class="nopower">no power</span>'
+                                                  if power is False else ""))
         section = html.split(f'<code>{_esc(entry["layer"])}</code></h2>', 1)[1].split(
             "</section>", 1)[0]
         cards = section.split('<article class="card ucard"')[1:]
@@ -92,6 +95,12 @@ def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
                 assert block.count('class="thumb"') == len(facet["members"])
                 more = facet["size"] - len(facet["members"])
                 assert (f'<span class="more">+{more}</span>' in block) == (more > 0)
+    for key in ("k", "polysemanticity", "separation"):  # where the measure can be read
+        powered = doc["answer"][key]["with_power"]["layers"]
+        sentence = re.search(rf'<p class="verdict power small" data-measure="{key}">([^<]*)</p>',
+                             html)
+        assert sentence and f"power at {len(powered)} of the" in html_mod.unescape(
+            sentence[1]), key
     chance = html.split("<tfoot>", 1)[1]
     for key in doc["measures"]:
         assert format_value(doc["chance"][key]["mean"], SWEEP_MEASURES[key].kind) in chance

@@ -83,3 +83,21 @@ def test_mismatched_lengths_are_clear_errors(tmp_path):
     with pytest.raises(MfvError, match="one value per layer"):
         plot_layer_measures(LAYERS, _measures(), {"k (facets)": [0]}, tmp_path / "x")
     assert not list(tmp_path.iterdir())
+
+
+def test_the_calibration_draws_both_kinds_and_marks_layers_without_power(tmp_path):
+    measures = _measures()
+    name = "1 - MonoScore"
+    rows = [(0.3, 0.5, True), (0.4, 0.4, False), (np.nan, np.nan, None), (0.3, 0.6, True),
+            (0.5, 0.45, False)]
+    _, svg = plot_layer_measures(LAYERS, measures, None, tmp_path / "c",
+                                 calibration={name: rows})
+    root = ET.parse(svg).getroot()
+    pid = panel_id(name)
+    assert len(_group(root, f"one-kind-{pid}").findall(f".//{SVG}use")) == 4  # NaN left out
+    assert len(_group(root, f"two-kind-{pid}").findall(f".//{SVG}use")) == 4
+    assert len(_group(root, f"no-power-{pid}").findall(f".//{SVG}use")) == 2  # layers 1, 4
+    assert not [g for g in root.iter(f"{SVG}g")
+                if (g.get("id") or "").startswith("no-power-k")]  # other panels: none
+    with pytest.raises(MfvError, match="one \\(one-kind, two-kind, power\\) per layer"):
+        plot_layer_measures(LAYERS, measures, None, tmp_path / "d", calibration={name: rows[:2]})

@@ -82,7 +82,19 @@ def test_a_sweep_measures_every_layer_and_a_rerun_reuses_it(tmp_path, images):
         for example in entry["examples"]:
             for facet in example["facets"]:
                 assert Image.open(out / facet["mean_image"]).size == (32, 32)
-    assert set(doc["chance"]) == set(MEASURES) and doc["chance"]["k"]["draws"] == 20
+    assert set(doc["chance"]) == set(MEASURES)
+    assert doc["chance"]["k"]["draws"] == sum(e["chance"]["k"]["draws"] for e in doc["layers"])
+    assert [e["region"] for e in doc["layers"]] == ["patch", "patch", "image"]
+    for entry in doc["layers"][:2]:  # patches of the tiny net's 32 px input: 3/14-3/7 of it
+        assert 7 <= entry["patch_side"] <= 14 and entry["chance"]["k"]["draws"] == 10
+        assert all(len(box) == 4 and box[2] == box[3] == entry["patch_side"]
+                   for u in entry["units"] for f in u["representative_boxes"] for box in f)
+        calibration = entry["calibration"]
+        assert len(calibration["pairs"]) == len(calibration["two_kind"]) >= 1
+        for name in ("k", "polysemanticity", "separation"):
+            power = calibration["measures"][name]
+            assert power["power"] == (power["low"] > 0)
+            assert power["low"] <= power["difference"] <= power["high"]
     png = Image.open(out / doc["plot"]["png"])
     assert png.size[0] > 300 and (out / doc["plot"]["svg"]).read_text().startswith("<?xml")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "sweep" / "units").iterdir()}
@@ -133,23 +145,26 @@ def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys
 
 
 @pytest.mark.slow
-def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images):
+@pytest.mark.parametrize("region", ["image", "auto"])
+def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images, region):
     """One definition of a facet's representatives and mean image: `mfv run` on a unit and the
     sweep's example of the same unit, under the same settings (`--mean-resize squash` here, not
-    the default), store the same pictures. The sweep clusters whole photos (patch facets in the
-    layer study are issue 22's open item 5), so the run is asked for whole photos too."""
-    same = dict(top_n=16, embedding="pca", mean_of=3, mean_resize="squash", reduction="mean",
-                region="image",
-                progress=False, device="cpu", scan_batch_size=4)
+    the default), store the same pictures: of whole photos, and (auto: a hidden spatial unit)
+    the means of the crops around the unit's peaks."""
+    same = dict(top_n=16, embedding="pca", mean_of=3, mean_resize="squash", reduction="max",
+                region=region, progress=False, device="cpu", scan_batch_size=4)
     doc = sweep(model=tiny(), images=str(images), out=str(tmp_path / "sweep"), layers="relu2",
                 units=4, embedder="efficientnet_lite0", **same)
     example = doc["layers"][0]["examples"][0]
     unit = next(u for u in doc["layers"][0]["units"] if u["unit"] == example["unit"])
+    # the run scans what the sweep scanned (as `mfv sweep --render` does): where a unit's map
+    # is flat (these synthetic images), its peak is a tie that the scanned set can break
     results = mfv.run(model=tiny(), images=str(images), out=str(tmp_path / "run"),
-                      targets=[f"relu2:{unit['unit']}"], selection="top", facets="auto",
-                      until="facets", **same)
+                      targets=[f"relu2:{unit['unit']}"], scan_targets=["relu2:*"],
+                      selection="top", facets="auto", until="facets", **same)
     facets = results.targets[0].facets
     assert [f.size for f in facets] == unit["sizes"] and len(facets) >= 1
+    assert unit["region"] == ("image" if region == "image" else "patch")
     for facet, shown in zip(facets, example["facets"], strict=True):
         made = np.asarray(Image.open(tmp_path / "run" / facet.mean_image))
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sweep" /

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mfv.evaluate import mis
 from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
@@ -34,7 +35,9 @@ from mfv.evaluate.metrics import (
     plausibility,
     recovery,
 )
+from mfv.evaluate.observer import Observer
 from mfv.facets.find import FacetResult
+from mfv.facets.patches import load_crops
 from mfv.models import LoadedModel, load_model
 from mfv.models.activations import TargetBank, capture
 from mfv.models.base import to_tensor
@@ -42,8 +45,9 @@ from mfv.models.passes import inference, laid_out
 from mfv.models.read import channel_means, read_photos
 from mfv.models.targets import LayerRef, Target, resolve_layer
 from mfv.render.anchor import depth_layers
-from mfv.render.objective import central_box
+from mfv.render.objective import central_box, unit_view
 from mfv.results.metrics import means
+from mfv.scan.result import ScanResult
 
 PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
 PATH_LAYERS = 5  # layers along the depth where the activation path is compared
@@ -128,12 +132,17 @@ class _Judgement:
     """What the networks make of a group of pictures, as seen and centrally."""
 
     def __init__(self, own: Network, judges: Sequence[Network], target: Target,
-                 pictures: Sequence[Picture]) -> None:
+                 pictures: Sequence[Picture], view: int | None = None) -> None:
         size = own.model.preprocess.input_size
         canvases = [p.image for p in pictures]
         central = [optimized_view(im, size) for im in canvases]
-        self.seen = own.read(to_input(own.model, canvases, "crop"), [target])
-        self.central = own.read(to_input(own.model, central), [target])
+        seen, middle = to_input(own.model, canvases, "crop"), to_input(own.model, central)
+        self.seen = own.read(seen, [target])
+        self.central = own.read(middle, [target])
+        if view is not None:  # the target reads the pictures as the unit saw its crops
+            for data, x in ((self.seen, seen), (self.central, middle)):
+                scaled = unit_view(x * 255, [view] * len(x), size) / 255
+                data["values"] = own.read(scaled, [target])["values"]
         self.judges_seen = [j.read(to_input(j.model, canvases, "crop")) for j in judges]
         self.judges_central = [j.read(to_input(j.model, central)) for j in judges]
 
@@ -150,10 +159,34 @@ class Case:
     members: Sequence[Sequence[str]]
     real_max: float
     truth: np.ndarray | None = None
+    ranking: np.ndarray | None = None  # for MIS: photo indices, most activating first
+    photos: Sequence[str] = ()  # the scan's photos `ranking` indexes
+    shunned: Sequence[Picture] = ()  # the pictures of the target's negation (--negative)
+    # patch facets: each facet's members' crops (`members[r][j]`'s box), and the side the
+    # unit reads pictures at (`mfv.render.objective.unit_view`; None: as they are)
+    boxes: Sequence[Sequence[tuple[int, int, int, int]]] | None = None
+    view: int | None = None
 
 
-def evaluate_target(own: Network, judges: Sequence[Network], case: Case, seed: int = 0) -> dict:
-    """Every metric of one target: per facet and recipe, and for the target as a whole."""
+def mis_ranking(scan: ScanResult, spec: str, negation: str | None = None) -> np.ndarray:
+    """The scan's valid photos by the target's activation, most activating first: all of
+    them from a full scan; from a top-N scan its top, then (when the negation was scanned)
+    the negation's top — the target's least activating photos — reversed, at the end."""
+    t = scan.target_index(spec)
+    if scan.activations is not None:
+        return mis.ranked(scan.activations_of(t))
+    top = scan.top(t, len(scan.paths))[0]
+    if negation is None or negation not in scan.targets:
+        return top
+    bottom = scan.top(scan.target_index(negation), len(scan.paths))[0]
+    bottom = bottom[~np.isin(bottom, top)]
+    return np.concatenate([top, bottom[::-1]]).astype(np.int64)
+
+
+def evaluate_target(own: Network, judges: Sequence[Network], case: Case, seed: int = 0,
+                    observer: Observer | None = None) -> dict:
+    """Every metric of one target: per facet and recipe, and for the target as a whole (with
+    an observer and a ranking, its MIS)."""
     with contextlib.ExitStack() as stack:  # every network's weights laid out once, not per read
         for net in (own, *judges):
             stack.enter_context(laid_out(net.model))
@@ -161,28 +194,86 @@ def evaluate_target(own: Network, judges: Sequence[Network], case: Case, seed: i
         truth = case.truth
         if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
             entry["target"]["recovery"] = recovery(case.facets.assignment, truth)
-        reference = _references(own, judges, case.members, seed)
+        reference = _references(own, judges, case.members, seed, case.boxes)
         for recipe in dict.fromkeys(p.recipe for p in case.pictures):
             for kind in ("facet", "random"):
                 group = sorted((p for p in case.pictures if p.recipe == recipe and p.kind == kind),
                                key=lambda p: p.rank)
                 if group:
                     _evaluate_group(entry, own, judges, case, group, reference)
+        if observer is not None and case.ranking is not None:  # a typed part, no table metric
+            entry["target"].update(mis=unit_mis(observer, case))  # (results.model.MisResult)
         return entry
 
 
+def unit_mis(observer: Observer, case: Case) -> dict:
+    """The MIS task for one target (`mfv.evaluate.mis`) with every reference set: the natural
+    exemplars, and per recipe its facet pictures and its random starts (the negative side:
+    the negation's pictures of the same kind when the run made them, else the natural
+    negative references). Queries are the 20 most and 20 least activating photos."""
+    order = np.asarray(case.ranking)
+    k = mis.fitting_references(len(order))
+    out: dict = {"observer": observer.label, "alpha": mis.ALPHA, "trials": mis.N_TRIALS,
+                 "references": k}
+    if k < 1:
+        out["skipped"] = mis.too_few(len(order))
+        return out
+    natural = mis.natural_trials(order, mis.N_TRIALS, k)
+    used = natural.images()
+    row = np.full(len(case.photos), -1, np.int64)
+    row[used] = np.arange(len(used))
+    natural = mis.Trials(row[natural.query_pos], row[natural.query_neg],
+                         row[natural.refs_pos], row[natural.refs_neg])
+    pictures = [*case.pictures, *case.shunned]
+    table = observer.photos([case.photos[i] for i in used])
+    if pictures:
+        table = np.vstack([table, observer.pictures([p.image for p in pictures])])
+    where = {id(p): len(used) + i for i, p in enumerate(pictures)}
+    out["natural"] = {**mis.evaluate(table, natural), "references": k}
+    for kind in ("facet", "random"):
+        for recipe in dict.fromkeys(p.recipe for p in case.pictures if p.kind == kind):
+            def rows(group: Sequence[Picture], kind: str = kind, recipe: str = recipe
+                     ) -> np.ndarray:
+                return np.array([where[id(p)] for p in group
+                                 if p.kind == kind and p.recipe == recipe], np.int64)
+            pos, neg = rows(case.pictures), rows(case.shunned)
+            trials = mis.with_references(natural, pos, neg if len(neg) else None)
+            out.setdefault(kind, {})[recipe] = {
+                **mis.evaluate(table, trials), "references": int(len(pos)),
+                "negative": "pictures" if len(neg) else "photos"}
+    first = next(iter(out.get("facet", {})), None)
+    out["verdict"] = mis.verdict(
+        out["natural"]["mis"], out["facet"][first]["mis"] if first else None,
+        (out.get("random", {}).get(first) or {}).get("mis"), first or "")
+    return out
+
+
 def _references(own: Network, judges: Sequence[Network], members: Sequence[Sequence[str]],
-                seed: int) -> list[dict]:
+                seed: int, boxes: Sequence[Sequence[tuple[int, int, int, int]]] | None = None
+                ) -> list[dict]:
     """Per facet: a seeded sample of its members as the own network and the last judge see
-    them (path channel means, judge codes); each network reads every facet's sample in one
+    them (path channel means, judge codes): the photos, or for patch facets (`boxes`) their
+    crops, as the facets were made of them; each network reads every facet's sample in one
     pass (`mfv.models.read`)."""
     rng = np.random.default_rng(seed)
-    chosen = [[paths[i] for i in sorted(rng.choice(len(paths), min(len(paths),
-                                                                PLAUSIBILITY_MEMBERS),
-                                                   replace=False))] for paths in members]
+    picks = [sorted(rng.choice(len(paths), min(len(paths), PLAUSIBILITY_MEMBERS),
+                               replace=False)) for paths in members]
+    chosen = [[paths[i] for i in rows] for paths, rows in zip(members, picks, strict=True)]
     paths = [p for group in chosen for p in group]
     group_of = np.repeat(np.arange(len(chosen)), [len(g) for g in chosen])
     out: list[dict] = [{} for _ in members]
+    if boxes is not None:  # patch facets: their crops, as the facets saw them
+        crops = load_crops(own.model, paths, np.arange(len(paths)), np.array(
+            [boxes[g][i] for g, rows in enumerate(picks) for i in rows]).reshape(-1, 4))
+        if own.path:
+            path = _read_all(own, crops, "path")
+            for ref, rows in _by_group(out, group_of):
+                ref["path"] = [layer[rows].mean(0) for layer in path]
+        if judges:
+            codes = _read_all(judges[-1], crops, "code")
+            for ref, rows in _by_group(out, group_of):
+                ref["judge_codes"] = codes[rows]
+        return out
     if own.path:
         read = read_photos(own.model, paths, own.path, channel_means, batch_size=READ_BATCH)
         for ref, rows in _by_group(out, group_of[read.kept]):
@@ -192,6 +283,16 @@ def _references(own: Network, judges: Sequence[Network], members: Sequence[Seque
         for ref, rows in _by_group(out, group_of[read.kept]):
             ref["judge_codes"] = read.outputs[0][rows]
     return out
+
+
+def _read_all(net: Network, images: np.ndarray, what: str) -> np.ndarray | list[np.ndarray]:
+    """`net`'s codes (`what="code"`) or path channel means ("path", one array per layer) of
+    (n, S, S, 3) uint8 images, read `READ_BATCH` at a time."""
+    parts = [net.read(to_input(net.model, list(images[i:i + READ_BATCH])))[what]
+             for i in range(0, len(images), READ_BATCH)]
+    if what == "code":
+        return np.concatenate(parts)
+    return [np.concatenate([part[j] for part in parts]) for j in range(len(net.path))]
 
 
 def _by_group(out: list[dict], owner: np.ndarray) -> Iterator[tuple[dict, np.ndarray]]:
@@ -208,7 +309,7 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], case: 
     """The metrics of one recipe's pictures of one kind (facet or random starts)."""
     target, facets, recipe, kind = case.target, case.facets, group[0].recipe, group[0].kind
     centres = np.stack([f.code_centre for f in facets.facets])
-    seen = _Judgement(own, judges, target, group)
+    seen = _Judgement(own, judges, target, group, case.view)
     per: list[dict] = []
     dominance = _dominance(own, target, [p.image for p in group])
     for i, picture in enumerate(group):

@@ -5,8 +5,12 @@ A conv channel fires on a patch: its receptive field around the place where its 
 scan records that place, `mfv.scan.result.ScanResult.peak_pixels`). Clustering whole photos groups
 their backgrounds; clustering the patches groups what the unit responds to. Here:
 
-* `peak_boxes`: the square of the field's side centred on each peak, shifted to lie inside the
-  photo (the scanned frame: the model's input, square);
+* `firing_centres`: where the square is centred. Not the peak cell itself: of the regions where
+  the unit's map is at least half its maximum, the one holding the most activation, at its
+  activation-weighted centre. A texture unit often peaks on the rim of its patch (or on a stray
+  spot), and a crop centred there is half background; measured in docs/hidden-units.md;
+* `peak_boxes`: the square of the field's side centred on each such centre, shifted to lie
+  inside the photo (the scanned frame: the model's input, square);
 * `load_crops`: the crops, resized to the model's input (so mean images, start images and
   anchors keep the shape of whole-photo ones);
 * `crop_codes`: the code of each crop that is clustered — the one place that says which code
@@ -22,15 +26,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from mfv.core.errors import MfvError
 from mfv.data.images import load_rgb
-from mfv.models.activations import capture
+from mfv.models.activations import capture, combined_maps
 from mfv.models.base import LoadedModel
 from mfv.models.targets import LayerRef, Target
 
-# what `crop_codes` computes and how large the patches are (part of the facets' keys)
-PATCH_CODE = "code layer of the crop resized to the input; side ERF-90 within [3/14, 3/7] /2"
+# what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
+PATCH_CODE = ("code layer of the crop resized to the input; side ERF-90 within [3/14, 3/7]; "
+              "centred where the map fires most (>= 1/2 max) /3")
+FIRING_SHARE = 0.5  # a unit fires where its map is at least this share of the map's maximum
 
 
 def resolve_region(region: str, target: Target, grid: tuple[int, int] | None) -> str:
@@ -42,6 +49,49 @@ def resolve_region(region: str, target: Target, grid: tuple[int, int] | None) ->
         raise MfvError(f"--region patch: target {target.spec!r} is not on a spatial map, so it "
                        "has no peak to crop around; use --region image (or auto)")
     return region
+
+
+def firing_centre(grid_map: np.ndarray) -> tuple[float, float]:
+    """(row, column), in cells, of the centre of where a map fires most: of its regions at
+    `FIRING_SHARE` of its maximum or more (8-connected), the one holding the most activation
+    above that level, weighted by it; the maximum's cell when the map is nowhere positive."""
+    m = np.asarray(grid_map, np.float64)
+    top = m.max()
+    if not np.isfinite(top) or top <= 0:
+        return tuple(float(v) for v in np.unravel_index(np.argmax(m), m.shape))
+    excess = np.clip(m - FIRING_SHARE * top, 0.0, None)
+    regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
+    best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
+    weight = np.where(regions == best, excess, 0.0)
+    rows, cols = np.indices(m.shape)
+    return float((weight * rows).sum() / weight.sum()), float((weight * cols).sum() / weight.sum())
+
+
+@torch.inference_mode()
+def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks: np.ndarray,
+                   batch_size: int = 32) -> np.ndarray:
+    """(n, 2) (y, x) input pixels: `firing_centre` of the target's map (the weighted sum of its
+    terms on its first layer, as the scan's peaks) on each (n, S, S, 3) uint8 image; `peaks`
+    unchanged for a target read at its map's centre (`center`, `cls`) or not on a spatial map."""
+    first = target.terms[0].layer
+    if target.reduction in ("center", "cls") or len(images) == 0:
+        return peaks
+    out = []
+    with capture(model, [first]) as store:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
+            model(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            act = store[first.key]
+            if act.dim() != 4:
+                return peaks
+            weights = act.new_zeros(1, act.shape[1])
+            for term in target.terms:
+                if term.layer == first:
+                    weights[0, term.unit] += term.weight
+            maps = combined_maps(act, weights)[:, 0].float().cpu().numpy()
+            cells = np.array([firing_centre(m) for m in maps]) + 0.5
+            out.append(cells * images.shape[1] / np.array(maps.shape[1:], np.float64))
+    return np.concatenate(out)
 
 
 def peak_boxes(centres: np.ndarray, side: int, size: int) -> np.ndarray:
@@ -100,24 +150,39 @@ class Patches:
 
     def __init__(self, model: LoadedModel, paths: Sequence[str],
                  centres: Callable[[np.ndarray], np.ndarray], side: int,
-                 code_layer: LayerRef) -> None:
+                 code_layer: LayerRef, target: Target | None = None) -> None:
+        """`centres(indices)`: the images' peaks (y, x) in input pixels; with `target`, the
+        boxes are centred where its map fires most (`firing_centres`), else on the peaks."""
         self.model, self.paths, self.centres = model, paths, centres
-        self.side, self.code_layer = side, code_layer
+        self.side, self.code_layer, self.target = side, code_layer, target
         self._crops: dict[int, np.ndarray] = {}
+        self._boxes: dict[int, np.ndarray] = {}
+
+    def _load(self, indices: np.ndarray) -> None:
+        """Boxes and crops of the images not yet loaded (each photo decoded once)."""
+        missing = [int(i) for i in np.asarray(indices, dtype=np.int64) if int(i) not in
+                   self._crops]
+        if not missing:
+            return
+        size, rows = self.model.preprocess.input_size, np.array(missing)
+        images = frames(self.model, self.paths, rows)
+        centres = self.centres(rows)
+        if self.target is not None:
+            centres = firing_centres(self.model, self.target, images, centres)
+        boxes = peak_boxes(centres, self.side, size)
+        self._boxes.update(zip(missing, boxes, strict=True))
+        self._crops.update(zip(missing, crop_resize(images, boxes, size), strict=True))
 
     def boxes(self, indices: np.ndarray) -> np.ndarray:
-        """(n, 4) the boxes (top, left, height, width) around the images' peaks."""
-        return peak_boxes(self.centres(np.asarray(indices)), self.side,
-                          self.model.preprocess.input_size)
+        """(n, 4) the boxes (top, left, height, width) of the given images' crops."""
+        self._load(indices)
+        return np.stack([self._boxes[int(i)] for i in np.asarray(indices)]) if len(indices) \
+            else np.zeros((0, 4), np.int64)
 
     def pixels(self, indices: np.ndarray) -> np.ndarray:
         """(n, S, S, 3) uint8 crops of the given images (what mean images average)."""
-        indices = np.asarray(indices, dtype=np.int64)
-        missing = [int(i) for i in indices if int(i) not in self._crops]
-        if missing:
-            crops = load_crops(self.model, self.paths, np.array(missing), self.boxes(missing))
-            self._crops.update(zip(missing, crops, strict=True))
-        return np.stack([self._crops[int(i)] for i in indices])
+        self._load(indices)
+        return np.stack([self._crops[int(i)] for i in np.asarray(indices)])
 
     def codes(self, indices: np.ndarray) -> np.ndarray:
         """(n, D) the codes of the given images' crops (`crop_codes`)."""

@@ -202,5 +202,41 @@ def parse_targets(specs: Sequence[str], model: LoadedModel, reduction: str = "ce
     return targets
 
 
+def negated_spec(target: Target, logits_layer: str | None = None) -> str:
+    """The spelling of −1 × `target` (what it shuns): each term's weight negated, e.g.
+    "-1*_fc:0" or "-1*_blocks.2:5 + 0.5*_blocks.2:7"; it parses back (`parse_target`, with
+    the same reduction, activation and sum) to the negation. Its top images are the target's
+    least activating ones (exactly so for one term, or a sum of terms, whatever the
+    reduction; `--sum maps` reduces the negated map, so with `max` it is −min)."""
+    terms = []
+    for t in target.terms:
+        if t.layer.use_input and t.layer.path == logits_layer:
+            layer = "penultimate"
+        elif t.layer.use_input:
+            raise MfvError(f"cannot spell the negation of {target.spec!r}: a term reads the "
+                           f"input of {t.layer.path!r}")
+        else:
+            layer = t.layer.path
+        terms.append(f"{-t.weight:g}*{layer}:{t.unit}")
+    return " + ".join(terms)
+
+
+def negation_pairs(targets: Sequence[Target], logits_layer: str | None = None
+                   ) -> dict[int, int]:
+    """Index of each target → index of its negation among `targets`, for targets whose
+    negation comes after them (a negation is not paired again with its positive)."""
+    where = {t.spec: i for i, t in enumerate(targets)}
+    pairs: dict[int, int] = {}
+    for i, target in enumerate(targets):
+        try:
+            j = where.get(negated_spec(target, logits_layer))
+        except MfvError:
+            continue
+        if j is not None and j > i and i not in pairs.values():
+            pairs[i] = j
+    return pairs
+
+
 __all__ = ["Target", "Term", "LayerRef", "parse_target", "parse_targets", "resolve_layer",
-           "REDUCTIONS", "ACTIVATIONS", "SUMS"]
+           "REDUCTIONS", "ACTIVATIONS", "SUMS", "negated_spec",
+           "negation_pairs"]

@@ -152,6 +152,7 @@ class Answer:
     explanation: str
     trend: str
     text: str
+    power: str = ""  # the same question over the layers where the measure has power
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ class Cell:
     value: str
     interval: str
     title: str
+    power: str = ""  # "no power" where the layer's calibration failed for the measure
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,35 @@ class LayersPage:
         if entry.chance is None and chance is not None:
             entry = entry.model_copy(update={"chance": chance.mean})
         trend, text = answer_sentence(m.label, entry)
-        return Answer(m.key, m.label, m.explanation, trend, text)
+        return Answer(m.key, m.label, m.explanation, trend, text, self.power_sentence(m, entry))
+
+    def power_sentence(self, m: Measure, entry: Trend) -> str:
+        """Where the measure can be read at all: the layers whose calibration (two-kind
+        constructed units above one-kind ones) gives it power, and its trend over them."""
+        powered = entry.with_power
+        calibrated = [e for e in self.doc.layers if e.calibration is not None
+                      and m.key in e.calibration.measures
+                      and e.calibration.measures[m.key].power is not None]
+        if powered is None or not calibrated:
+            return ""
+        names = powered.get("layers") or []
+        text = (f"The calibration gives {m.label} power at {len(names)} of the "
+                f"{len(calibrated)} calibrated layers")
+        blind = [e.layer for e in calibrated if not e.calibration.measures[m.key].power]
+        if blind:
+            text += f" (none at {', '.join(blind)})"
+        slope, low, high = (powered.get(k) for k in ("slope", "low", "high"))
+        if len(names) < 2 or slope is None:
+            return text + ": too few to tell a trend."
+        if low is not None and low > 0:
+            verb = "it grows with depth"
+        elif high is not None and high < 0:
+            verb = "it shrinks with depth"
+        else:
+            verb = "it shows no clear trend"
+        ci = (f" (95 % CI {_interval(plain_number(low), plain_number(high))})"
+              if low is not None and high is not None else "")
+        return f"{text}; over them {verb}: {_signed(slope)} per layer{ci}."
 
     def top_n(self) -> str:
         return fmt(self.doc.settings.get("top_n"))
@@ -288,17 +318,50 @@ class LayersPage:
             title = f"{info.label} on {layer}: mean {value} over {units} units"
             if interval:
                 title += f", 95 % CI {interval}"
-            cells.append(Cell(value, interval, title))
+            power = self.power(entry, key)
+            if power:
+                title += (f"; {power}: constructed units that fire for two kinds do not read "
+                          "higher than those that fire for one")
+            cells.append(Cell(value, interval, title, power))
         return LayerRow(layer_id(layer, depth), layer, depth, units, cells)
+
+    @staticmethod
+    def power(entry: SweepLayer, key: str) -> str:
+        """"no power" when the layer's calibration of the measure failed, else ""."""
+        c = entry.calibration.measures.get(key) if entry.calibration is not None else None
+        return "no power" if c is not None and c.power is False else ""
 
     # ------------------------------------------------------------------ a layer
     def layer(self, entry: SweepLayer, i: int) -> LayerView:
         row = self.row(entry, i)
         chips = [KV(f"{row.units} unit{'s' if row.units != 1 else ''} measured", "")]
+        if entry.region == "patch" and entry.patch_side:
+            chips.append(KV(f"crops of {entry.patch_side} px around each peak", "",
+                            "the facets and measures are of what the unit sees: the crop around "
+                            "its peak at the layer's receptive-field size"))
         chips += [KV(f"{measure_info(k).label} {c.value}", c.title)
                   for k, c in zip(self.keys, row.cells, strict=True)]
+        chips += self.calibration_chips(entry)
         units = [self.unit(row.layer, u) for u in entry.examples]
         return LayerView(row.sid, row.depth, row.layer, chips, units, row.units)
+
+    def calibration_chips(self, entry: SweepLayer) -> list[KV]:
+        """Per calibrated measure: two-kind vs one-kind constructed units, and the verdict."""
+        if entry.calibration is None:
+            return []
+        out = []
+        for key, c in entry.calibration.measures.items():
+            if c.power is None or c.one is None or c.two is None:
+                continue
+            info = measure_info(key)
+            verdict = "power" if c.power else "no power"
+            out.append(KV(f"{info.label}: two kinds {format_value(c.two, info.kind)} vs one "
+                          f"{format_value(c.one, info.kind)} — {verdict}", "",
+                          f"calibration over {c.pairs} constructed units max(a, b) of two of "
+                          f"this layer's units against a and b: mean difference "
+                          f"{plain_number(c.difference or 0.0)} (95 % CI "
+                          f"{_interval(plain_number(c.low), plain_number(c.high))})"))
+        return out
 
     def unit(self, layer: str, u: ExampleUnit) -> UnitView:
         unit = fmt(u.unit)

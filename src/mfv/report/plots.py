@@ -34,12 +34,17 @@ def plot_layer_measures(
     measures: Mapping[str, Sequence[tuple[float, float, float]]],
     chance: Mapping[str, Sequence[float]] | None,
     out_stem: Path,
+    calibration: Mapping[str, Sequence[tuple[float, float, bool | None]]] | None = None,
 ) -> list[Path]:
     """Write `out_stem.png` and `out_stem.svg`: one panel per measure, layers in depth order.
 
     `measures[name][i]` is (mean, low, high) of that measure over layer `layers[i]`'s units
     (drawn as a point with a CI error bar; NaN is left out); `chance[name][i]`, when given, is
-    the measure's chance level at that layer (a dashed line). Files are written atomically.
+    the measure's chance level at that layer (a dashed line). `calibration[name][i]`, when
+    given, is (mean over the layer's one-kind constructed units, mean over its two-kind ones,
+    power): drawn as small down / up triangles, and a layer where the measure has no power
+    (False) is shaded and its point drawn hollow (None: not calibrated). Files are written
+    atomically.
     """
     if not layers:
         raise MfvError("no layers to plot")
@@ -56,7 +61,14 @@ def plot_layer_measures(
             raise MfvError(f"chance level of {name!r} needs one value per layer "
                            f"({len(layers)}), got {len(rows)}")
 
-    fig = _figure(layers, measures, chance or {})
+    for name, rows in (calibration or {}).items():
+        if name not in measures:
+            raise MfvError(f"calibration given for {name!r}, which is not a plotted measure")
+        if len(rows) != len(layers) or any(len(r) != 3 for r in rows):
+            raise MfvError(f"calibration of {name!r} needs one (one-kind, two-kind, power) per "
+                           f"layer ({len(layers)}), got {len(rows)} rows")
+
+    fig = _figure(layers, measures, chance or {}, calibration or {})
     out_stem = Path(out_stem)
     paths = []
     for fmt, metadata in (("png", {"Software": None}), ("svg", {"Date": None})):
@@ -67,7 +79,7 @@ def plot_layer_measures(
     return paths
 
 
-def _figure(layers, measures, chance) -> Figure:
+def _figure(layers, measures, chance, calibration) -> Figure:
     n = len(measures)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
@@ -88,6 +100,8 @@ def _figure(layers, measures, chance) -> Figure:
             (line,) = ax.plot(x, levels, linestyle="--", color="0.45",
                               marker="", linewidth=1.2, label="chance")
             line.set_gid(f"chance-{panel_id(name)}")
+        if name in calibration:
+            _calibration(ax, x, mean, calibration[name], panel_id(name))
         ax.set_title(name)
         ax.set_xticks(x)
         ax.set_xticklabels(layers, rotation=45 if len(layers) > 4 else 0, ha="right"
@@ -98,6 +112,27 @@ def _figure(layers, measures, chance) -> Figure:
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig
+
+
+def _calibration(ax, x, mean, rows, pid: str) -> None:
+    """One-kind and two-kind constructed units' means as triangles; layers without power
+    shaded, their points hollow."""
+    one = [float(r[0]) for r in rows]
+    two = [float(r[1]) for r in rows]
+    (low,) = ax.plot(x, one, linestyle="", marker="v", markersize=4, color="C3",
+                     label="constructed: one kind")
+    (high,) = ax.plot(x, two, linestyle="", marker="^", markersize=4, color="C2",
+                      label="constructed: two kinds")
+    low.set_gid(f"one-kind-{pid}")
+    high.set_gid(f"two-kind-{pid}")
+    blind = [i for i, r in zip(x, rows, strict=True) if r[2] is False]
+    for i in blind:
+        ax.axvspan(i - 0.45, i + 0.45, color="0.85", zorder=0)
+    if blind:
+        (hollow,) = ax.plot(blind, [mean[i] for i in blind], linestyle="", marker="o",
+                            markersize=7, markerfacecolor="white", markeredgecolor="C0",
+                            label="no power (two kinds not above one)")
+        hollow.set_gid(f"no-power-{pid}")
 
 
 def _gap(a: float, b: float) -> float:

@@ -124,6 +124,25 @@ class Tile:
 
 
 @dataclass(frozen=True)
+class MisView:
+    """The MIS task's scores per reference set, its verdict and what it rests on."""
+
+    rows: list[list[str]]  # references, negative side, per side, share right, σ(αΔ)
+    verdict: str | None
+    note: str
+
+
+@dataclass(frozen=True)
+class PairView:
+    """The other side of a --negative pair: its section and (for the positive) the pictures
+    of what the target shuns."""
+
+    sid: str
+    spec: str
+    pictures: list[Img]
+
+
+@dataclass(frozen=True)
 class TargetView:
     sid: str
     number: int
@@ -135,6 +154,9 @@ class TargetView:
     baselines: list[Baseline]
     metrics: MetricTable | None
     map: MapView | None
+    mis: MisView | None = None
+    shuns: PairView | None = None  # a positive target's negation
+    negation_of: PairView | None = None  # a negation's positive target
 
 
 @dataclass
@@ -156,6 +178,35 @@ class _Shown:
 def _rows(values: Mapping[str, Any], show: Callable[[Any], str] = fmt) -> list[KV]:
     """Key/value rows of a mapping, its values shown by `show`."""
     return [KV(str(k), show(v)) for k, v in values.items()]
+
+
+MIS_NOTE = ("Two-alternative task (Zimmermann et al. 2024): in each of {trials} trials the "
+            "observer ({observer}) sees references of what drives the target and of what it "
+            "shuns, and must tell which of two photos (one of the 20 most, one of the 20 least "
+            "activating) drives it more; 0.5 = chance. σ(αΔ) uses the published α = {alpha}, "
+            "fitted on human answers with another observer (DreamSim): not comparable to "
+            "human accuracy here. The queries are photos the facets may also contain.")
+
+
+def mis_view(t: TargetResult) -> MisView | None:
+    """The MIS table of a target (None when it was not measured)."""
+    m = t.metrics.mis
+    if m is None:
+        return None
+    if m.skipped:
+        return MisView([], None, f"No MIS: {m.skipped}.")
+    negative = {"pictures": "its negation's pictures", "photos": "least activating photos",
+                None: "least activating photos"}
+    rows = []
+    groups = [("photos (natural exemplars)", m.natural)] if m.natural else []
+    groups += [(f"{recipe}: facet pictures", c) for recipe, c in m.facet.items()]
+    groups += [(f"{recipe}: random starts", c) for recipe, c in m.random.items()]
+    for label, c in groups:
+        rows.append([label, negative[c.negative], fmt(c.references),
+                     format_value(c.mis, "share"), format_value(c.mis_soft, "unit")])
+    return MisView(rows, m.verdict, MIS_NOTE.format(trials=fmt(m.trials),
+                                                    observer=m.observer or "?",
+                                                    alpha=fmt(m.alpha)))
 
 
 # ------------------------------------------------------------------------- the builder
@@ -313,7 +364,22 @@ class RunPage:
         return TargetView(sid, i + 1, t.spec or "?", self.chips(t),
                           verdicts(t, self.r.model.name), cards, max(columns, 1),
                           [b for b in baselines if b.figures], self.target_table(t),
-                          self.facet_map(t, sid))
+                          self.facet_map(t, sid), mis_view(t), self.pair(t.negation, True),
+                          self.pair(t.negation_of, False))
+
+    def pair(self, slug: str | None, pictures: bool) -> PairView | None:
+        """The other target of a --negative pair, by its slug (with its facet pictures)."""
+        found = [(k, o) for k, o in enumerate(self.r.targets) if slug and o.slug == slug]
+        if not found:
+            return None
+        k, other = found[0]
+        shown = []
+        for f in other.facets if pictures else ():
+            first = next(iter(f.visualizations.values()), None)
+            rel = first.path if first and self.links.file(first.path) else f.mean_image
+            shown.append(self.img(rel, f"what it shuns: facet {f.rank}", "tile-img",
+                                  f"facet {f.rank} of {other.spec} ({f.size} photos)"))
+        return PairView(section_id(other.slug, k), other.spec, shown)
 
     def chips(self, t: TargetResult) -> list[KV]:
         """The target's facts in a line: (text, explanation on hover) as KV(label, "", title)."""

@@ -198,10 +198,14 @@ def target_html(target: Any, where: Any) -> str:
     table = _metric_rows(_target_columns(target))
     if table:
         table = f"<div style='{_MUTED}'>per recipe, mean over the target's facets</div>{table}"
+    mis = target.metrics.mis
+    verdict = (f"<div><b>MIS</b> {escape(mis.verdict)}</div>"
+               if mis is not None and mis.verdict else "")
     return (f'<div class="mfv-target" style="margin:6px 0 14px 0">'
             f"<div style='font-size:15px'><b>{escape(target.spec or '?')}</b> "
             f"<span style='{_MUTED}'>{escape(' · '.join(facts))}</span></div>"
-            f'<div style="{_ROW}">{facet_map(target)}{facets}</div>{random}{table}</div>')
+            f'<div style="{_ROW}">{facet_map(target)}{facets}</div>{random}{table}{verdict}'
+            "</div>")
 
 
 def _target_columns(target: Any) -> dict[str, dict[str, Any]]:

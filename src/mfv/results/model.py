@@ -137,10 +137,42 @@ class Selection(_Part):
     top_n: int | None = None
 
 
+class MisCondition(_Part):
+    """The MIS task with one kind of reference (docs/mis.md)."""
+
+    mis: Number = Field(None, description="share of the 20 trials the observer gets right")
+    mis_soft: Number = Field(None, description="mean σ(αΔ) with the published α (fitted on "
+                             "human data with another observer)")
+    mis_delta: Number = Field(None, description="mean Δ over the trials")
+    references: int | None = Field(None, description="references per side and trial")
+    negative: Literal["pictures", "photos"] | None = Field(
+        None, description="the negative references: the negation's pictures of the same kind "
+        "(--negative), or the natural least activating photos", **_absent)
+
+
+class MisResult(_Part):
+    """A target's Machine Interpretability Score: the two-alternative task an observer network
+    solves with natural, facet-picture and random-start references."""
+
+    observer: str | None = Field(None, description="the observer network and layer")
+    alpha: Number = None
+    trials: int | None = None
+    references: int | None = Field(None, description="natural references per side and trial")
+    skipped: str | None = Field(None, description="why there is no score", **_absent)
+    natural: MisCondition | None = Field(None, **_absent)
+    facet: dict[str, MisCondition] = Field(default_factory=dict, description="per recipe",
+                                           **_empty)
+    random: dict[str, MisCondition] = Field(default_factory=dict, description="per recipe",
+                                            **_empty)
+    verdict: str | None = Field(None, description="do the facet pictures teach as much as "
+                                "the photos?", **_absent)
+
+
 class TargetMetrics(_Part):
     """A target's metrics; per recipe, its facet pictures and its random starts as groups."""
 
     activation_max_real: Number = Field(None, **_absent)
+    mis: MisResult | None = Field(None, **_absent)
     recovery: dict[str, Number] | None = Field(None, **_absent)
     facet: dict[str, Metrics] = Field(default_factory=dict, **_empty)
     random: dict[str, Metrics] = Field(default_factory=dict, **_empty)
@@ -164,6 +196,10 @@ class TargetResult(_Shown, _Part):
     baselines: dict[str, list[Visualization]] = Field(default_factory=dict,
                                                       description="random starts per recipe")
     metrics: TargetMetrics = Field(default_factory=TargetMetrics)
+    negation: str | None = Field(None, description="--negative: the slug of this target's "
+                                 "negation (what it shuns)", **_absent)
+    negation_of: str | None = Field(None, description="--negative: the slug of the target "
+                                    "this one negates", **_absent)
     _where: Where = PrivateAttr(default_factory=Where)
 
     @property
@@ -301,6 +337,7 @@ class Trend(_Part):
     first_quarter: Number = None
     last_quarter: Number = None
     chance: Number = None
+    with_power: Json | None = None  # the same over the layers where the measure has power
 
 
 class ExampleFacet(_Part):
@@ -316,10 +353,33 @@ class ExampleUnit(_Part):
     facets: list[ExampleFacet] = Field(default_factory=list)
 
 
+class Power(_Part):
+    """A layer's calibration of one measure: two-kind constructed units against one-kind ones
+    (docs/sweep.md)."""
+
+    one: Number = None
+    two: Number = None
+    difference: Number = None
+    low: Number = None
+    high: Number = None
+    power: bool | None = None
+    pairs: int = 0
+
+
+class Calibration(_Part):
+    pairs: list[list[int]] = Field(default_factory=list)
+    two_kind: list[Json] = Field(default_factory=list)
+    measures: dict[str, Power] = Field(default_factory=dict)
+
+
 class SweepLayer(_Part):
     layer: str = ""
     depth: int | None = None
+    region: str | None = None
+    patch_side: int | None = None
     units: list[Json] = Field(default_factory=list)
+    chance: dict[str, Chance] = Field(default_factory=dict)
+    calibration: Calibration | None = None
     summary: dict[str, Interval] = Field(default_factory=dict)
     examples: list[ExampleUnit] = Field(default_factory=list)
 

@@ -12,6 +12,7 @@ match the settings are shown too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from mfv.data.sources import ImageList
 from mfv.evaluate.evaluation import summary
 from mfv.facets.patches import PATCH_CODE
 from mfv.models import LoadedModel
-from mfv.models.targets import Target
+from mfv.models.targets import Target, negated_spec, negation_pairs, parse_target
 from mfv.render.batch import default_batch_size
 from mfv.render.plan import RenderSettings, Visual, plan
 from mfv.render.recipes import get
@@ -37,7 +38,7 @@ from mfv.report import write_report
 from mfv.results.model import Results
 from mfv.runtime.backend import Backend, make_backend, run_all
 from mfv.runtime.lock import open_run
-from mfv.runtime.prepare import Inputs, prepare
+from mfv.runtime.prepare import Inputs, check_model_name, prepare
 from mfv.runtime.results import STAGES, RunState, TargetRecord, build, write
 from mfv.runtime.rundir import RenderEntry, RunDir
 from mfv.runtime.settings import Settings
@@ -52,7 +53,7 @@ from mfv.runtime.tasks import (
 )
 from mfv.scan.scanner import ScanResult
 
-METRICS_VERSION = 3  # bump when evaluate's metrics change, so stored ones are recomputed
+METRICS_VERSION = 4  # bump when evaluate's metrics change, so stored ones are recomputed
 
 
 def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
@@ -73,7 +74,8 @@ def run(settings: Settings | None = None, *, model: str | nn.Module | LoadedMode
         raise MfvError(f"unknown stage {until!r}; stages are {', '.join(STAGES)}")
     if isinstance(backend, str):
         options["backend"], backend = backend, None
-    line = prepare(settings, model, preprocess, options, scan_only=until == "scan")
+    line = with_negations(prepare(settings, model, preprocess, options,
+                                  scan_only=until == "scan"))
     with _backend(line, backend) as workers, open_run(line.settings.out) as rundir:
         return _Line(*line, rundir, workers).run(until)
 
@@ -82,11 +84,29 @@ def scan_images(settings: Settings | None = None, *,
                 model: str | nn.Module | LoadedModel | None = None,
                 preprocess: Preprocess | None = None, **options) -> ScanResult:
     """Only the scan of a run (its targets and `scan_targets`), returned as a `ScanResult`."""
-    line = prepare(settings, model, preprocess, options, scan_only=True)
+    line = with_negations(prepare(settings, model, preprocess, options, scan_only=True))
     with _backend(line, None) as backend, open_run(line.settings.out) as rundir:
         stages = _Line(*line, rundir, backend)
         stages.run("scan")
         return stages.scanned
+
+
+def with_negations(line: Inputs) -> Inputs:
+    """With `--negative`: each target's negation (`negated_spec`, what it shuns) added after
+    the targets, once; made like any target, paired with its positive by `negation_pairs`."""
+    s = line.settings
+    if s.evaluate.observer not in ("auto", "none"):  # checked before any work, like --judges
+        check_model_name(s.evaluate.observer, "--observer")
+    if not s.evaluate.negative:
+        return line
+    have = {t.spec for t in line.targets}
+    added = []
+    for target in line.targets:
+        spec = negated_spec(target, line.model.logits_layer)
+        if spec not in have:
+            have.add(spec)
+            added.append(parse_target(spec, line.model, s.reduction, s.activation, s.sum))
+    return dataclasses.replace(line, targets=[*line.targets, *added])
 
 
 @contextlib.contextmanager
@@ -250,16 +270,23 @@ class _Line:
         if "render" not in self.done:
             return False
         s = self.settings
+        pairs = negation_pairs(self.targets, self.model.logits_layer)
+        shunned = [tuple(self.records[pairs[i]].visuals) if i in pairs else ()
+                   for i in range(len(self.records))]
+        ev = s.evaluate
         keys = [digest({"visuals": sorted(e.key for e in r.visuals), "facets": r.facets_key,
                         "judges": list(s.evaluate.judges), "code_layer": s.scan.code_layer,
-                        "seed": s.seed, "version": METRICS_VERSION}) for r in self.records]
+                        "seed": s.seed, "version": METRICS_VERSION,
+                        "mis": [ev.observer, ev.observer_layer, ev.observer_weights,
+                                sorted(v.key for v in shunned[i])]})
+                for i, r in enumerate(self.records)]
         stores = [self.rundir.target(r.slug) for r in self.records]
         for record, store, key in zip(self.records, stores, keys, strict=True):
             record.metrics = store.load_evaluation(key)
         missing = [i for i, r in enumerate(self.records) if r.metrics is None]
         if missing and not execute:
             return False
-        items = [(i, tuple(self.records[i].visuals)) for i in missing]
+        items = [(i, tuple(self.records[i].visuals), shunned[i]) for i in missing]
         for i, metrics in zip(missing, self.backend.imap(
                 evaluate_unit, self._context(), items,
                 lambda item: f"evaluation of {self.targets[item[0]].spec!r}"), strict=True):
@@ -280,6 +307,9 @@ class _Line:
             device=str(self.model.device), scan=self.scanned, records=self.records,
             timings=self.timings, done=done | ({"report"} if error is None else set()),
             error=error, created=(previous or {}).get("created"), evaluation=evaluation))
+        for i, j in negation_pairs(self.targets, self.model.logits_layer).items():
+            results.targets[i].negation = results.targets[j].slug
+            results.targets[j].negation_of = results.targets[i].slug
         write_report(self.rundir, results, progress=self.settings.progress)
         write(self.rundir, results)
         return results.at(self.rundir.root)

@@ -26,12 +26,14 @@ from PIL import Image
 
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList
-from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
+from mfv.evaluate import mis
+from mfv.evaluate.evaluation import Case, Picture, evaluate_target, mis_ranking, networks
+from mfv.evaluate.observer import load_observer
 from mfv.facets.find import FacetResult, facet_means, facets_of_target
 from mfv.facets.patches import PATCH_CODE, Patches, frames, load_crops, resolve_region
 from mfv.models import LoadedModel
 from mfv.models.receptive import ERF_IMAGES, receptive_fields
-from mfv.models.targets import LayerRef, Target, resolve_layer
+from mfv.models.targets import LayerRef, Target, negation_pairs, resolve_layer
 from mfv.render.anchor import Anchor
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.render.plan import Visual
@@ -111,7 +113,7 @@ def facets_unit(worker: Worker, ctx: RunContext, index: int) -> None:
         side = patch_side(worker, ctx, target.terms[0].layer)
         patches = Patches(worker.model, result.paths,
                           functools.partial(result.peak_pixels, t), side,
-                          resolve_layer(worker.model, s.scan.code_layer))
+                          resolve_layer(worker.model, s.scan.code_layer), target)
         facets = facets_of_target(result.activations_of(t), patches.codes, result.valid,
                                   labels, target.classes, s.facets, target.spec)
         facets.boxes = patches.boxes(facets.selected)
@@ -202,9 +204,10 @@ def render_label(visuals: Sequence[Visual]) -> str:
 
 # ----------------------------------------------------------------------------- evaluate
 def evaluate_unit(worker: Worker, ctx: RunContext,
-                  item: tuple[int, tuple[RenderEntry, ...]]) -> dict:
-    """Every metric of target `item[0]` over its current pictures `item[1]`."""
-    index, visuals = item
+                  item: tuple[int, tuple[RenderEntry, ...], tuple[RenderEntry, ...]]) -> dict:
+    """Every metric of target `item[0]` over its current pictures `item[1]`; `item[2]` are the
+    pictures of its negation (`--negative`; the MIS task's negative references)."""
+    index, visuals, *rest = item
     model, s = worker.model, ctx.settings
     if "networks" not in worker.cache:  # the judges load once per worker
         worker.cache["networks"] = networks(model, resolve_layer(model, s.scan.code_layer),
@@ -219,8 +222,34 @@ def evaluate_unit(worker: Worker, ctx: RunContext,
     members = [[result.paths[i] for i in f.members] for f in facets.facets]
     labels = result.class_labels(model.classes)
     truth = labels[facets.selected] if labels is not None else None
-    return evaluate_target(own, judges, Case(target, facets, pictures, members,
-                                             float(np.nanmax(real)), truth), s.seed)
+    pairs = negation_pairs(ctx.targets, model.logits_layer)
+    partner = pairs.get(index)
+    negation = None if partner is None else ctx.targets[partner]
+    shunned_store = None if partner is None else ctx.run.target(ctx.slugs[partner])
+    shunned = [Picture(e.kind, e.rank, e.recipe, e.activation,
+                       _open_rgb(shunned_store.file(e.files["image"])))
+               for e in (rest[0] if rest and shunned_store else ())]
+    observer = ranking = None
+    if s.evaluate.observer != "none" and index not in pairs.values():  # not for a negation
+        ranking = mis_ranking(result, target.spec, negation.spec if negation else None)
+    if ranking is not None and mis.fitting_references(len(ranking)) >= 1:
+        key = ("observer", s.evaluate.observer, s.evaluate.observer_layer,
+               s.evaluate.observer_weights)
+        if key not in worker.cache:  # loads once per worker (a judge's network when it is
+            worker.cache[key] = load_observer(  # the same), keeps its photos' embeddings
+                s.evaluate.observer, model, s.evaluate.observer_layer,
+                s.evaluate.observer_weights, loaded=[j.model for j in judges])
+        observer = worker.cache[key]
+    boxes = None if facets.boxes is None else [[facets.box_of(i) for i in f.members]
+                                                 for f in facets.facets]
+    view = facets.unit_side if s.render.picture_scale == "unit" else None
+    entry = evaluate_target(own, judges, Case(target, facets, pictures, members,
+                                              float(np.nanmax(real)), truth, ranking,
+                                              result.paths, shunned, boxes, view),
+                            s.seed, observer)
+    if ranking is not None and observer is None:  # too few photos: no observer is loaded
+        entry["target"].update(mis={"skipped": mis.too_few(len(ranking))})
+    return entry
 
 
 def _open_rgb(path) -> np.ndarray:

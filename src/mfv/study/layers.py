@@ -3,15 +3,28 @@
 1. One streaming scan records, for every unit of every chosen layer, its top-N images (spatial
    maps reduced as `--reduction` says) and each image's code — in memory units × N, never
    images × units (`mfv.scan.scanner` in top-N mode, chunked and resumable).
-2. A seeded sample of units per layer (`--units`): each unit's top-N images are clustered into
+2. A seeded sample of units per layer (`--units`): what each unit saw — for hidden units on
+   spatial maps the crop around each top image's peak at the layer's patch side, as `mfv run
+   --region patch` clusters it; else the whole photo (`mfv.study.seen`: every distinct crop or
+   photo coded once, by the swept network and by the independent one) — is clustered into
    facets by the paper's pipeline (automatic k), and scored (`mfv.study.measures`): the number
    of facets, their silhouette (the clustering's own space), 1 − MonoScore and the PURE-style
-   separation ratio in an **independent** embedding (another network's penultimate codes), each
-   against its chance level: the same measure on random image sets of the same size.
-3. Per layer: the mean over its units with a bootstrap confidence interval, plotted against
-   depth; a few example units per layer keep their facets' mean images and members for the
-   report's Layers page; `--render N` also runs the pipeline (default recipe) on N units per
-   layer, over the same scan.
+   separation ratio in an **independent** embedding (another network's penultimate codes of
+   the crops or photos), each against the layer's chance level: the same measure on random
+   sets of the layer's pooled top crops (or photos), as large as a unit's top.
+3. Per layer, a calibration: constructed units that fire for two known kinds — max(a, b) of
+   two of the layer's units with nearly disjoint top images, each scaled by its mean top
+   activation — must read as more multifaceted than the units a and b themselves; where they
+   do not (the mean difference's 95 % interval reaches 0), the measure has no power at that
+   layer, and the plot and the answer say so.
+4. Per layer: the mean over its units with a bootstrap confidence interval, plotted against
+   depth; a few example units per layer keep their facets' mean images (means of the crops for
+   patch units) and members for the report's Layers page; `--render N` also runs the pipeline
+   (default recipe) on N units per layer, over the same scan.
+
+Clustering the units, chance sets and constructed units is the study's main cost after the
+crops' codes: it runs in parallel processes, one per core (`mfv.study.measures.parallel_map`),
+or on the backend's workers with `--backend ray`.
 
 Everything lands in `RUN/sweep/` (`mfv.runtime.rundir.SweepStore`), results in
 `RUN/sweep/sweep.json` (format `mfv.sweep/1`, described in `docs/sweep.md`).
@@ -26,6 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import adjusted_rand_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -34,9 +48,9 @@ from mfv.core.keys import digest, slug
 from mfv.data.preprocess import Preprocess
 from mfv.data.sources import open_images
 from mfv.facets.find import mean_image
+from mfv.facets.patches import PATCH_CODE, load_crops, peak_boxes, resolve_region
 from mfv.models import LoadedModel, load_model
-from mfv.models.read import read_photos
-from mfv.models.targets import parse_targets, resolve_layer
+from mfv.models.targets import Target, parse_targets, resolve_layer
 from mfv.report import write_layers_page
 from mfv.report.plots import plot_layer_measures
 from mfv.results.metrics import SWEEP_MEASURES
@@ -47,15 +61,18 @@ from mfv.runtime.pipeline import run as run_pipeline
 from mfv.runtime.prepare import check_layers, check_model_name, prepare_model
 from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import Settings, make_settings
-from mfv.runtime.tasks import RunContext, pixels, scan_on
+from mfv.runtime.tasks import RunContext, patch_side, pixels, scan_on
 from mfv.scan.scanner import ScanResult
-from mfv.study.measures import bootstrap_ci, mono_score, percentile_ci, unit_measures
+from mfv.study.measures import bootstrap_ci, measure_set, parallel_map, percentile_ci
+from mfv.study.seen import Items, code_items, firing_centres_of, table, whole_boxes
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
-CHANCE_REPEATS = 20
+CHANCE_REPEATS = 10  # random sets per layer
 EXAMPLES = 3  # example units per layer whose facets the Layers page shows
-EMBED_BATCH = 32
+CALIBRATION_PAIRS = 8  # constructed two-kind units per layer
+OVERLAP = 0.1  # at most this share of top images shared by a calibration pair's units
+POWER_MEASURES = ("k", "polysemanticity", "separation")  # higher = more multifaceted
 
 
 def block_layers(model: LoadedModel) -> list[str]:
@@ -96,13 +113,24 @@ def choose_layers(model: LoadedModel, spec: str) -> list[str]:
 class _Unit:
     layer: str
     unit: int
+    column: int  # its target's index in the scan
     rows: np.ndarray  # the unit's top-N images (scan rows), best first
     values: np.ndarray  # its activations on them
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """How a layer's units see their images: `region` "patch" (the crop of `side` px around
+    each peak) or "image" (the whole photo)."""
+
+    region: str
+    side: int | None = None
+
+
 def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedModel | None = None,
           preprocess: Preprocess | None = None, **options) -> dict:
-    """Run the layer sweep and return what `RUN/sweep/sweep.json` holds."""
+    """Run the layer sweep and return what `RUN/sweep/sweep.json` holds (undefined numbers as
+    None)."""
     settings = settings.updated(**options) if settings is not None else make_settings(**options)
     settings = settings.updated(scan_mode="topn")  # units × N in memory, never images × units
     check_out(settings.out)
@@ -122,9 +150,10 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
             open_run(settings.out) as run:
         context = RunContext(str(run.root), settings, (), (), tuple(targets), images)
         result = scan_on(backend, loaded, context, run)
-        doc = _measure(run, settings, loaded, layers, result, backend)
+        doc = _measure(run, settings, loaded, layers, result, targets, backend)
         doc["timings"]["total"] = round(time.perf_counter() - started, 3)
-        run.sweep.write("sweep", Sweep.model_validate(doc).to_dict())  # strict JSON
+        doc = Sweep.model_validate(doc).to_dict()  # strict JSON: undefined numbers are None
+        run.sweep.write("sweep", doc)
     if settings.sweep.render:
         _render(settings, loaded, doc)
     with open_run(settings.out) as run:
@@ -151,94 +180,119 @@ def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
             rows, values = result.top(column, settings.facets.top_n)
             if len(rows) >= 2 and values.max() > 0 and np.ptp(values) > 0:
                 units.append(_Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
-                                   rows, values))
+                                   int(column), rows, values))
         out[layer] = units
     return out
 
 
-@dataclass(frozen=True)
-class _SweepContext:
-    """What every unit's measurement needs (shipped once to each worker)."""
+def _how_seen(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
+              units: dict[str, list[_Unit]], targets: Sequence[Target]) -> dict[str, _Seen]:
+    """Per layer, patch or whole photo (`--region`, as `mfv run` decides it for each target)
+    and the patch side (`mfv.runtime.tasks.patch_side`: the layer's effective field within
+    3/14-3/7 of the input, or `--patch-size`)."""
+    by_spec = {t.spec: t for t in targets}
+    worker = Worker(model)
+    context = RunContext(str(run.root), settings, (), (), (), scan_key=result.key)
+    out = {}
+    for layer, members in units.items():
+        if not members:
+            out[layer] = _Seen("image")
+            continue
+        target = by_spec[result.targets[members[0].column]]
+        region = resolve_region(settings.facets.region, target, result.grid(members[0].column))
+        out[layer] = _Seen(region, patch_side(worker, context, target.terms[0].layer)
+                           if region == "patch" else None)
+    return out
 
-    root: str
-    settings: Settings
-    scan_key: str
-    options: dict
-    codes: np.ndarray  # every image's code (the space the facets are found in)
-    embedding: np.ndarray  # the independent network's codes of the needed images
-    row_of: dict[int, int]  # scan row → row of `embedding`
-    paths: tuple[str, ...]
 
-
-def _measure_unit(worker: Worker, ctx: _SweepContext, u: _Unit) -> dict:
-    """One unit's facets and measures, stored under their key (a unit of `mfv.runtime.backend`)."""
-    run, s = RunDir(ctx.root), ctx.settings
-    key = digest(ctx.scan_key, ctx.options, u.layer, u.unit)
-    stored = run.sweep.read_unit(key)
-    if stored is not None:
-        return stored
-    try:
-        m = unit_measures(ctx.codes[u.rows], ctx.embedding[[ctx.row_of[int(r)] for r in u.rows]],
-                          u.values, seed=s.seed, m=s.facets.m, embedding=s.facets.embedding)
-    except MfvError as error:  # the message names the unit it is about
-        raise MfvError(f"{u.layer}:{u.unit}: {error}") from None
-    doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
-           **m.to_dict(), **{name: [[ctx.paths[int(u.rows[i])] for i in rows] for rows in
-                                    getattr(m, name)] for name in ("members", "representatives")}}
-    run.sweep.write_unit(key, doc)
-    return doc
+def _all_boxes(settings: Settings, model: LoadedModel, result: ScanResult,
+               todo: Sequence[_Unit], seen: dict[str, _Seen], targets: Sequence[Target]
+               ) -> list[np.ndarray]:
+    """Each unit's items' boxes, as `mfv run --region patch` crops them (`mfv.facets.patches`):
+    a square of the layer's side centred on the scan's peak for a unit read at its map's
+    centre (`--reduction center`), else where its map fires most (`firing_centre`); whole
+    photos for image layers."""
+    by_spec = {t.spec: t for t in targets}
+    size = model.preprocess.input_size
+    out: list[np.ndarray] = [whole_boxes(len(u.rows)) for u in todo]
+    moved = []
+    for i, u in enumerate(todo):
+        if seen[u.layer].region != "patch":
+            continue
+        target = by_spec[result.targets[u.column]]
+        out[i] = peak_boxes(result.peak_pixels(u.column, u.rows), seen[u.layer].side, size)
+        if target.reduction not in ("center", "cls"):
+            term = target.terms[0]
+            moved.append((i, (term.layer, term.unit, term.weight, u.rows)))
+    if moved:
+        centres = firing_centres_of(model, result, [m for _, m in moved], settings.progress)
+        for (i, _), c in zip(moved, centres, strict=True):
+            out[i] = peak_boxes(c, seen[todo[i].layer].side, size)
+    return out
 
 
 def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequence[str],
-             result: ScanResult, backend: Backend) -> dict:
+             result: ScanResult, targets: Sequence[Target], backend: Backend) -> dict:
     t0 = time.perf_counter()
+    s = settings
     units = _sampled_units(settings, result, layers)
-    pool = np.flatnonzero(result.valid)
-    size = settings.facets.top_n
-    rng = np.random.default_rng(settings.seed + 1)
-    chance_sets = [np.sort(rng.choice(pool, min(size, pool.size), replace=False))
-                   for _ in range(CHANCE_REPEATS)]
-    needed = np.unique(np.concatenate([*(u.rows for us in units.values() for u in us),
-                                       *chance_sets]))
-    embedder, embedding = _independent_codes(run, settings, model, result, needed)
-    t1 = time.perf_counter()
-    codes = np.asarray(result.codes)
-    row_of = {int(r): i for i, r in enumerate(needed)}
-    options = {"top_n": size, "embedding": settings.facets.embedding,
-               "mean_of": settings.facets.m,
-               "seed": settings.seed, "embedder": embedder, "version": 2}
-    context = _SweepContext(str(run.root), settings, result.key, options, codes, embedding,
-                            row_of, tuple(result.paths))
+    seen = _how_seen(run, settings, model, result, units, targets)
     todo = [u for layer in layers for u in units[layer]]
-    measured: dict[tuple[str, int], dict] = {}
-    bar = tqdm(total=len(todo), desc="sweep: facets", unit="unit",
-               disable=not settings.progress)
-    for unit, doc in zip(todo, backend.imap(_measure_unit, context, todo,
-                                            lambda u: f"unit {u.layer}:{u.unit}"), strict=True):
-        measured[unit.layer, unit.unit] = doc
-        bar.update()
-    bar.close()
-    per_layer = [{"layer": layer, "depth": depth,
-                  "units": [measured[u.layer, u.unit] for u in units[layer]]}
-                 for depth, layer in enumerate(layers)]
+    items, of_unit = table([u.rows for u in todo],
+                           _all_boxes(settings, model, result, todo, seen, targets))
+    index = {(u.layer, u.unit): idx for u, idx in zip(todo, of_unit, strict=True)}
+    embedder, codes, embedding = _codes(run, settings, model, result, items)
+    t1 = time.perf_counter()
+    options = {"top_n": s.facets.top_n, "embedding": s.facets.embedding,
+               "mean_of": s.facets.m, "seed": s.seed, "embedder": embedder,
+               "region": s.facets.region, "patch": PATCH_CODE, "version": 3}
+    sets = _Sets(run, result.key, options, codes, embedding, s, backend)
+    # every unit, then per layer its chance sets and calibration pairs, measured at once
+    for u in todo:
+        sets.add(("unit", u.layer, u.unit), index[u.layer, u.unit], u.values)
+    chance_sets = {}
+    pairs = {}
+    for depth, layer in enumerate(layers):
+        pool = np.unique(np.concatenate([index[layer, u.unit] for u in units[layer]])) \
+            if units[layer] else np.zeros(0, np.int64)
+        chance_sets[layer] = _chance_sets(pool, s.facets.top_n, s.seed + 1 + depth)
+        for i, chosen in enumerate(chance_sets[layer]):
+            sets.add(("chance", layer, i), chosen, None)
+        pairs[layer] = _pairs(units[layer], s.facets.top_n, s.seed + 1 + depth)
+        for a, b in pairs[layer]:
+            chosen, values, _ = _two_kind(a, b, index, s.facets.top_n)
+            sets.add(("pair", layer, (a.unit, b.unit)), chosen, values)
+    measured = sets.run(s.progress)
     t2 = time.perf_counter()
-    chance_key = digest(result.key, options, chance_sets)[:16]
-    level = run.sweep.read(f"chance-{chance_key}")
-    if level is None:
-        level = _chance(codes, embedding, row_of, chance_sets, settings)
-        run.sweep.write(f"chance-{chance_key}", level)
-    for entry in per_layer:
+    per_layer = []
+    for depth, layer in enumerate(layers):
+        docs = [_unit_doc(measured["unit", u.layer, u.unit], u, result, items,
+                          index[u.layer, u.unit], seen[layer]) for u in units[layer]]
+        entry = {"layer": layer, "depth": depth, "region": seen[layer].region,
+                 "patch_side": seen[layer].side, "units": docs}
+        entry["chance"] = _chance_level([measured["chance", layer, i]
+                                         for i in range(len(chance_sets[layer]))])
+        entry["calibration"] = _calibration(
+            pairs[layer], {u.unit: d for u, d in zip(units[layer], docs, strict=True)},
+            [measured["pair", layer, (a.unit, b.unit)] for a, b in pairs[layer]],
+            [_two_kind(a, b, index, s.facets.top_n)[2] for a, b in pairs[layer]],
+            s.seed)
         entry["summary"] = {name: dict(zip(("mean", "low", "high"), bootstrap_ci(
-            [u[name] for u in entry["units"]], seed=settings.seed), strict=True))
+            [u[name] for u in entry["units"]], seed=s.seed), strict=True))
             for name in MEASURES}
         entry["examples"] = _examples(run, settings, model, entry)
+        per_layer.append(entry)
+    level = _overall_chance(per_layer)
     stem = run.sweep.plot_stem
     label = {name: SWEEP_MEASURES[name].label for name in MEASURES}
     plot_layer_measures(
         [e["layer"] for e in per_layer],
         {label[name]: [tuple(e["summary"][name][k] for k in ("mean", "low", "high"))
                        for e in per_layer] for name in MEASURES},
-        {label[name]: [level[name]["mean"]] * len(per_layer) for name in MEASURES}, stem)
+        {label[name]: [e["chance"][name]["mean"] for e in per_layer] for name in MEASURES},
+        stem,
+        calibration={label[name]: [_calibration_point(e, name) for e in per_layer]
+                     for name in POWER_MEASURES})
     return {
         "format": SWEEP_FORMAT, "model": model.describe(), "device": str(model.device),
         "settings": settings.to_dict(), "scan_key": result.key,
@@ -250,70 +304,250 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         "layers": per_layer, "answer": _answer(per_layer, level),
         "timings": {"scan": round(result.manifest["seconds"], 3),
                     "embedding": round(t1 - t0, 3), "facets": round(t2 - t1, 3),
-                    "summary": round(time.perf_counter() - t2, 3)},
+                    "summary": round(time.perf_counter() - t2, 3),
+                    "items": len(items), "crops": int((~items.whole).sum())},
     }
 
 
-def _independent_codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
-                       rows: np.ndarray) -> tuple[str, np.ndarray]:
-    """Penultimate codes of the given images by the independent network (`--embedder`), in the
-    order of `rows`; stored under a key of the network and the rows."""
+def _codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
+           items: Items) -> tuple[str, np.ndarray, np.ndarray]:
+    """Every item's clustering code and independent code (`mfv.study.seen.code_items`), stored
+    under a key of the scan, both networks, the code layer and the items."""
     name = settings.sweep.embedder
     embedder = load_model(name, device=model.device)
-    key = digest(result.key, embedder.fingerprint(), rows)
-    stored = run.sweep.read_array(f"embedding-{key[:16]}")
-    if stored is not None:
-        return name, stored
-    read = read_photos(embedder, [result.paths[int(r)] for r in rows],
-                       [resolve_layer(embedder, "penultimate")], batch_size=EMBED_BATCH,
-                       progress="sweep: independent codes" if settings.progress else None)
-    if not len(read.kept):
-        raise MfvError(f"none of the {len(rows)} images the sweep needs can be read any more")
-    codes = np.zeros((len(rows), read.outputs[0].shape[1]), np.float32)
-    codes[read.kept] = read.outputs[0]  # a file unreadable since the scan: a zero code
-    run.sweep.write_array(f"embedding-{key[:16]}", codes)
-    return name, codes
+    key = digest(result.key, model.fingerprint(), embedder.fingerprint(),
+                 settings.scan.code_layer, PATCH_CODE, items.rows, items.boxes)[:16]
+    codes, other = run.sweep.read_array(f"codes-{key}"), run.sweep.read_array(f"embedding-{key}")
+    if codes is not None and other is not None and len(codes) == len(other) == len(items):
+        return name, codes, other
+    codes, other = code_items(model, embedder, result, items,
+                              resolve_layer(model, settings.scan.code_layer), settings.progress)
+    run.sweep.write_array(f"codes-{key}", codes)
+    run.sweep.write_array(f"embedding-{key}", other)
+    return name, codes, other
 
 
-def _chance(codes: np.ndarray, embedding: np.ndarray, row_of: dict[int, int],
-            sets: Sequence[np.ndarray], settings: Settings) -> dict:
-    """Every measure on random image sets of the unit's size (equal weights for MonoScore)."""
-    draws: dict[str, list[float]] = {name: [] for name in MEASURES}
-    for rows in sets:
-        other = embedding[[row_of[int(r)] for r in rows]]
-        # a random set has no activations: a ramp stands in (it only orders the facets)
-        m = unit_measures(codes[rows], other, np.linspace(2.0, 1.0, len(rows)),
-                          seed=settings.seed, m=settings.facets.m,
-                          embedding=settings.facets.embedding)
-        draws["k"].append(m.k)
-        draws["silhouette"].append(m.silhouette)
-        draws["polysemanticity"].append(1.0 - mono_score(other))
-        draws["separation"].append(m.separation)
+class _Sets:
+    """Sets of items to cluster and measure (units, chance sets, calibration units), each
+    stored under its key once measured; `run` measures the missing ones, in parallel
+    processes when there are enough of them."""
+
+    def __init__(self, run: RunDir, scan_key: str, options: dict, codes: np.ndarray,
+                 embedding: np.ndarray, settings: Settings, backend: Backend) -> None:
+        self.store, self.scan_key, self.options = run.sweep, scan_key, options
+        self.backend = backend
+        self.codes, self.embedding, self.settings = codes, embedding, settings
+        self.todo: list[tuple[tuple, str, np.ndarray, np.ndarray | None]] = []
+
+    def add(self, name: tuple, chosen: np.ndarray, values: np.ndarray | None) -> None:
+        key = digest(self.scan_key, self.options, repr(name), chosen,
+                     values if values is not None else "equal")
+        self.todo.append((name, key, chosen, values))
+
+    def run(self, progress: bool) -> dict[tuple, dict]:
+        out, missing = {}, []
+        for name, key, chosen, values in self.todo:
+            stored = self.store.read_unit(key)
+            if stored is not None:
+                out[name] = stored
+            else:
+                missing.append((name, key, chosen, values))
+        s = self.settings
+        tasks = [(self.codes[chosen], self.embedding[chosen], values, s.seed, s.facets.m,
+                  s.facets.embedding, _label(name)) for name, _, chosen, values in missing]
+        bar = tqdm(total=len(tasks), desc="sweep: facets", unit="set", disable=not progress)
+        done = (self.backend.imap(_on_worker, None, tasks, lambda t: t[-1])
+                if self.backend.workers > 1 else
+                parallel_map(measure_set, tasks, size=sum(len(t[0]) for t in tasks)))
+        for (name, key, _, _), doc in zip(missing, done, strict=True):
+            self.store.write_unit(key, doc)
+            out[name] = doc
+            bar.update()
+        bar.close()
+        return out
+
+
+def _on_worker(worker: Worker, context: None, task: tuple) -> dict:
+    """`measure_set` as a unit of a backend (`--backend ray`)."""
+    return measure_set(task)
+
+
+def _label(name: tuple) -> str:
+    kind, layer, what = name
+    if kind == "unit":
+        return f"{layer}:{what}"
+    if kind == "pair":
+        return f"{layer}: constructed unit {what[0]} | {what[1]}"
+    return f"{layer}: chance set {what}"
+
+
+def _chance_sets(pool: np.ndarray, size: int, seed: int) -> list[np.ndarray]:
+    """CHANCE_REPEATS random sets of the layer's pooled items, each as large as a unit's top."""
+    if len(pool) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(pool, min(size, len(pool)), replace=False))
+            for _ in range(CHANCE_REPEATS)]
+
+
+def _chance_level(draws: Sequence[dict]) -> dict:
+    """Per measure the mean and std of the chance sets' values (over those that are numbers)."""
     out = {}
-    for name, values in draws.items():
-        v = np.asarray(values, np.float64)
+    for name in MEASURES:
+        values = [d[name] for d in draws]
+        v = np.asarray([np.nan if x is None else x for x in values], np.float64)
         finite = v[np.isfinite(v)]
-        out[name] = {"mean": SWEEP_MEASURES[name].combine(values),  # None: no finite draw
+        out[name] = {"mean": SWEEP_MEASURES[name].combine(values) if values else None,
                      "std": float(finite.std()) if finite.size else None, "draws": len(v)}
     return out
 
 
+def _overall_chance(per_layer: Sequence[dict]) -> dict:
+    """The sweep's chance level per measure: the mean of the layers' chance levels."""
+    out = {}
+    for name in MEASURES:
+        means = [e["chance"][name]["mean"] for e in per_layer
+                 if e["chance"][name]["mean"] is not None]
+        stds = [e["chance"][name]["std"] for e in per_layer
+                if e["chance"][name]["std"] is not None]
+        out[name] = {"mean": float(np.mean(means)) if means else None,
+                     "std": float(np.mean(stds)) if stds else None,
+                     "draws": int(sum(e["chance"][name]["draws"] for e in per_layer))}
+    return out
+
+
+def _unit_doc(m: dict, u: _Unit, result: ScanResult, items: Items, chosen: np.ndarray,
+              seen: _Seen) -> dict:
+    """A measured unit as sweep.json lists it: members and representatives as input paths
+    (and, for patches, the representatives' boxes, which its mean images average)."""
+    doc = {"layer": u.layer, "unit": u.unit, "activation_max": float(u.values.max()),
+           "region": seen.region,
+           **{k: v for k, v in m.items() if k not in ("members", "representatives")}}
+    for name in ("members", "representatives"):
+        doc[name] = [[result.paths[int(items.rows[chosen[i]])] for i in rows]
+                     for rows in m[name]]
+    if seen.region == "patch":
+        doc["representative_boxes"] = [[items.boxes[chosen[i]].tolist() for i in rows]
+                                       for rows in m["representatives"]]
+    return doc
+
+
+def _pairs(units: Sequence[_Unit], top_n: int, seed: int) -> list[tuple[_Unit, _Unit]]:
+    """Up to CALIBRATION_PAIRS pairs of the layer's units, each unit in at most one pair, whose
+    top images overlap least (at most OVERLAP of them shared): seeded, never chosen by what the
+    measures read."""
+    if len(units) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    order = [units[i] for i in rng.permutation(len(units))]
+    tops = [set(u.rows.tolist()) for u in order]
+    used: set[int] = set()
+    out = []
+    for i in range(len(order)):
+        if i in used:
+            continue
+        free = [j for j in range(i + 1, len(order)) if j not in used]
+        if not free:
+            break
+        j = min(free, key=lambda j: (len(tops[i] & tops[j]), j))
+        if len(tops[i] & tops[j]) > OVERLAP * min(top_n, len(tops[i]), len(tops[j])):
+            continue
+        used.update((i, j))
+        out.append((order[i], order[j]))
+        if len(out) == CALIBRATION_PAIRS:
+            break
+    return out
+
+
+def _two_kind(a: _Unit, b: _Unit, index: dict, top_n: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The constructed unit max(a / mean a, b / mean b) of two units (each scaled by the mean
+    of its top activations): its top-N items — exactly the top-N of the union of the two units'
+    top-N, each image seen where the unit that drives it peaks — their values, and each item's
+    known kind (0: a, 1: b)."""
+    scale = [u.values.mean() if u.values.mean() > 0 else u.values.max() for u in (a, b)]
+    chosen = np.concatenate([index[a.layer, a.unit], index[b.layer, b.unit]])
+    values = np.concatenate([a.values / scale[0], b.values / scale[1]])
+    kind = np.repeat([0, 1], [len(a.values), len(b.values)])
+    order = np.lexsort((chosen, -values))
+    chosen, values, kind = chosen[order], values[order], kind[order]
+    _, first = np.unique(chosen, return_index=True)  # an item in both: its larger value
+    keep = np.sort(first)[:top_n]
+    return chosen[keep], values[keep], kind[keep]
+
+
+def _calibration(pairs: Sequence[tuple[_Unit, _Unit]], docs: dict[int, dict],
+                 two: Sequence[dict], kinds: Sequence[np.ndarray], seed: int) -> dict:
+    """Can the measures tell, at this layer, a unit that fires for two kinds of image from one
+    that fires for one? Per calibration pair, the constructed two-kind unit's value minus the
+    mean of its two units' values; per measure the mean difference with its bootstrap 95 %
+    interval: `power` when the whole interval is above 0 (None without pairs)."""
+    out = {"pairs": [[a.unit, b.unit] for a, b in pairs],
+           "two_kind": [{"units": [a.unit, b.unit], "split": np.bincount(k, minlength=2)
+                         .tolist(), **{name: d[name] for name in MEASURES},
+                         "kind_ari": _kind_ari(d, k)}
+                        for (a, b), d, k in zip(pairs, two, kinds, strict=True)],
+           "measures": {}}
+    for name in MEASURES:
+        one = np.array([np.nanmean([_num(docs[a.unit][name]), _num(docs[b.unit][name])])
+                        if np.isfinite([_num(docs[a.unit][name]), _num(docs[b.unit][name])]
+                                       ).any() else np.nan for a, b in pairs], np.float64)
+        both = np.array([_num(d[name]) for d in two], np.float64)
+        diff = both - one
+        ok = np.isfinite(diff)
+        if not ok.any():
+            out["measures"][name] = {"one": None, "two": None, "difference": None,
+                                     "low": None, "high": None, "power": None, "pairs": 0}
+            continue
+        mean, low, high = bootstrap_ci(diff[ok], seed=seed)
+        out["measures"][name] = {"one": float(np.mean(one[ok])), "two": float(np.mean(both[ok])),
+                                 "difference": mean, "low": low, "high": high,
+                                 "power": bool(low > 0), "pairs": int(ok.sum())}
+    return out
+
+
+def _num(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _kind_ari(doc: dict, kind: np.ndarray) -> float:
+    """How well the constructed unit's facets split its items by kind (adjusted Rand index)."""
+    labels = np.empty(len(kind), np.int64)
+    for f, rows in enumerate(doc["members"]):
+        labels[np.asarray(rows, np.int64)] = f
+    return float(adjusted_rand_score(kind, labels))
+
+
+def _calibration_point(entry: dict, name: str) -> tuple[float, float, bool | None]:
+    """(one-kind mean, two-kind mean, power) of a layer's calibration for the plot."""
+    c = entry["calibration"]["measures"][name]
+    if c["power"] is None:
+        return float("nan"), float("nan"), None
+    return c["one"], c["two"], c["power"]
+
+
 def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) -> list[dict]:
     """The first few measured units of a layer, with their facets' mean images stored: each the
-    mean of the facet's representatives resized as `--mean-resize` says, as `mfv run` makes it
+    mean of the facet's representatives — their crops (`mfv.facets.patches.load_crops`) for
+    patch units, else the photos resized as `--mean-resize` says — as `mfv run` makes it
     (`mfv.runtime.tasks.pixels`, `mfv.facets.find.mean_image`)."""
     out = []
     for unit in entry["units"][:EXAMPLES]:
         folder = run.sweep.example_dir(slug(entry["layer"], {"layer": entry["layer"]}),
                                        unit["unit"])
+        boxes = unit.get("representative_boxes") or [None] * len(unit["representatives"])
         facets = []
-        for rank, (members, chosen) in enumerate(zip(unit["members"], unit["representatives"],
-                                                     strict=True)):
-            key = digest(chosen, settings.facets.mean_resize, model.preprocess.to_dict())[:10]
+        for rank, (members, chosen, box) in enumerate(zip(
+                unit["members"], unit["representatives"], boxes, strict=True)):
+            key = digest(chosen, box if box is not None else settings.facets.mean_resize,
+                         model.preprocess.to_dict())[:10]
             mean_file = folder / f"mean{rank:02d}-{key}.png"
             if not run.sweep.has_image(mean_file):  # missing, or damaged (then one warning)
-                run.sweep.write_image(mean_file, mean_image(pixels(
-                    model, settings.facets.mean_resize, chosen, range(len(chosen)))))
+                where = range(len(chosen))
+                photos = (pixels(model, settings.facets.mean_resize, chosen, where)
+                          if box is None else
+                          load_crops(model, chosen, np.arange(len(chosen)), np.array(box)))
+                run.sweep.write_image(mean_file, mean_image(photos))
             facets.append({"rank": rank, "size": len(members),
                            "mean_image": run.relative(mean_file),
                            "members": members[:12]})
@@ -324,27 +558,39 @@ def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) 
 def _answer(per_layer: Sequence[dict], level: dict) -> dict:
     """Does multifacetedness grow with depth? The slope of each measure's layer means against
     depth (per layer of depth), with a bootstrap interval over units, and the first-vs-last
-    quarter contrast."""
+    quarter contrast; for the measures the calibration tests, the same over only the layers
+    where the measure has power (`with_power`)."""
     out = {}
     for name in MEASURES:
-        depth = np.array([e["depth"] for e in per_layer], np.float64)
-        per_unit = [np.array([u[name] for u in e["units"]], np.float64) for e in per_layer]
-        means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_unit])
-        ok = np.isfinite(means)
-        if ok.sum() < 2:
-            out[name] = {"slope": float("nan"), "low": float("nan"), "high": float("nan")}
-            continue
-        slope = float(np.polyfit(depth[ok], means[ok], 1)[0])
-        finite = [(d, v[np.isfinite(v)]) for d, v in zip(depth, per_unit, strict=True)
-                  if np.isfinite(v).any()]
-        low, high = percentile_ci([v for _, v in finite], functools.partial(
-            _slope, np.array([d for d, _ in finite])))
-        quarter = max(1, len(per_layer) // 4)
-        first, last = np.nanmean(means[:quarter]), np.nanmean(means[-quarter:])
-        out[name] = {"slope": slope, "low": float(low), "high": float(high),
-                     "first_quarter": float(first), "last_quarter": float(last),
-                     "chance": level[name]["mean"]}
+        out[name] = _trend(per_layer, name)
+        if name in out and "first_quarter" in out[name]:
+            out[name]["chance"] = level[name]["mean"]
+        if name in POWER_MEASURES:
+            powered = [e for e in per_layer
+                       if e["calibration"]["measures"][name]["power"]]
+            trend = _trend(powered, name)
+            out[name]["with_power"] = {"layers": [e["layer"] for e in powered],
+                                       **{k: trend[k] for k in ("slope", "low", "high")}}
     return out
+
+
+def _trend(per_layer: Sequence[dict], name: str) -> dict:
+    """One measure's slope against depth over the given layers (module doc of `_answer`)."""
+    depth = np.array([e["depth"] for e in per_layer], np.float64)
+    per_unit = [np.array([_num(u[name]) for u in e["units"]], np.float64) for e in per_layer]
+    means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_unit])
+    ok = np.isfinite(means)
+    if ok.sum() < 2:
+        return {"slope": float("nan"), "low": float("nan"), "high": float("nan")}
+    slope = float(np.polyfit(depth[ok], means[ok], 1)[0])
+    finite = [(d, v[np.isfinite(v)]) for d, v in zip(depth, per_unit, strict=True)
+              if np.isfinite(v).any()]
+    low, high = percentile_ci([v for _, v in finite], functools.partial(
+        _slope, np.array([d for d, _ in finite])))
+    quarter = max(1, len(per_layer) // 4)
+    first, last = np.nanmean(means[:quarter]), np.nanmean(means[-quarter:])
+    return {"slope": slope, "low": float(low), "high": float(high),
+            "first_quarter": float(first), "last_quarter": float(last)}
 
 
 def _slope(depth: np.ndarray, *layers: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -19,7 +19,9 @@ the space the clustering was done in:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -234,3 +236,45 @@ def unit_measures(
         mono_score=mono_score(other, activations),
         separation=separation_ratio(other, labels),
     )
+
+
+def measure_set(task: tuple) -> dict:
+    """One set of items measured (a unit of the layer study, a constructed unit or a chance
+    set): `task` = (cluster codes, independent codes, activations or None, seed, m, embedding,
+    label). Without activations (a random set) a ramp from 2 to 1 stands in for the clustering
+    (it only orders the facets) and MonoScore weighs all items equally. Members and
+    representatives are row indices of the set. A plain function of plain values, so it runs
+    in any process."""
+    codes, other, values, seed, m, embedding, label = task
+    chance = values is None
+    acts = np.linspace(2.0, 1.0, len(codes)) if chance else values
+    try:
+        doc = unit_measures(codes, other, acts, seed=seed, m=m, embedding=embedding).to_dict()
+    except MfvError as error:  # the message names the unit it is about
+        raise MfvError(f"{label}: {error}") from None
+    if chance:
+        doc["mono_score"] = mono_score(other)
+        doc["polysemanticity"] = 1.0 - doc["mono_score"]
+    return doc
+
+
+PARALLEL_MIN = 5000  # rows in all tasks together below which they run in this process:
+# starting the workers costs seconds (a few hundred small clusterings)
+
+
+def parallel_map(func: Callable[[Any], Any], tasks: Sequence[Any],
+                 processes: int | None = None, size: int | None = None) -> Iterator[Any]:
+    """`map(func, tasks)` in order, over one process per core (forkserver: no inherited
+    threads), or in this process for little work (`size`, e.g. the rows of all tasks, below
+    PARALLEL_MIN) or one core. Each task runs single-threaded (`find_facets` caps its
+    threads), so the cores are used by processes, not threads. As with any forkserver pool,
+    a script that calls it must guard its top level with `if __name__ == "__main__":`."""
+    processes = processes or len(os.sched_getaffinity(0))
+    if processes < 2 or len(tasks) < 2 or (size if size is not None else len(tasks)) \
+            < PARALLEL_MIN:
+        yield from map(func, tasks)
+        return
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([func.__module__])
+    with context.Pool(min(processes, len(tasks))) as pool:
+        yield from pool.imap(func, tasks, chunksize=1)

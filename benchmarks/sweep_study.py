@@ -1,0 +1,131 @@
+"""The layer study's two costs that grow with `--units` (issue 24): coding the items (crops
+and photos, by the swept network and the independent one) and clustering the sets (units,
+chance sets, constructed units), timed on real photos; then the projection of a whole sweep.
+
+Usage: python benchmarks/sweep_study.py [--crops 256] [--sets 24] [--top-n 200]
+       [--items 81500] [--n-sets 3114] [--scan-s 300] [--processes 2]
+       python benchmarks/sweep_study.py --count RUN [--units all] [--top-n 200]
+
+`--count RUN`: no timing; the distinct items (crops and photos) a sweep with `--units` would
+code over the scan stored in RUN (a sweep's run directory), per layer, as the sweep lists them.
+
+Crops: `mfv.study.seen.code_items` on `--crops` centre crops (48 and 96 px) of Imagenette
+photos, Lite0 (the clustering's code, as `mfv run --region patch`) + Lite2 (the independent
+code). Sets: `mfv.study.measures.measure_set` (automatic k, t-SNE) on `--sets` sets of
+`--top-n` of those codes, in one process and over `--processes` (`parallel_map`). The
+projection is scan + items x seconds per item + sets x seconds per set (parallel): pass the
+counts of the sweep to project (`--items`: distinct crops and photos, as `timings.items` of a
+sweep.json or benchmarks' count; `--n-sets`: units + 10 chance sets and up to 8 constructed
+units per layer). Prints one line per measurement with the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mfv.facets.patches import peak_boxes
+from mfv.models import load_model
+from mfv.models.targets import resolve_layer
+from mfv.study.measures import measure_set, parallel_map
+from mfv.study.seen import Items, code_items
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MFV_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+class _Photos:
+    """The little of a scan `code_items` reads: paths and (for whole photos) codes."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        self.codes = np.zeros((len(paths), 1280), np.float32)
+
+
+def count(out: str, units: str, top_n: int) -> None:
+    """Print the items a sweep with `units` would code over the scan stored in `out`."""
+    from mfv.models.targets import parse_targets
+    from mfv.runtime.rundir import RunDir
+    from mfv.runtime.settings import make_settings
+    from mfv.scan.scanner import ScanResult
+    from mfv.study.layers import _all_boxes, _how_seen, _sampled_units, choose_layers
+    from mfv.study.seen import table
+
+    run = RunDir(out)
+    result = ScanResult.load(run.scan(next((run.root / "scan").iterdir()).name))
+    model = load_model("efficientnet_lite0")
+    s = make_settings(units=units if units == "all" else int(units), top_n=top_n, out=out,
+                      progress=False)
+    layers = choose_layers(model, "auto")
+    targets = parse_targets([f"{x}:*" for x in layers], model, s.reduction, s.activation)
+    per = _sampled_units(s, result, layers)
+    seen = _how_seen(run, s, model, result, per, targets)
+    todo = [u for x in layers for u in per[x]]
+    boxes = _all_boxes(s, model, result, todo, seen, targets)
+    items, _ = table([u.rows for u in todo], boxes)
+    print(f"units {len(todo)}, slots {sum(len(u.rows) for u in todo)}, items {len(items)}, "
+          f"crops {int((~items.whole).sum())}")
+    for x in layers:
+        mine = [i for i, u in enumerate(todo) if u.layer == x]
+        here, _ = table([todo[i].rows for i in mine], [boxes[i] for i in mine])
+        print(f"{x}: {seen[x].region} {seen[x].side or ''} units {len(mine)} items {len(here)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--count", help="a sweep's run directory: count its items, time nothing")
+    ap.add_argument("--units", default="all")
+    ap.add_argument("--crops", type=int, default=256)
+    ap.add_argument("--sets", type=int, default=24)
+    ap.add_argument("--top-n", type=int, default=200)
+    ap.add_argument("--items", type=int, default=0, help="items of the sweep to project")
+    ap.add_argument("--n-sets", type=int, default=0, help="sets of the sweep to project")
+    ap.add_argument("--scan-s", type=float, default=0.0, help="its scan's seconds")
+    ap.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--data", type=Path, default=DATA / "imagenette-train")
+    args = ap.parse_args()
+    if args.count:
+        count(args.count, args.units, args.top_n)
+        return
+    paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
+    rng = np.random.default_rng(0)
+    photos = [paths[i] for i in rng.choice(len(paths), args.crops // 2, replace=False)]
+    model, embedder = load_model("efficientnet_lite0"), load_model("efficientnet_lite2")
+    rows = np.repeat(np.arange(len(photos)), 2)
+    boxes = np.concatenate([peak_boxes(np.array([[112.0, 112.0]]), side, 224)
+                            for side in (48, 96)] * len(photos))
+    items = Items(rows, boxes)
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    codes, other = code_items(model, embedder, _Photos(photos), items,
+                              resolve_layer(model, "penultimate"))
+    per_item = (time.perf_counter() - t) / len(items)
+    print(f"items: {len(items)} crops coded in {per_item * len(items):.1f} s = "
+          f"{per_item * 1000:.0f} ms per crop (Lite0 + Lite2; load {load:.1f} -> "
+          f"{os.getloadavg()[0]:.1f})", flush=True)
+    tasks = []
+    for i in range(args.sets):
+        chosen = rng.choice(len(items), min(args.top_n, len(items)), replace=False)
+        tasks.append((codes[chosen], other[chosen], np.sort(rng.random(len(chosen)))[::-1],
+                      i, 15, "tsne", f"set {i}"))
+    timing = {}
+    for label, processes in (("serial", 1), ("parallel", args.processes)):
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        list(parallel_map(measure_set, tasks, processes, size=10**9))
+        timing[label] = (time.perf_counter() - t) / len(tasks)
+        print(f"sets: {len(tasks)} x {args.top_n} items, {label} ({processes} processes): "
+              f"{timing[label]:.2f} s per set (load {load:.1f} -> {os.getloadavg()[0]:.1f})",
+              flush=True)
+    if args.items or args.n_sets:
+        total = args.scan_s + args.items * per_item + args.n_sets * timing["parallel"]
+        print(f"projection: scan {args.scan_s:.0f} s + {args.items} items x {per_item:.3f} s + "
+              f"{args.n_sets} sets x {timing['parallel']:.2f} s = {total / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The layer study's calibration and its shared items, without a network: constructed
+two-kind units are exactly the top-N of max(a, b), pairs never share many top images, the
+calibration finds power where two kinds differ in the embedding and none where they do not,
+and every distinct crop is listed (and so coded) once."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mfv.study.layers import _calibration, _pairs, _two_kind, _Unit
+from mfv.study.measures import measure_set
+from mfv.study.seen import WHOLE, table, whole_boxes
+
+N = 30
+
+
+def _unit(unit: int, rows, values) -> _Unit:
+    return _Unit("layer", unit, unit, np.asarray(rows, np.int64), np.asarray(values, float))
+
+
+def test_a_two_kind_unit_is_the_top_n_of_the_scaled_maximum():
+    a = _unit(0, [5, 3, 9, 1], [8.0, 6.0, 4.0, 2.0])  # mean 5
+    b = _unit(1, [7, 3, 2, 4], [2.0, 1.5, 0.4, 0.1])  # mean 1
+    index = {("layer", 0): np.array([50, 30, 90, 10]), ("layer", 1): np.array([70, 31, 20, 40])}
+    chosen, values, kind = _two_kind(a, b, index, 4)
+    scaled = {50: 1.6, 30: 1.2, 90: 0.8, 10: 0.4, 70: 2.0, 31: 1.5, 20: 0.4, 40: 0.1}
+    best = sorted(scaled, key=lambda k: -scaled[k])[:4]
+    assert chosen.tolist() == best and np.allclose(values, [scaled[k] for k in best])
+    assert kind.tolist() == [1, 0, 1, 0]
+    same = {("layer", 0): np.array([1, 2]), ("layer", 1): np.array([2, 3])}  # item 2 twice
+    chosen, values, _ = _two_kind(_unit(0, [1, 2], [2.0, 1.0]), _unit(1, [2, 3], [3.0, 1.0]),
+                                  same, 4)
+    assert chosen.tolist() == [2, 1, 3] and np.allclose(values, [1.5, 4 / 3, 0.5])
+
+
+def test_pairs_share_few_top_images_and_are_seeded():
+    rows = [range(0, 10), range(0, 10), range(20, 30), range(40, 50), range(1, 11)]
+    units = [_unit(i, list(r), np.linspace(2, 1, 10)) for i, r in enumerate(rows)]
+    pairs = _pairs(units, 10, seed=3)
+    assert pairs == _pairs(units, 10, seed=3) and pairs
+    used = [u.unit for pair in pairs for u in pair]
+    assert len(used) == len(set(used))  # each unit in at most one pair
+    for a, b in pairs:
+        assert len(set(a.rows.tolist()) & set(b.rows.tolist())) <= 1
+
+
+def _measured(codes, other, chosen, values, seed=0):
+    return measure_set((codes[chosen], other[chosen], values, seed, 5, "pca", "x"))
+
+
+def _layer(separate: bool, seed: int = 0):
+    """Six units, each the top of one blob of items (in both the clustering's codes and the
+    independent embedding): with `separate`, blobs far apart (two kinds differ), else one blob
+    shared by all."""
+    rng = np.random.default_rng(seed)
+    units, index, docs = [], {}, {}
+    codes = rng.normal(size=(6 * N, 20))
+    other = rng.normal(size=(6 * N, 16)) * 0.2 + 1.0
+    for u in range(6):
+        rows = np.arange(u * N, (u + 1) * N)
+        if separate:
+            other[rows] += rng.normal(size=16) * 3
+            codes[rows] += rng.normal(size=20) * 5
+        index["layer", u] = rows
+        units.append(_unit(u, rows, np.linspace(3, 1, N)))
+    for u in units:
+        docs[u.unit] = _measured(codes, other, index["layer", u.unit], u.values)
+    pairs = _pairs(units, N, seed)
+    two = [_two_kind(a, b, index, N) for a, b in pairs]
+    measured = [_measured(codes, other, c, v) for c, v, _ in two]
+    return _calibration(pairs, docs, measured, [k for _, _, k in two], seed)
+
+
+def test_the_calibration_has_power_only_where_two_kinds_differ():
+    seen = _layer(separate=True)
+    assert len(seen["pairs"]) == 3 and all(sum(t["split"]) == N for t in seen["two_kind"])
+    power = seen["measures"]["polysemanticity"]
+    assert power["power"] and power["low"] > 0 and power["two"] > power["one"]
+    assert seen["measures"]["separation"]["power"]
+    assert all(t["kind_ari"] > 0.9 for t in seen["two_kind"])  # facets split the kinds
+    blind = _layer(separate=False)
+    assert blind["measures"]["polysemanticity"]["power"] is False
+    assert abs(blind["measures"]["polysemanticity"]["difference"]) < 0.05
+
+
+def test_items_are_listed_once_whoever_sees_them():
+    boxes = np.array([[0, 0, 8, 8], [4, 4, 8, 8], [0, 0, 8, 8]])
+    items, index = table([np.array([3, 1, 3]), np.array([1, 3]), np.array([2, 2])],
+                         [boxes, boxes[[1, 0]], whole_boxes(2)])
+    assert len(items) == 3  # (1, b), (2, whole), (3, a): each listed once, however often seen
+    assert items.rows.tolist() == [1, 2, 3]
+    for rows, box, idx in ((np.array([3, 1, 3]), boxes, index[0]),
+                           (np.array([1, 3]), boxes[[1, 0]], index[1])):
+        assert items.rows[idx].tolist() == rows.tolist()
+        assert items.boxes[idx].tolist() == box.tolist()
+    assert index[0][0] == index[0][2] and items.whole[index[2]].all()
+    assert (items.boxes[index[2]] == WHOLE).all()
