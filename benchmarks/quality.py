@@ -46,6 +46,7 @@ import numpy as np
 import mfv
 from mfv.core.io import atomic_write_json, atomic_write_text, read_json
 from mfv.models.classes import imagenet_classes
+from mfv.render.anchor import AnchorSettings
 from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"
@@ -154,7 +155,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not write results/quality-k*.md")
     ap.add_argument("--name", default="",
                     help="results/quality-k<K><NAME>.md: keeps tables of other subsets apart")
+    ap.add_argument("--match-positions", type=int, default=None,
+                    help="anchored recipe: positions per channel matched a step (0: all, as "
+                         "before issue 24; default: AnchorSettings')")
     args = ap.parse_args(argv)
+    if args.match_positions is not None:  # not a run setting: this process's default
+        init = AnchorSettings.__init__
+        init.__defaults__ = (*init.__defaults__[:-1], args.match_positions)
     if not 0 <= args.classes <= len(IMAGENETTE) or not 0 <= args.pairs <= len(PAIRS):
         ap.error(f"--classes must be in 0..{len(IMAGENETTE)} and --pairs in 0..{len(PAIRS)}")
     if args.classes + args.pairs == 0:

@@ -16,6 +16,11 @@ Both sides run in one process on the same images at the same batch size:
   with `--sweep`, what `mfv sweep` scans: every unit of every block and the logits (2,808 units
   for Lite0), each unit's top 100 kept by the streaming top-N (the goal is >= 0.8 there).
 
+- decode: the scan's own decoding of the same files in this process (`load_rgb` at the scan's
+  JPEG draft size, then the model's preprocessing), which sets the scan's floor on a CPU whose
+  cores the forward already uses: forward / (forward + decoding) of the time, the rate at which a
+  scan that did nothing else would run (`scan/floor`, goal >= 0.95).
+
 The sides alternate `--repeats` times and the best time of each counts (least disturbed by other
 load). Prints images/s for both, their ratio (the acceptance goal is >= 0.9 on 2 CPU cores), the
 ratio within each repeat (a check on the best-of figure when other processes load the machine),
@@ -42,7 +47,7 @@ from mfv.models.base import to_tensor
 from mfv.models.passes import inference
 from mfv.models.targets import parse_targets
 from mfv.scan.options import ScanOptions
-from mfv.scan.scanner import decoding_workers, scan
+from mfv.scan.scanner import decode_settings, decoding_workers, scan
 from mfv.study.layers import block_layers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
@@ -78,6 +83,15 @@ def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int,
         seconds = time.perf_counter() - start
     assert result is not None and not result.bad, "benchmark images should all decode"
     return seconds
+
+
+def _time_decode(model, images: ImageList) -> float:
+    """Seconds to decode and preprocess `images` as the scan does, in this process."""
+    min_side = decode_settings(model)["jpeg_draft_min_side"]
+    start = time.perf_counter()
+    for item in images:
+        to_tensor(model.preprocess, load_rgb(item.path, min_side=min_side))
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -116,15 +130,17 @@ def main() -> None:
     print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in the main process")
     _time_forward(model, x[: args.batch_size * 2], args.batch_size)  # warm-up
 
-    forward, standard, scanned = [], [], []
+    forward, standard, scanned, decoded = [], [], [], []
     for _ in range(args.repeats):
         forward.append(n / _time_forward(model, x, args.batch_size))
+        decoded.append(n / _time_decode(model, images))
         standard.append(n / _time_forward(model, x, args.batch_size, fastest=False))
         scanned.append(n / _time_scan(model, images, targets, args.batch_size, workers, mode))
         print(f"  repeat done, load avg {_load()}", flush=True)
     print("forward img/s per run: " + " ".join(f"{r:.1f}" for r in forward))
     print("standard layout forward img/s per run: " + " ".join(f"{r:.1f}" for r in standard))
     print("scan img/s per run:    " + " ".join(f"{r:.1f}" for r in scanned))
+    print("decoding img/s per run: " + " ".join(f"{r:.1f}" for r in decoded))
     paired = [s / f for s, f in zip(scanned, forward, strict=True)]
     print("scan/forward per repeat: " + " ".join(f"{r:.3f}" for r in paired)
           + f" (median {statistics.median(paired):.3f})")
@@ -132,6 +148,10 @@ def main() -> None:
     print(f"forward {f_rate:.1f} img/s (best), scan {s_rate:.1f} img/s (best), "
           f"ratio scan/forward = {s_rate / f_rate:.3f} (goal >= {0.8 if args.sweep else 0.9}); "
           f"forward/standard-layout forward = {f_rate / max(standard):.2f}")
+    floor = 1 / (1 / f_rate + 1 / max(decoded))
+    print(f"floor forward / (forward + decoding) = {floor / f_rate:.3f} of the forward "
+          f"({floor:.1f} img/s; decoding {1e3 / max(decoded):.2f} ms a photo); scan/floor = "
+          f"{s_rate / floor:.3f} (goal >= 0.95)")
 
 
 def _load() -> str:

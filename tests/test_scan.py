@@ -206,3 +206,31 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, imagenette):
     np.testing.assert_array_equal(resumed.activations, clean.activations)
     np.testing.assert_array_equal(resumed.codes, clean.codes)
     assert resumed.manifest["images"] == clean.manifest["images"]
+
+
+def test_the_spectrum_is_measured_on_an_even_sample(tmp_path, tiny, monkeypatch):
+    """With `SPECTRUM_PHOTOS` below the collection, the stored spectrum is the mean over every
+    `spectrum_every`-th image of each batch (bad files skipped), and the manifest says how many."""
+    import mfv.scan.scanner as scanner
+    from mfv.data.spectrum import AmplitudeSpectrum
+
+    _make_images(tmp_path / "imgs", 22)
+    (tmp_path / "imgs/red thing/noise.jpg").write_bytes(os.urandom(500))
+    images = from_folder(tmp_path / "imgs")
+    targets = parse_targets(["fc:0"], tiny)
+    monkeypatch.setattr(scanner, "SPECTRUM_PHOTOS", 7)  # 23 // 7: every 3rd of each batch
+    result = scan(tiny, images, targets, tmp_path / "run",
+                  ScanOptions(batch_size=5, chunk_batches=2, workers=0), progress=False)
+    good = [i for i, it in enumerate(images) if it.path.endswith(".png")]
+    batches = [[i for i in range(s, min(s + 5, len(images))) if i in good]
+               for s in range(0, len(images), 5)]
+    sample = [i for b in batches for i in b[::3]]
+    expected = AmplitudeSpectrum()
+    expected.update(torch.stack([to_tensor(tiny.preprocess, load_rgb(images[i].path))
+                                 for i in sample]))
+    assert result.manifest["spectrum_photos"] == len(sample) < len(good)
+    np.testing.assert_allclose(result.spectrum, expected.result().numpy(), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(scanner, "SPECTRUM_PHOTOS", 1024)  # another key: every image
+    every = scan(tiny, images, targets, tmp_path / "run",
+                 ScanOptions(batch_size=5, chunk_batches=2, workers=0), progress=False)
+    assert every.key != result.key and every.manifest["spectrum_photos"] == len(good)

@@ -4,10 +4,12 @@ Stored (by `mfv.runtime.rundir.ScanStore`, one folder per scan key): a manifest 
 preprocessing, decoding, image list and its fingerprint, targets, code layer, bad files) and plain
 `.npy` arrays — `activations` (N, T) or, when full vectors would not fit, a streaming top-N per
 target (`top_indices`, `top_values`, (T, n)), `codes` (N, D), `valid` (N,) and the images' mean
-amplitude spectrum (what the MACO recipe keeps fixed). Rows of undecodable images are NaN and
-invalid. For targets on spatial maps, where each image drives the target most (its peak:
-`TargetBank.peaks`) is kept next to its activation: `peaks` (N, T, 2) or `top_peaks` (T, n, 2),
-(row, column) in the target's grid (the manifest's `grids`), -1 where there is none.
+amplitude spectrum (what the MACO recipe keeps fixed), measured on an even sample of about
+`SPECTRUM_PHOTOS` of them (`spectrum_every`; the manifest's `spectrum_photos` says how many).
+Rows of undecodable images are NaN and invalid. For targets on spatial maps, where each image
+drives the target most (its peak: `TargetBank.peaks`) is kept next to its activation: `peaks`
+(N, T, 2) or `top_peaks` (T, n, 2), (row, column) in the target's grid (the manifest's
+`grids`), -1 where there is none.
 
 The pass is cut into chunks of whole batches; each finished chunk is written atomically, so a scan
 killed at any moment resumes from the last finished chunk and its merged arrays equal an
@@ -46,6 +48,12 @@ from mfv.scan.topn import merge_top, peaks_of_top
 
 log = logging.getLogger(__name__)
 
+# Photos the mean amplitude spectrum is measured on (the FFT of every photo cost ~0.6 ms of
+# 2 CPU cores): 1,024 evenly spread Imagenette training photos give all 9,469 photos' mean
+# amplitude to 3 % (relative L2; median bin 2 %), the sampling noise of amplitudes that vary
+# ~100 % between photos (`benchmarks/results/scan-issue24.md`).
+SPECTRUM_PHOTOS = 1024
+
 
 def decode_settings(model: LoadedModel) -> dict:
     """How files are decoded: large JPEGs decode at reduced size (DCT scaling, up to 8x) while
@@ -74,7 +82,8 @@ def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "batch_size": batch_size,
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
-                   "code_layer": code_layer, "mode": mode, "top_n": top_n, "spectrum": 1,
+                   "code_layer": code_layer, "mode": mode, "top_n": top_n,
+                   "spectrum": {"photos": SPECTRUM_PHOTOS},
                    "peaks": 1,
                    "layout": default_channels_last(model.device), "batchnorm": "folded"})
 
@@ -99,6 +108,12 @@ class _Pass:
 
     def chunk_size(self, c: int) -> int:
         return min((c + 1) * self.chunk, len(self.images)) - c * self.chunk
+
+    @property
+    def spectrum_every(self) -> int:
+        """The spectrum reads every this-many-th readable image of each batch, from its first
+        (`SPECTRUM_PHOTOS` in all, evenly spread; at least one per batch that has any)."""
+        return max(1, len(self.images) // SPECTRUM_PHOTOS)
 
 
 def scan(model: LoadedModel, images: ImageList, targets: list[Target],
@@ -185,7 +200,7 @@ def _scan_chunks(job: _Pass, chunks: list[int], workers: int, progress: bool) ->
                 peaks, state.grids = bank.peaks(store)
                 state.peaks.append(peaks.cpu().numpy().astype(np.int16))
                 state.codes.append(store[code_ref.key].flatten(1).float().cpu().numpy())
-                state.spectrum.update(pixels)
+                state.spectrum.update(pixels[::job.spectrum_every])
             state.bad += [[images[i].path, reason] for i, reason in bad]
             state.seen += len(batch)
             bar.update(len(batch))
@@ -256,7 +271,7 @@ def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
         valid.append(arrays["valid"])
         codes.append(arrays.get("codes"))
         bad += [{"path": p, "reason": r} for p, r in meta["bad"]]
-        if "codes" in arrays:
+        if "spectrum_sum" in arrays:
             spectrum.merge(AmplitudeSpectrum.from_state(
                 {k.removeprefix("spectrum_"): v for k, v in arrays.items()
                  if k.startswith("spectrum_")}))
@@ -295,7 +310,7 @@ def _merge(job: _Pass, manifest: dict, seconds: float) -> ScanResult:
         store.write_array("peaks" if job.mode == "full" else "top_peaks",
                           np.concatenate(peaks) if job.mode == "full" else top_peaks)
     manifest = {**manifest, "grids": grids, "status": "complete", "bad": bad,
-                "n_valid": int(valid.sum()),
+                "n_valid": int(valid.sum()), "spectrum_photos": spectrum.count,
                 "code_dim": int(dim), "seconds": manifest.get("seconds", 0.0) + seconds}
     store.write_manifest(manifest)
     store.drop_chunks()

@@ -50,6 +50,18 @@ def _random_affine(gen: torch.Generator, s: FourierSettings, size: int) -> torch
     return torch.tensor([[cos, -sin, shift[0]], [sin, cos, shift[1]]])
 
 
+def _crop_grid(theta: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """`F.affine_grid(theta, ...)` of the padded canvas at the crop's pixels only: (B, S, S, 2)
+    for (B, 2, 3) affines and the crop's S pixel centres in the canvas's normalized coordinates
+    (broadcast products: the same numbers, without the whole canvas's grid or a batched matrix
+    product of inner dimension 3)."""
+    x, y = centres.view(1, 1, -1), centres.view(1, -1, 1)
+    t = theta.unsqueeze(-1).unsqueeze(-1)  # (B, 2, 3, 1, 1)
+    gx = t[:, 0, 0] * x + t[:, 0, 1] * y + t[:, 0, 2]
+    gy = t[:, 1, 0] * x + t[:, 1, 1] * y + t[:, 1, 2]
+    return torch.stack([gx, gy], dim=-1)
+
+
 def fourier_loop(objective: Objective, starts: Sequence[torch.Tensor | None],
                  seeds: Sequence[int], settings: FourierSettings | None = None,
                  progress: bool = False, desc: str = "render") -> Rendered:
@@ -74,15 +86,17 @@ def run_fourier(batch: Batch, settings: FourierSettings) -> Rendered:
     # Every step's transforms up front, moved to the device once (each sample's own stream).
     thetas = torch.stack([torch.stack([_random_affine(g, settings, size) for g in gens])
                           for _ in range(settings.steps)]).to(device) if settings.steps else None
-    inner = slice(settings.pad, settings.pad + size)
+    # The padded canvas's pixel centres (align_corners=False) where the crop keeps them.
+    padded_size = size + 2 * settings.pad
+    centres = (torch.arange(settings.pad, settings.pad + size, device=device,
+                            dtype=torch.float32) * 2 + 1) / padded_size - 1
 
     def step(i: int) -> torch.Tensor:
         pixels = image()
         padded = F.pad(pixels, [settings.pad] * 4, mode="reflect")
-        # The padded canvas's grid, sampled only where the crop keeps it.
-        grid = F.affine_grid(thetas[i].to(pixels.dtype), list(padded.shape), align_corners=False)
-        crop = F.grid_sample(padded, grid[:, inner, inner], mode="bilinear",
-                             padding_mode="reflection", align_corners=False)
+        grid = _crop_grid(thetas[i].to(pixels.dtype), centres.to(pixels.dtype))
+        crop = F.grid_sample(padded, grid, mode="bilinear", padding_mode="reflection",
+                             align_corners=False)
         ascend, value = objective.maximize(crop)
         optimizer.zero_grad(set_to_none=True)
         (-ascend.sum()).backward()
