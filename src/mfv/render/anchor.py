@@ -49,7 +49,10 @@ class AnchorSettings:
     code_weight: float = 1.0
     match_weight: float = 1.0
     match_layers: tuple[str, ...] = ()
-    match_positions: int = 1024  # at most this many positions per channel a step (0: all)
+    # at most this many positions per channel a step (0: all, the default until the
+    # faithful-facets quality table is re-run with a grid: `benchmarks/quality.py
+    # --match-positions 1024`)
+    match_positions: int = 0
 
 
 @dataclass(frozen=True)

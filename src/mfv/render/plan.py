@@ -18,8 +18,9 @@ from mfv.render.anchor import AnchorSettings
 from mfv.render.recipes import get
 
 # Raised whenever the engine's output for the same settings changes, so older pictures are
-# redone (2: the recorded activation is the saved 8-bit picture's; 3: the anchored recipe
-# matches large layers on a moving grid of positions, `AnchorSettings.match_positions`).
+# redone (2: the recorded activation is the saved 8-bit picture's; 3: Fourier's crop grid is
+# computed directly, equal to 2e-7, and the anchored recipe can match large layers on a moving
+# grid of positions, `AnchorSettings.match_positions`).
 ENGINE = 3
 
 
