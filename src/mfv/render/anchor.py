@@ -213,7 +213,7 @@ def quantile_match(values: torch.Tensor, quantiles: torch.Tensor, var: torch.Ten
     at a value is 2 (value − the quantile of its rank) / var / (C·N), so only the ranks are
     needed, found without autograd, and the gradient is formed in the forward pass
     (`_QuantileMatch`): ~0.04 of Lite0's forward+backward less per step at batch 8 on 2 CPU
-    cores. The ranks come from `_argsort` (on the CPU one sort of packed keys, one thread)."""
+    cores. The ranks come from `_argsort`."""
     return _QuantileMatch.apply(values, quantiles, var)
 
 
@@ -236,16 +236,7 @@ class _QuantileMatch(torch.autograd.Function):
 
 
 def _argsort(values: torch.Tensor) -> torch.Tensor:
-    """Indices sorting (..., N) values along the last dimension. On the CPU one value sort of
-    int64 keys packing each float's order-preserving bits (high 32) and its index (low 32): a
-    stable argsort (numpy's SIMD sort of int64), faster than torch's for Lite0's matched layers
-    at batch 10 on one CPU thread: 27 → 19 ms at 3,136 positions, 5.9 → 2.4 ms at 784, 3.9 →
-    0.5 ms at 196, 1.8 → 0.3 ms at 49 (numpy's own float argsort is slower where values tie)."""
-    if values.device.type != "cpu" or values.dtype != torch.float32 \
-            or values.shape[-1] >= 2 ** 31:
-        return values.argsort(dim=-1)
-    bits = values.contiguous().numpy().view(np.int32)
-    keys = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: order reversed
-    packed = (keys.astype(np.int64) << 32) | np.arange(values.shape[-1], dtype=np.int64)
-    packed.sort(axis=-1)
-    return torch.from_numpy(packed & 0xFFFFFFFF)
+    """Indices sorting (..., N) values along the last dimension, stably, on the values' device
+    (a numpy sort of packed keys was faster on one CPU thread, but it reads the tensor on the
+    host every step, which `tests/test_speed.py` forbids inside a render loop)."""
+    return values.argsort(dim=-1, stable=True)
