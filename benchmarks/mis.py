@@ -136,25 +136,42 @@ def stored_pictures(run: Path, spec: str, recipe: str, since: float = 0.0
     return out["facet"], out["random"]
 
 
+def acts(scan, spec: str) -> np.ndarray:
+    """A target's activations over a stored scan's photos."""
+    return scan.activations_of(scan.target_index(spec))
+
+
+def drawn_units(args) -> tuple[dict[str, list[str]], list[str]]:
+    """The units of the full run, drawn again: the same seed and draws as `main`."""
+    rng = np.random.default_rng(args.seed)
+    paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
+    rng.permutation(len(paths))  # the photo draw comes first in `main`
+    return units(args, load_model("efficientnet_lite0"), rng)
+
+
+def stored_embeddings(args) -> dict[str, np.ndarray]:
+    """The observer's embeddings of sets A and B per layer, as `main` left them in --work."""
+    return {layer: np.load(args.work / f"photos-{layer}.npy") for layer in args.observer_layers}
+
+
+def best_layer(embeddings: dict[str, np.ndarray], scan_a, scan_b, select: list[str]
+               ) -> tuple[dict[str, float], str]:
+    """Each observer layer's mean natural MIS over the selection units, and the best layer."""
+    n_a = len(scan_a.paths)
+    scores = {layer: float(np.mean([unit_scores(e, acts(scan_a, s), acts(scan_b, s), None,
+                                                n_a)["natural"]["mis"] for s in select]))
+              for layer, e in embeddings.items()}
+    return scores, max(scores, key=scores.get)
+
+
 def from_run(args) -> None:
     """MIS of every unit whose pictures are finished (facets and random starts), read from
     --work; the negation's facet pictures are used where they are finished too."""
-    rng = np.random.default_rng(args.seed)
-    paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
-    rng.permutation(len(paths))  # the same draws as the full run, so the same units
-    table_units, select = units(args, load_model("efficientnet_lite0"), rng)
+    table_units, select = drawn_units(args)
     scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
-    layers = {layer: np.load(args.work / f"photos-{layer}.npy")
-              for layer in args.observer_layers}
+    layers = stored_embeddings(args)
     n_a = len(scan_a.paths)
-
-    def acts(scan, spec):
-        return scan.activations_of(scan.target_index(spec))
-
-    scores = {layer: float(np.mean([unit_scores(e, acts(scan_a, s), acts(scan_b, s), None,
-                                                n_a)["natural"]["mis"] for s in select]))
-              for layer, e in layers.items()}
-    best = max(scores, key=scores.get)
+    scores, best = best_layer(layers, scan_a, scan_b, select)
     observer_model = load_model(args.observer)
     observer = Observer(observer_model, resolve_layer(observer_model, best), best)
     rows, naturals = [], []
@@ -193,10 +210,7 @@ def from_run(args) -> None:
 
 def natural_only(args) -> None:
     """The natural scores of every unit from a previous run's scans and embeddings."""
-    rng = np.random.default_rng(args.seed)
-    paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
-    rng.permutation(len(paths))  # the same draws as the full run, so the same units
-    table_units, select = units(args, load_model("efficientnet_lite0"), rng)
+    table_units, select = drawn_units(args)
     every = [*(s for group in table_units.values() for s in group), *select]
     if not (args.work / "queries").exists():  # scans of this --reduction, same photos
         common = dict(model="efficientnet_lite0", scan_targets=every, scan_mode="full",
@@ -205,13 +219,8 @@ def natural_only(args) -> None:
             mfv.scan_images(images=str(args.work / f"{name}.txt"), out=str(args.work / folder),
                             **common)
     scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
-    layers = {layer: np.load(args.work / f"photos-{layer}.npy")
-              for layer in args.observer_layers}
+    layers = stored_embeddings(args)
     n_a = len(scan_a.paths)
-
-    def acts(scan, spec):
-        return scan.activations_of(scan.target_index(spec))
-
     missing = set()  # queries of set B this reduction needs that no embedding has yet
     for spec in every:
         order = mis.ranked(acts(scan_b, spec))
@@ -227,10 +236,7 @@ def natural_only(args) -> None:
             layers[layer][np.array(rows)[read.kept]] = values
             np.save(args.work / f"photos-{layer}.npy", layers[layer])
 
-    scores = {layer: float(np.mean([unit_scores(e, acts(scan_a, s), acts(scan_b, s), None,
-                                                n_a)["natural"]["mis"] for s in select]))
-              for layer, e in layers.items()}
-    best = max(scores, key=scores.get)
+    scores, best = best_layer(layers, scan_a, scan_b, select)
     rows = [{"spec": spec, "layer": layer,
              "natural": unit_scores(layers[best], acts(scan_a, spec), acts(scan_b, spec), None,
                                     n_a)}
@@ -407,10 +413,6 @@ def main() -> None:
     index_b = {p: i for i, p in enumerate(scan_b.paths)}
     n_a = len(scan_a.paths)
     assert len(index_a) == n_a and len(index_b) == len(scan_b.paths)
-
-    def acts(scan, spec):
-        return scan.activations_of(scan.target_index(spec))
-
     queries = set()  # set B: only the queries are ever shown to the observer
     for spec in [*every, *select]:
         order = mis.ranked(acts(scan_b, spec))
@@ -423,11 +425,9 @@ def main() -> None:
     timings["observer photos"] = round(time.perf_counter() - t, 1)
     timings["observer photos n"] = n_a + len(queries)
 
-    scores = {layer: np.mean([unit_scores(photos[layer], acts(scan_a, s), acts(scan_b, s), None,
-                                          n_a)["natural"]["mis"] for s in select])
-              for layer in args.observer_layers}
-    best = max(scores, key=scores.get)
-    layer_choice = {"scores": {k: float(v) for k, v in scores.items()}, "layer": best}
+    scores, best = best_layer({layer: photos[layer] for layer in args.observer_layers},
+                              scan_a, scan_b, select)
+    layer_choice = {"scores": scores, "layer": best}
     print(f"observer layer scores: {layer_choice}", flush=True)
     observer = Observer(observer_model, resolve_layer(observer_model, best), best)
     rows: list[dict] = []
