@@ -75,6 +75,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mis.md")
     p.add_argument("--render-layers", nargs="+", default=None,
                    help="the layers whose units get pictures (default: all, _fc first)")
+    p.add_argument("--render-units", type=int, default=None,
+                   help="only the first N table units of each rendered layer get pictures")
     p.add_argument("--per-unit", action="store_true",
                    help="render unit by unit (the unit, then its negation), so a cut-off "
                    "leaves whole units")
@@ -438,6 +440,7 @@ def main() -> None:
         render = dict(images=str(args.work / "a.txt"), out=str(args.work / "run"),
                       facets=args.facets, steps=args.steps, recipes=list(args.recipes),
                       until="render", **common)
+        specs = specs[:args.render_units]
         groups = [[s] for s in specs] if args.per_unit else [specs]
         by_spec = {}
         for group in groups:

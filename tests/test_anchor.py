@@ -171,8 +171,8 @@ def test_fewer_matched_positions_estimate_the_same_term(tiny):
         objective = AnchoredObjective(Objective(tiny, targets, [0, 0]), [anchor, anchor],
                                       resolve_layer(tiny, "penultimate"), settings, match)
         out = []
-        for _ in range(calls):
-            ascend, target = objective.maximize(torch.cat([photo, other]))
+        for step in range(calls):
+            ascend, target = objective.maximize(torch.cat([photo, other]), step=step)
             out.append((target - ascend).detach())
         return torch.stack(out), objective.strides[match[0].key]
 
@@ -182,3 +182,12 @@ def test_fewer_matched_positions_estimate_the_same_term(tiny):
     assert sampled[:, 0].abs().max() < 0.1 * every[0, 1]  # the reference itself: ~0
     assert not torch.allclose(sampled[0, 1], sampled[1, 1])  # the grid moves
     assert sampled[:, 1].mean() == pytest.approx(every[0, 1].item(), rel=0.3)
+    # the step number, not how often it was called, sets the grid: a batch split across
+    # workers, or a render resumed at step 3, matches the same positions
+    objective = AnchoredObjective(Objective(tiny, targets, [0, 0]), [anchor, anchor],
+                                  resolve_layer(tiny, "penultimate"),
+                                  AnchorSettings(code_weight=0.0, match_positions=64), match)
+    images = torch.cat([photo, other])
+    for step in (3, 3, 0, 3):
+        ascend, target = objective.maximize(images, step=step)
+        assert torch.equal((target - ascend).detach(), sampled[step])

@@ -206,10 +206,14 @@ def test_patch_crops_land_on_the_dot(tmp_path):
     assert patches.codes(np.arange(6)).shape == (6, 3)
 
 
-def test_region_auto_is_patch_for_hidden_spatial_units_only():
+def test_region_auto_is_patch_for_hidden_spatial_units_read_at_a_place_only():
     ref = LayerRef("L")
     hidden = Target("L:0", (Term(1.0, ref, 0),))
     assert resolve_region("auto", hidden, (4, 4)) == "patch"
+    assert resolve_region("auto", Target("L:0", (Term(1.0, ref, 0),), "max"), (4, 4)) == "patch"
+    averaged = Target("L:0", (Term(1.0, ref, 0),), "mean")  # every place counts
+    assert resolve_region("auto", averaged, (4, 4)) == "image"
+    assert resolve_region("patch", averaged, (4, 4)) == "patch"
     assert resolve_region("auto", hidden, None) == "image"
     assert resolve_region("image", hidden, (4, 4)) == "image"
     with pytest.raises(MfvError, match="--region patch"):

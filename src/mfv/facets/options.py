@@ -28,8 +28,9 @@ class FacetOptions(Options):
     region: Literal[REGIONS] = opt(
         "auto", "--region", "what of each selected image is clustered and averaged: patch (the "
         "crop around the unit's peak at its receptive field's size) or image (the whole "
-        "photo); auto: patch for hidden units on spatial maps, image for logits, the "
-        "penultimate and other non-spatial targets")
+        "photo); auto: patch for hidden units on spatial maps read at a place (--reduction "
+        "center or max), image for logits, the penultimate, spatial means and other "
+        "non-spatial targets")
     patch_size: count_or("auto") = opt(
         "auto", "--patch-size", "side of the patches in input pixels, or auto: the layer's "
         "effective receptive field (90 percent of the gradient) kept within 3/14 and 3/7 of the "

@@ -41,10 +41,13 @@ FIRING_SHARE = 0.5  # a unit fires where its map is at least this share of the m
 
 
 def resolve_region(region: str, target: Target, grid: tuple[int, int] | None) -> str:
-    """`auto` → patch for a hidden unit on a spatial map (the scan found its grid), image for
-    logits, the penultimate and other non-spatial targets; `patch` needs a spatial target."""
+    """`auto` → patch for a hidden unit on a spatial map (the scan found its grid) read at one
+    place (`center`, `max`); image for logits, the penultimate and other non-spatial targets,
+    and for a map's spatial mean (every place counts, so the whole photo is what it sees);
+    `patch` needs a spatial target."""
     if region == "auto":
-        return "patch" if grid is not None and target.class_index is None else "image"
+        local = grid is not None and target.class_index is None and target.reduction != "mean"
+        return "patch" if local else "image"
     if region == "patch" and grid is None:
         raise MfvError(f"--region patch: target {target.spec!r} is not on a spatial map, so it "
                        "has no peak to crop around; use --region image (or auto)")

@@ -86,7 +86,6 @@ class AnchoredObjective:
         self.match = list(match) if settings.match_weight > 0 else []
         self.strides: dict[str, int] = {}  # per matched layer: its grid's stride (module doc)
         self.quantiles = self._reference_quantiles(anchors) if self.match else {}
-        self.calls = 0  # `maximize` calls so far: the matching grid's offset
 
     @torch.no_grad()
     def _reference_quantiles(self, anchors: Sequence[Anchor | None]
@@ -133,12 +132,13 @@ class AnchoredObjective:
         """What `measure` reports: the target alone, with a float32 pass."""
         return self.base.exact()
 
-    def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch."""
+    def maximize(self, images: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch at
+        optimization step `step`, which sets the matching grid's offset: the same step gives
+        the same terms however the samples were batched, split or resumed."""
         # a target read at a unit's scale sees another view of the canvas: its own pass
         target = self.base(images) if self.base.at_unit_scale else None
         layers = [*([] if target is not None else self.base.layers), self.code, *self.match]
-        phase, self.calls = self.calls, self.calls + 1
         with capture(self.model, layers) as store:
             self.base.forward(self.model, images)
             if target is None:
@@ -148,7 +148,7 @@ class AnchoredObjective:
             total = target / self.scales - self.settings.code_weight * pull
             for ref in self.match:
                 quant, var = self.quantiles[ref.key]
-                mine = _grid_positions(store[ref.key].float(), self.strides[ref.key], phase)
+                mine = _grid_positions(store[ref.key].float(), self.strides[ref.key], step)
                 total = total - self.settings.match_weight * quantile_match(mine, quant, var)
         return torch.where(self.has_anchor, total, target), target
 

@@ -214,8 +214,9 @@ class Objective:
         exact.forward = replace(self.forward, precision="float32")
         return exact
 
-    def maximize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(what an optimizer ascends, the target's value): the same for a plain objective."""
+    def maximize(self, images: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what an optimizer ascends, the target's value) at optimization step `step`: the
+        same for a plain objective."""
         value = self(images)
         return value, value
 

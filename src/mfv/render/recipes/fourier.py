@@ -97,7 +97,7 @@ def run_fourier(batch: Batch, settings: FourierSettings) -> Rendered:
         grid = _crop_grid(thetas[i].to(pixels.dtype), centres.to(pixels.dtype))
         crop = F.grid_sample(padded, grid, mode="bilinear", padding_mode="reflection",
                              align_corners=False)
-        ascend, value = objective.maximize(crop)
+        ascend, value = objective.maximize(crop, step=i)
         optimizer.zero_grad(set_to_none=True)
         (-ascend.sum()).backward()
         optimizer.step()
