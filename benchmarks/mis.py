@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -332,9 +333,7 @@ def pictures_of(run: Path, target: dict, recipe: str) -> tuple[list[np.ndarray],
 def summarize(rows: list[dict], layer_choice: dict, args, timings: dict) -> str:
     lines = [
         "# MIS: would an observer learn the unit from its pictures? (benchmarks/mis.py)", "",
-        f"Command: `python benchmarks/mis.py --photos {args.photos} --units {args.units} "
-        f"--steps {args.steps} --facets {args.facets} --top-n {args.top_n} --recipes "
-        f"{' '.join(args.recipes)}`", "",
+        f"Command: `python benchmarks/mis.py {' '.join(sys.argv[1:])}`", "",
         f"Observer: {args.observer}, layer chosen by the natural score of {args.select_units} "
         "other random channels per block (held-out queries):", "",
         "| observer layer | natural MIS (selection units) |", "|---|---|",

@@ -56,9 +56,15 @@ def _answers(html: str) -> dict[str, tuple[str, str]]:
     return {key: (trend, html_mod.unescape(text)) for key, trend, text in found}
 
 
+def _strip(facet: dict[str, Any]) -> list[str]:
+    """The images an example facet's strip shows: the representatives its mean image averages,
+    then its other members, at most STRIP_MAX."""
+    return list(dict.fromkeys([*facet.get("representatives", []), *facet["members"]]))[:STRIP_MAX]
+
+
 def _expected_images(doc: dict[str, Any]) -> int:
     """The plot, and per example facet its mean image and its shown members."""
-    return 1 + sum(1 + min(STRIP_MAX, len(f["members"])) for e in doc["layers"]
+    return 1 + sum(1 + len(_strip(f)) for e in doc["layers"]
                    for u in e["examples"] for f in u["facets"])
 
 
@@ -92,9 +98,19 @@ def test_the_page_shows_the_plot_table_and_every_layers_examples(swept) -> None:
             for block, facet in zip(facets, unit["facets"], strict=True):
                 assert f'src="{quote(facet["mean_image"])}"' in block
                 assert f"{facet['size']} images" in block
-                assert block.count('class="thumb"') == len(facet["members"])
-                more = facet["size"] - len(facet["members"])
+                shown = _strip(facet)
+                assert block.count('class="thumb"') == len(shown)
+                # a patch unit shows the crops its mean image averages, each a link to the
+                # whole photo with the crop outlined, as the run's report does
+                crops = sum(p in facet["representatives"] for p in shown) if \
+                    entry["units"][0]["region"] == "patch" else 0
+                assert block.count("the crop its unit saw") == crops
+                assert len(facet.get("boxes", [])) == (len(facet["representatives"]) if crops
+                                                       else 0)
+                more = facet["size"] - len(shown)
                 assert (f'<span class="more">+{more}</span>' in block) == (more > 0)
+    assert any(f.get("boxes") for e in doc["layers"] for u in e["examples"]
+               for f in u["facets"])  # the conv layers' units are patch units
     for key in ("k", "polysemanticity", "separation"):  # where the measure can be read
         powered = doc["answer"][key]["with_power"]["layers"]
         sentence = re.search(rf'<p class="verdict power small" data-measure="{key}">([^<]*)</p>',
@@ -210,6 +226,7 @@ def test_hostile_layer_and_file_names_are_text(swept, tmp_path: Path, fake_runs,
     evil.parent.mkdir()
     shutil.copy(facet["members"][0], evil)
     facet["members"][:2] = [str(evil), str(tmp_path / "in" / "gone.png")]
+    facet["representatives"], facet["boxes"] = facet["members"][:2], []  # whole photos shown
     odd = Path(facet["mean_image"]).with_name(fake_runs.ODD_VIS_NAME).as_posix()
     (run / facet["mean_image"]).rename(run / odd)
     facet["mean_image"] = odd

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mfv.report.pages import KV, STRIP_MAX, Img, Links, colour, duration, fmt, section_id
+from mfv.report.pages import (
+    KV,
+    Img,
+    Links,
+    colour,
+    duration,
+    fmt,
+    frame_of,
+    section_id,
+    strip_keys,
+)
 from mfv.report.thumbs import Thumb
 from mfv.results.metrics import SWEEP_MEASURES, Metric, describe, format_value
 from mfv.results.model import (
@@ -113,11 +123,19 @@ def answer_sentence(label: str, answer: Trend | Mapping[str, Any]) -> tuple[str,
     return trend, text
 
 
+def example_strip(f: ExampleFacet, frame: tuple[int, int] | None
+                  ) -> list[tuple[str, str, str | None]]:
+    """An example facet's strip (`strip_keys`): the representatives its mean image averages
+    first; for patch units their crops, as the run's report shows them."""
+    boxes = dict(zip(f.representatives, f.boxes, strict=True)) if f.boxes else {}
+    return strip_keys(f.representatives, f.members, boxes, frame)
+
+
 def layers_thumb_paths(doc: Sweep) -> list[str]:
-    """Every input image the page shows: the example units' facet members (at most
-    STRIP_MAX a facet)."""
-    return [p for e in doc.layers for u in e.examples for f in u.facets
-            for p in f.members[:STRIP_MAX]]
+    """Every input image (or crop) the page shows: the example units' facet strips."""
+    frame = frame_of(doc.model.preprocess)
+    return [k for e in doc.layers for u in e.examples for f in u.facets
+            for _, *keys in example_strip(f, frame) for k in keys if k]
 
 
 def run_sections(results: Results, run_page_url: str) -> dict[str, str]:
@@ -372,15 +390,17 @@ class LayersPage:
         return UnitView(spec, unit, meta, self.rendered.get(spec), facets)
 
     def facet(self, spec: str, f: ExampleFacet) -> FacetView:
-        shown = f.members[:STRIP_MAX]
+        shown = example_strip(f, frame_of(self.doc.model.preprocess))
         label = f"{spec} facet {f.rank}"
         mean = Img(self.links.file(f.mean_image), f"{label}: mean image", "vis",
                    f"{label}: mean of its images nearest the facet's centre")
         strip = []
-        for path in shown:
-            thumb = self.thumbs.get(path) or Thumb(None, "no thumbnail")
+        for path, key, opens in shown:
+            thumb = self.thumbs.get(key) or Thumb(None, "no thumbnail")
+            href = self.links.thumb(self.thumbs.get(opens)) if opens else None
+            title = path + (" — the crop its unit saw (click: the whole photo)" if opens else "")
             strip.append(Img(self.links.thumb(thumb), path.replace("\\", "/").rsplit("/", 1)[-1],
-                             "thumb", path, thumb.reason or "", lazy=True))
+                             "thumb", title, thumb.reason or "", True, href))
         more = max(0, f.size - len(shown)) if f.size is not None else 0
         return FacetView(f.rank, colour(f.rank), fmt(f.size), mean, strip, more)
 

@@ -44,7 +44,7 @@ from markupsafe import Markup
 
 from mfv.core.io import atomic_write_text
 from mfv.core.layout import RunLayout
-from mfv.report.thumbs import Thumb
+from mfv.report.thumbs import Thumb, region_key
 from mfv.results.display import facet_colour
 
 
@@ -82,6 +82,25 @@ class Img:
 
 
 STRIP_MAX = 12  # real member images shown per facet
+
+
+def strip_keys(representatives: list[str], members: list[str],
+               boxes: Mapping[str, list[int]], frame: tuple[int, int] | None
+               ) -> list[tuple[str, str, str | None]]:
+    """A facet's strip, representatives first, at most STRIP_MAX: (path, thumbnail key, key of
+    the picture a click opens). A member with a box (patch facets) shows the crop its unit saw
+    and opens the whole photo with the crop outlined."""
+    shown = list(dict.fromkeys([*representatives, *members]))[:STRIP_MAX]
+    return [(p, region_key(p, boxes[p], frame), region_key(p, boxes[p], frame, whole=True))
+            if p in boxes and frame else (p, p, None) for p in shown]
+
+
+def frame_of(preprocess: object) -> tuple[int, int] | None:
+    """The scanned frame (resize size, input size) that patch facets' boxes are in, from a
+    model's preprocessing as results record it."""
+    pre = preprocess if isinstance(preprocess, dict) else {}
+    return (int(pre["resize_size"]), int(pre["input_size"])) if "resize_size" in pre and \
+        "input_size" in pre else None
 colour = facet_colour  # a facet's fixed colour, the same in the notebook (mfv.results.display)
 
 

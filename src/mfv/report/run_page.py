@@ -25,9 +25,11 @@ from mfv.report.pages import (
     colour,
     duration,
     fmt,
+    frame_of,
     section_id,
+    strip_keys,
 )
-from mfv.report.thumbs import Thumb, region_key
+from mfv.report.thumbs import Thumb
 from mfv.report.verdict import Verdict, verdicts
 from mfv.results.metrics import METRICS, describe, format_value, means
 from mfv.results.model import Facet, Results, TargetResult, Visualization
@@ -38,31 +40,17 @@ MAP_W, MAP_H, MAP_PAD = 640.0, 440.0, 14.0
 __all__ = ["EAGER_TARGETS", "STRIP_MAX", "RunPage", "thumb_paths"]
 
 
-def strip(representatives: list[str], members: list[str]) -> list[str]:
-    """The member images a facet card shows: representatives first, at most STRIP_MAX."""
-    return list(dict.fromkeys([*representatives, *members]))[:STRIP_MAX]
-
-
 def shown_members(f: Facet, frame: tuple[int, int] | None) -> list[tuple[str, str, str | None]]:
-    """A facet card's strip: (path, thumbnail key, key of the picture a click opens). Patch
-    facets show each member's crop, and open the whole photo with the crop outlined."""
-    boxes = dict(zip(f.members, f.boxes, strict=True)) if f.boxes and frame else {}
-    return [(p, region_key(p, boxes[p], frame), region_key(p, boxes[p], frame, whole=True))
-            if p in boxes else (p, p, None) for p in strip(f.representatives, f.members)]
-
-
-def frame_of(results: Results) -> tuple[int, int] | None:
-    """The scanned frame (resize size, input size) that patch facets' boxes are in."""
-    pre = results.model.preprocess if isinstance(results.model.preprocess, dict) else {}
-    return (int(pre["resize_size"]), int(pre["input_size"])) if "resize_size" in pre and \
-        "input_size" in pre else None
+    """A facet card's strip (`strip_keys`): patch facets show each member's crop."""
+    boxes = dict(zip(f.members, f.boxes, strict=True)) if f.boxes else {}
+    return strip_keys(f.representatives, f.members, boxes, frame)
 
 
 def thumb_paths(results: Results) -> list[str]:
     """Every input image (or crop) the report shows as a thumbnail (facet strips and map
     points)."""
     paths: list[str] = []
-    frame = frame_of(results)
+    frame = frame_of(results.model.preprocess)
     for t in results.targets:
         for f in t.facets:
             paths += [k for _, *keys in shown_members(f, frame) for k in keys if k]
@@ -429,7 +417,7 @@ class RunPage:
                    for recipe, v in f.visualizations.items()]
         mean = (self.img(f.mean_image, f"facet {rank} mean image", "vis", lazy=lazy)
                 if f.mean_image else None)
-        shown = shown_members(f, frame_of(self.r))
+        shown = shown_members(f, frame_of(self.r.model.preprocess))
         crop = " — the crop its unit saw (click: the whole photo)"
         thumbs = [self.input_img(p, "thumb", f"{p} — activation {fmt(activation.get(p))}"
                                  + (crop if opens else ""), lazy, key, opens)

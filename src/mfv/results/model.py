@@ -345,6 +345,8 @@ class ExampleFacet(_Part):
     size: int | None = None
     mean_image: str | None = None
     members: list[str] = Field(default_factory=list)
+    representatives: list[str] = Field(default_factory=list)  # what the mean image averages
+    boxes: list[list[int]] = Field(default_factory=list)  # patch units: the representatives'
 
 
 class ExampleUnit(_Part):

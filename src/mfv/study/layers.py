@@ -550,7 +550,8 @@ def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) 
                 run.sweep.write_image(mean_file, mean_image(photos))
             facets.append({"rank": rank, "size": len(members),
                            "mean_image": run.relative(mean_file),
-                           "members": members[:12]})
+                           "members": members[:12], "representatives": chosen,
+                           **({"boxes": box} if box is not None else {})})
         out.append({"unit": unit["unit"], "k": unit["k"], "facets": facets})
     return out
 
