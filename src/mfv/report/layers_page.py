@@ -18,17 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mfv.report.pages import (
-    KV,
-    Img,
-    Links,
-    colour,
-    duration,
-    fmt,
-    frame_of,
-    section_id,
-    strip_keys,
-)
+from mfv.report import pages
+from mfv.report.pages import KV, Img, Links, colour, duration, fmt, section_id
 from mfv.report.thumbs import Thumb
 from mfv.results.metrics import SWEEP_MEASURES, Metric, describe, format_value
 from mfv.results.model import (
@@ -128,12 +119,12 @@ def example_strip(f: ExampleFacet, frame: tuple[int, int] | None
     """An example facet's strip (`strip_keys`): the representatives its mean image averages
     first; for patch units their crops, as the run's report shows them."""
     boxes = dict(zip(f.representatives, f.boxes, strict=True)) if f.boxes else {}
-    return strip_keys(f.representatives, f.members, boxes, frame)
+    return pages.strip_keys(f.representatives, f.members, boxes, frame)
 
 
 def layers_thumb_paths(doc: Sweep) -> list[str]:
     """Every input image (or crop) the page shows: the example units' facet strips."""
-    frame = frame_of(doc.model.preprocess)
+    frame = pages.frame_of(doc.model.preprocess)
     return [k for e in doc.layers for u in e.examples for f in u.facets
             for _, *keys in example_strip(f, frame) for k in keys if k]
 
@@ -390,7 +381,7 @@ class LayersPage:
         return UnitView(spec, unit, meta, self.rendered.get(spec), facets)
 
     def facet(self, spec: str, f: ExampleFacet) -> FacetView:
-        shown = example_strip(f, frame_of(self.doc.model.preprocess))
+        shown = example_strip(f, pages.frame_of(self.doc.model.preprocess))
         label = f"{spec} facet {f.rank}"
         mean = Img(self.links.file(f.mean_image), f"{label}: mean image", "vis",
                    f"{label}: mean of its images nearest the facet's centre")
