@@ -65,6 +65,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--facets", type=int, default=3)
     p.add_argument("--top-n", type=int, default=100)
     p.add_argument("--recipes", nargs="+", default=["anchored"])
+    p.add_argument("--maco-crops", type=int, default=None,
+                   help="maco: random crops per step (default: its own, 32)")
     p.add_argument("--observer", default="efficientnet_lite2")
     p.add_argument("--observer-layers", nargs="+",
                    default=["penultimate", "_blocks.15", "_blocks.20"])
@@ -144,12 +146,56 @@ def acts(scan, spec: str) -> np.ndarray:
     return scan.activations_of(scan.target_index(spec))
 
 
-def drawn_units(args) -> tuple[dict[str, list[str]], list[str]]:
-    """The units of the full run, drawn again: the same seed and draws as `main`."""
+def drawn_units(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The units of the full run, drawn again (the same seed and draws as `main`), and per
+    explained layer the held-out units that choose its observer layer: the block's selection
+    channels, and for the logits `--select-units` class logits outside the table (drawn after
+    everything `main` draws, so its draws are unchanged)."""
     rng = np.random.default_rng(args.seed)
     paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
     rng.permutation(len(paths))  # the photo draw comes first in `main`
-    return units(args, load_model("efficientnet_lite0"), rng)
+    table, select = units(args, load_model("efficientnet_lite0"), rng)
+    by_layer = {layer: [s for s in select if s.rsplit(":", 1)[0] == layer] for layer in table}
+    others = np.array([c for c in range(1000) if c not in IMAGENETTE])
+    by_layer["_fc"] = [f"_fc:{c}" for c in sorted(rng.permutation(others)[:args.select_units])]
+    return table, by_layer
+
+
+def scans_with(args, specs: list[str]):
+    """Sets A and B's stored scans, scanned again (every unit they hold, and `specs`) when
+    they lack some of `specs`."""
+    scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
+    missing = [s for s in specs if s not in scan_a.targets]
+    if missing:
+        common = dict(model="efficientnet_lite0", scan_targets=[*scan_a.targets, *missing],
+                      scan_mode="full", top_n=args.top_n, progress=False, seed=args.seed,
+                      reduction=args.reduction)
+        for name, folder in (("a", "run"), ("b", "queries")):
+            mfv.scan_images(images=str(args.work / f"{name}.txt"),
+                            out=str(args.work / folder), **common)
+        scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
+    return scan_a, scan_b
+
+
+def embed_queries(args, layers: dict[str, np.ndarray], scan_b, n_a: int,
+                  specs: list[str]) -> None:
+    """Fill in (and store) the observer's embeddings of the set-B queries of `specs` that no
+    previous run embedded."""
+    missing = set()
+    for spec in specs:
+        order = mis.ranked(acts(scan_b, spec))
+        missing |= {n_a + i for i in [*order[:mis.N_TRIALS], *order[::-1][:mis.N_TRIALS]]
+                    if np.isnan(layers[args.observer_layers[0]][n_a + i]).all()}
+    if not missing:
+        return
+    rows = sorted(missing)
+    observer = load_model(args.observer)
+    refs = [resolve_layer(observer, layer) for layer in args.observer_layers]
+    read = read_photos(observer, [scan_b.paths[r - n_a] for r in rows], refs, channel_means,
+                       batch_size=32, progress="observer")
+    for layer, values in zip(args.observer_layers, read.outputs, strict=True):
+        layers[layer][np.array(rows)[read.kept]] = values
+        np.save(args.work / f"photos-{layer}.npy", layers[layer])
 
 
 def stored_embeddings(args) -> dict[str, np.ndarray]:
@@ -169,22 +215,31 @@ def best_layer(embeddings: dict[str, np.ndarray], scan_a, scan_b, select: list[s
 
 def from_run(args) -> None:
     """MIS of every unit whose pictures are finished (facets and random starts), read from
-    --work; the negation's facet pictures are used where they are finished too."""
-    table_units, select = drawn_units(args)
-    scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
+    --work; the negation's facet pictures are used where they are finished too. Each explained
+    layer is observed at the observer layer that best tells its held-out units from their
+    natural exemplars (`drawn_units`)."""
+    table_units, held = drawn_units(args)
+    every = [s for group in table_units.values() for s in group]
+    scan_a, scan_b = scans_with(args, [s for group in held.values() for s in group])
     layers = stored_embeddings(args)
     n_a = len(scan_a.paths)
-    scores, best = best_layer(layers, scan_a, scan_b, select)
+    embed_queries(args, layers, scan_b, n_a, [*every, *(s for g in held.values() for s in g)])
+    choices = {}
+    for layer, select in held.items():
+        scores, best = best_layer(layers, scan_a, scan_b, select)
+        choices[layer] = {"scores": scores, "layer": best}
     observer_model = load_model(args.observer)
-    observer = Observer(observer_model, resolve_layer(observer_model, best), best)
+    observers = {c["layer"]: Observer(observer_model, resolve_layer(observer_model, c["layer"]),
+                                      c["layer"]) for c in choices.values()}
+    since = args.newer_than.stat().st_mtime if args.newer_than else 0.0
     rows, naturals = [], []
     for layer, specs in table_units.items():
+        best = choices[layer]["layer"]
         for spec in specs:
             naturals.append({"spec": spec, "layer": layer, "natural": unit_scores(
                 layers[best], acts(scan_a, spec), acts(scan_b, spec), None, n_a)})
-            row = {"spec": spec, "layer": layer, "scores": {}}
+            row = {"spec": spec, "layer": layer, "observer": best, "scores": {}}
             for recipe in args.recipes:
-                since = args.newer_than.stat().st_mtime if args.newer_than else 0.0
                 facets, randoms = stored_pictures(args.work / "run", spec, recipe, since)
                 shunned, _ = stored_pictures(args.work / "run", negation(spec), recipe, since)
                 if len(facets) < args.facets or len(randoms) < args.facets:
@@ -194,17 +249,17 @@ def from_run(args) -> None:
                 pics = {"facet": np.arange(k), "random": np.arange(k, 2 * k),
                         "facet_neg": np.arange(2 * k, len(images)) if len(shunned) >= args.facets
                         else None}
-                table = np.vstack([layers[best], observer.pictures(images)])
+                table = np.vstack([layers[best], observers[best].pictures(images)])
                 offset = len(layers[best])
                 row["scores"][recipe] = unit_scores(
                     table, acts(scan_a, spec), acts(scan_b, spec),
                     {k: None if v is None else offset + v for k, v in pics.items()}, n_a)
             if row["scores"]:
                 rows.append(row)
-                print(spec, {c: round(v["mis"], 2) for c, v in
-                             row["scores"][args.recipes[0]].items()}, flush=True)
+                print(spec, {r: {c: round(v["mis"], 2) for c, v in sc.items()}
+                             for r, sc in row["scores"].items()}, flush=True)
     timings = {"load average": round(os.getloadavg()[0], 1)}
-    text = summarize(rows, {"scores": scores, "layer": best}, args, timings)
+    text = summarize(rows, choices, args, timings, held)
     text += "\n" + "\n".join(natural_markdown(naturals))
     atomic_write_text(args.work / "rows-from-run.json", json.dumps(rows, indent=1))
     atomic_write_text(args.out, text)
@@ -213,7 +268,8 @@ def from_run(args) -> None:
 
 def natural_only(args) -> None:
     """The natural scores of every unit from a previous run's scans and embeddings."""
-    table_units, select = drawn_units(args)
+    table_units, held = drawn_units(args)
+    select = [s for layer, group in held.items() if layer != "_fc" for s in group]
     every = [*(s for group in table_units.values() for s in group), *select]
     if not (args.work / "queries").exists():  # scans of this --reduction, same photos
         common = dict(model="efficientnet_lite0", scan_targets=every, scan_mode="full",
@@ -224,20 +280,7 @@ def natural_only(args) -> None:
     scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
     layers = stored_embeddings(args)
     n_a = len(scan_a.paths)
-    missing = set()  # queries of set B this reduction needs that no embedding has yet
-    for spec in every:
-        order = mis.ranked(acts(scan_b, spec))
-        missing |= {n_a + i for i in [*order[:mis.N_TRIALS], *order[::-1][:mis.N_TRIALS]]
-                    if np.isnan(layers[args.observer_layers[0]][n_a + i]).all()}
-    if missing:
-        rows = sorted(missing)
-        observer = load_model(args.observer)
-        refs = [resolve_layer(observer, layer) for layer in args.observer_layers]
-        read = read_photos(observer, [scan_b.paths[r - n_a] for r in rows], refs,
-                           channel_means, batch_size=32, progress="observer")
-        for layer, values in zip(args.observer_layers, read.outputs, strict=True):
-            layers[layer][np.array(rows)[read.kept]] = values
-            np.save(args.work / f"photos-{layer}.npy", layers[layer])
+    embed_queries(args, layers, scan_b, n_a, every)
 
     scores, best = best_layer(layers, scan_a, scan_b, select)
     rows = [{"spec": spec, "layer": layer,
@@ -330,18 +373,27 @@ def pictures_of(run: Path, target: dict, recipe: str) -> tuple[list[np.ndarray],
     return facets, randoms
 
 
-def summarize(rows: list[dict], layer_choice: dict, args, timings: dict) -> str:
+def summarize(rows: list[dict], choices: dict[str, dict], args, timings: dict,
+              held: dict[str, list[str]] | None = None) -> str:
+    """The results as markdown; `choices`: per explained layer (or one entry for every layer)
+    the observer layers' natural scores on its held-out units (`held`) and the chosen one."""
+    names = list(next(iter(choices.values()))["scores"])
     lines = [
         "# MIS: would an observer learn the unit from its pictures? (benchmarks/mis.py)", "",
         f"Command: `python benchmarks/mis.py {' '.join(sys.argv[1:])}`", "",
-        f"Observer: {args.observer}, layer chosen by the natural score of {args.select_units} "
-        "other random channels per block (held-out queries):", "",
-        "| observer layer | natural MIS (selection units) |", "|---|---|",
-        *[f"| {k} | {v:.3f} |" for k, v in layer_choice["scores"].items()], "",
-        f"Chosen: **{layer_choice['layer']}**. N = 20 trials, K = 9 natural references per "
-        "side; synthetic references: the unit's pictures (and its negation's for E-) in every "
-        f"trial. Queries: photos of set B only. σ(αΔ) uses the published α = {mis.ALPHA} "
-        "(fitted on human data with DreamSim, which we cannot reach).", "",
+        f"Observer: {args.observer}; its layer chosen by the natural MIS of held-out units "
+        f"(held-out queries): {args.select_units} other random channels per block"
+        + (", and per explained layer on its own held-out units (for the logits: class "
+           "logits outside the table)" if held else "") + ":", "",
+        "| explained | held-out units | " + " | ".join(names) + " | chosen |",
+        "|---|---|" + "---|" * len(names) + "---|",
+        *[f"| {layer} | {', '.join(held[layer]) if held else 'all selection channels'} | "
+          + " | ".join(f"{c['scores'][n]:.3f}" for n in names) + f" | **{c['layer']}** |"
+          for layer, c in choices.items()], "",
+        "N = 20 trials, K = 9 natural references per side; synthetic references: the unit's "
+        "pictures (and its negation's for E-) in every trial. Queries: photos of set B only. "
+        f"Reduction: {args.reduction}. σ(αΔ) uses the published α = {mis.ALPHA} (fitted on "
+        "human data with DreamSim, which we cannot reach).", "",
         f"Timings (s): {json.dumps(timings)}", ""]
     for recipe in args.recipes:
         lines += [f"## recipe {recipe}", "",
@@ -438,7 +490,7 @@ def main() -> None:
         t = time.perf_counter()
         render = dict(images=str(args.work / "a.txt"), out=str(args.work / "run"),
                       facets=args.facets, steps=args.steps, recipes=list(args.recipes),
-                      until="render", **common)
+                      maco_crops=args.maco_crops, until="render", **common)
         specs = specs[:args.render_units]
         groups = [[s] for s in specs] if args.per_unit else [specs]
         by_spec = {}
@@ -475,7 +527,8 @@ def main() -> None:
         timings["total"] = round(time.perf_counter() - started, 1)
         timings[f"load average after {layer}"] = round(os.getloadavg()[0], 1)
         atomic_write_text(args.work / "rows.json", json.dumps(rows, indent=1))
-        atomic_write_text(args.out, summarize(rows, layer_choice, args, timings))
+        atomic_write_text(args.out, summarize(rows, {"every layer": layer_choice}, args,
+                                                    timings))
         print(f"wrote {args.out} ({len(rows)} units, {timings['total']} s)", flush=True)
 
 
