@@ -86,7 +86,9 @@ DEFAULT_SECTIONS = ("pass", "recipes", "scan", "units", "project")
 # label: (recipe, MACO crops)
 RECIPES = {"paper-mean": ("paper-mean", None), "paper-center": ("paper-center", None),
            "fourier": ("fourier", None), "maco-32": ("maco", 32), "maco-4": ("maco", 4),
-           "anchored": ("anchored", None)}
+           "anchored": ("anchored", None), "anchored-grid": ("anchored", None)}
+# the anchored recipe matching at most this many positions per channel a step (its grid)
+GRID_POSITIONS = {"anchored-grid": 1024}
 FULL_STEPS = {"paper-mean": 370, "paper-center": 530, "fourier": 256, "maco": 256,
               "anchored": 256}
 IMAGENET = {"images": 1_281_167, "classes": 1000, "facets": 10}
@@ -242,6 +244,9 @@ def time_recipe(inputs: Inputs, label: str, batch: int, options: RenderOptions, 
     model = inputs.model
     forward = options.forward(model.device)
     options = replace(options, maco_crops=crops)
+    if label in GRID_POSITIONS:
+        options = replace(options, anchor=replace(options.anchor,
+                                                  match_positions=GRID_POSITIONS[label]))
     if recipe in SCHEDULES:
         steps = max(steps, 2 * len(SCHEDULES[recipe]))
         steps = sum(o.iters for o in schedule(recipe, steps))

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mfv.report import pages
+import mfv.report.pages as pages
 from mfv.report.pages import KV, Img, Links, colour, duration, fmt, section_id
 from mfv.report.thumbs import Thumb
 from mfv.results.metrics import SWEEP_MEASURES, Metric, describe, format_value
