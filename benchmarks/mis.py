@@ -1,10 +1,11 @@
 """Would an observer learn the unit from its pictures? The MIS two-alternative task (issue 25) over
 class logits and hidden channels of EfficientNet-Lite0, on Imagenette photos.
 
-Usage: python benchmarks/mis.py [--photos 1200] [--units 10] [--steps 32] [--facets 3]
+Usage: python benchmarks/mis.py [--photos 450] [--units 10] [--steps 32] [--facets 3]
        [--top-n 100] [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14]
        [--observer-layers penultimate _blocks.15 _blocks.20] [--select-units 4]
-       [--work /tmp/mfv-mis] [--out benchmarks/results/mis.md]
+       [--work /tmp/mfv-mis] [--out benchmarks/results/mis.md] [--reduction center|mean]
+       [--per-unit] [--render-units N] [--render-layers L ...] [--from-run] [--natural-only]
 
 Two disjoint random sets of `--photos` Imagenette training photos: set A is the run's (scan,
 facets, pictures and the natural references), set B gives the queries only, so no query was
@@ -14,7 +15,9 @@ shuns: its facets come from the unit's least activating photos and its pictures 
 One `mfv.run(..., until="render")` per layer (default recipe, `--facets` facets and as many
 random starts each, `--steps` steps) over a scan of A that records every unit; then per unit,
 with the observer (EfficientNet-Lite2; its layer chosen first by the natural score of
-`--select-units` other channels per block, units not in the table):
+`--select-units` other channels per block, units not in the table; `--from-run` chooses it per
+explained layer, on that layer's own held-out units, for the logits `--select-units` other
+logits):
 
 - natural (published): queries and references from A's ranking (ranks 0-19; 20 + 20k + t);
 - natural: queries from B (its 20 most and least activating photos), references from A;
@@ -373,6 +376,27 @@ def pictures_of(run: Path, target: dict, recipe: str) -> tuple[list[np.ndarray],
     return facets, randoms
 
 
+def recipes_markdown(rows: list[dict], recipes: list[str]) -> list[str]:
+    """Every recipe over the units that have all of them: its facet pictures against the
+    natural exemplars and against its own random starts (both with the photos as E-)."""
+    both = [r for r in rows if all(rec in r["scores"] for rec in recipes)]
+    if len(recipes) < 2 or not both:
+        return []
+    lines = [f"## every recipe, over the {len(both)} units that have all "
+             f"({', '.join(dict.fromkeys(r['layer'] for r in both))})", "",
+             "| recipe | natural | facet pictures | facet / natural | facet + photos | "
+             "random + photos | facet − random |", "|---|---|---|---|---|---|---|"]
+    for rec in recipes:
+        def mean(cond, rec=rec):
+            return float(np.mean([r["scores"][rec][cond]["mis"] for r in both
+                                  if cond in r["scores"][rec]]))
+        nat, fac, half, ran = (mean(c) for c in ("natural", "facet", "facet_photos",
+                                                 "random_photos"))
+        lines.append(f"| {rec} | {nat:.3f} | {fac:.3f} | {fac / nat:.2f} | {half:.3f} | "
+                     f"{ran:.3f} | {half - ran:+.3f} |")
+    return [*lines, ""]
+
+
 def summarize(rows: list[dict], choices: dict[str, dict], args, timings: dict,
               held: dict[str, list[str]] | None = None) -> str:
     """The results as markdown; `choices`: per explained layer (or one entry for every layer)
@@ -419,6 +443,7 @@ def summarize(rows: list[dict], choices: dict[str, dict], args, timings: dict,
                 f"{half - ran:+.3f} | {fac - nat:+.3f} | "
                 f"{mean('natural', 'mis_soft'):.4f} / {mean('facet', 'mis_soft'):.4f} |")
         lines.append("")
+    lines += recipes_markdown(rows, args.recipes)
     lines += ["## per unit", "", "| unit | layer | natural | " + " | ".join(
         f"{r} facet | {r} facet + photos | {r} random + photos" for r in args.recipes) + " |",
         "|---|---|---|" + "---|---|---|" * len(args.recipes)]
