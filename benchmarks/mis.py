@@ -137,8 +137,10 @@ def stored_pictures(run: Path, spec: str, recipe: str, since: float = 0.0
     for folder in folders:
         for kind in out:
             for rank in range(20):
+                name = rf"{kind}{rank:02d}_{re.escape(recipe)}_[0-9a-f]+\.png"  # not _alpha
                 found = sorted((f for f in folder.glob(f"{kind}{rank:02d}_{recipe}_*.png")
-                                if f.stat().st_mtime >= since), key=lambda f: f.stat().st_mtime)
+                                if re.fullmatch(name, f.name) and f.stat().st_mtime >= since),
+                               key=lambda f: f.stat().st_mtime)
                 if found:
                     out[kind].append(load_rgb_array(found[-1]))
     return out["facet"], out["random"]
