@@ -86,9 +86,11 @@ DEFAULT_SECTIONS = ("pass", "recipes", "scan", "units", "project")
 # label: (recipe, MACO crops)
 RECIPES = {"paper-mean": ("paper-mean", None), "paper-center": ("paper-center", None),
            "fourier": ("fourier", None), "maco-32": ("maco", 32), "maco-4": ("maco", 4),
-           "anchored": ("anchored", None), "anchored-grid": ("anchored", None)}
-# the anchored recipe matching at most this many positions per channel a step (its grid)
-GRID_POSITIONS = {"anchored-grid": 1024}
+           "anchored": ("anchored", None), "anchored-grid": ("anchored", None),
+           "anchored-all": ("anchored", None)}
+# the anchored recipe matching at most this many positions per channel a step (its grid; 0:
+# every position); "anchored" is the default's
+GRID_POSITIONS = {"anchored-grid": 1024, "anchored-all": 0}
 FULL_STEPS = {"paper-mean": 370, "paper-center": 530, "fourier": 256, "maco": 256,
               "anchored": 256}
 IMAGENET = {"images": 1_281_167, "classes": 1000, "facets": 10}

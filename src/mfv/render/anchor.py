@@ -49,10 +49,9 @@ class AnchorSettings:
     code_weight: float = 1.0
     match_weight: float = 1.0
     match_layers: tuple[str, ...] = ()
-    # at most this many positions per channel a step (0: all, the default until the
-    # faithful-facets quality table is re-run with a grid: `benchmarks/quality.py
-    # --match-positions 1024`)
-    match_positions: int = 0
+    # at most this many positions per channel a step (0: all); the grid changed no column of
+    # the faithful-facets quality table beyond its noise (benchmarks/results/quality-k2-grid*)
+    match_positions: int = 1024
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from mfv.render.recipes import get
 # Raised whenever the engine's output for the same settings changes, so older pictures are
 # redone (2: the recorded activation is the saved 8-bit picture's; 3: Fourier's crop grid is
 # computed directly, equal to 2e-7, and the anchored recipe can match large layers on a moving
-# grid of positions, `AnchorSettings.match_positions`).
-ENGINE = 3
+# grid of positions, `AnchorSettings.match_positions`; 4: that grid is the default, its offset
+# the optimization step).
+ENGINE = 4
 
 
 @dataclass(frozen=True)
