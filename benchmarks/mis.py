@@ -166,18 +166,21 @@ def drawn_units(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     return table, by_layer
 
 
+def scan_sets(args, targets: list[str], **extra) -> None:
+    """Full scans of sets A (the run) and B (the queries) for `targets`, at --reduction."""
+    for name, folder in (("a", "run"), ("b", "queries")):
+        mfv.scan_images(images=str(args.work / f"{name}.txt"), out=str(args.work / folder),
+                        model="efficientnet_lite0", scan_targets=targets, scan_mode="full",
+                        progress=False, seed=args.seed, reduction=args.reduction, **extra)
+
+
 def scans_with(args, specs: list[str]):
     """Sets A and B's stored scans, scanned again (every unit they hold, and `specs`) when
     they lack some of `specs`."""
     scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
     missing = [s for s in specs if s not in scan_a.targets]
     if missing:
-        common = dict(model="efficientnet_lite0", scan_targets=[*scan_a.targets, *missing],
-                      scan_mode="full", top_n=args.top_n, progress=False, seed=args.seed,
-                      reduction=args.reduction)
-        for name, folder in (("a", "run"), ("b", "queries")):
-            mfv.scan_images(images=str(args.work / f"{name}.txt"),
-                            out=str(args.work / folder), **common)
+        scan_sets(args, [*scan_a.targets, *missing], top_n=args.top_n)
         scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
     return scan_a, scan_b
 
@@ -277,11 +280,7 @@ def natural_only(args) -> None:
     select = [s for layer, group in held.items() if layer != "_fc" for s in group]
     every = [*(s for group in table_units.values() for s in group), *select]
     if not (args.work / "queries").exists():  # scans of this --reduction, same photos
-        common = dict(model="efficientnet_lite0", scan_targets=every, scan_mode="full",
-                      progress=False, seed=args.seed, reduction=args.reduction)
-        for name, folder in (("a", "run"), ("b", "queries")):
-            mfv.scan_images(images=str(args.work / f"{name}.txt"), out=str(args.work / folder),
-                            **common)
+        scan_sets(args, every)
     scan_a, scan_b = stored_scan(args.work / "run"), stored_scan(args.work / "queries")
     layers = stored_embeddings(args)
     n_a = len(scan_a.paths)

@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import math
 import os
 import statistics
 import sys
@@ -98,7 +97,7 @@ from mfv.models.base import to_tensor
 from mfv.models.targets import Target, parse_targets, resolve_layer
 from mfv.render.batch import Job, RenderOptions, render_batches
 from mfv.runtime.rundir import TargetDir
-from recovery import RESULTS, ROOT, link_classes, machine, markdown, plain
+from recovery import RESULTS, ROOT, cell, finite_mean, link_classes, machine, markdown, plain
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"
 # tench, church + golf ball (a constructed two-faceted neuron); hidden units (e.g.
@@ -490,17 +489,6 @@ def digest_of(targets: Sequence[Target], k: int) -> str:
     return hashlib.sha256(repr(([t.spec for t in targets], k)).encode()).hexdigest()[:8]
 
 
-def _mean(values) -> float:
-    kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return float(np.mean(kept)) if kept else float("nan")
-
-
-def _fmt(value: float, digits: int = 2, percent: bool = False) -> str:
-    if math.isnan(value):
-        return "–"
-    return f"{value:.0%}" if percent else f"{value:.{digits}f}"
-
-
 QUALITY_HEADER = ("method", "start", "n", "cov. Lite0", "cov. Lite1", "cov. Lite2",
                   "plausibility", "path sim.", "act. ratio", "> facet max", "fidelity",
                   "diversity", "s / picture")
@@ -538,14 +526,14 @@ def section_quality(model: LoadedModel, peers: Peers, run_dir: Path, results: di
         above = [x["activation_ratio_facet"] > 1 for x in per
                  if m.start == "facet" and x.get("activation_ratio_facet") is not None]
         rows.append([m.method, "facet mean" if m.start == "facet" else "random",
-                     str(len(m.pictures)), *(_fmt(_mean(c), percent=True) for c in cover),
-                     _fmt(_mean([x.get("plausibility") for x in per]), 3),
-                     _fmt(_mean([x.get("path_similarity") for x in per]), 3),
-                     _fmt(_mean([x.get("activation_ratio") for x in per])),
+                     str(len(m.pictures)), *(cell(finite_mean(c), percent=True) for c in cover),
+                     cell(finite_mean([x.get("plausibility") for x in per]), 3),
+                     cell(finite_mean([x.get("path_similarity") for x in per]), 3),
+                     cell(finite_mean([x.get("activation_ratio") for x in per])),
                      f"{sum(above)}/{len(above)}" if above else "–",
-                     _fmt(_mean([x.get("fidelity") for x in per]), percent=True),
-                     _fmt(_mean([s.get("diversity") for s in stats]), 3),
-                     _fmt(m.seconds / max(1, len(m.pictures)), 1)])
+                     cell(finite_mean([x.get("fidelity") for x in per]), percent=True),
+                     cell(finite_mean([s.get("diversity") for s in stats]), 3),
+                     cell(m.seconds / max(1, len(m.pictures)), 1)])
     order = {name: i for i, name in enumerate(METHODS)}
     rows.sort(key=lambda r: (r[1] != "facet mean", order.get(r[0], 99)))
     print(f"\n## Quality\n{plain(QUALITY_HEADER, rows)}", flush=True)

@@ -41,13 +41,22 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 import mfv
 from mfv.core.io import atomic_write_json, atomic_write_text, read_json
 from mfv.models.classes import imagenet_classes
 from mfv.render.anchor import AnchorSettings
-from recovery import PAIRS, RESULTS, ROOT, link_classes, machine, markdown, pair_target, plain
+from recovery import (
+    PAIRS,
+    RESULTS,
+    ROOT,
+    cell,
+    finite_mean,
+    link_classes,
+    machine,
+    markdown,
+    pair_target,
+    plain,
+)
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenette-train"
 IMAGENETTE = ("n01440764", "n02102040", "n02979186", "n03000684", "n03028079", "n03394916",
@@ -56,17 +65,6 @@ RECIPES = ("paper-mean", "paper-center", "fourier", "maco", "anchored")
 HEADER = ("recipe", "start", "n", "cov. own", "cov. Lite1", "cov. Lite2", "fidelity",
           "fidelity (central)", "> facet max", "act. ratio", "transfer top-5", "plausibility",
           "path sim.", "diversity", "centre dom.", "s / vis.")
-
-
-def _mean(values: Sequence[float | None]) -> float:
-    kept = [float(v) for v in values if v is not None and not np.isnan(float(v))]
-    return float(np.mean(kept)) if kept else float("nan")
-
-
-def _fmt(value: float, digits: int = 2, percent: bool = False) -> str:
-    if np.isnan(value):
-        return "–"
-    return f"{value:.0%}" if percent else f"{value:.{digits}f}"
 
 
 def render_timed(base: dict, recipes: Sequence[str]) -> dict[str, float]:
@@ -115,21 +113,21 @@ def rows_of(results: dict, recipes: Sequence[str], seconds: dict[str, float],
             cstats = [t["metrics"].get(start, {}).get(recipe, {}) for t in constructed]
 
             def cov(net: str, cstats=cstats) -> str:
-                return _fmt(_mean([s.get("coverage", {}).get(net) for s in cstats]),
+                return cell(finite_mean([s.get("coverage", {}).get(net) for s in cstats]),
                             percent=True)
 
             rows.append([
                 recipe, "facet mean" if start == "facet" else "random", str(n), cov(own),
                 *(cov(j) for j in judges[:2]), *(["–"] * (2 - len(judges[:2]))),
-                _fmt(_mean([m.get("fidelity") for m in per]), percent=True),
-                _fmt(_mean([m.get("fidelity_central") for m in per]), percent=True),
-                above_txt, _fmt(_mean([m.get("activation_ratio") for m in per])),
-                _fmt(_mean([m.get("transfer_top5") for m in per_class])),
-                _fmt(_mean([m.get("plausibility") for m in per]), 3),
-                _fmt(_mean([m.get("path_similarity") for m in per]), 3),
-                _fmt(_mean([s.get("diversity") for s in stats]), 3),
-                _fmt(_mean([m.get("centre_dominance") for m in per])),
-                _fmt(seconds.get(recipe, float("nan")), 1)])
+                cell(finite_mean([m.get("fidelity") for m in per]), percent=True),
+                cell(finite_mean([m.get("fidelity_central") for m in per]), percent=True),
+                above_txt, cell(finite_mean([m.get("activation_ratio") for m in per])),
+                cell(finite_mean([m.get("transfer_top5") for m in per_class])),
+                cell(finite_mean([m.get("plausibility") for m in per]), 3),
+                cell(finite_mean([m.get("path_similarity") for m in per]), 3),
+                cell(finite_mean([s.get("diversity") for s in stats]), 3),
+                cell(finite_mean([m.get("centre_dominance") for m in per])),
+                cell(seconds.get(recipe, float("nan")), 1)])
     return rows
 
 

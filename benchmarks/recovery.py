@@ -107,6 +107,19 @@ def machine() -> str:
             f"load avg {os.getloadavg()[0]:.1f}")
 
 
+def finite_mean(values: Sequence[float | None]) -> float:
+    """The mean of the values that are numbers (None and NaN left out); NaN when none is."""
+    kept = [float(v) for v in values if v is not None and not np.isnan(float(v))]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def cell(value: float, digits: int = 2, percent: bool = False) -> str:
+    """A table cell: "–" for NaN, else the value to `digits` places or as a percentage."""
+    if np.isnan(value):
+        return "–"
+    return f"{value:.0%}" if percent else f"{value:.{digits}f}"
+
+
 def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]

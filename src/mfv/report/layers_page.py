@@ -389,7 +389,7 @@ class LayersPage:
         for path, key, opens in shown:
             thumb = self.thumbs.get(key) or Thumb(None, "no thumbnail")
             href = self.links.thumb(self.thumbs.get(opens)) if opens else None
-            title = path + (" — the crop its unit saw (click: the whole photo)" if opens else "")
+            title = path + (pages.CROP_TITLE if opens else "")
             strip.append(Img(self.links.thumb(thumb), path.replace("\\", "/").rsplit("/", 1)[-1],
                              "thumb", title, thumb.reason or "", True, href))
         more = max(0, f.size - len(shown)) if f.size is not None else 0

@@ -82,6 +82,7 @@ class Img:
 
 
 STRIP_MAX = 12  # real member images shown per facet
+CROP_TITLE = " — the crop its unit saw (click: the whole photo)"  # after a crop's path
 
 
 def strip_keys(representatives: list[str], members: list[str],
@@ -101,6 +102,8 @@ def frame_of(preprocess: object) -> tuple[int, int] | None:
     pre = preprocess if isinstance(preprocess, dict) else {}
     return (int(pre["resize_size"]), int(pre["input_size"])) if "resize_size" in pre and \
         "input_size" in pre else None
+
+
 colour = facet_colour  # a facet's fixed colour, the same in the notebook (mfv.results.display)
 
 

@@ -18,6 +18,7 @@ from mfv.core.io import load_npy
 from mfv.report.charts import MapLayout, Sparkline, sparkline
 from mfv.report.glossary import VIEWS, MetricTable, metric_table
 from mfv.report.pages import (
+    CROP_TITLE,
     KV,
     STRIP_MAX,
     Img,
@@ -418,9 +419,8 @@ class RunPage:
         mean = (self.img(f.mean_image, f"facet {rank} mean image", "vis", lazy=lazy)
                 if f.mean_image else None)
         shown = shown_members(f, frame_of(self.r.model.preprocess))
-        crop = " — the crop its unit saw (click: the whole photo)"
         thumbs = [self.input_img(p, "thumb", f"{p} — activation {fmt(activation.get(p))}"
-                                 + (crop if opens else ""), lazy, key, opens)
+                                 + (CROP_TITLE if opens else ""), lazy, key, opens)
                   for p, key, opens in shown]
         real = [KV("photos' activation, mean", fmt(act.mean),
                    "the target's mean value on this facet's photos"),
