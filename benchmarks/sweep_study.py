@@ -5,6 +5,11 @@ chance sets, constructed units), timed on real photos; then the projection of a 
 Usage: python benchmarks/sweep_study.py [--crops 256] [--sets 24] [--top-n 200]
        [--items 81500] [--n-sets 3114] [--scan-s 300] [--processes 2]
        python benchmarks/sweep_study.py --count RUN [--units all] [--top-n 200]
+       python benchmarks/sweep_study.py --table RUN
+
+`--table RUN`: no timing; a finished sweep's `sweep.json` as a Markdown table per layer (its
+units' means against the layer's chance level, the calibration's difference with its 95 %
+interval, where each measure has power) and its answer, with the timings it recorded.
 
 `--count RUN`: no timing; the distinct items (crops and photos) a sweep with `--units` would
 code over the scan stored in RUN (a sweep's run directory), per layer, as the sweep lists them.
@@ -75,9 +80,49 @@ def count(out: str, units: str, top_n: int) -> None:
         print(f"{x}: {seen[x].region} {seen[x].side or ''} units {len(mine)} items {len(here)}")
 
 
+def table(out: str) -> None:
+    """Print a finished sweep's results per layer and its answer (Markdown)."""
+    import json
+
+    doc = json.loads((Path(out) / "sweep" / "sweep.json").read_text())
+    names = {"k": "k", "polysemanticity": "1 − MonoScore", "separation": "separation"}
+
+    def num(v, digits=3):
+        return "–" if v is None else f"{v:.{digits}f}"
+
+    print("| layer | seen | units | pairs | " + " | ".join(
+        f"{n}: units / chance | {n}: two − one kind (95 % CI)" for n in names.values())
+        + " | kind ARI |")
+    print("|---" * (5 + 2 * len(names)) + "|")
+    for e in doc["layers"]:
+        cells = []
+        for key in names:
+            c, cal = e["chance"][key], e["calibration"]["measures"][key]
+            cells.append(f"{num(e['summary'][key]['mean'], 2)} / {num(c['mean'], 2)}")
+            mark = "**power**" if cal["power"] else "no power"
+            cells.append(f"{num(cal['difference'])} ({num(cal['low'])}, {num(cal['high'])}) "
+                         f"{mark}" if cal["pairs"] else "–")
+        aris = [t["kind_ari"] for t in e["calibration"]["two_kind"]]
+        seen = f"patch {e['patch_side']} px" if e["region"] == "patch" else "photo"
+        print(f"| `{e['layer']}` | {seen} | {len(e['units'])} | {len(aris)} | "
+              + " | ".join(cells) + f" | {num(float(np.mean(aris)) if aris else None, 2)} |")
+    layers = len(doc["layers"])
+    for key, label in names.items():
+        a = doc["answer"][key]
+        power = a.get("with_power", {})
+        print(f"\n{label}: slope {num(a['slope'], 4)} per layer (95 % CI {num(a['low'], 4)} to "
+              f"{num(a['high'], 4)}), first quarter {num(a.get('first_quarter'))}, last "
+              f"{num(a.get('last_quarter'))}, chance {num(a.get('chance'))}; power at "
+              f"{len(power.get('layers', []))}/{layers} layers, over them slope "
+              f"{num(power.get('slope'), 4)} ({num(power.get('low'), 4)} to "
+              f"{num(power.get('high'), 4)})")
+    print(f"\ntimings: {doc['timings']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", help="a sweep's run directory: count its items, time nothing")
+    ap.add_argument("--table", help="a finished sweep's run directory: print its results")
     ap.add_argument("--units", default="all")
     ap.add_argument("--crops", type=int, default=256)
     ap.add_argument("--sets", type=int, default=24)
@@ -88,6 +133,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--data", type=Path, default=DATA / "imagenette-train")
     args = ap.parse_args()
+    if args.table:
+        table(args.table)
+        return
     if args.count:
         count(args.count, args.units, args.top_n)
         return

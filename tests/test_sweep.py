@@ -144,6 +144,23 @@ def test_the_sweep_command_rejects_a_typo_in_its_layers(tmp_path, images, capsys
     assert not (tmp_path / "run").exists()
 
 
+def test_the_sweep_command_prints_a_layer_where_a_measure_has_no_value(tmp_path, images,
+                                                                      monkeypatch, capsys):
+    """A layer whose units all have one facet has no silhouette (None in sweep.json): the
+    summary says so instead of failing after the sweep was written."""
+    undefined = {"mean": None, "low": None, "high": None}
+    summary = {name: {"mean": 1.0, "low": 1.0, "high": 1.0} for name in MEASURES}
+    doc = {"measures": list(MEASURES), "settings": {"out": str(tmp_path / "run")},
+           "plot": {"png": "sweep/measures.png"},
+           "layers": [{"layer": "_blocks.7", "units": [{}, {}],
+                       "summary": {**summary, "silhouette": undefined}}]}
+    monkeypatch.setattr("mfv.study.layers.sweep", lambda settings: doc)
+    code = main(["sweep", "--images", str(images), "--out", str(tmp_path / "run"), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "_blocks.7: 2 units  k 1  silhouette –  polysemanticity 1  separation 1" in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("region", ["image", "auto"])
 def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images, region):

@@ -1,13 +1,16 @@
 """The layer study's calibration and its shared items, without a network: constructed
 two-kind units are exactly the top-N of max(a, b), pairs never share many top images, the
 calibration finds power where two kinds differ in the embedding and none where they do not,
-and every distinct crop is listed (and so coded) once."""
+every distinct crop is listed (and so coded) once, and the sets to measure are built one at a
+time."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from mfv.study.layers import _calibration, _pairs, _two_kind, _Unit
+from mfv.runtime.settings import make_settings
+from mfv.study.layers import _calibration, _pairs, _Tasks, _two_kind, _Unit
 from mfv.study.measures import measure_set
 from mfv.study.seen import WHOLE, table, whole_boxes
 
@@ -95,3 +98,21 @@ def test_items_are_listed_once_whoever_sees_them():
         assert items.boxes[idx].tolist() == box.tolist()
     assert index[0][0] == index[0][2] and items.whole[index[2]].all()
     assert (items.boxes[index[2]] == WHOLE).all()
+
+
+def test_the_sets_to_measure_are_built_when_asked_for_with_their_own_rows():
+    codes = np.arange(60, dtype=np.float32).reshape(20, 3)
+    embedding = -codes
+    missing = [(("unit", "L", 1), "key1", np.array([0, 5, 7]), np.array([3.0, 2.0, 1.0])),
+               (("chance", "L", 0), "key2", np.array([1, 2]), None)]
+    tasks = _Tasks(codes, embedding, missing, make_settings(seed=3, mean_of=4))
+    assert len(tasks) == 2
+    first, second = list(tasks)  # iteration stops at its length
+    np.testing.assert_array_equal(first[0], codes[[0, 5, 7]])
+    np.testing.assert_array_equal(first[1], embedding[[0, 5, 7]])
+    assert first[2].tolist() == [3.0, 2.0, 1.0] and first[3:6] == (3, 4, "tsne")
+    assert first[-1] == "L:1"
+    np.testing.assert_array_equal(second[0], codes[[1, 2]])
+    assert second[2] is None and second[-1] == "L: chance set 0"
+    with pytest.raises(IndexError):
+        tasks[2]

@@ -188,11 +188,17 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     doc = sweep(_settings(args))
     for row in sweep_summary(doc):
-        cells = "  ".join(f"{name} {row[name]['mean']:.3g}" for name in doc["measures"])
+        cells = "  ".join(f"{name} {_mean_text(row[name]['mean'])}" for name in doc["measures"])
         print(f"{row['layer']}: {row['units']} units  {cells}")
     out = doc["settings"]["out"]
     print(f"sweep: {out}/sweep/sweep.json  plot: {out}/{doc['plot']['png']}  "
           f"({time.perf_counter() - started:.0f} s)")
+
+
+def _mean_text(value: float | None) -> str:
+    """A measure's layer mean as the summary prints it; "–" where no unit has one (e.g. the
+    silhouette of a layer whose units all have one facet)."""
+    return "–" if value is None else f"{value:.3g}"
 
 
 def _summary(results: Any, seconds: float) -> None:

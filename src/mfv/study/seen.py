@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mfv.core.allocator import release_free_memory
 from mfv.core.errors import MfvError
 from mfv.data.images import BadImageError
 from mfv.facets.patches import crop_codes, crop_resize, firing_centre, frames
@@ -137,6 +138,7 @@ def _crop_codes(model: LoadedModel, embedder: LoadedModel, result: ScanResult, i
                                     penultimate, CODE_BATCH))
             done.append(part)
         bar.update(bar_step)
+        release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
     bar.close()
     if not done:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
