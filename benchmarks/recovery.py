@@ -113,9 +113,10 @@ def finite_mean(values: Sequence[float | None]) -> float:
     return float(np.mean(kept)) if kept else float("nan")
 
 
-def cell(value: float, digits: int = 2, percent: bool = False) -> str:
-    """A table cell: "–" for NaN, else the value to `digits` places or as a percentage."""
-    if np.isnan(value):
+def cell(value: float | None, digits: int = 2, percent: bool = False) -> str:
+    """A table cell: "–" for None or NaN, else the value to `digits` places or as a
+    percentage."""
+    if value is None or np.isnan(value):
         return "–"
     return f"{value:.0%}" if percent else f"{value:.{digits}f}"
 

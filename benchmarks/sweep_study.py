@@ -38,6 +38,7 @@ from mfv.models import load_model
 from mfv.models.targets import resolve_layer
 from mfv.study.measures import measure_set, parallel_map
 from mfv.study.seen import Items, code_items
+from recovery import cell, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MFV_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -86,36 +87,33 @@ def table(out: str) -> None:
 
     doc = json.loads((Path(out) / "sweep" / "sweep.json").read_text())
     names = {"k": "k", "polysemanticity": "1 − MonoScore", "separation": "separation"}
-
-    def num(v, digits=3):
-        return "–" if v is None else f"{v:.{digits}f}"
-
-    print("| layer | seen | units | pairs | " + " | ".join(
-        f"{n}: units / chance | {n}: two − one kind (95 % CI)" for n in names.values())
-        + " | kind ARI |")
-    print("|---" * (5 + 2 * len(names)) + "|")
+    header = ["layer", "seen", "units", "pairs"]
+    for n in names.values():
+        header += [f"{n}: units / chance", f"{n}: two − one kind (95 % CI)"]
+    rows = []
     for e in doc["layers"]:
         cells = []
         for key in names:
             c, cal = e["chance"][key], e["calibration"]["measures"][key]
-            cells.append(f"{num(e['summary'][key]['mean'], 2)} / {num(c['mean'], 2)}")
+            cells.append(f"{cell(e['summary'][key]['mean'])} / {cell(c['mean'])}")
             mark = "**power**" if cal["power"] else "no power"
-            cells.append(f"{num(cal['difference'])} ({num(cal['low'])}, {num(cal['high'])}) "
-                         f"{mark}" if cal["pairs"] else "–")
+            cells.append(f"{cell(cal['difference'], 3)} ({cell(cal['low'], 3)}, "
+                         f"{cell(cal['high'], 3)}) {mark}" if cal["pairs"] else "–")
         aris = [t["kind_ari"] for t in e["calibration"]["two_kind"]]
         seen = f"patch {e['patch_side']} px" if e["region"] == "patch" else "photo"
-        print(f"| `{e['layer']}` | {seen} | {len(e['units'])} | {len(aris)} | "
-              + " | ".join(cells) + f" | {num(float(np.mean(aris)) if aris else None, 2)} |")
+        rows.append([f"`{e['layer']}`", seen, str(len(e["units"])), str(len(aris)), *cells,
+                     cell(float(np.mean(aris)) if aris else None)])
+    print(markdown([*header, "kind ARI"], rows))
     layers = len(doc["layers"])
     for key, label in names.items():
         a = doc["answer"][key]
         power = a.get("with_power", {})
-        print(f"\n{label}: slope {num(a['slope'], 4)} per layer (95 % CI {num(a['low'], 4)} to "
-              f"{num(a['high'], 4)}), first quarter {num(a.get('first_quarter'))}, last "
-              f"{num(a.get('last_quarter'))}, chance {num(a.get('chance'))}; power at "
+        print(f"\n{label}: slope {cell(a['slope'], 4)} per layer (95 % CI {cell(a['low'], 4)} "
+              f"to {cell(a['high'], 4)}), first quarter {cell(a.get('first_quarter'), 3)}, last "
+              f"{cell(a.get('last_quarter'), 3)}, chance {cell(a.get('chance'), 3)}; power at "
               f"{len(power.get('layers', []))}/{layers} layers, over them slope "
-              f"{num(power.get('slope'), 4)} ({num(power.get('low'), 4)} to "
-              f"{num(power.get('high'), 4)})")
+              f"{cell(power.get('slope'), 4)} ({cell(power.get('low'), 4)} to "
+              f"{cell(power.get('high'), 4)})")
     print(f"\ntimings: {doc['timings']}")
 
 
