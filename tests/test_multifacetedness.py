@@ -9,6 +9,7 @@ from mfv.core.errors import MfvError
 from mfv.study.measures import (
     bootstrap_ci,
     mono_score,
+    pair_bootstrap_ci,
     separation_ratio,
     silhouette,
     unit_measures,
@@ -180,3 +181,26 @@ def test_bootstrap_ci_contains_the_mean_narrows_and_is_seeded():
     assert bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)  # one unit: no spread to resample
     with pytest.raises(MfvError, match="level"):
         bootstrap_ci(few, level=1.0)
+
+
+def test_the_pair_bootstrap_covers_the_mean_where_pairs_share_units():
+    """Values on every pair of 8 units that carry the units' own effects (d_ab = e_a + e_b +
+    noise): the pairs are not independent, so the plain bootstrap over pairs is far too narrow,
+    while the vertex bootstrap's interval holds the true mean (0) about as often as it says."""
+    ends = np.array([(a, b) for a in range(8) for b in range(a + 1, 8)])
+    covered = {"vertex": 0, "pairs": 0}
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        effect = rng.normal(size=8)
+        d = effect[ends[:, 0]] + effect[ends[:, 1]] + 0.3 * rng.normal(size=len(ends))
+        _, low, high = pair_bootstrap_ci(ends, d, n_boot=400, seed=trial)
+        covered["vertex"] += low < 0 < high
+        _, low, high = bootstrap_ci(d, n_boot=400, seed=trial)
+        covered["pairs"] += low < 0 < high
+    assert covered["vertex"] >= 0.8 * 200 and covered["pairs"] <= 0.6 * 200
+    mean, low, high = pair_bootstrap_ci(ends + 10, np.where(ends[:, 0] == 0, np.nan, 1.0))
+    assert (mean, low, high) == (1.0, 1.0, 1.0)  # NaN pairs left out; any unit labels
+    assert pair_bootstrap_ci(ends, d, seed=2) == pair_bootstrap_ci(ends, d, seed=2)
+    assert all(np.isnan(pair_bootstrap_ci(ends[:1], [np.nan])))
+    with pytest.raises(MfvError, match="pairs"):
+        pair_bootstrap_ci(ends, d[:3])

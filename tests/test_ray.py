@@ -10,6 +10,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +99,27 @@ def _sleep_then_pid(worker, seconds: tuple[float, ...], unit: int) -> int:
 def test_each_unit_goes_to_whichever_worker_is_free(workers):
     """A slow unit holds up only its own worker: the other one takes every unit after it (round
     robin would give the slow unit's worker every other unit), and results keep their order."""
-    pids = list(workers.imap(_sleep_then_pid, (3.0, 0.05, 0.05, 0.05), range(4)))
+    units = _Counted(4)
+    pids = list(workers.imap(_sleep_then_pid, (3.0, 0.05, 0.05, 0.05), units))
     assert set(pids) == set(workers.worker_pids())
     assert pids[1] == pids[2] == pids[3] != pids[0]
+    assert units.taken == [0, 1, 2, 3]  # each unit built once (lazy task lists build on access)
+
+
+class _Counted(Sequence):
+    """The units 0..n-1, noting each access."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.taken = n, []
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.taken.append(i)
+        return i
 
 
 def test_a_worker_killed_mid_scan_is_retried_and_nothing_is_lost(tmp_path, images, local,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from mfv.runtime.settings import make_settings
-from mfv.study.layers import _calibration, _pairs, _Tasks, _two_kind, _Unit
+from mfv.study.layers import CALIBRATION_UNITS, _calibration, _pairs, _Tasks, _two_kind, _Unit
 from mfv.study.measures import measure_set
 from mfv.study.seen import WHOLE, table, whole_boxes
 
@@ -40,11 +40,15 @@ def test_pairs_share_few_top_images_and_are_seeded():
     rows = [range(0, 10), range(0, 10), range(20, 30), range(40, 50), range(1, 11)]
     units = [_unit(i, list(r), np.linspace(2, 1, 10)) for i, r in enumerate(rows)]
     pairs = _pairs(units, 10, seed=3)
-    assert pairs == _pairs(units, 10, seed=3) and pairs
-    used = [u.unit for pair in pairs for u in pair]
-    assert len(used) == len(set(used))  # each unit in at most one pair
-    for a, b in pairs:
-        assert len(set(a.rows.tolist()) & set(b.rows.tolist())) <= 1
+    assert pairs == _pairs(units, 10, seed=3)
+    # every pair but those sharing most of their tops (0-1, 0-4, 1-4), each once
+    assert sorted((a.unit, b.unit) for a, b in pairs) == [(0, 2), (0, 3), (1, 2), (1, 3),
+                                                          (2, 3), (2, 4), (3, 4)]
+    many = [_unit(i, [i], [1.0]) for i in range(3 * CALIBRATION_UNITS)]
+    drawn = {u.unit for pair in _pairs(many, 1, seed=0) for u in pair}
+    assert len(drawn) == CALIBRATION_UNITS and len(_pairs(many, 1, seed=0)) == \
+        CALIBRATION_UNITS * (CALIBRATION_UNITS - 1) // 2
+    assert drawn != {u.unit for pair in _pairs(many, 1, seed=1) for u in pair}
 
 
 def _measured(codes, other, chosen, values, seed=0):
@@ -76,7 +80,7 @@ def _layer(separate: bool, seed: int = 0):
 
 def test_the_calibration_has_power_only_where_two_kinds_differ():
     seen = _layer(separate=True)
-    assert len(seen["pairs"]) == 3 and all(sum(t["split"]) == N for t in seen["two_kind"])
+    assert len(seen["pairs"]) == 15 and all(sum(t["split"]) == N for t in seen["two_kind"])
     power = seen["measures"]["polysemanticity"]
     assert power["power"] and power["low"] > 0 and power["two"] > power["one"]
     assert seen["measures"]["separation"]["power"]

@@ -366,6 +366,7 @@ class Power(_Part):
     high: Number = None
     power: bool | None = None
     pairs: int = 0
+    units: int = 0
 
 
 class Calibration(_Part):

@@ -147,17 +147,17 @@ class RayBackend(_Closing):
         ray = self._ray
         context_ref = ray.put(context)
         free, running, finished = list(self.actors), {}, {}
-        todo = iter(enumerate(units))
-        for index, unit in enumerate(units):
+        todo = iter(enumerate(units))  # each unit taken once: a lazy sequence builds it then
+        for index in range(len(units)):
             while index not in finished:
                 for i, item in itertools.islice(todo, len(free)):
                     actor = free.pop()
-                    running[actor.run.remote(work, context_ref, item)] = (i, actor)
+                    running[actor.run.remote(work, context_ref, item)] = (i, actor, item)
                 ready, _ = ray.wait(list(running), num_returns=1)
-                done, actor = running.pop(ready[0])
-                finished[done] = ready[0]
+                done, actor, item = running.pop(ready[0])
+                finished[done] = (ready[0], item)
                 free.append(actor)
-            yield self._result(finished.pop(index), unit, label)
+            yield self._result(*finished.pop(index), label)
 
     def _result(self, ref: Any, unit: Any, label: Callable[[Any], str]) -> Any:
         """A finished unit's result, or its failure as one `MfvError` naming the unit."""

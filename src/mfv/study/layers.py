@@ -64,14 +64,20 @@ from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import Settings, make_settings
 from mfv.runtime.tasks import RunContext, patch_side, pixels, scan_on
 from mfv.scan.scanner import ScanResult
-from mfv.study.measures import bootstrap_ci, measure_set, parallel_map, percentile_ci
+from mfv.study.measures import (
+    bootstrap_ci,
+    measure_set,
+    pair_bootstrap_ci,
+    parallel_map,
+    percentile_ci,
+)
 from mfv.study.seen import Items, code_items, firing_centres_of, table, whole_boxes
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
 CHANCE_REPEATS = 10  # random sets per layer
 EXAMPLES = 3  # example units per layer whose facets the Layers page shows
-CALIBRATION_PAIRS = 8  # constructed two-kind units per layer
+CALIBRATION_UNITS = 8  # units per layer whose pairs make the constructed two-kind units
 OVERLAP = 0.1  # at most this share of top images shared by a calibration pair's units
 POWER_MEASURES = ("k", "polysemanticity", "separation")  # higher = more multifaceted
 
@@ -457,30 +463,14 @@ def _unit_doc(m: dict, u: _Unit, result: ScanResult, items: Items, chosen: np.nd
 
 
 def _pairs(units: Sequence[_Unit], top_n: int, seed: int) -> list[tuple[_Unit, _Unit]]:
-    """Up to CALIBRATION_PAIRS pairs of the layer's units, each unit in at most one pair, whose
-    top images overlap least (at most OVERLAP of them shared): seeded, never chosen by what the
-    measures read."""
-    if len(units) < 2:
-        return []
+    """Every pair of up to CALIBRATION_UNITS of the layer's units (a seeded draw, never chosen
+    by what the measures read) whose top images overlap little (at most OVERLAP of them
+    shared): a unit is in several pairs, which the calibration's vertex bootstrap allows for."""
     rng = np.random.default_rng(seed)
-    order = [units[i] for i in rng.permutation(len(units))]
-    tops = [set(u.rows.tolist()) for u in order]
-    used: set[int] = set()
-    out = []
-    for i in range(len(order)):
-        if i in used:
-            continue
-        free = [j for j in range(i + 1, len(order)) if j not in used]
-        if not free:
-            break
-        j = min(free, key=lambda j: (len(tops[i] & tops[j]), j))
-        if len(tops[i] & tops[j]) > OVERLAP * min(top_n, len(tops[i]), len(tops[j])):
-            continue
-        used.update((i, j))
-        out.append((order[i], order[j]))
-        if len(out) == CALIBRATION_PAIRS:
-            break
-    return out
+    drawn = [units[i] for i in np.sort(rng.permutation(len(units))[:CALIBRATION_UNITS])]
+    tops = [set(u.rows.tolist()) for u in drawn]
+    return [(drawn[i], drawn[j]) for i in range(len(drawn)) for j in range(i + 1, len(drawn))
+            if len(tops[i] & tops[j]) <= OVERLAP * min(top_n, len(tops[i]), len(tops[j]))]
 
 
 def _two_kind(a: _Unit, b: _Unit, index: dict, top_n: int
@@ -504,8 +494,9 @@ def _calibration(pairs: Sequence[tuple[_Unit, _Unit]], docs: dict[int, dict],
                  two: Sequence[dict], kinds: Sequence[np.ndarray], seed: int) -> dict:
     """Can the measures tell, at this layer, a unit that fires for two kinds of image from one
     that fires for one? Per calibration pair, the constructed two-kind unit's value minus the
-    mean of its two units' values; per measure the mean difference with its bootstrap 95 %
-    interval: `power` when the whole interval is above 0 (None without pairs)."""
+    mean of its two units' values; per measure the mean difference with its 95 % interval
+    from the vertex bootstrap (pairs share units): `power` when the whole interval is above 0
+    (None without pairs)."""
     out = {"pairs": [[a.unit, b.unit] for a, b in pairs],
            "two_kind": [{"units": [a.unit, b.unit], "split": np.bincount(k, minlength=2)
                          .tolist(), **{name: d[name] for name in MEASURES},
@@ -521,12 +512,15 @@ def _calibration(pairs: Sequence[tuple[_Unit, _Unit]], docs: dict[int, dict],
         ok = np.isfinite(diff)
         if not ok.any():
             out["measures"][name] = {"one": None, "two": None, "difference": None,
-                                     "low": None, "high": None, "power": None, "pairs": 0}
+                                     "low": None, "high": None, "power": None, "pairs": 0,
+                                     "units": 0}
             continue
-        mean, low, high = bootstrap_ci(diff[ok], seed=seed)
+        ends = np.array([[a.unit, b.unit] for a, b in pairs], np.int64)[ok]
+        mean, low, high = pair_bootstrap_ci(ends, diff[ok], seed=seed)
         out["measures"][name] = {"one": float(np.mean(one[ok])), "two": float(np.mean(both[ok])),
                                  "difference": mean, "low": low, "high": high,
-                                 "power": bool(low > 0), "pairs": int(ok.sum())}
+                                 "power": bool(low > 0), "pairs": int(ok.sum()),
+                                 "units": int(np.unique(ends).size)}
     return out
 
 

@@ -130,15 +130,19 @@ def silhouette(space: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
     return float(silhouette_score(x, lab))
 
 
+def _check_bootstrap(n_boot: int, level: float) -> None:
+    if not 0 < level < 1:
+        raise MfvError(f"level must lie strictly between 0 and 1, got {level}")
+    if n_boot < 1:
+        raise MfvError(f"n_boot must be at least 1, got {n_boot}")
+
+
 def percentile_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray],
                   n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """scipy's percentile bootstrap (`scipy.stats.bootstrap`) of `statistic(*samples, axis=-1)`,
     each sample (e.g. one layer's units) resampled on its own; seeded. A one-value sample is
     that value in every resample."""
-    if not 0 < level < 1:
-        raise MfvError(f"level must lie strictly between 0 and 1, got {level}")
-    if n_boot < 1:
-        raise MfvError(f"n_boot must be at least 1, got {n_boot}")
+    _check_bootstrap(n_boot, level)
     data = tuple(np.repeat(v, 2) if v.size == 1 else v for v in samples)
     ci = bootstrap(data, statistic, n_resamples=n_boot, confidence_level=level,
                    method="percentile", paired=False, vectorized=True,
@@ -159,6 +163,36 @@ def bootstrap_ci(
         return float("nan"), float("nan"), float("nan")
     low, high = percentile_ci([v], np.mean, n_boot, level, seed)
     return float(v.mean()), low, high
+
+
+def pair_bootstrap_ci(ends: np.ndarray, values: np.ndarray, n_boot: int = 1000,
+                      level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(mean, low, high) of a value measured on pairs of units that share units (edges of a
+    graph): the vertex bootstrap (Snijders & Borgatti 1999) resamples the units, and each
+    pair counts as often as both its ends were drawn (m_a · m_b), so pairs that share a unit
+    vary together as they do between studies; the interval is the percentile one, seeded.
+    For a complete graph it is the bootstrap of a two-sample U-statistic. NaN values are left
+    out; no finite value gives NaNs."""
+    _check_bootstrap(n_boot, level)
+    ends = np.asarray(ends, np.int64).reshape(-1, 2)
+    v = np.asarray(values, np.float64).ravel()
+    if len(ends) != len(v):
+        raise MfvError(f"{len(ends)} pairs but {len(v)} values")
+    ok = np.isfinite(v)
+    ends, v = ends[ok], v[ok]
+    if v.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    units, ends = np.unique(ends, return_inverse=True)
+    ends = ends.reshape(-1, 2)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(len(units), size=(n_boot, len(units)))
+    counts = np.stack([np.bincount(d, minlength=len(units)) for d in draws])
+    weights = (counts[:, ends[:, 0]] * counts[:, ends[:, 1]]).astype(np.float64)
+    total = weights.sum(axis=1)
+    stats = (weights @ v)[total > 0] / total[total > 0]
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(stats, [tail, 100 - tail]) if stats.size else (v.mean(), v.mean())
+    return float(v.mean()), float(low), float(high)
 
 
 @dataclass(frozen=True)
