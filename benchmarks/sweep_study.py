@@ -114,6 +114,17 @@ def table(out: str) -> None:
               f"{len(power.get('layers', []))}/{layers} layers, over them slope "
               f"{cell(power.get('slope'), 4)} ({cell(power.get('low'), 4)} to "
               f"{cell(power.get('high'), 4)})")
+    distinct = [(t["separation"] > e["chance"]["separation"]["mean"],
+                 t["separation"] > e["chance"]["separation"]["mean"]
+                 + 2 * e["chance"]["separation"]["std"])
+                for e in doc["layers"] for t in e["calibration"]["two_kind"]
+                if t["separation"] is not None and e["chance"]["separation"]["mean"] is not None]
+    if distinct:
+        above, clearly = np.sum(distinct, axis=0)
+        print(f"\nconstructed two-kind units whose facets' separation (independent embedding) is "
+              f"above their layer's chance level: {above}/{len(distinct)} "
+              f"({100 * above / len(distinct):.0f} %); above chance + 2 sd: {clearly} "
+              f"({100 * clearly / len(distinct):.0f} %)")
     print(f"\ntimings: {doc['timings']}")
 
 
