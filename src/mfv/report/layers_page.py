@@ -367,7 +367,8 @@ class LayersPage:
             out.append(KV(f"{info.label}: two kinds {format_value(c.two, info.kind)} vs one "
                           f"{format_value(c.one, info.kind)} — {verdict}", "",
                           f"calibration over {c.pairs} constructed units max(a, b) of two of "
-                          f"{c.units} of this layer's units against a and b: mean difference "
+                          f"{f'{c.units} of ' if c.units else ''}this layer's units against a "
+                          f"and b: mean difference "
                           f"{plain_number(c.difference or 0.0)} (95 % CI "
                           f"{_interval(plain_number(c.low), plain_number(c.high))})"))
         return out
