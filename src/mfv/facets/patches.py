@@ -32,6 +32,7 @@ from mfv.core.errors import MfvError
 from mfv.data.images import load_rgb
 from mfv.models.activations import capture, combined_maps
 from mfv.models.base import LoadedModel
+from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
 # what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
@@ -70,7 +71,6 @@ def firing_centre(grid_map: np.ndarray) -> tuple[float, float]:
     return float((weight * rows).sum() / weight.sum()), float((weight * cols).sum() / weight.sum())
 
 
-@torch.inference_mode()
 def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks: np.ndarray,
                    batch_size: int = 32) -> np.ndarray:
     """(n, 2) (y, x) input pixels: `firing_centre` of the target's map (the weighted sum of its
@@ -80,10 +80,10 @@ def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks
     if target.reduction in ("center", "cls") or len(images) == 0:
         return peaks
     out = []
-    with capture(model, [first]) as store:
+    with capture(model, [first]) as store, inference(model) as forward:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            model(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
             act = store[first.key]
             if act.dim() != 4:
                 return peaks
@@ -133,16 +133,15 @@ def load_crops(model: LoadedModel, paths: Sequence[str], indices: np.ndarray,
     return crop_resize(frames(model, paths, indices), boxes, size)
 
 
-@torch.inference_mode()
 def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
                batch_size: int = 32) -> np.ndarray:
     """(n, D) float32: the code layer's output for each crop (0..255, at the model's input
     size), flattened. The one place that says how a patch is coded."""
     parts = []
-    with capture(model, [code_layer]) as store:
+    with capture(model, [code_layer]) as store, inference(model) as forward:
         for start in range(0, len(crops), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
-            model(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
             parts.append(store[code_layer.key].flatten(1).float().cpu().numpy())
     return np.concatenate(parts)
 

@@ -18,7 +18,7 @@ for all its crops:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,7 @@ from mfv.data.images import BadImageError
 from mfv.facets.patches import crop_codes, crop_resize, firing_centre, frames
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
+from mfv.models.passes import inference, laid_out
 from mfv.models.read import read_photos
 from mfv.models.targets import LayerRef, resolve_layer
 from mfv.scan.scanner import ScanResult
@@ -112,40 +113,49 @@ def _crop_codes(model: LoadedModel, embedder: LoadedModel, result: ScanResult, i
                 progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The crops' codes by both networks (with the crops' item indices), decoding each photo
     once for all its crops; a photo gone since the scan is left out, with a warning."""
-    size, other_size = model.preprocess.input_size, embedder.preprocess.input_size
     photos = np.unique(items.rows[crops])
     own, other, done = [], [], []
     bar = tqdm(total=len(crops), desc="sweep: codes of the crops", unit="crop",
                disable=not progress)
-    for start in range(0, len(photos), PHOTOS_PER_CHUNK):
-        chunk = photos[start:start + PHOTOS_PER_CHUNK]
-        mine = crops[np.isin(items.rows[crops], chunk)]
-        bar_step = len(mine)
-        pictures = {}
-        for row in chunk.tolist():
-            try:
-                pictures[row] = frames(model, result.paths, np.array([row]))[0]
-            except BadImageError as exc:
-                log.warning("left out of the sweep's crops: %s", exc)
-        mine = mine[np.isin(items.rows[mine], list(pictures))]
-        for at in range(0, len(mine), CROP_BATCH):
-            part = mine[at:at + CROP_BATCH]
-            images = np.stack([pictures[int(r)] for r in items.rows[part]])
-            boxes = items.boxes[part]
-            own.append(crop_codes(model, crop_resize(images, boxes, size), code_layer,
-                                  CODE_BATCH))
-            other.append(crop_codes(embedder, crop_resize(images, boxes, other_size),
-                                    penultimate, CODE_BATCH))
-            done.append(part)
-        bar.update(bar_step)
-        release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
+    with laid_out(model), laid_out(embedder):  # prepared once, not once a batch
+        for start in range(0, len(photos), PHOTOS_PER_CHUNK):
+            mine = crops[np.isin(items.rows[crops], photos[start:start + PHOTOS_PER_CHUNK])]
+            for part, codes, independent in _chunk_codes(model, embedder, result, items, mine,
+                                                         code_layer, penultimate):
+                own.append(codes)
+                other.append(independent)
+                done.append(part)
+            bar.update(len(mine))
+            release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
     bar.close()
     if not done:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(own), np.concatenate(other), np.concatenate(done)
 
 
-@torch.inference_mode()
+def _chunk_codes(model: LoadedModel, embedder: LoadedModel, result: ScanResult, items: Items,
+                 mine: np.ndarray, code_layer: LayerRef, penultimate: LayerRef
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(item indices, codes, independent codes) of the crops `mine`, a batch at a time, each of
+    their photos decoded once."""
+    pictures = {}
+    for row in np.unique(items.rows[mine]).tolist():
+        try:
+            pictures[row] = frames(model, result.paths, np.array([row]))[0]
+        except BadImageError as exc:
+            log.warning("left out of the sweep's crops: %s", exc)
+    mine = mine[np.isin(items.rows[mine], list(pictures))]
+    for at in range(0, len(mine), CROP_BATCH):
+        part = mine[at:at + CROP_BATCH]
+        images = np.stack([pictures[int(r)] for r in items.rows[part]])
+        boxes = items.boxes[part]
+        yield (part,
+               crop_codes(model, crop_resize(images, boxes, model.preprocess.input_size),
+                          code_layer, CODE_BATCH),
+               crop_codes(embedder, crop_resize(images, boxes, embedder.preprocess.input_size),
+                          penultimate, CODE_BATCH))
+
+
 def firing_centres_of(model: LoadedModel, result: ScanResult,
                       units: Sequence[tuple[LayerRef, int, float, np.ndarray]],
                       progress: bool = False) -> list[np.ndarray]:
@@ -163,11 +173,11 @@ def firing_centres_of(model: LoadedModel, result: ScanResult,
     size = model.preprocess.input_size
     bar = tqdm(total=len(photos), desc="sweep: where the units fire", unit="img",
                disable=not progress)
-    with capture(model, layers) as store:
+    with capture(model, layers) as store, inference(model) as forward:
         for start in range(0, len(photos), CODE_BATCH):
             chunk = photos[start:start + CODE_BATCH]
             x = torch.from_numpy(frames(model, result.paths, chunk))
-            model(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
             maps = {ref.key: store[ref.key] for ref in layers}
             for b, row in enumerate(chunk.tolist()):
                 for j, at in wanted[row]:
