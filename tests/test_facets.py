@@ -10,6 +10,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from mfv.core.errors import MfvError
+from mfv.facets.cluster import distinct_rows
 from mfv.facets.find import FacetResult, facet_means, find_facets, mean_image, select_images
 from mfv.facets.options import FacetOptions
 from mfv.runtime.rundir import RunDir
@@ -253,6 +254,16 @@ def test_identical_codes_give_one_facet_with_a_warning():
     with pytest.warns(UserWarning, match="only 2 distinct codes"):
         res = find_facets(two, acts, options=FacetOptions(k=10))
     assert sorted(f.size for f in res.facets) == [20, 20]
+
+
+def test_distinct_rows_counts_as_numpy_unique_does():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16)).astype(np.float32)
+    x[3] = x[7]  # a duplicate
+    x[10], x[11] = 0.0, -0.0  # equal as numbers, not as bytes
+    for a in (x, x.astype(np.float64), np.asfortranarray(x), x[:, :1], np.zeros((2, 0))):
+        assert distinct_rows(a) == np.unique(a, axis=0).shape[0]
+    assert distinct_rows(x) == 38
 
 
 def test_bad_arguments_are_clear_errors():
