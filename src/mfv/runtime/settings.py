@@ -91,7 +91,7 @@ class SweepSection(Options):
 
     layers: str = opt("auto", "--layers", "'auto' (every block output plus the logits) or "
                       "L1,L2,...")
-    units: count_or("all") = opt(8, "--units", "units per layer (a seeded sample), or "
+    units: count_or("all") = opt(10, "--units", "units per layer (a seeded sample), or "
                                       "'all'", metavar="N|all")
     render: int = opt(0, "--render", "also render the facets of this many units per layer",
                       ge=0)

@@ -77,7 +77,7 @@ SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
 CHANCE_REPEATS = 10  # random sets per layer
 EXAMPLES = 3  # example units per layer whose facets the Layers page shows
-CALIBRATION_UNITS = 8  # units per layer whose pairs make the constructed two-kind units
+CALIBRATION_UNITS = 10  # units per layer whose pairs make the constructed two-kind units
 OVERLAP = 0.1  # at most this share of top images shared by a calibration pair's units
 POWER_MEASURES = ("k", "polysemanticity", "separation")  # higher = more multifaceted
 
