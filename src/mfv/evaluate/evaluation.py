@@ -51,7 +51,8 @@ from mfv.scan.result import ScanResult
 
 PLAUSIBILITY_MEMBERS = 32  # facet members a picture is compared with (a seeded sample)
 PATH_LAYERS = 5  # layers along the depth where the activation path is compared
-READ_BATCH = 64  # photos per pass when reading facet members
+READ_BATCH = 16  # images per pass when reading facet members and crops (a judge's pass at 64
+# images was the demo's peak memory; docs/benchmarks.md)
 
 
 @dataclass(frozen=True)
@@ -360,10 +361,12 @@ def _evaluate_group(entry: dict, own: Network, judges: Sequence[Network], case: 
 
 
 def _dominance(own: Network, target: Target, images: Sequence[np.ndarray]) -> list[float]:
-    """Centre dominance of each image (its centre crop against its four corners), in one pass."""
+    """Centre dominance of each image (its centre crop against its four corners)."""
     size = own.model.preprocess.input_size
     crops = [crop for image in images for crop in _centre_and_corners(image, size)]
-    values = own.read(to_input(own.model, crops), [target])["values"][:, 0].reshape(-1, 5)
+    values = np.concatenate([own.read(to_input(own.model, crops[i:i + READ_BATCH]), [target])
+                             ["values"][:, 0] for i in range(0, len(crops), READ_BATCH)]
+                            ).reshape(-1, 5)
     return [centre_dominance(v[0], v[1:]) for v in values]
 
 
