@@ -36,8 +36,8 @@ from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
 # what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
-PATCH_CODE = ("code layer of the crop resized to the input; side ERF-90 within [3/14, 3/7]; "
-              "centred where the map fires most (>= 1/2 max) /3")
+PATCH_CODE = ("code layer of the crop resized to the input, inference pass; side ERF-90 within "
+              "[3/14, 3/7]; centred where the map fires most (>= 1/2 max) /4")
 FIRING_SHARE = 0.5  # a unit fires where its map is at least this share of the map's maximum
 
 
