@@ -286,12 +286,13 @@ def _references(own: Network, judges: Sequence[Network], members: Sequence[Seque
     return out
 
 
-def _read_all(net: Network, images: np.ndarray, what: str) -> np.ndarray | list[np.ndarray]:
-    """`net`'s codes (`what="code"`) or path channel means ("path", one array per layer) of
-    (n, S, S, 3) uint8 images, read `READ_BATCH` at a time."""
-    parts = [net.read(to_input(net.model, list(images[i:i + READ_BATCH])))[what]
+def _read_all(net: Network, images: Sequence[np.ndarray], what: str,
+              targets: Sequence[Target] = ()) -> np.ndarray | list[np.ndarray]:
+    """`net`'s codes (`what="code"`), the targets' values ("values") or path channel means
+    ("path", one array per layer) of (S, S, 3) uint8 images, read `READ_BATCH` at a time."""
+    parts = [net.read(to_input(net.model, list(images[i:i + READ_BATCH])), targets)[what]
              for i in range(0, len(images), READ_BATCH)]
-    if what == "code":
+    if what != "path":
         return np.concatenate(parts)
     return [np.concatenate([part[j] for part in parts]) for j in range(len(net.path))]
 
@@ -364,9 +365,7 @@ def _dominance(own: Network, target: Target, images: Sequence[np.ndarray]) -> li
     """Centre dominance of each image (its centre crop against its four corners)."""
     size = own.model.preprocess.input_size
     crops = [crop for image in images for crop in _centre_and_corners(image, size)]
-    values = np.concatenate([own.read(to_input(own.model, crops[i:i + READ_BATCH]), [target])
-                             ["values"][:, 0] for i in range(0, len(crops), READ_BATCH)]
-                            ).reshape(-1, 5)
+    values = _read_all(own, crops, "values", [target])[:, 0].reshape(-1, 5)
     return [centre_dominance(v[0], v[1:]) for v in values]
 
 

@@ -82,8 +82,7 @@ def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks
     out = []
     with capture(model, [first]) as store, inference(model) as forward:
         for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size]))
-            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(as_input(model, images[start:start + batch_size]))
             act = store[first.key]
             if act.dim() != 4:
                 return peaks
@@ -113,6 +112,12 @@ def frames(model: LoadedModel, paths: Sequence[str], indices: np.ndarray) -> np.
                      .transpose(1, 2, 0) for i in indices])
 
 
+def as_input(model: LoadedModel, images: np.ndarray) -> torch.Tensor:
+    """(n, S, S, 3) uint8 images as the model's (n, 3, S, S) [0, 1] input on its device."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(model.device)
+    return x.permute(0, 3, 1, 2).float() / 255
+
+
 def crop_resize(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
     """(n, size, size, 3) uint8: each image's box, resized (bilinear, antialiased when
     shrinking) to size x size."""
@@ -140,8 +145,7 @@ def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
     parts = []
     with capture(model, [code_layer]) as store, inference(model) as forward:
         for start in range(0, len(crops), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(crops[start:start + batch_size]))
-            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(as_input(model, crops[start:start + batch_size]))
             parts.append(store[code_layer.key].flatten(1).float().cpu().numpy())
     return np.concatenate(parts)
 

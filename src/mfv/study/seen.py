@@ -22,13 +22,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from mfv.core.allocator import release_free_memory
 from mfv.core.errors import MfvError
 from mfv.data.images import BadImageError
-from mfv.facets.patches import crop_codes, crop_resize, firing_centre, frames
+from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
 from mfv.models.passes import inference, laid_out
@@ -176,8 +175,7 @@ def firing_centres_of(model: LoadedModel, result: ScanResult,
     with capture(model, layers) as store, inference(model) as forward:
         for start in range(0, len(photos), CODE_BATCH):
             chunk = photos[start:start + CODE_BATCH]
-            x = torch.from_numpy(frames(model, result.paths, chunk))
-            forward(x.to(model.device).permute(0, 3, 1, 2).float() / 255)
+            forward(as_input(model, frames(model, result.paths, chunk)))
             maps = {ref.key: store[ref.key] for ref in layers}
             for b, row in enumerate(chunk.tolist()):
                 for j, at in wanted[row]:
