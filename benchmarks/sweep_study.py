@@ -16,7 +16,8 @@ code over the scan stored in RUN (a sweep's run directory), per layer, as the sw
 
 Crops: `mfv.study.seen.code_items` on `--crops` centre crops (48 and 96 px) of Imagenette
 photos, Lite0 (the clustering's code, as `mfv run --region patch`) + Lite2 (the independent
-code). Sets: `mfv.study.measures.measure_set` (automatic k, t-SNE) on `--sets` sets of
+code), in one process (two threads) and over `--processes` (one thread each), side by side.
+Sets: `mfv.study.measures.measure_set` (automatic k, t-SNE) on `--sets` sets of
 `--top-n` of those codes, in one process and over `--processes` (`parallel_map`). The
 projection is scan + items x seconds per item + sets x seconds per set (parallel): pass the
 counts of the sweep to project (`--items`: distinct crops and photos, as `timings.items` of a
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mfv.core.allocator import keep_freed_memory
 from mfv.facets.patches import peak_boxes
 from mfv.models import load_model
 from mfv.models.targets import resolve_layer
@@ -148,6 +150,7 @@ def main() -> None:
     if args.count:
         count(args.count, args.units, args.top_n)
         return
+    keep_freed_memory()  # as the `mfv` command does (and the coding workers do)
     paths = sorted(str(p) for p in args.data.glob("*/*.JPEG"))
     rng = np.random.default_rng(0)
     photos = [paths[i] for i in rng.choice(len(paths), args.crops // 2, replace=False)]
@@ -156,14 +159,19 @@ def main() -> None:
     boxes = np.concatenate([peak_boxes(np.array([[112.0, 112.0]]), side, 224)
                             for side in (48, 96)] * len(photos))
     items = Items(rows, boxes)
-    load = os.getloadavg()[0]
-    t = time.perf_counter()
-    codes, other = code_items(model, embedder, _Photos(photos), items,
-                              resolve_layer(model, "penultimate"))
-    per_item = (time.perf_counter() - t) / len(items)
-    print(f"items: {len(items)} crops coded in {per_item * len(items):.1f} s = "
-          f"{per_item * 1000:.0f} ms per crop (Lite0 + Lite2; load {load:.1f} -> "
-          f"{os.getloadavg()[0]:.1f})", flush=True)
+    per_item = {}
+    for label, processes in (("one process", 1), ("parallel", args.processes)):
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        codes, other = code_items(model, embedder, _Photos(photos), items,
+                                  resolve_layer(model, "penultimate"), processes=processes)
+        per_item[label] = (time.perf_counter() - t) / len(items)
+        print(f"items: {len(items)} crops coded in {per_item[label] * len(items):.1f} s = "
+              f"{per_item[label] * 1000:.0f} ms per crop (Lite0 + Lite2), {label} ({processes} "
+              f"processes; load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"items: one process / parallel = "
+          f"{per_item['one process'] / per_item['parallel']:.2f}x", flush=True)
+    per_item = per_item["parallel"]
     tasks = []
     for i in range(args.sets):
         chosen = rng.choice(len(items), min(args.top_n, len(items)), replace=False)

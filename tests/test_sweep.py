@@ -186,3 +186,48 @@ def test_the_run_and_the_sweep_give_a_unit_the_same_mean_images(tmp_path, images
         made = np.asarray(Image.open(tmp_path / "run" / facet.mean_image))
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "sweep" /
                                                             shown["mean_image"])), made)
+
+
+class _Photos:
+    """What `code_items` reads of a scan: the photos' paths and their (whole-photo) codes."""
+
+    def __init__(self, paths: list[str], width: int) -> None:
+        self.paths, self.codes = paths, np.zeros((len(paths), width), np.float32)
+
+
+def test_crops_coded_over_worker_processes_equal_those_coded_here(tmp_path, images, caplog,
+                                                                    monkeypatch):
+    """The crops' codes over 2 worker processes (one thread each, both networks shipped) are
+    the in-process ones, item for item; a photo gone since the scan is left out with a
+    warning logged here, not in the worker."""
+    from mfv.facets.patches import crop_codes
+    from mfv.models.targets import resolve_layer
+    from mfv.study import seen
+    from mfv.study.seen import Items, code_items
+
+    model, embedder = tiny(), mfv.load_model(tiny_net(1), preprocess=PRE, classes=CLASSES)
+    paths = sorted(str(p) for p in images.glob("*/*.png"))[:9] + [str(tmp_path / "gone.png")]
+    rows = np.repeat(np.arange(len(paths)), 2)
+    boxes = np.tile([[0, 0, 8, 8], [2, 4, 12, 12]], (len(paths), 1))
+    items = Items(rows, boxes)
+    layer = resolve_layer(model, "penultimate")
+    size = model.preprocess.input_size
+    scan = _Photos(paths, crop_codes(model, np.zeros((1, size, size, 3), np.uint8), layer).shape[1])
+    monkeypatch.setattr(seen, "PHOTOS_PER_CHUNK", 4)  # 3 chunks of photos
+    here = code_items(model, embedder, scan, items, layer, processes=1)
+    caplog.clear()
+    pools = []
+
+    def spied(func, tasks, processes=None, **kw):
+        pools.append((processes, kw.get("min_size"), len(tasks)))
+        yield from parallel_map(func, tasks, processes, **kw)
+
+    parallel_map = seen.parallel_map
+    monkeypatch.setattr(seen, "parallel_map", spied)
+    there = code_items(model, embedder, scan, items, layer, processes=2)
+    assert pools == [(2, 0, 3)]  # a pool of 2 workers for 3 chunks, whatever the work's size
+    assert any("gone.png" in r.getMessage() for r in caplog.records)
+    for a, b in zip(here, there, strict=True):
+        assert a.shape == b.shape and np.abs(a[:-2]).sum() > 0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert not there[0][-2:].any() and not there[1][-2:].any()  # the gone photo's two crops

@@ -128,7 +128,7 @@ class RayBackend(_Closing):
         self.workers = max(1, workers or available)
         actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(_RayWorker)
-        self._model_ref = ray.put(_portable(model))  # kept: restarted workers read it again
+        self._model_ref = ray.put(portable(model))  # kept: restarted workers read it again
         self.actors = [actor.remote(self._model_ref, str(model.device) if gpus else "cpu")
                        for _ in range(self.workers)]
         ready, _ = ray.wait([a.pid.remote() for a in self.actors], num_returns=self.workers,
@@ -195,9 +195,7 @@ class _RayWorker:
 
         keep_freed_memory()  # the worker process is mfv's own: its allocator is tuned
         torch.set_num_threads(1)  # one CPU per worker: the cluster's cores are the workers
-        if isinstance(model, _FromFile):
-            model = model.load()
-        self.worker = Worker(model.to(device))
+        self.worker = Worker(unpacked(model).to(device))
 
     def run(self, work: Callable[[Worker, Any, Any], Any], context: Any, unit: Any) -> Any:
         return work(self.worker, context, unit)
@@ -228,9 +226,9 @@ class _FromFile:
         return loaded
 
 
-def _portable(model: LoadedModel) -> LoadedModel | _FromFile:
-    """What to ship to workers, on the CPU (each moves it to its own device): the model, or its
-    file when it came from a torch.export file."""
+def portable(model: LoadedModel) -> LoadedModel | _FromFile:
+    """What to ship to worker processes, on the CPU (each moves it to its own device): the
+    model, or its file when it came from a torch.export file (`unpacked` loads it there)."""
     if model.source.get("source") == "torch.export":
         state = {k: v.detach().cpu() for k, v in model.module.state_dict().items()}
         return _FromFile(os.path.abspath(model.source["file"]), model.name, model.preprocess,
@@ -239,6 +237,11 @@ def _portable(model: LoadedModel) -> LoadedModel | _FromFile:
         return model
     clone = copy.deepcopy(model)
     return clone.to("cpu")
+
+
+def unpacked(model: LoadedModel | _FromFile) -> LoadedModel:
+    """The model a worker process received from `portable`."""
+    return model.load() if isinstance(model, _FromFile) else model
 
 
 def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:

@@ -297,18 +297,21 @@ PARALLEL_MIN = 5000  # rows in all tasks together below which they run in this p
 
 
 def parallel_map(func: Callable[[Any], Any], tasks: Sequence[Any],
-                 processes: int | None = None, size: int | None = None) -> Iterator[Any]:
+                 processes: int | None = None, size: int | None = None,
+                 setup: Callable[[], None] | None = None,
+                 min_size: int = PARALLEL_MIN) -> Iterator[Any]:
     """`map(func, tasks)` in order, over one process per core (forkserver: no inherited
     threads), or in this process for little work (`size`, e.g. the rows of all tasks, below
-    PARALLEL_MIN) or one core. Each task runs single-threaded (`find_facets` caps its
-    threads), so the cores are used by processes, not threads. As with any forkserver pool,
-    a script that calls it must guard its top level with `if __name__ == "__main__":`."""
+    `min_size`) or one core. Each task runs single-threaded (`find_facets` caps its
+    threads; `setup`, run once in each worker process, can cap others), so the cores are used
+    by processes, not threads. As with any forkserver pool, a script that calls it must guard
+    its top level with `if __name__ == "__main__":`."""
     processes = processes or len(os.sched_getaffinity(0))
     if processes < 2 or len(tasks) < 2 or (size if size is not None else len(tasks)) \
-            < PARALLEL_MIN:
+            < min_size:
         yield from map(func, tasks)
         return
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([func.__module__])
-    with context.Pool(min(processes, len(tasks))) as pool:
+    with context.Pool(min(processes, len(tasks)), initializer=setup) as pool:
         yield from pool.imap(func, tasks, chunksize=1)
