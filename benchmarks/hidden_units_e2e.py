@@ -4,7 +4,7 @@
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
        [--sum maps|terms] [--units channels|probe] [--photo-seed 0] [--centre firing|peak]
-       [--out benchmarks/results/hidden-units-e2e.md]
+       [--crops library|fit|masked] [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
 imported, not copied): grass and masonry crops pasted (64-128 px) on photos of other classes; per
@@ -39,6 +39,7 @@ from mfv.models.targets import LayerRef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import constructed_units as cu  # noqa: E402  (the research helper's constructions)
+import crop_variants  # noqa: E402  (crops measured and not adopted)
 
 
 def composites(args, rng):
@@ -128,6 +129,9 @@ def main() -> None:
                     help="where the library centres a crop: `firing` (its rule, "
                     "`mfv.facets.patches.firing_centres`), or `peak`, the peak cell itself (the "
                     "rule before, patched in here only to compare)")
+    ap.add_argument("--crops", default="library", choices=crop_variants.VARIANTS,
+                    help="the library's crops, or a variant measured against them "
+                    "(`benchmarks/crop_variants.py`)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
     ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results/hidden-units-e2e.md")
@@ -135,6 +139,7 @@ def main() -> None:
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     if args.centre == "peak":  # the local backend runs the facets in this process
         patches.firing_centres = lambda model, target, images, peaks, **_: peaks
+    crop_variants.install(args.crops)
     torch.manual_seed(args.photo_seed)
     rng = np.random.default_rng(args.photo_seed)
     sel, pool, kinds = composites(args, rng)
@@ -186,7 +191,8 @@ def main() -> None:
              f"Textures A = {kinds[0]}, B = {kinds[1]};"
              f" pool: {args.photos} composites of each and {args.photos} plain photos; top-N = "
              f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
-             f"that are composites, crops centred by the `{args.centre}` rule, per t-SNE seed "
+             f"that are composites, crops centred by the `{args.centre}` rule "
+             f"({args.crops} crops), per t-SNE seed "
              f"({', '.join(map(str, args.seeds))}) and their "
              "mean.",
              "", "| unit | patch side (px) | peak in patch | " + " | ".join(

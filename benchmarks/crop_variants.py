@@ -1,0 +1,90 @@
+"""Two crops `--region patch` did not adopt, measured against the library's own with
+`python benchmarks/hidden_units_e2e.py --crops fit|masked` (issue 22; docs/hidden-units.md):
+
+* `fit`: each crop's side fitted to its firing region (the bounding box of the region that
+  `mfv.facets.patches.firing_centre` centres on, in input pixels) within [3/14, 3/7] of the
+  input, instead of the layer's one side;
+* `masked`: the library's box, cut from the photo with what the unit does not fire on greyed
+  out (weight 0 at or below 0 of the map's maximum, 1 from half of it, bilinear between cells),
+  so the code sees the texture and not its background.
+
+`install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
+facets here); research only, never imported by the library.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from mfv.facets import patches
+from mfv.models.activations import capture, combined_maps
+from mfv.models.passes import inference
+
+VARIANTS = ("library", "fit", "masked")
+
+
+def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
+    """(n, h, w) the target's combined map on its first layer (as the scan reads its peaks)."""
+    first = holder.target.terms[0].layer
+    with capture(holder.model, [first]) as store, inference(holder.model) as forward:
+        forward(patches.as_input(holder.model, images))
+        act = store[first.key]
+        weights = act.new_zeros(1, act.shape[1])
+        for term in holder.target.terms:
+            if term.layer == first:
+                weights[0, term.unit] += term.weight
+        return combined_maps(act, weights)[:, 0].float().cpu()
+
+
+def _extent(grid_map: np.ndarray) -> int:
+    """Cells across (the larger side) of the bounding box of the region `firing_centre` uses."""
+    m = np.asarray(grid_map, np.float64)
+    top = m.max()
+    if not np.isfinite(top) or top <= 0:
+        return 1
+    excess = np.clip(m - patches.FIRING_SHARE * top, 0.0, None)
+    regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
+    best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
+    rows, cols = np.nonzero(regions == best)
+    return int(max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
+def _greyed(images: np.ndarray, maps: torch.Tensor) -> np.ndarray:
+    """The images with what the map does not fire on blended to grey (module doc)."""
+    top = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+    weight = (maps / top / patches.FIRING_SHARE).clamp(0, 1)[:, None]
+    weight = F.interpolate(weight, size=images.shape[1:3], mode="bilinear",
+                           align_corners=False)[:, 0, ..., None]
+    pixels = torch.from_numpy(images).float()
+    return (pixels * weight + 127.5 * (1 - weight)).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+def install(variant: str) -> None:
+    """Make `Patches` cut crops the `variant` way (`library`: leave it as it is)."""
+    if variant == "library":
+        return
+
+    def load(self: patches.Patches, indices: np.ndarray) -> None:
+        missing = [int(i) for i in np.asarray(indices, np.int64) if int(i) not in self._crops]
+        if not missing:
+            return
+        size, rows = self.model.preprocess.input_size, np.array(missing)
+        images = patches.frames(self.model, self.paths, rows)
+        maps = _maps(self, images)
+        cell = size / maps.shape[1]
+        centres = (np.array([patches.firing_centre(m) for m in maps.numpy()]) + 0.5) * cell
+        if variant == "fit":
+            sides = [int(np.clip(round(_extent(m) * cell), round(size * 3 / 14),
+                                 round(size * 3 / 7))) for m in maps.numpy()]
+            boxes = np.concatenate([patches.peak_boxes(c[None], s, size)
+                                    for c, s in zip(centres, sides, strict=True)])
+        else:
+            boxes = patches.peak_boxes(centres, self.side, size)
+            images = _greyed(images, maps)
+        self._boxes.update(zip(missing, boxes, strict=True))
+        self._crops.update(zip(missing, patches.crop_resize(images, boxes, size), strict=True))
+
+    patches.Patches._load = load
