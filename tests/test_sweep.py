@@ -231,3 +231,20 @@ def test_crops_coded_over_worker_processes_equal_those_coded_here(tmp_path, imag
         assert a.shape == b.shape and np.abs(a[:-2]).sum() > 0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert not there[0][-2:].any() and not there[1][-2:].any()  # the gone photo's two crops
+
+
+def test_crops_are_coded_in_parallel_only_when_it_pays_and_fits(monkeypatch):
+    """Over one process per core for many crops on the CPU, no more than half the memory
+    holds; in this process for a few crops, or for a network a worker cannot unpickle."""
+    from mfv.study import seen
+
+    model = tiny()
+    monkeypatch.setattr(seen.os, "sched_getaffinity", lambda _: set(range(8)))
+    for gigabytes, workers in ((64, 8), (8, 2), (2, 1)):
+        monkeypatch.setattr(seen.os, "sysconf", lambda name, gb=gigabytes:
+                            4096 if name == "SC_PAGE_SIZE" else gb * 10**9 // 4096)
+        assert seen._default_processes(seen.PARALLEL_CROPS, model, model) == workers
+    assert seen._default_processes(seen.PARALLEL_CROPS - 1, model, model) == 1
+    local = type("Net", (type(model.module),), {"__module__": "__main__"})
+    notebook = mfv.load_model(local().eval(), preprocess=PRE, classes=CLASSES)
+    assert seen._default_processes(10**6, notebook, model) == 1

@@ -47,6 +47,7 @@ PHOTOS_PER_CHUNK = 64  # photos decoded at once while their crops are coded
 CODE_BATCH = 16  # crops a network pass: a coding worker peaks at 1.1 GB (1.6 GB at 32), as fast
 CROP_BATCH = 128  # crops cut and resized at once (bounded memory)
 PARALLEL_CROPS = 2000  # crops from which they are coded over a process per core
+WORKER_BYTES = 1_500_000_000  # a coding worker's peak (Lite0 + Lite2: 1.13 GB measured)
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,15 @@ class _Chunk:
 
 
 def _default_processes(crops: int, model: LoadedModel, embedder: LoadedModel) -> int:
-    """One process per core for many crops on the CPU, when both networks can be shipped (a
-    class defined in `__main__` cannot be unpickled by a worker); else 1."""
+    """One process per core for many crops on the CPU, as many as half the machine's memory
+    holds at `WORKER_BYTES` each, when both networks can be shipped (a class defined in
+    `__main__` cannot be unpickled by a worker); else 1."""
     shippable = all(type(m.module).__module__ != "__main__" for m in (model, embedder))
     on_cpu = model.device.type == "cpu" and embedder.device.type == "cpu"
-    return len(os.sched_getaffinity(0)) if shippable and on_cpu and crops >= PARALLEL_CROPS \
-        else 1
+    if not (shippable and on_cpu and crops >= PARALLEL_CROPS):
+        return 1
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return max(1, min(len(os.sched_getaffinity(0)), memory // 2 // WORKER_BYTES))
 
 
 def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.ndarray,
