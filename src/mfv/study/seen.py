@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -168,18 +169,22 @@ def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.n
     own, other, done = [], [], []
     bar = tqdm(total=len(crops), desc="sweep: codes of the crops", unit="crop",
                disable=not progress)
-    if processes < 2:
-        with laid_out(coders.model), laid_out(coders.embedder):  # prepared once for all chunks
+    with ExitStack() as here:
+        if processes < 2:  # both networks prepared once for all chunks
+            here.enter_context(laid_out(coders.model))
+            here.enter_context(laid_out(coders.embedder))
             coded = map(_code_chunk, chunks)
-            outcomes = [(c, _record(c, bar)) for c in coded]
-    else:
-        outcomes = [(c, _record(c, bar)) for c in parallel_map(
-            _code_chunk, chunks, processes, setup=_one_thread_each, min_size=0)]
+        else:
+            coded = parallel_map(_code_chunk, chunks, processes, setup=_one_thread_each,
+                                 min_size=0)
+        for at, codes, independent, left_out in coded:
+            for message in left_out:  # logged here: a worker process's log goes nowhere
+                log.warning("left out of the sweep's crops: %s", message)
+            bar.update(len(at))
+            own.append(codes)
+            other.append(independent)
+            done.append(at)
     bar.close()
-    for (at, codes, independent, _), _ in outcomes:
-        own.append(codes)
-        other.append(independent)
-        done.append(at)
     if not done:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
     return np.concatenate(own), np.concatenate(other), np.concatenate(done)
@@ -189,14 +194,6 @@ def _chunk(coders: _Coders, paths: Sequence[str], items: Items, at: np.ndarray) 
     rows = items.rows[at]
     return _Chunk(coders, at, rows, items.boxes[at],
                   {int(r): paths[int(r)] for r in np.unique(rows).tolist()})
-
-
-def _record(outcome: tuple[np.ndarray, np.ndarray, np.ndarray, list[str]], bar: tqdm) -> None:
-    """Log a chunk's left-out photos here (a worker process's log goes nowhere) and count it."""
-    at, _, _, left_out = outcome
-    for message in left_out:
-        log.warning("left out of the sweep's crops: %s", message)
-    bar.update(len(at))
 
 
 def _one_thread_each() -> None:
