@@ -96,7 +96,8 @@ class Network:
         logits_ref = LayerRef(self.model.logits_layer) if self.model.logits_layer else None
         layers = [self.code, *self.path, *(bank.layers if bank else []),
                   *([logits_ref] if logits_ref else [])]
-        with capture(self.model, layers) as store, inference(self.model) as forward:
+        with capture(self.model, layers, stop=True) as store, \
+                inference(self.model) as forward:
             forward(images)
             out = {"code": store[self.code.key].flatten(1).float().cpu().numpy(),
                    "path": [channel_means(store[ref.key].float()).cpu().numpy()

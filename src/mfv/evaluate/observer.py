@@ -66,7 +66,8 @@ class Observer:
         """(n, D) embeddings of (H, W, 3) uint8 pictures, resized and centre-cropped like a
         photo (what a person looking at the file sees)."""
         out = []
-        with capture(self.model, [self.layer]) as store, inference(self.model) as forward:
+        with capture(self.model, [self.layer], stop=True) as store, \
+                inference(self.model) as forward:
             for start in range(0, len(images), BATCH):
                 batch = torch.stack([to_tensor(self.model.preprocess, Image.fromarray(im))
                                      for im in images[start:start + BATCH]])

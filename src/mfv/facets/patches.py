@@ -80,7 +80,7 @@ def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks
     if target.reduction in ("center", "cls") or len(images) == 0:
         return peaks
     out = []
-    with capture(model, [first]) as store, inference(model) as forward:
+    with capture(model, [first], stop=True) as store, inference(model) as forward:
         for start in range(0, len(images), batch_size):
             forward(as_input(model, images[start:start + batch_size]))
             act = store[first.key]
@@ -143,7 +143,7 @@ def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
     """(n, D) float32: the code layer's output for each crop (0..255, at the model's input
     size), flattened. The one place that says how a patch is coded."""
     parts = []
-    with capture(model, [code_layer]) as store, inference(model) as forward:
+    with capture(model, [code_layer], stop=True) as store, inference(model) as forward:
         for start in range(0, len(crops), batch_size):
             forward(as_input(model, crops[start:start + batch_size]))
             parts.append(store[code_layer.key].flatten(1).float().cpu().numpy())

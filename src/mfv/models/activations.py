@@ -8,6 +8,7 @@ how its value is computed from a captured batch.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -161,15 +162,89 @@ class TargetBank:
         return out, grids
 
 
+class _Produced(Exception):
+    """Raised by a capturing hook when every layer the open captures wait for is produced."""
+
+
+class _Captures:
+    """The captures open on one network (kept on its root module while any is open): the layers
+    each waits for and whether it lets the pass stop there. While every open capture does, and
+    every layer they wait for is known to run once a pass (`calls`, counted on full passes: a
+    module called twice, as a shared ReLU, is read at its last call), the root's forward ends
+    (returns None) as soon as the last of their layers is produced."""
+
+    ATTRIBUTE = "_mfv_captures"
+
+    def __init__(self, module: nn.Module, calls: dict[str, int]) -> None:
+        self.module, self.forward, self.calls = module, module.forward, calls
+        self.previous = module.__dict__.get("forward")  # an instance's own forward, if any
+        self.open: list[tuple[frozenset[str], bool]] = []
+        self.pending: set[str] = set()
+        self.counted: Counter[tuple[int, str]] = Counter()  # calls a pass, per capture and layer
+
+    @classmethod
+    def of(cls, module: nn.Module, calls: dict[str, int]) -> _Captures:
+        found = module.__dict__.get(cls.ATTRIBUTE)
+        if found is None:
+            found = cls(module, calls)
+            module.__dict__[cls.ATTRIBUTE] = found
+            module.__dict__["forward"] = found.run  # nn.Module calls the instance's forward
+        return found
+
+    def run(self, *args, **kwargs):
+        keys = set().union(*(keys for keys, _ in self.open))
+        stop = all(stops for _, stops in self.open) and all(
+            self.calls.get(key) == 1 for key in keys)
+        self.pending, self.counted = (keys if stop else set()), Counter()
+        try:
+            out = self.forward(*args, **kwargs)
+        except _Produced:
+            return None
+        finally:
+            self.pending = set()
+        for key in keys:  # a full pass: how often each layer ran in it
+            self.calls[key] = max((n for (_, k), n in self.counted.items() if k == key),
+                                  default=0)
+        return out
+
+    def produced(self, entry: tuple[frozenset[str], bool], key: str) -> None:
+        self.counted[id(entry), key] += 1
+        if key in self.pending:
+            self.pending.discard(key)
+            if not self.pending:
+                raise _Produced
+
+    def close(self, entry: tuple[frozenset[str], bool]) -> None:
+        self.open.remove(entry)
+        if not self.open:
+            del self.module.__dict__[self.ATTRIBUTE]
+            if self.previous is None:
+                del self.module.__dict__["forward"]
+            else:
+                self.module.__dict__["forward"] = self.previous
+
+
 @contextmanager
-def capture(model: LoadedModel | nn.Module, layers: Sequence[LayerRef]
+def capture(model: LoadedModel | nn.Module, layers: Sequence[LayerRef], *, stop: bool = False
             ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the given layers' activations during forward passes inside the block, keyed by
-    `LayerRef.key`. The hooks are removed when the block ends, normally or by an exception."""
+    `LayerRef.key`. The hooks are removed when the block ends, normally or by an exception.
+
+    `stop=True`: a pass ends once these layers are produced (the model then returns None), so
+    nothing after the deepest of them is computed: reading an early layer costs a fraction of
+    the network. It runs to the end while another capture without `stop` is open on the same
+    network, and until a full pass has shown that each of the layers runs once a pass."""
     module = model.module if isinstance(model, LoadedModel) else model
+    calls = model._cache.setdefault("calls_per_pass", {}) if isinstance(model, LoadedModel) \
+        else {}
     named = dict(module.named_modules())
     store: dict[str, torch.Tensor] = {}
     handles = []
+    refs = list(dict.fromkeys(layers))
+    captures = _Captures.of(module, calls)
+    # a hook on the root itself runs after its forward: such a pass cannot stop early
+    entry = (frozenset(ref.key for ref in refs), stop and all(ref.path for ref in refs))
+    captures.open.append(entry)
 
     def hook_for(ref: LayerRef):
         activation = named[ref.post_activation] if ref.post_activation else None
@@ -177,12 +252,14 @@ def capture(model: LoadedModel | nn.Module, layers: Sequence[LayerRef]
         def hook(_module, inputs, output):
             value = inputs[0] if ref.use_input else output
             store[ref.key] = activation(value) if activation is not None else value
+            captures.produced(entry, ref.key)
         return hook
 
     try:
-        for ref in dict.fromkeys(layers):
+        for ref in refs:
             handles.append(named[ref.path].register_forward_hook(hook_for(ref)))
         yield store
     finally:
         for handle in handles:
             handle.remove()
+        captures.close(entry)

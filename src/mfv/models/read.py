@@ -55,7 +55,7 @@ def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[Layer
     kept: list[int] = []
     bad: list[tuple[int, str]] = []
     bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None)
-    with capture(model, layers) as store, inference(model) as forward:
+    with capture(model, layers, stop=True) as store, inference(model) as forward:
         for start in range(0, len(paths), batch_size):
             batch = []
             for i in range(start, min(start + batch_size, len(paths))):

@@ -83,7 +83,7 @@ def effective_rf(model: LoadedModel, refs: Sequence[LayerRef], images: torch.Ten
     x.requires_grad_(True)
     size_h, size_w = x.shape[-2:]
     out: dict[str, int | None] = {}
-    with torch.enable_grad(), capture(model, refs) as store:
+    with torch.enable_grad(), capture(model, refs, stop=True) as store:
         model(x)
         for i, ref in enumerate(refs):
             act = store[ref.key]

@@ -103,7 +103,7 @@ class AnchoredObjective:
                 continue
             pixels = torch.zeros(1, 3, size, size, device=self.model.device) if refs is None \
                 else torch.as_tensor(refs, dtype=torch.float32, device=self.model.device)
-            with capture(self.model, self.match) as store:
+            with capture(self.model, self.match, stop=True) as store:
                 self.base.forward(self.model, pixels)  # the pictures' pass settings
             for ref in self.match:
                 acts = store[ref.key].float()  # (m, C, H, W) or (m, N, C)
@@ -138,7 +138,7 @@ class AnchoredObjective:
         # a target read at a unit's scale sees another view of the canvas: its own pass
         target = self.base(images) if self.base.at_unit_scale else None
         layers = [*([] if target is not None else self.base.layers), self.code, *self.match]
-        with capture(self.model, layers) as store:
+        with capture(self.model, layers, stop=True) as store:
             self.base.forward(self.model, images)
             if target is None:
                 target = self.base.values(store, len(images))

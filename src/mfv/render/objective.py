@@ -156,8 +156,7 @@ class Objective:
                                      dtype=torch.long).to(device)
         self.logits = LayerRef(model.logits_layer) if model.logits_layer else None
         self.layers = list(dict.fromkeys([*self.bank.layers, *(r for f in functions
-                                                               for r in f.layers),
-                                          *([self.logits] if self.logits else [])]))
+                                                               for r in f.layers)]))
 
     def values(self, store: dict[str, torch.Tensor], batch: int) -> torch.Tensor:
         """Each sample's own target, from a captured batch (differentiable, float32)."""
@@ -186,10 +185,13 @@ class Objective:
 
     def __call__(self, images: torch.Tensor, kind: str = "target") -> torch.Tensor:
         """Objective value per sample for a (B, 3, S, S) batch in 0..255 (differentiable)."""
-        with capture(self.model, self.layers) as store:
+        as_prob = kind == "prob" and self.logits is not None
+        # the pass stops at the deepest layer read (benchmarks/results/truncated-pass.md)
+        with capture(self.model, [*self.layers, *([self.logits] if as_prob else [])],
+                     stop=True) as store:
             self.forward(self.model, self.viewed(images))
             value = self.values(store, len(images))
-            if kind == "prob" and self.logits is not None:
+            if as_prob:
                 rows = torch.arange(len(images), device=value.device)
                 class_of = self.class_of.to(value.device)
                 probs = store[self.logits.key].float().softmax(-1)

@@ -188,7 +188,8 @@ def _scan_chunks(job: _Pass, chunks: list[int], workers: int, progress: bool) ->
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="scan",
                disable=not progress, smoothing=0.1)
     pending: dict[int, _Chunk] = {}
-    with capture(model, [*bank.layers, code_ref]) as store, inference(model) as forward:
+    with capture(model, [*bank.layers, code_ref], stop=True) as store, \
+            inference(model) as forward:
         for (indices, pixels, bad), batch in zip(loader, batches, strict=True):
             c = batch[0] // job.chunk
             state = pending.setdefault(c, _Chunk())

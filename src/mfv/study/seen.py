@@ -249,7 +249,7 @@ def firing_centres_of(model: LoadedModel, result: ScanResult,
     size = model.preprocess.input_size
     bar = tqdm(total=len(photos), desc="sweep: where the units fire", unit="img",
                disable=not progress)
-    with capture(model, layers) as store, inference(model) as forward:
+    with capture(model, layers, stop=True) as store, inference(model) as forward:
         for start in range(0, len(photos), CODE_BATCH):
             chunk = photos[start:start + CODE_BATCH]
             forward(as_input(model, frames(model, result.paths, chunk)))
