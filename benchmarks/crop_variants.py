@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from mfv.facets import patches
-from mfv.models.activations import capture, combined_maps
+from mfv.models.activations import capture, first_layer_map
 from mfv.models.passes import inference
 
 VARIANTS = ("library", "fit", "masked")
@@ -29,14 +29,10 @@ VARIANTS = ("library", "fit", "masked")
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
     """(n, h, w) the target's combined map on its first layer (as the scan reads its peaks)."""
     first = holder.target.terms[0].layer
-    with capture(holder.model, [first]) as store, inference(holder.model) as forward:
+    with capture(holder.model, [first], stop=True) as store, \
+            inference(holder.model) as forward:
         forward(patches.as_input(holder.model, images))
-        act = store[first.key]
-        weights = act.new_zeros(1, act.shape[1])
-        for term in holder.target.terms:
-            if term.layer == first:
-                weights[0, term.unit] += term.weight
-        return combined_maps(act, weights)[:, 0].float().cpu()
+        return first_layer_map(holder.target, store).float().cpu()
 
 
 def _extent(grid_map: np.ndarray) -> int:

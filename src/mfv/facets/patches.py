@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from mfv.core.errors import MfvError
 from mfv.data.images import load_rgb
-from mfv.models.activations import capture, combined_maps
+from mfv.models.activations import capture, first_layer_map
 from mfv.models.base import LoadedModel
 from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
@@ -83,14 +83,9 @@ def firing_centres(model: LoadedModel, target: Target, images: np.ndarray, peaks
     with capture(model, [first], stop=True) as store, inference(model) as forward:
         for start in range(0, len(images), batch_size):
             forward(as_input(model, images[start:start + batch_size]))
-            act = store[first.key]
-            if act.dim() != 4:
+            if store[first.key].dim() != 4:
                 return peaks
-            weights = act.new_zeros(1, act.shape[1])
-            for term in target.terms:
-                if term.layer == first:
-                    weights[0, term.unit] += term.weight
-            maps = combined_maps(act, weights)[:, 0].float().cpu().numpy()
+            maps = first_layer_map(target, store).float().cpu().numpy()
             cells = np.array([firing_centre(m) for m in maps]) + 0.5
             out.append(cells * images.shape[1] / np.array(maps.shape[1:], np.float64))
     return np.concatenate(out)

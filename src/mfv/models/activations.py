@@ -69,6 +69,19 @@ def combined_maps(activation: torch.Tensor, weights: torch.Tensor) -> torch.Tens
     return torch.einsum("bc...,tc->bt...", activation, weights)
 
 
+def first_layer_map(target: Target, store: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weighted sum of a target's terms on its first layer (`combined_maps`): (B, H, W) for
+    a spatial map, (B, N) for tokens, (B,) for a vector; what the scan's peaks and the patches'
+    firing centres are read on."""
+    first = target.terms[0].layer
+    act = store[first.key]
+    weights = act.new_zeros(1, act.shape[-1 if act.dim() == 3 else 1])
+    for term in target.terms:
+        if term.layer == first:
+            weights[0, term.unit] += term.weight
+    return combined_maps(act, weights)[:, 0]
+
+
 def peak_cells(maps: torch.Tensor, reduction: str) -> torch.Tensor:
     """(B, T, 2) the (row, column) where each (B, T, H, W) map is read: its centre for the
     `center` reduction, else where it is largest (first such cell)."""
