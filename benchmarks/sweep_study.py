@@ -3,7 +3,7 @@ and photos, by the swept network and the independent one) and clustering the set
 chance sets, constructed units), timed on real photos; then the projection of a whole sweep.
 
 Usage: python benchmarks/sweep_study.py [--crops 256] [--sets 24] [--top-n 200]
-       [--items 81500] [--n-sets 3114] [--scan-s 300] [--processes 2]
+       [--items 81500] [--n-sets 3114] [--scan-s 300] [--processes 2] [--code-batch 8 16]
        python benchmarks/sweep_study.py --count RUN [--units all] [--top-n 200]
        python benchmarks/sweep_study.py --table RUN
 
@@ -16,7 +16,8 @@ code over the scan stored in RUN (a sweep's run directory), per layer, as the sw
 
 Crops: `mfv.study.seen.code_items` on `--crops` centre crops (48 and 96 px) of Imagenette
 photos, Lite0 (the clustering's code, as `mfv run --region patch`) + Lite2 (the independent
-code), in one process (two threads) and over `--processes` (one thread each), side by side.
+code), in one process (two threads) and over `--processes` (one thread each) at each
+`--code-batch` crops a pass, side by side, with the peak PSS of this process and of a worker.
 Sets: `mfv.study.measures.measure_set` (automatic k, t-SNE) on `--sets` sets of
 `--top-n` of those codes, in one process and over `--processes` (`parallel_map`). The
 projection is scan + items x seconds per item + sets x seconds per set (parallel): pass the
@@ -29,17 +30,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from mfv.core.allocator import keep_freed_memory
 from mfv.facets.patches import peak_boxes
 from mfv.models import load_model
 from mfv.models.targets import resolve_layer
 from mfv.study.measures import measure_set, parallel_map
-from mfv.study.seen import Items, code_items
+from mfv.study.seen import CODE_BATCH, Items, code_items
 from recovery import cell, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +55,32 @@ class _Photos:
     def __init__(self, paths: list[str]) -> None:
         self.paths = paths
         self.codes = np.zeros((len(paths), 1280), np.float32)
+
+
+class _PeakMemory:
+    """The peak PSS of this process and of its largest child process (a coding worker), sampled
+    every 0.2 s by a thread while the block runs (psutil)."""
+
+    def __enter__(self) -> _PeakMemory:
+        self.own = self.worker = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._done.wait(0.2):
+            try:
+                self.own = max(self.own, me.memory_full_info().pss)
+                for child in me.children(recursive=True):
+                    self.worker = max(self.worker, child.memory_full_info().pss)
+            except psutil.Error:
+                continue
+
+    def __exit__(self, *_) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 def count(out: str, units: str, top_n: int) -> None:
@@ -142,6 +171,8 @@ def main() -> None:
     ap.add_argument("--n-sets", type=int, default=0, help="sets of the sweep to project")
     ap.add_argument("--scan-s", type=float, default=0.0, help="its scan's seconds")
     ap.add_argument("--processes", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--code-batch", type=int, nargs="+", default=[CODE_BATCH],
+                    help="crops a network pass in the coding workers, side by side")
     ap.add_argument("--data", type=Path, default=DATA / "imagenette-train")
     args = ap.parse_args()
     if args.table:
@@ -160,18 +191,26 @@ def main() -> None:
                             for side in (48, 96)] * len(photos))
     items = Items(rows, boxes)
     per_item = {}
-    for label, processes in (("one process", 1), ("parallel", args.processes)):
+    runs = [("one process", 1, CODE_BATCH),
+            *((f"parallel #{i + 1}, {b} a pass", args.processes, b)
+              for i, b in enumerate(args.code_batch))]
+    for label, processes, batch in runs:
         load = os.getloadavg()[0]
         t = time.perf_counter()
-        codes, other = code_items(model, embedder, _Photos(photos), items,
-                                  resolve_layer(model, "penultimate"), processes=processes)
+        with _PeakMemory() as memory:
+            codes, other = code_items(model, embedder, _Photos(photos), items,
+                                      resolve_layer(model, "penultimate"), processes=processes,
+                                      batch=batch)
         per_item[label] = (time.perf_counter() - t) / len(items)
         print(f"items: {len(items)} crops coded in {per_item[label] * len(items):.1f} s = "
               f"{per_item[label] * 1000:.0f} ms per crop (Lite0 + Lite2), {label} ({processes} "
-              f"processes; load {load:.1f} -> {os.getloadavg()[0]:.1f})", flush=True)
-    print(f"items: one process / parallel = "
-          f"{per_item['one process'] / per_item['parallel']:.2f}x", flush=True)
-    per_item = per_item["parallel"]
+              f"processes; load {load:.1f} -> {os.getloadavg()[0]:.1f}); peak PSS of this "
+              f"process {memory.own / 1e9:.2f} GB, of each worker {memory.worker / 1e9:.2f} GB",
+              flush=True)
+    for label, _, _ in runs[1:]:
+        print(f"items: one process / {label} = "
+              f"{per_item['one process'] / per_item[label]:.2f}x", flush=True)
+    per_item = per_item[runs[-1][0]]
     tasks = []
     for i in range(args.sets):
         chosen = rng.choice(len(items), min(args.top_n, len(items)), replace=False)

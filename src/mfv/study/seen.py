@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
@@ -86,48 +86,60 @@ def whole_boxes(n: int) -> np.ndarray:
 
 def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, items: Items,
                code_layer: LayerRef, progress: bool = False,
-               processes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               processes: int | None = None, batch: int = CODE_BATCH
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(codes (n, D), independent (n, E)) float32 of every item: the clustering's code and the
     embedder's penultimate features (module doc). A photo that cannot be read any more gets
     zero codes. The crops are coded over `processes` worker processes of one thread each
-    (default: one per core for `PARALLEL_CROPS` crops or more on the CPU; 1: in this process)."""
+    (default: one per core for `PARALLEL_CROPS` crops or more on the CPU; 1: in this process),
+    `batch` images a network pass."""
     penultimate = resolve_layer(embedder, "penultimate")
     whole = np.flatnonzero(items.whole)
     crops = np.flatnonzero(~items.whole)
     codes = np.zeros((len(items), np.asarray(result.codes).shape[1]), np.float32)
     codes[whole] = np.asarray(result.codes)[items.rows[whole]]
-    parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    independent: np.ndarray | None = None
+
+    def place(at: np.ndarray, values: np.ndarray) -> None:
+        nonlocal independent
+        if independent is None:  # its width is the embedder's, known from its first output
+            independent = np.zeros((len(items), values.shape[1]), np.float32)
+        independent[at] = values
+
     if len(whole):
         read = read_photos(embedder, [result.paths[int(r)] for r in items.rows[whole]],
-                           [penultimate], batch_size=CODE_BATCH,
+                           [penultimate], batch_size=batch,
                            progress="sweep: independent codes of photos" if progress else None)
-        parts["whole"] = (whole[read.kept], read.outputs[0])
+        if len(read.kept):
+            place(whole[read.kept], read.outputs[0])
     if len(crops):
+        release_free_memory()  # the earlier passes' freed heap, else held while workers code
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
-        own, other, done = _crop_codes(_Coders(model, embedder, code_layer, penultimate),
-                                       result.paths, items, crops, processes, progress)
-        codes[done] = own
-        parts["crops"] = (done, other)
-    width = next((v.shape[1] for _, v in parts.values() if v.ndim == 2 and len(v)), 0)
-    independent = np.zeros((len(items), width), np.float32)
-    for at, values in parts.values():
-        if len(at):
-            independent[at] = values
-    if len(items) and not width:
-        raise MfvError(f"none of the {len(items)} images the sweep needs can be read any more")
+        for at, own, other in _crop_codes(
+                _Coders(model, embedder, code_layer, penultimate, batch), result.paths, items,
+                crops, processes, progress):
+            codes[at] = own  # each chunk in place: no list of chunks, no copy of them all
+            place(at, other)
+    if independent is None:
+        if len(items):
+            raise MfvError(f"none of the {len(items)} images the sweep needs can be read any "
+                           "more")
+        independent = np.zeros((0, 0), np.float32)
     return codes, independent
 
 
 @dataclass(frozen=True)
 class _Coders:
     """The two networks that code a crop and the layers read: the swept model's code layer and
-    the embedder's penultimate (each network `portable` when shipped to a worker process)."""
+    the embedder's penultimate (each network `portable` when shipped to a worker process), and
+    the images a pass."""
 
     model: LoadedModel | Any
     embedder: LoadedModel | Any
     code_layer: LayerRef
     penultimate: LayerRef
+    batch: int = CODE_BATCH
 
 
 @dataclass(frozen=True)
@@ -155,18 +167,18 @@ def _default_processes(crops: int, model: LoadedModel, embedder: LoadedModel) ->
 
 
 def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.ndarray,
-                processes: int, progress: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The crops' codes by both networks (with the crops' item indices), a chunk of photos at a
-    time, each photo decoded once for all its crops; a photo gone since the scan is left out,
-    with a warning. Over several processes each chunk ships both networks (~45 MB for Lite0 +
-    Lite2, a fraction of a second against the chunk's tens of seconds of coding)."""
+                processes: int, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray,
+                                                                   np.ndarray]]:
+    """(item indices, codes, independent codes) of the crops by both networks, a chunk of
+    photos at a time, each photo decoded once for all its crops; a photo gone since the scan is
+    left out, with a warning. Over several processes each chunk ships both networks (~45 MB for
+    Lite0 + Lite2, a fraction of a second against the chunk's tens of seconds of coding)."""
     photos = np.unique(items.rows[crops])
     shipped = coders if processes < 2 else replace(
         coders, model=portable(coders.model), embedder=portable(coders.embedder))
     chunks = [_chunk(shipped, paths, items, crops[np.isin(items.rows[crops], group)])
               for group in (photos[s:s + PHOTOS_PER_CHUNK]
                             for s in range(0, len(photos), PHOTOS_PER_CHUNK))]
-    own, other, done = [], [], []
     bar = tqdm(total=len(crops), desc="sweep: codes of the crops", unit="crop",
                disable=not progress)
     with ExitStack() as here:
@@ -181,13 +193,9 @@ def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.n
             for message in left_out:  # logged here: a worker process's log goes nowhere
                 log.warning("left out of the sweep's crops: %s", message)
             bar.update(len(at))
-            own.append(codes)
-            other.append(independent)
-            done.append(at)
+            if len(at):
+                yield at, codes, independent
     bar.close()
-    if not done:
-        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(own), np.concatenate(other), np.concatenate(done)
 
 
 def _chunk(coders: _Coders, paths: Sequence[str], items: Items, at: np.ndarray) -> _Chunk:
@@ -223,9 +231,9 @@ def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
             images = np.stack([pictures[int(r)] for r in rows[s:s + CROP_BATCH]])
             part = boxes[s:s + CROP_BATCH]
             own.append(crop_codes(model, crop_resize(images, part, model.preprocess.input_size),
-                                  coders.code_layer, CODE_BATCH))
+                                  coders.code_layer, coders.batch))
             other.append(crop_codes(embedder, crop_resize(
-                images, part, embedder.preprocess.input_size), coders.penultimate, CODE_BATCH))
+                images, part, embedder.preprocess.input_size), coders.penultimate, coders.batch))
     release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
     empty = np.zeros((0, 0), np.float32)
     return (at, np.concatenate(own) if own else empty, np.concatenate(other) if own else empty,
