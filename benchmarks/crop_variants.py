@@ -1,12 +1,15 @@
-"""Two crops `--region patch` did not adopt, measured against the library's own with
-`python benchmarks/hidden_units_e2e.py --crops fit|masked` (issue 22; docs/hidden-units.md):
+"""Crops and codes `--region patch` did not adopt (or no longer uses), measured against the
+library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one-side` (issue
+22; docs/hidden-units.md):
 
 * `fit`: each crop's side fitted to its firing region (the bounding box of the region that
   `mfv.facets.patches.firing_centre` centres on, in input pixels) within [3/14, 3/7] of the
   input, instead of the layer's one side;
 * `masked`: the library's box, cut from the photo with what the unit does not fire on greyed
   out (weight 0 at or below 0 of the map's maximum, 1 from half of it, bilinear between cells),
-  so the code sees the texture and not its background.
+  so the code sees the texture and not its background;
+* `one-side`: the library's crops, each coded at the box's side alone (the patch code before it
+  averaged the crops of 3/14 and 3/7 of the input, `mfv.facets.patches.code_sides`).
 
 `install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
 facets here); research only, never imported by the library.
@@ -23,7 +26,7 @@ from mfv.facets import patches
 from mfv.models.activations import capture, first_layer_map
 from mfv.models.passes import inference
 
-VARIANTS = ("library", "fit", "masked")
+VARIANTS = ("library", "fit", "masked", "one-side")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -62,6 +65,13 @@ def install(variant: str) -> None:
     """Make `Patches` cut crops the `variant` way (`library`: leave it as it is)."""
     if variant == "library":
         return
+    if variant == "one-side":
+        init = patches.Patches.__init__
+
+        def one_side(self: patches.Patches, *args, **kwargs) -> None:
+            init(self, *args, **{**kwargs, "code_sides": None})
+        patches.Patches.__init__ = one_side
+        return
 
     def load(self: patches.Patches, indices: np.ndarray) -> None:
         missing = [int(i) for i in np.asarray(indices, np.int64) if int(i) not in self._crops]
@@ -81,6 +91,7 @@ def install(variant: str) -> None:
             boxes = patches.peak_boxes(centres, self.side, size)
             images = _greyed(images, maps)
         self._boxes.update(zip(missing, boxes, strict=True))
+        self._frames.update(zip(missing, images, strict=True))  # what `codes` crops again
         self._crops.update(zip(missing, patches.crop_resize(images, boxes, size), strict=True))
 
     patches.Patches._load = load

@@ -17,6 +17,7 @@ from torch import nn
 import mfv
 from mfv.core.errors import MfvError
 from mfv.data.sources import from_folder
+from mfv.facets import patches as crops_of
 from mfv.facets.patches import Patches, firing_centre, peak_boxes, resolve_region
 from mfv.models import LoadedModel, Preprocess, load_model
 from mfv.models.activations import TargetBank, capture, target_value
@@ -204,6 +205,35 @@ def test_patch_crops_land_on_the_dot(tmp_path):
     red = crops[0::2].astype(float)
     assert (red[..., 0] > 200).mean() > 0.95 and (red[..., 2] < 50).mean() > 0.95
     assert patches.codes(np.arange(6)).shape == (6, 3)
+
+
+def test_a_patch_code_is_the_mean_of_its_crops_codes_around_the_box_centre(tmp_path):
+    """`patch_codes` at the box's own side is the box's crop code; at several sides, the mean
+    of the codes of the squares of those sides centred on the box (shifted inside the frame);
+    `Patches.codes` uses its `code_sides`; automatic sides are 3/14 and 3/7 of the input."""
+    model = dotnet()
+    dot_images(tmp_path / "imgs", 4)
+    paths = [str(p) for p in sorted((tmp_path / "imgs").glob("*.png"))]
+    layer = LayerRef("fc", use_input=True)
+    images = crops_of.frames(model, paths, np.arange(4))
+    boxes = np.array([[4, 6, 10, 10], [0, 0, 10, 10], [22, 22, 10, 10], [10, 3, 10, 10]])
+
+    def code(side: int, centres: np.ndarray) -> np.ndarray:
+        boxed = crops_of.crop_resize(images, peak_boxes(centres, side, SIZE), SIZE)
+        return crops_of.crop_codes(model, boxed, layer)
+    own = crops_of.crop_codes(model, crops_of.crop_resize(images, boxes, SIZE), layer)
+    one = crops_of.patch_codes(model, images, boxes, [10], layer)
+    np.testing.assert_allclose(one, own, rtol=1e-5)
+    centres = boxes[:, :2] + 5.0
+    both = crops_of.patch_codes(model, images, boxes, [6, 16], layer)
+    np.testing.assert_allclose(both, (code(6, centres) + code(16, centres)) / 2, rtol=1e-5)
+    assert not np.allclose(both, own, rtol=1e-3)  # the two scales see something else
+    held = Patches(model, paths, lambda idx: centres[idx], 10, layer, code_sides=(6, 16))
+    np.testing.assert_allclose(held.codes(np.arange(4)), both, rtol=1e-5)
+    np.testing.assert_allclose(Patches(model, paths, lambda idx: centres[idx], 10, layer
+                                       ).codes(np.arange(4)), own, rtol=1e-5)
+    assert crops_of.code_sides(224) == (48, 96) and crops_of.code_sides(224, 40) == (40,)
+    assert crops_of.code_sides(32, 100) == (32,)
 
 
 def test_region_auto_is_patch_for_hidden_spatial_units_read_at_a_place_only():

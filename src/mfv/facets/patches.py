@@ -13,9 +13,12 @@ their backgrounds; clustering the patches groups what the unit responds to. Here
   inside the photo (the scanned frame: the model's input, square);
 * `load_crops`: the crops, resized to the model's input (so mean images, start images and
   anchors keep the shape of whole-photo ones);
-* `crop_codes`: the code of each crop that is clustered — the one place that says which code
-  (today: the code layer's output for the crop resized to the model's input, as for a whole
-  photo); `PATCH_CODE` names it in the facets' key;
+* `patch_codes`: the code of each patch that is clustered — the one place that says which code:
+  the mean of the code layer's outputs (`crop_codes`: the crop resized to the model's input, as
+  for a whole photo) for the squares of `code_sides` around the box's centre, one mostly what
+  the unit fires on, one with its surroundings (a single side is half background for a late
+  unit's crop, or too little of a texture: measured in docs/hidden-units.md); `PATCH_CODE`
+  names it in the facets' key;
 * `Patches`: the three for one target, crops loaded once.
 """
 
@@ -36,8 +39,11 @@ from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
 # what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
-PATCH_CODE = ("code layer of the crop resized to the input, inference pass; side ERF-90 within "
-              "[3/14, 3/7]; centred where the map fires most (>= 1/2 max) /4")
+PATCH_CODE = ("mean of the code layer's outputs for the crops of 3/14 and 3/7 of the input "
+              "(or --patch-size) around the box's centre, each resized to the input, inference "
+              "pass; shown side ERF-90 within [3/14, 3/7]; centred where the map fires most "
+              "(>= 1/2 max) /5")
+CODE_SHARES = (3 / 14, 3 / 7)  # sides of the crops a patch's code averages, shares of the input
 FIRING_SHARE = 0.5  # a unit fires where its map is at least this share of the map's maximum
 
 
@@ -100,6 +106,31 @@ def peak_boxes(centres: np.ndarray, side: int, size: int) -> np.ndarray:
     return np.concatenate([corner, np.full_like(corner, side)], axis=1)
 
 
+def code_sides(size: int, patch_size: int | str = "auto") -> tuple[int, ...]:
+    """Sides (px) of the crops whose codes `patch_codes` averages: `CODE_SHARES` of the input
+    `size` (48 and 96 px at 224); a given `--patch-size`: that side alone."""
+    if patch_size != "auto":
+        return (max(1, min(int(patch_size), size)),)
+    return tuple(round(size * share) for share in CODE_SHARES)
+
+
+def patch_codes(model: LoadedModel, images: np.ndarray, boxes: np.ndarray,
+                sides: Sequence[int], code_layer: LayerRef, batch_size: int = 32) -> np.ndarray:
+    """(n, D) float32: the mean over `sides` of `crop_codes` of the square of that side centred
+    on each box's centre (`peak_boxes`: shifted inside the frame), cut from its (S, S, 3) uint8
+    image and resized to the model's input."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    centres = boxes[:, :2] + boxes[:, 2:] / 2
+    size, total = model.preprocess.input_size, None
+    for side in sides:
+        crops = crop_resize(images, peak_boxes(centres, side, images.shape[1]), size)
+        codes = crop_codes(model, crops, code_layer, batch_size)
+        total = codes if total is None else total + codes
+    if total is None:
+        raise ValueError("patch_codes needs at least one side")
+    return total / len(sides)
+
+
 def frames(model: LoadedModel, paths: Sequence[str], indices: np.ndarray) -> np.ndarray:
     """(n, S, S, 3) uint8 images at the model's input size, cropped as the scan cropped them."""
     pre = model.preprocess
@@ -146,18 +177,22 @@ def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
 
 
 class Patches:
-    """The patches of one target: boxes around its peaks, their crops (loaded once) and their
-    codes, for the rows of a scan."""
+    """The patches of one target: boxes around its peaks, their crops and frames (each photo
+    decoded once) and their codes, for the rows of a scan."""
 
     def __init__(self, model: LoadedModel, paths: Sequence[str],
                  centres: Callable[[np.ndarray], np.ndarray], side: int,
-                 code_layer: LayerRef, target: Target | None = None) -> None:
+                 code_layer: LayerRef, target: Target | None = None,
+                 code_sides: Sequence[int] | None = None) -> None:
         """`centres(indices)`: the images' peaks (y, x) in input pixels; with `target`, the
-        boxes are centred where its map fires most (`firing_centres`), else on the peaks."""
+        boxes are centred where its map fires most (`firing_centres`), else on the peaks;
+        `code_sides`: the crops `patch_codes` averages (default: the box alone)."""
         self.model, self.paths, self.centres = model, paths, centres
         self.side, self.code_layer, self.target = side, code_layer, target
+        self.code_sides = tuple(code_sides) if code_sides else (side,)
         self._crops: dict[int, np.ndarray] = {}
         self._boxes: dict[int, np.ndarray] = {}
+        self._frames: dict[int, np.ndarray] = {}
 
     def _load(self, indices: np.ndarray) -> None:
         """Boxes and crops of the images not yet loaded (each photo decoded once)."""
@@ -172,6 +207,7 @@ class Patches:
             centres = firing_centres(self.model, self.target, images, centres)
         boxes = peak_boxes(centres, self.side, size)
         self._boxes.update(zip(missing, boxes, strict=True))
+        self._frames.update(zip(missing, images, strict=True))
         self._crops.update(zip(missing, crop_resize(images, boxes, size), strict=True))
 
     def boxes(self, indices: np.ndarray) -> np.ndarray:
@@ -186,5 +222,7 @@ class Patches:
         return np.stack([self._crops[int(i)] for i in np.asarray(indices)])
 
     def codes(self, indices: np.ndarray) -> np.ndarray:
-        """(n, D) the codes of the given images' crops (`crop_codes`)."""
-        return crop_codes(self.model, self.pixels(indices), self.code_layer)
+        """(n, D) the codes of the given images' patches (`patch_codes` at `code_sides`)."""
+        boxes = self.boxes(indices)
+        images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+        return patch_codes(self.model, images, boxes, self.code_sides, self.code_layer)

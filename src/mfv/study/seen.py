@@ -3,14 +3,14 @@
 A unit's top images are *items*: for logits, the penultimate and other non-spatial targets the
 whole photo; for hidden units on spatial maps (`--region patch`, the default there) the crop
 around the unit's peak at its layer's patch side — the crops `mfv run --region patch` clusters
-(`mfv.facets.patches`: `peak_boxes`, `frames`, `crop_resize`, `crop_codes`). Many units share
+(`mfv.facets.patches`: `peak_boxes`, `frames`, `crop_resize`, `patch_codes`). Many units share
 an item (the same photo, or the same photo and box: with `--reduction center` every unit of a
 layer peaks at the same place, and layers with the same patch side share their boxes), so
 items are deduplicated over the whole study and each is coded once, each photo decoded once
 for all its crops:
 
-* the clustering's code: the scan's code of the photo, or `crop_codes` of the crop resized to
-  the swept model's input (as the run codes a patch);
+* the clustering's code: the scan's code of the photo, or `patch_codes` around the crop (as
+  the run codes a patch);
 * the independent code: the embedder's penultimate features of the photo (read as the embedder
   reads photos), or of the crop resized to the embedder's input.
 """
@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 from mfv.core.allocator import keep_freed_memory, release_free_memory
 from mfv.core.errors import MfvError
 from mfv.data.images import BadImageError
-from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames
+from mfv.facets.patches import (
+    as_input,
+    code_sides,
+    crop_codes,
+    crop_resize,
+    firing_centre,
+    frames,
+    patch_codes,
+)
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
 from mfv.models.passes import inference, laid_out
@@ -86,14 +94,16 @@ def whole_boxes(n: int) -> np.ndarray:
 
 def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, items: Items,
                code_layer: LayerRef, progress: bool = False,
-               processes: int | None = None, batch: int = CODE_BATCH
-               ) -> tuple[np.ndarray, np.ndarray]:
+               processes: int | None = None, batch: int = CODE_BATCH,
+               sides: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(codes (n, D), independent (n, E)) float32 of every item: the clustering's code and the
     embedder's penultimate features (module doc). A photo that cannot be read any more gets
     zero codes. The crops are coded over `processes` worker processes of one thread each
     (default: one per core for `PARALLEL_CROPS` crops or more on the CPU; 1: in this process),
-    `batch` images a network pass."""
+    `batch` images a network pass; `sides`: the crops a patch's code averages
+    (`mfv.facets.patches.code_sides`; by default its automatic ones)."""
     penultimate = resolve_layer(embedder, "penultimate")
+    sides = tuple(sides) if sides else code_sides(model.preprocess.input_size)
     whole = np.flatnonzero(items.whole)
     crops = np.flatnonzero(~items.whole)
     codes = np.zeros((len(items), np.asarray(result.codes).shape[1]), np.float32)
@@ -117,8 +127,8 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
         for at, own, other in _crop_codes(
-                _Coders(model, embedder, code_layer, penultimate, batch), result.paths, items,
-                crops, processes, progress):
+                _Coders(model, embedder, code_layer, penultimate, sides, batch), result.paths,
+                items, crops, processes, progress):
             codes[at] = own  # each chunk in place: no list of chunks, no copy of them all
             place(at, other)
     if independent is None:
@@ -131,14 +141,15 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
 
 @dataclass(frozen=True)
 class _Coders:
-    """The two networks that code a crop and the layers read: the swept model's code layer and
-    the embedder's penultimate (each network `portable` when shipped to a worker process), and
-    the images a pass."""
+    """The two networks that code a crop and the layers read: the swept model's code layer (of
+    the crops of `sides` around each box, `patch_codes`) and the embedder's penultimate (each
+    network `portable` when shipped to a worker process), and the images a pass."""
 
     model: LoadedModel | Any
     embedder: LoadedModel | Any
     code_layer: LayerRef
     penultimate: LayerRef
+    sides: tuple[int, ...]
     batch: int = CODE_BATCH
 
 
@@ -230,8 +241,8 @@ def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
         for s in range(0, len(at), CROP_BATCH):
             images = np.stack([pictures[int(r)] for r in rows[s:s + CROP_BATCH]])
             part = boxes[s:s + CROP_BATCH]
-            own.append(crop_codes(model, crop_resize(images, part, model.preprocess.input_size),
-                                  coders.code_layer, coders.batch))
+            own.append(patch_codes(model, images, part, coders.sides, coders.code_layer,
+                                   coders.batch))
             other.append(crop_codes(embedder, crop_resize(
                 images, part, embedder.preprocess.input_size), coders.penultimate, coders.batch))
     release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
