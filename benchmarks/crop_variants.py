@@ -8,8 +8,11 @@ library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one
 * `masked`: the library's box, cut from the photo with what the unit does not fire on greyed
   out (weight 0 at or below 0 of the map's maximum, 1 from half of it, bilinear between cells),
   so the code sees the texture and not its background;
-* `one-side`: the library's crops, each coded at the box's side alone (the patch code before it
-  averaged the crops of 3/14 and 3/7 of the input, `mfv.facets.patches.code_sides`).
+* `one-side`: the library's crops, each coded alone (before the code of a crop larger than 3/14
+  of the input was averaged with that of its centred square of 3/14, `patch_codes`);
+* `two-sides`: the library's crops, each coded as the mean of the codes of the crops of 3/14
+  and 3/7 of the input around its centre, whatever the crop's side (measured, not adopted: at
+  48 px layers it clusters on what the crop does not show).
 
 `install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
 facets here); research only, never imported by the library.
@@ -26,7 +29,7 @@ from mfv.facets import patches
 from mfv.models.activations import capture, first_layer_map
 from mfv.models.passes import inference
 
-VARIANTS = ("library", "fit", "masked", "one-side")
+VARIANTS = ("library", "fit", "masked", "one-side", "two-sides")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -66,11 +69,18 @@ def install(variant: str) -> None:
     if variant == "library":
         return
     if variant == "one-side":
-        init = patches.Patches.__init__
-
-        def one_side(self: patches.Patches, *args, **kwargs) -> None:
-            init(self, *args, **{**kwargs, "code_sides": None})
-        patches.Patches.__init__ = one_side
+        patches.INNER_SHARE = 1.0  # no crop is larger than the input: each coded alone
+        return
+    if variant == "two-sides":
+        def codes(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            boxes = self.boxes(indices).astype(np.float64)
+            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            size = self.model.preprocess.input_size
+            centres = boxes[:, :2] + boxes[:, 2:] / 2
+            return sum(patches.crop_codes(self.model, patches.crop_resize(
+                images, patches.peak_boxes(centres, round(size * share), size), size),
+                self.code_layer) for share in (3 / 14, 3 / 7)) / 2
+        patches.Patches.codes = codes
         return
 
     def load(self: patches.Patches, indices: np.ndarray) -> None:

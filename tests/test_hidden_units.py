@@ -207,33 +207,33 @@ def test_patch_crops_land_on_the_dot(tmp_path):
     assert patches.codes(np.arange(6)).shape == (6, 3)
 
 
-def test_a_patch_code_is_the_mean_of_its_crops_codes_around_the_box_centre(tmp_path):
-    """`patch_codes` at the box's own side is the box's crop code; at several sides, the mean
-    of the codes of the squares of those sides centred on the box (shifted inside the frame);
-    `Patches.codes` uses its `code_sides`; automatic sides are 3/14 and 3/7 of the input."""
+def test_a_patch_code_adds_its_inner_square_when_the_crop_is_larger(tmp_path, monkeypatch):
+    """`patch_codes`: a box no larger than `INNER_SHARE` of the input is coded alone (its crop
+    code); a larger one is the mean of its code and that of its centred inner square (shifted
+    inside the frame as `peak_boxes` does); `Patches.codes` is `patch_codes` of its boxes."""
     model = dotnet()
     dot_images(tmp_path / "imgs", 4)
     paths = [str(p) for p in sorted((tmp_path / "imgs").glob("*.png"))]
     layer = LayerRef("fc", use_input=True)
     images = crops_of.frames(model, paths, np.arange(4))
-    boxes = np.array([[4, 6, 10, 10], [0, 0, 10, 10], [22, 22, 10, 10], [10, 3, 10, 10]])
+    monkeypatch.setattr(crops_of, "INNER_SHARE", 6 / SIZE)  # a 6 px inner square at 32 px
+    boxes = np.array([[4, 6, 16, 16], [0, 0, 6, 6], [16, 16, 16, 16], [10, 3, 4, 4]])
 
-    def code(side: int, centres: np.ndarray) -> np.ndarray:
-        boxed = crops_of.crop_resize(images, peak_boxes(centres, side, SIZE), SIZE)
-        return crops_of.crop_codes(model, boxed, layer)
-    own = crops_of.crop_codes(model, crops_of.crop_resize(images, boxes, SIZE), layer)
-    one = crops_of.patch_codes(model, images, boxes, [10], layer)
-    np.testing.assert_allclose(one, own, rtol=1e-5)
-    centres = boxes[:, :2] + 5.0
-    both = crops_of.patch_codes(model, images, boxes, [6, 16], layer)
-    np.testing.assert_allclose(both, (code(6, centres) + code(16, centres)) / 2, rtol=1e-5)
-    assert not np.allclose(both, own, rtol=1e-3)  # the two scales see something else
-    held = Patches(model, paths, lambda idx: centres[idx], 10, layer, code_sides=(6, 16))
-    np.testing.assert_allclose(held.codes(np.arange(4)), both, rtol=1e-5)
-    np.testing.assert_allclose(Patches(model, paths, lambda idx: centres[idx], 10, layer
-                                       ).codes(np.arange(4)), own, rtol=1e-5)
-    assert crops_of.code_sides(224) == (48, 96) and crops_of.code_sides(224, 40) == (40,)
-    assert crops_of.code_sides(32, 100) == (32,)
+    def code(b: np.ndarray) -> np.ndarray:
+        return crops_of.crop_codes(model, crops_of.crop_resize(images[:len(b)], b, SIZE), layer)
+    own = code(boxes)
+    inner = peak_boxes(boxes[:, :2] + boxes[:, 2:] / 2, 6, SIZE)
+    assert inner[2].tolist() == [21, 21, 6, 6]
+    mixed = crops_of.patch_codes(model, images, boxes, layer)
+    np.testing.assert_allclose(mixed[[1, 3]], own[[1, 3]], rtol=1e-5)  # not larger: alone
+    np.testing.assert_allclose(mixed[[0, 2]], (own[[0, 2]] + code(inner)[[0, 2]]) / 2,
+                               rtol=1e-5)
+    assert not np.allclose(mixed[[0, 2]], own[[0, 2]], rtol=1e-3)  # the inner square counts
+    centres = boxes[:, :2] + boxes[:, 2:] / 2
+    held = Patches(model, paths, lambda idx: centres[idx], 16, layer)
+    np.testing.assert_allclose(held.codes(np.arange(4)),
+                               crops_of.patch_codes(model, images, held.boxes(np.arange(4)),
+                                                    layer), rtol=1e-5)
 
 
 def test_region_auto_is_patch_for_hidden_spatial_units_read_at_a_place_only():

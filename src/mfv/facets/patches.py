@@ -14,11 +14,11 @@ their backgrounds; clustering the patches groups what the unit responds to. Here
 * `load_crops`: the crops, resized to the model's input (so mean images, start images and
   anchors keep the shape of whole-photo ones);
 * `patch_codes`: the code of each patch that is clustered — the one place that says which code:
-  the mean of the code layer's outputs (`crop_codes`: the crop resized to the model's input, as
-  for a whole photo) for the squares of `code_sides` around the box's centre, one mostly what
-  the unit fires on, one with its surroundings (a single side is half background for a late
-  unit's crop, or too little of a texture: measured in docs/hidden-units.md); `PATCH_CODE`
-  names it in the facets' key;
+  the code layer's output for the crop resized to the model's input (`crop_codes`, as for a
+  whole photo), averaged with that of its centred square of 3/14 of the input when the crop is
+  larger: a late unit's 96 px crop is often half background, and its inner
+  square mostly what the unit fires on (measured in docs/hidden-units.md); `PATCH_CODE` names
+  it in the facets' key;
 * `Patches`: the three for one target, crops loaded once.
 """
 
@@ -39,11 +39,10 @@ from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
 # what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
-PATCH_CODE = ("mean of the code layer's outputs for the crops of 3/14 and 3/7 of the input "
-              "(or --patch-size) around the box's centre, each resized to the input, inference "
-              "pass; shown side ERF-90 within [3/14, 3/7]; centred where the map fires most "
-              "(>= 1/2 max) /5")
-CODE_SHARES = (3 / 14, 3 / 7)  # sides of the crops a patch's code averages, shares of the input
+PATCH_CODE = ("code layer of the crop resized to the input, averaged with that of its centred "
+              "square of 3/14 of the input when larger, inference pass; side ERF-90 within "
+              "[3/14, 3/7]; centred where the map fires most (>= 1/2 max) /5")
+INNER_SHARE = 3 / 14  # the centred square a larger crop's code adds, share of the input side
 FIRING_SHARE = 0.5  # a unit fires where its map is at least this share of the map's maximum
 
 
@@ -106,29 +105,21 @@ def peak_boxes(centres: np.ndarray, side: int, size: int) -> np.ndarray:
     return np.concatenate([corner, np.full_like(corner, side)], axis=1)
 
 
-def code_sides(size: int, patch_size: int | str = "auto") -> tuple[int, ...]:
-    """Sides (px) of the crops whose codes `patch_codes` averages: `CODE_SHARES` of the input
-    `size` (48 and 96 px at 224); a given `--patch-size`: that side alone."""
-    if patch_size != "auto":
-        return (max(1, min(int(patch_size), size)),)
-    return tuple(round(size * share) for share in CODE_SHARES)
-
-
 def patch_codes(model: LoadedModel, images: np.ndarray, boxes: np.ndarray,
-                sides: Sequence[int], code_layer: LayerRef, batch_size: int = 32) -> np.ndarray:
-    """(n, D) float32: the mean over `sides` of `crop_codes` of the square of that side centred
-    on each box's centre (`peak_boxes`: shifted inside the frame), cut from its (S, S, 3) uint8
-    image and resized to the model's input."""
-    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
-    centres = boxes[:, :2] + boxes[:, 2:] / 2
-    size, total = model.preprocess.input_size, None
-    for side in sides:
-        crops = crop_resize(images, peak_boxes(centres, side, images.shape[1]), size)
-        codes = crop_codes(model, crops, code_layer, batch_size)
-        total = codes if total is None else total + codes
-    if total is None:
-        raise ValueError("patch_codes needs at least one side")
-    return total / len(sides)
+                code_layer: LayerRef, batch_size: int = 32) -> np.ndarray:
+    """(n, D) float32: for each box of its (S, S, 3) uint8 image, `crop_codes` of the box,
+    averaged with that of its centred square of `INNER_SHARE` of the input when the box is
+    larger (48 and 96 px for a 96 px box at 224): only what the crop shows, at two scales."""
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    size = model.preprocess.input_size
+    codes = crop_codes(model, crop_resize(images, boxes, size), code_layer, batch_size)
+    inner = round(size * INNER_SHARE)
+    larger = np.flatnonzero(boxes[:, 2:].max(1) > inner)
+    if len(larger):
+        centres = boxes[larger, :2] + boxes[larger, 2:] / 2
+        crops = crop_resize(images[larger], peak_boxes(centres, inner, images.shape[1]), size)
+        codes[larger] = (codes[larger] + crop_codes(model, crops, code_layer, batch_size)) / 2
+    return codes
 
 
 def frames(model: LoadedModel, paths: Sequence[str], indices: np.ndarray) -> np.ndarray:
@@ -182,14 +173,11 @@ class Patches:
 
     def __init__(self, model: LoadedModel, paths: Sequence[str],
                  centres: Callable[[np.ndarray], np.ndarray], side: int,
-                 code_layer: LayerRef, target: Target | None = None,
-                 code_sides: Sequence[int] | None = None) -> None:
+                 code_layer: LayerRef, target: Target | None = None) -> None:
         """`centres(indices)`: the images' peaks (y, x) in input pixels; with `target`, the
-        boxes are centred where its map fires most (`firing_centres`), else on the peaks;
-        `code_sides`: the crops `patch_codes` averages (default: the box alone)."""
+        boxes are centred where its map fires most (`firing_centres`), else on the peaks."""
         self.model, self.paths, self.centres = model, paths, centres
         self.side, self.code_layer, self.target = side, code_layer, target
-        self.code_sides = tuple(code_sides) if code_sides else (side,)
         self._crops: dict[int, np.ndarray] = {}
         self._boxes: dict[int, np.ndarray] = {}
         self._frames: dict[int, np.ndarray] = {}
@@ -222,7 +210,7 @@ class Patches:
         return np.stack([self._crops[int(i)] for i in np.asarray(indices)])
 
     def codes(self, indices: np.ndarray) -> np.ndarray:
-        """(n, D) the codes of the given images' patches (`patch_codes` at `code_sides`)."""
+        """(n, D) the codes of the given images' patches (`patch_codes`)."""
         boxes = self.boxes(indices)
         images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
-        return patch_codes(self.model, images, boxes, self.code_sides, self.code_layer)
+        return patch_codes(self.model, images, boxes, self.code_layer)

@@ -30,7 +30,7 @@ from mfv.evaluate import mis
 from mfv.evaluate.evaluation import Case, Picture, evaluate_target, mis_ranking, networks
 from mfv.evaluate.observer import load_observer
 from mfv.facets.find import FacetResult, facet_means, facets_of_target
-from mfv.facets.patches import PATCH_CODE, Patches, code_sides, frames, load_crops, resolve_region
+from mfv.facets.patches import PATCH_CODE, Patches, frames, load_crops, resolve_region
 from mfv.models import LoadedModel
 from mfv.models.receptive import ERF_IMAGES, receptive_fields
 from mfv.models.targets import LayerRef, Target, negation_pairs, resolve_layer
@@ -113,9 +113,7 @@ def facets_unit(worker: Worker, ctx: RunContext, index: int) -> None:
         side = patch_side(worker, ctx, target.terms[0].layer)
         patches = Patches(worker.model, result.paths,
                           functools.partial(result.peak_pixels, t), side,
-                          resolve_layer(worker.model, s.scan.code_layer), target,
-                          code_sides=code_sides(worker.model.preprocess.input_size,
-                                                s.facets.patch_size))
+                          resolve_layer(worker.model, s.scan.code_layer), target)
         facets = facets_of_target(result.activations_of(t), patches.codes, result.valid,
                                   labels, target.classes, s.facets, target.spec)
         facets.boxes = patches.boxes(facets.selected)

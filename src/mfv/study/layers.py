@@ -49,7 +49,7 @@ from mfv.core.keys import digest, slug
 from mfv.data.preprocess import Preprocess
 from mfv.data.sources import open_images
 from mfv.facets.find import mean_image
-from mfv.facets.patches import PATCH_CODE, code_sides, load_crops, peak_boxes, resolve_region
+from mfv.facets.patches import PATCH_CODE, load_crops, peak_boxes, resolve_region
 from mfv.models import LoadedModel, load_model
 from mfv.models.targets import Target, parse_targets, resolve_layer
 from mfv.report import write_layers_page
@@ -324,15 +324,13 @@ def _codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResu
     under a key of the scan, both networks, the code layer and the items."""
     name = settings.sweep.embedder
     embedder = load_model(name, device=model.device)
-    sides = code_sides(model.preprocess.input_size, settings.facets.patch_size)
     key = digest(result.key, model.fingerprint(), embedder.fingerprint(),
-                 settings.scan.code_layer, PATCH_CODE, sides, items.rows, items.boxes)[:16]
+                 settings.scan.code_layer, PATCH_CODE, items.rows, items.boxes)[:16]
     codes, other = run.sweep.read_array(f"codes-{key}"), run.sweep.read_array(f"embedding-{key}")
     if codes is not None and other is not None and len(codes) == len(other) == len(items):
         return name, codes, other
     codes, other = code_items(model, embedder, result, items,
-                              resolve_layer(model, settings.scan.code_layer), settings.progress,
-                              sides=sides)
+                              resolve_layer(model, settings.scan.code_layer), settings.progress)
     run.sweep.write_array(f"codes-{key}", codes)
     run.sweep.write_array(f"embedding-{key}", other)
     return name, codes, other

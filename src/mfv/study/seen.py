@@ -9,8 +9,8 @@ layer peaks at the same place, and layers with the same patch side share their b
 items are deduplicated over the whole study and each is coded once, each photo decoded once
 for all its crops:
 
-* the clustering's code: the scan's code of the photo, or `patch_codes` around the crop (as
-  the run codes a patch);
+* the clustering's code: the scan's code of the photo, or `patch_codes` of the crop (as the
+  run codes a patch);
 * the independent code: the embedder's penultimate features of the photo (read as the embedder
   reads photos), or of the crop resized to the embedder's input.
 """
@@ -31,15 +31,7 @@ from tqdm.auto import tqdm
 from mfv.core.allocator import keep_freed_memory, release_free_memory
 from mfv.core.errors import MfvError
 from mfv.data.images import BadImageError
-from mfv.facets.patches import (
-    as_input,
-    code_sides,
-    crop_codes,
-    crop_resize,
-    firing_centre,
-    frames,
-    patch_codes,
-)
+from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames, patch_codes
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
 from mfv.models.passes import inference, laid_out
@@ -94,16 +86,14 @@ def whole_boxes(n: int) -> np.ndarray:
 
 def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, items: Items,
                code_layer: LayerRef, progress: bool = False,
-               processes: int | None = None, batch: int = CODE_BATCH,
-               sides: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               processes: int | None = None, batch: int = CODE_BATCH
+               ) -> tuple[np.ndarray, np.ndarray]:
     """(codes (n, D), independent (n, E)) float32 of every item: the clustering's code and the
     embedder's penultimate features (module doc). A photo that cannot be read any more gets
     zero codes. The crops are coded over `processes` worker processes of one thread each
     (default: one per core for `PARALLEL_CROPS` crops or more on the CPU; 1: in this process),
-    `batch` images a network pass; `sides`: the crops a patch's code averages
-    (`mfv.facets.patches.code_sides`; by default its automatic ones)."""
+    `batch` images a network pass."""
     penultimate = resolve_layer(embedder, "penultimate")
-    sides = tuple(sides) if sides else code_sides(model.preprocess.input_size)
     whole = np.flatnonzero(items.whole)
     crops = np.flatnonzero(~items.whole)
     codes = np.zeros((len(items), np.asarray(result.codes).shape[1]), np.float32)
@@ -127,8 +117,8 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
         for at, own, other in _crop_codes(
-                _Coders(model, embedder, code_layer, penultimate, sides, batch), result.paths,
-                items, crops, processes, progress):
+                _Coders(model, embedder, code_layer, penultimate, batch), result.paths, items,
+                crops, processes, progress):
             codes[at] = own  # each chunk in place: no list of chunks, no copy of them all
             place(at, other)
     if independent is None:
@@ -141,15 +131,14 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
 
 @dataclass(frozen=True)
 class _Coders:
-    """The two networks that code a crop and the layers read: the swept model's code layer (of
-    the crops of `sides` around each box, `patch_codes`) and the embedder's penultimate (each
-    network `portable` when shipped to a worker process), and the images a pass."""
+    """The two networks that code a crop and the layers read: the swept model's code layer and
+    the embedder's penultimate (each network `portable` when shipped to a worker process), and
+    the images a pass."""
 
     model: LoadedModel | Any
     embedder: LoadedModel | Any
     code_layer: LayerRef
     penultimate: LayerRef
-    sides: tuple[int, ...]
     batch: int = CODE_BATCH
 
 
@@ -241,8 +230,7 @@ def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
         for s in range(0, len(at), CROP_BATCH):
             images = np.stack([pictures[int(r)] for r in rows[s:s + CROP_BATCH]])
             part = boxes[s:s + CROP_BATCH]
-            own.append(patch_codes(model, images, part, coders.sides, coders.code_layer,
-                                   coders.batch))
+            own.append(patch_codes(model, images, part, coders.code_layer, coders.batch))
             other.append(crop_codes(embedder, crop_resize(
                 images, part, embedder.preprocess.input_size), coders.penultimate, coders.batch))
     release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
