@@ -16,9 +16,8 @@ their backgrounds; clustering the patches groups what the unit responds to. Here
 * `patch_codes`: the code of each patch that is clustered — the one place that says which code:
   the code layer's output for the crop resized to the model's input (`crop_codes`, as for a
   whole photo), averaged with that of its centred square of 3/14 of the input when the crop is
-  larger: a late unit's 96 px crop is often half background, and its inner
-  square mostly what the unit fires on (measured in docs/hidden-units.md); `PATCH_CODE` names
-  it in the facets' key;
+  larger: a late unit's 96 px crop is often half background, its inner square mostly what the
+  unit fires on (measured in docs/hidden-units.md); `PATCH_CODE` names it in the facets' key;
 * `Patches`: the three for one target, crops loaded once.
 """
 
@@ -38,7 +37,7 @@ from mfv.models.base import LoadedModel
 from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
-# what `crop_codes` computes, where and how large the patches are (part of the facets' keys)
+# what `patch_codes` computes, where and how large the patches are (part of the facets' keys)
 PATCH_CODE = ("code layer of the crop resized to the input, averaged with that of its centred "
               "square of 3/14 of the input when larger, inference pass; side ERF-90 within "
               "[3/14, 3/7]; centred where the map fires most (>= 1/2 max) /5")
