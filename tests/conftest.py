@@ -425,6 +425,9 @@ class ReportPage:
     def hover_point(self, section_id: str, index: int) -> dict[str, Any]:
         return hover_point(self.page, section_id, index)
 
+    def uncovered_point(self, section_id: str, near: int) -> int:
+        return uncovered_point(self.page, section_id, near)
+
     def highlighted(self, section_id: str) -> dict[str, Any]:
         return highlighted(self.page, section_id)
 
@@ -468,6 +471,18 @@ def map_points(page: Any, section_id: str) -> list[dict[str, Any]]:
     return page.evaluate(
         "sid => JSON.parse(document.getElementById('mfv-data').textContent)"
         ".targets[sid].points", section_id)
+
+
+def uncovered_point(page: Any, section_id: str, near: int) -> int:
+    """The index of the map point closest to `near` (by index) that no other point covers at
+    its centre, so that a pointer over it reaches it (t-SNE maps put points on top of others)."""
+    free = page.evaluate(
+        """sid => [...document.querySelectorAll(`section.target[id='${sid}'] svg.map .pt`)]
+        .filter(c => { c.scrollIntoView({block: 'center'}); const r = c.getBoundingClientRect();
+          return document.elementFromPoint(r.x + r.width / 2, r.y + r.height / 2) === c; })
+        .map(c => Number(c.dataset.i))""", section_id)
+    assert free, f"every map point of {section_id} is covered by another"
+    return min(free, key=lambda i: (abs(i - near), i))
 
 
 def hover_point(page: Any, section_id: str, index: int) -> dict[str, Any]:
