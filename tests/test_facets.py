@@ -13,6 +13,7 @@ from mfv.core.errors import MfvError
 from mfv.facets.cluster import distinct_rows
 from mfv.facets.find import FacetResult, facet_means, find_facets, mean_image, select_images
 from mfv.facets.options import FacetOptions
+from mfv.facets.tsne import exact_gradient
 from mfv.runtime.rundir import RunDir
 
 
@@ -182,6 +183,34 @@ def test_pca_embedding_and_small_n():
     tiny = find_facets(codes[:7], acts[:7], options=FacetOptions(k=2, seed=0))
     assert tiny.settings["perplexity_used"] == pytest.approx(2.0)
     assert sum(f.size for f in tiny.facets) == 7
+
+
+@pytest.mark.parametrize("n", [5, 60, 301])
+def test_the_exact_tsne_gradient_is_open_tsnes_at_theta_zero(n):
+    """The exact gradient (every pair) equals openTSNE's Barnes-Hut gradient with no
+    approximation (theta 0), gradient and KL, also for an exaggerated P."""
+    from openTSNE.affinity import PerplexityBasedNN
+    from openTSNE.tsne import kl_divergence_bh
+
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n, 20))
+    p = PerplexityBasedNN(x, perplexity=min(30, (n - 1) / 3), method="exact",
+                          random_state=0).P * 12.0
+    y = rng.normal(size=(n, 2)) * 4
+    kl_bh, grad_bh = kl_divergence_bh(y.copy(), p, 1, {"theta": 0.0}, should_eval_error=True)
+    kl, grad = exact_gradient(y.copy(), p, should_eval_error=True)
+    assert np.allclose(grad, grad_bh, rtol=1e-9, atol=1e-12 * np.abs(grad_bh).max())
+    assert kl == pytest.approx(kl_bh, rel=1e-9)
+    assert exact_gradient(y, p)[0] == 0.0  # the KL only when asked
+    with pytest.raises(ValueError, match="dof 1"):
+        exact_gradient(y, p, dof=2)
+
+
+def test_small_sets_use_the_exact_gradient_and_keep_their_blobs():
+    codes, acts, truth = blobs(200, 3, dim=100, seed=4)
+    res = find_facets(codes, acts, options=FacetOptions(k="auto", seed=0))
+    assert res.settings["tsne_gradient"] == "exact"
+    assert adjusted_rand_score(truth, facet_labels(res, 200)) >= 0.95
 
 
 def test_sklearn_tsne_fallback(monkeypatch):

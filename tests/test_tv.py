@@ -16,6 +16,7 @@ from skimage.restoration import denoise_tv_bregman
 
 import mfv.render.tv.kernels as tv_module
 from mfv.core.errors import MfvError
+from mfv.core.jit import jit
 from mfv.render.tv import tv_bregman
 from mfv.render.tv.sweep import torch_tv
 
@@ -305,8 +306,9 @@ def test_numba_edge_cases_equal_skimage(isotropic):
 
 
 def test_kernels_compile_without_a_writable_cache(monkeypatch):
-    """Where numba finds no writable cache directory, decorating with cache=True raises; the
-    kernels are then compiled per process instead."""
+    """`mfv.core.jit` (the TV and t-SNE kernels'): where numba finds no writable cache
+    directory, decorating with cache=True raises; the kernels are then compiled per process
+    instead."""
     real = numba.njit
 
     def no_cache(*args, cache=False, **kwargs):
@@ -319,5 +321,5 @@ def test_kernels_compile_without_a_writable_cache(monkeypatch):
     def add(a, b):
         return a + b
 
-    compiled = tv_module._jit()(add)
+    compiled = jit()(add)
     assert compiled(2, 3) == 5 and compiled.signatures  # compiled, not the Python function

@@ -7,7 +7,6 @@ there.
 from __future__ import annotations
 
 import importlib
-import inspect
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,13 +18,11 @@ from sklearn.decomposition import PCA
 from sklearn.metrics import silhouette_score
 
 from mfv.core.errors import MfvError
+from mfv.facets.tsne import tsne_map
 
+CLUSTERING = "tsne-exact/2"  # names the numerics: a stored clustering under another is redone
 AUTO_K_TOLERANCE = 0.02  # silhouette points: prefer fewer facets when scores are this close
 SILHOUETTE_SAMPLE = 4000  # silhouette on at most this many points (seeded sample) for speed
-LARGE_N = 5000  # above this, t-SNE uses FFT gradients and a shorter schedule
-TSNE_ITER_SMALL = 1000  # total iterations (250 early exaggeration + 750), as scikit-learn/paper
-TSNE_ITER_LARGE = 500  # total iterations (250 + 250) for n > LARGE_N, to bound the run time
-EARLY_EXAGGERATION_ITER = 250
 
 
 @dataclass(frozen=True)
@@ -145,51 +142,8 @@ def _embed(reduced, embedding, perplexity, tsne_iter, seed, n_jobs, settings):
             warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
             coords = np.asarray(reducer.fit_transform(reduced), dtype=np.float64)
         return coords, coords
-    coords = _tsne(reduced, perplexity, tsne_iter, seed, n_jobs, settings)
+    coords = tsne_map(reduced, perplexity, tsne_iter, seed, n_jobs, settings)
     return coords, coords
-
-
-def _tsne(reduced, perplexity, tsne_iter, seed, n_jobs, settings) -> np.ndarray:
-    """2-D t-SNE, openTSNE when installed (fast), else scikit-learn's Barnes-Hut t-SNE."""
-    n = reduced.shape[0]
-    perp = float(min(perplexity, max((n - 1) / 3.0, 0.5)))
-    large = n > LARGE_N
-    total = tsne_iter or (TSNE_ITER_LARGE if large else TSNE_ITER_SMALL)
-    ee = min(EARLY_EXAGGERATION_ITER, total // 2)
-    settings.update(perplexity=perplexity, perplexity_used=perp, tsne_iter=total)
-    try:
-        from openTSNE import TSNE
-    except ImportError:
-        TSNE = None  # noqa: N806
-    if TSNE is not None:
-        method = "fft" if large else "bh"
-        perp = min(perp, (n - 1) / 3.0)  # openTSNE's own limit (else it logs that it clamps)
-        settings.update(embedding_used="tsne (openTSNE)", tsne_gradient=method,
-                        perplexity_used=perp)
-        est = TSNE(
-            n_components=2,
-            perplexity=perp,
-            early_exaggeration_iter=ee,
-            n_iter=total - ee,
-            negative_gradient_method=method,
-            random_state=seed,
-            n_jobs=n_jobs,
-        )
-        return np.asarray(est.fit(reduced), dtype=np.float64)
-    from sklearn.manifold import TSNE as SkTSNE  # noqa: N811
-
-    iter_arg = "max_iter" if "max_iter" in inspect.signature(SkTSNE).parameters else "n_iter"
-    settings.update(embedding_used="tsne (scikit-learn)", tsne_gradient="bh")
-    est = SkTSNE(
-        n_components=2,
-        perplexity=perp,
-        init="pca",
-        learning_rate="auto",
-        random_state=seed,
-        n_jobs=n_jobs,
-        **{iter_arg: max(total, 250)},
-    )
-    return np.asarray(est.fit_transform(reduced), dtype=np.float64)
 
 
 def _kmeans(space: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -28,6 +28,7 @@ from mfv.core.keys import digest, slug
 from mfv.data.preprocess import Preprocess
 from mfv.data.sources import ImageList
 from mfv.evaluate.evaluation import summary
+from mfv.facets.cluster import CLUSTERING
 from mfv.facets.patches import PATCH_CODE
 from mfv.models import LoadedModel
 from mfv.models.targets import Target, negated_spec, negation_pairs, parse_target
@@ -200,7 +201,8 @@ class _Line:
             record.facets_key = digest({
                 "scan": result.key, "target": record.target.to_dict(),
                 "options": s.facets.key(), "mean_resize": s.facets.mean_resize,
-                "size": self.model.preprocess.input_size, "patch": PATCH_CODE})
+                "size": self.model.preprocess.input_size, "patch": PATCH_CODE,
+                "clustering": CLUSTERING})
         missing = [i for i, r in enumerate(self.records)
                    if self.rundir.target(r.slug).load_facets(r.facets_key) is None]
         if missing and not execute:

@@ -48,6 +48,7 @@ from mfv.core.errors import MfvError
 from mfv.core.keys import digest, slug
 from mfv.data.preprocess import Preprocess
 from mfv.data.sources import open_images
+from mfv.facets.cluster import CLUSTERING
 from mfv.facets.find import mean_image
 from mfv.facets.patches import PATCH_CODE, load_crops, peak_boxes, resolve_region
 from mfv.models import LoadedModel, load_model
@@ -254,7 +255,8 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
     t1 = time.perf_counter()
     options = {"top_n": s.facets.top_n, "embedding": s.facets.embedding,
                "mean_of": s.facets.m, "seed": s.seed, "embedder": embedder,
-               "region": s.facets.region, "patch": PATCH_CODE, "version": 4}
+               "region": s.facets.region, "patch": PATCH_CODE, "clustering": CLUSTERING,
+               "version": 4}
     sets = _Sets(run, result.key, options, codes, embedding, s, backend)
     # every unit, then per layer its chance sets and calibration pairs, measured at once
     for u in todo:

@@ -12,24 +12,11 @@ import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 
-
-def _jit(**options):
-    """numba.njit (nogil, no division checks) for the kernels below.
-
-    Compiled code is cached on disk (next to this file, or in numba's user cache directory);
-    where no cache directory is writable, each process compiles on its first call instead."""
-    def wrap(fn):
-        options.update(nogil=True, error_model="numpy")
-        try:
-            return numba.njit(cache=True, **options)(fn)
-        except RuntimeError:  # numba found no writable cache location
-            return numba.njit(**options)(fn)
-    return wrap
+from mfv.core.jit import jit
 
 
 def numba_tv(images: Tensor, weights: list[float], max_iter: int, eps: float,
@@ -171,7 +158,7 @@ _FIELDS = 5  # u, cf, bx, by, s
 _ROW_BUFFERS = 5  # new px (shifted by one), new py of the row above / of this row, h, scratch
 
 
-@_jit(inline="always")
+@jit(inline="always")
 def _nb_pixel(x, j, o, offsets, rows, constants, isotropic):  # pragma: no cover - compiled
     """Pixel j of the row at flat offset o: the d/b update from the previous image, then
     h[j] = every term of the pixel's new value except a * (left neighbour + its new px).
@@ -206,7 +193,7 @@ def _nb_pixel(x, j, o, offsets, rows, constants, isotropic):  # pragma: no cover
     x[s0 + o + j] = p1 + p2
 
 
-@_jit()
+@jit()
 def _nb_sweep(block, a, lam, inv, isotropic, buffers):  # pragma: no cover - compiled
     """One split-Bregman iteration of one channel, in place; returns sum((u_new - u_old)**2).
 
@@ -289,7 +276,7 @@ def _nb_sweep(block, a, lam, inv, isotropic, buffers):  # pragma: no cover - com
     return ssq
 
 
-@_jit()
+@jit()
 def _nb_sample(blocks, a, lam, inv, isotropic, max_iter, eps, count):  # pragma: no cover
     """skimage's loop on one sample, (C, 5, H+2, W+2) in place: sweep every channel, stop once
     sqrt(sum of the channels' squared updates / count) <= eps. Returns the iterations run."""
