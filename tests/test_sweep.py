@@ -233,6 +233,39 @@ def test_crops_coded_over_worker_processes_equal_those_coded_here(tmp_path, imag
     assert not there[0][-2:].any() and not there[1][-2:].any()  # the gone photo's two crops
 
 
+def test_an_inner_square_that_is_an_item_is_coded_once(images, monkeypatch):
+    """A larger crop's code is `patch_codes`' (its own code averaged with its inner square's);
+    where that inner square is itself an item (a centred early-layer crop inside a late
+    layer's), the swept network codes it once for both."""
+    from mfv.facets.patches import crop_codes, frames, patch_codes
+    from mfv.models.targets import resolve_layer
+    from mfv.study import seen
+    from mfv.study.seen import Items, code_items
+
+    model, embedder = tiny(), mfv.load_model(tiny_net(1), preprocess=PRE, classes=CLASSES)
+    paths = sorted(str(p) for p in images.glob("*/*.png"))[:4]
+    # rows 0-2: a 12 px crop and its 7 px inner square (3/14 of 32), both items; row 3: a
+    # 12 px crop whose inner square is not an item, and a 5 px crop (not larger: alone)
+    rows = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    boxes = np.array([[10, 10, 12, 12], [12, 12, 7, 7]] * 3 + [[0, 0, 12, 12], [20, 3, 5, 5]])
+    layer = resolve_layer(model, "penultimate")
+    scan = _Photos(paths, crop_codes(model, np.zeros((1, 32, 32, 3), np.uint8), layer).shape[1])
+    coded = []
+
+    def counted(net, crops, *args):
+        coded.append((net.module is model.module, len(crops)))
+        return crop_codes(net, crops, *args)
+
+    monkeypatch.setattr(seen, "crop_codes", counted)
+    codes, other = code_items(model, embedder, scan, Items(rows, boxes), layer, processes=1)
+    pictures = frames(model, paths, rows)
+    want = np.concatenate([patch_codes(model, pictures[i:i + 1], boxes[i:i + 1], layer)
+                           for i in range(len(rows))])
+    np.testing.assert_allclose(codes, want, rtol=1e-4, atol=1e-5)
+    assert sum(n for own, n in coded if own) == 8 + 1  # the items and row 3's inner square
+    assert sum(n for own, n in coded if not own) == 8 and other.shape[0] == 8
+
+
 def test_crops_are_coded_in_parallel_only_when_it_pays_and_fits(monkeypatch):
     """Over one process per core for many crops on the CPU, no more than half the memory
     holds; in this process for a few crops, or for a network a worker cannot unpickle."""

@@ -112,13 +112,20 @@ def patch_codes(model: LoadedModel, images: np.ndarray, boxes: np.ndarray,
     boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
     size = model.preprocess.input_size
     codes = crop_codes(model, crop_resize(images, boxes, size), code_layer, batch_size)
-    inner = round(size * INNER_SHARE)
-    larger = np.flatnonzero(boxes[:, 2:].max(1) > inner)
+    larger, inner = inner_boxes(boxes, images.shape[1])
     if len(larger):
-        centres = boxes[larger, :2] + boxes[larger, 2:] / 2
-        crops = crop_resize(images[larger], peak_boxes(centres, inner, images.shape[1]), size)
+        crops = crop_resize(images[larger], inner, size)
         codes[larger] = (codes[larger] + crop_codes(model, crops, code_layer, batch_size)) / 2
     return codes
+
+
+def inner_boxes(boxes: np.ndarray, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the boxes larger than the inner square, their centred inner squares) in a
+    `frame` x `frame` image: the squares whose codes `patch_codes` adds."""
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    inner = round(frame * INNER_SHARE)
+    larger = np.flatnonzero(boxes[:, 2:].max(1) > inner)
+    return larger, peak_boxes(boxes[larger, :2] + boxes[larger, 2:] / 2, inner, frame)
 
 
 def frames(model: LoadedModel, paths: Sequence[str], indices: np.ndarray) -> np.ndarray:

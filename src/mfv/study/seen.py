@@ -10,7 +10,9 @@ items are deduplicated over the whole study and each is coded once, each photo d
 for all its crops:
 
 * the clustering's code: the scan's code of the photo, or `patch_codes` of the crop (as the
-  run codes a patch);
+  run codes a patch: the crop's code, averaged with its inner square's when larger; an inner
+  square that is itself an item, as the centred 48 px crop of an early layer is the inner
+  square of a late layer's centred crop, is coded once);
 * the independent code: the embedder's penultimate features of the photo (read as the embedder
   reads photos), or of the crop resized to the embedder's input.
 """
@@ -31,7 +33,7 @@ from tqdm.auto import tqdm
 from mfv.core.allocator import keep_freed_memory, release_free_memory
 from mfv.core.errors import MfvError
 from mfv.data.images import BadImageError
-from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames, patch_codes
+from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames, inner_boxes
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
 from mfv.models.passes import inference, laid_out
@@ -116,11 +118,22 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         release_free_memory()  # the earlier passes' freed heap, else held while workers code
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
+        jobs = _crop_jobs(items, crops, model.preprocess.input_size)
+        extra = np.zeros((len(jobs.rows) - len(crops), codes.shape[1]), np.float32)
         for at, own, other in _crop_codes(
-                _Coders(model, embedder, code_layer, penultimate, batch), result.paths, items,
-                crops, processes, progress):
-            codes[at] = own  # each chunk in place: no list of chunks, no copy of them all
-            place(at, other)
+                _Coders(model, embedder, code_layer, penultimate, batch), result.paths, jobs,
+                len(crops), processes, progress):
+            item = at < len(crops)  # each chunk in place: no list of chunks, no copy of them all
+            codes[crops[at[item]]] = own[item]
+            extra[at[~item] - len(crops)] = own[~item]
+            place(crops[at[item]], other)
+        for s in range(0, len(jobs.larger), CROP_BATCH):  # a block at a time: bounded memory
+            larger, square = jobs.larger[s:s + CROP_BATCH], jobs.inner[s:s + CROP_BATCH]
+            item = square < len(crops)  # an inner square is never larger: its code is raw
+            inner = np.empty((len(larger), codes.shape[1]), np.float32)
+            inner[item] = codes[crops[square[item]]]
+            inner[~item] = extra[square[~item] - len(crops)]
+            codes[crops[larger]] = (codes[crops[larger]] + inner) / 2
     if independent is None:
         if len(items):
             raise MfvError(f"none of the {len(items)} images the sweep needs can be read any "
@@ -143,14 +156,42 @@ class _Coders:
 
 
 @dataclass(frozen=True)
+class _CropJobs:
+    """The crops to code: first the crop items (in the order of `crops`), then the inner
+    squares of larger crops that are not items themselves; `larger` (indices into the crops:
+    those whose code is averaged with their inner square's) and `inner` (each one's inner
+    square, an index into the jobs)."""
+
+    rows: np.ndarray
+    boxes: np.ndarray
+    larger: np.ndarray
+    inner: np.ndarray
+
+
+def _crop_jobs(items: Items, crops: np.ndarray, frame: int) -> _CropJobs:
+    rows, boxes = items.rows[crops], items.boxes[crops]
+    larger, squares = inner_boxes(boxes, frame)
+    known = {key: i for i, key in enumerate(map(tuple, np.column_stack([rows, boxes]).tolist()))}
+    added: dict[tuple, int] = {}
+    inner = np.empty(len(larger), np.int64)
+    for j, key in enumerate(map(tuple, np.column_stack([rows[larger], squares]).tolist())):
+        inner[j] = known[key] if key in known else added.setdefault(key, len(rows) + len(added))
+    more = np.array(list(added), np.int64).reshape(-1, 5)
+    return _CropJobs(np.concatenate([rows, more[:, 0]]), np.concatenate([boxes, more[:, 1:]]),
+                     larger, inner)
+
+
+@dataclass(frozen=True)
 class _Chunk:
-    """A few photos' crops: their item indices `at`, their photos' rows and boxes, and the
-    paths of those photos (by row): one task of `_code_chunk`."""
+    """A few photos' crops: their job indices `at` (those below `items` are items, coded by
+    both networks; the others inner squares, by the swept one), their photos' rows and boxes,
+    and the paths of those photos (by row): one task of `_code_chunk`."""
 
     coders: _Coders
     at: np.ndarray
     rows: np.ndarray
     boxes: np.ndarray
+    items: int
     paths: dict[int, str]
 
 
@@ -166,20 +207,23 @@ def _default_processes(crops: int, model: LoadedModel, embedder: LoadedModel) ->
     return max(1, min(len(os.sched_getaffinity(0)), memory // 2 // WORKER_BYTES))
 
 
-def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.ndarray,
+def _crop_codes(coders: _Coders, paths: Sequence[str], jobs: _CropJobs, items: int,
                 processes: int, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]]:
-    """(item indices, codes, independent codes) of the crops by both networks, a chunk of
-    photos at a time, each photo decoded once for all its crops; a photo gone since the scan is
-    left out, with a warning. Over several processes each chunk ships both networks (~45 MB for
-    Lite0 + Lite2, a fraction of a second against the chunk's tens of seconds of coding)."""
-    photos = np.unique(items.rows[crops])
+    """(job indices, the swept network's codes, the embedder's codes of those below `items`)
+    of the crop jobs, a chunk of photos at a time, each photo decoded once for all its crops; a
+    photo gone since the scan is left out, with a warning. Over several processes each chunk
+    ships both networks (~45 MB for Lite0 + Lite2, a fraction of a second against the chunk's
+    tens of seconds of coding)."""
+    photos = np.unique(jobs.rows)
     shipped = coders if processes < 2 else replace(
         coders, model=portable(coders.model), embedder=portable(coders.embedder))
-    chunks = [_chunk(shipped, paths, items, crops[np.isin(items.rows[crops], group)])
-              for group in (photos[s:s + PHOTOS_PER_CHUNK]
-                            for s in range(0, len(photos), PHOTOS_PER_CHUNK))]
-    bar = tqdm(total=len(crops), desc="sweep: codes of the crops", unit="crop",
+    chunks = []
+    for start in range(0, len(photos), PHOTOS_PER_CHUNK):
+        at = np.flatnonzero(np.isin(jobs.rows, photos[start:start + PHOTOS_PER_CHUNK]))
+        chunks.append(_Chunk(shipped, at, jobs.rows[at], jobs.boxes[at], items,
+                             {int(r): paths[int(r)] for r in np.unique(jobs.rows[at]).tolist()}))
+    bar = tqdm(total=len(jobs.rows), desc="sweep: codes of the crops", unit="crop",
                disable=not progress)
     with ExitStack() as here:
         if processes < 2:  # both networks prepared once for all chunks
@@ -198,12 +242,6 @@ def _crop_codes(coders: _Coders, paths: Sequence[str], items: Items, crops: np.n
     bar.close()
 
 
-def _chunk(coders: _Coders, paths: Sequence[str], items: Items, at: np.ndarray) -> _Chunk:
-    rows = items.rows[at]
-    return _Chunk(coders, at, rows, items.boxes[at],
-                  {int(r): paths[int(r)] for r in np.unique(rows).tolist()})
-
-
 def _one_thread_each() -> None:
     """A coding worker's setup: one thread (the cores are the processes: 1.2-1.3x the crops a
     second of one process with two threads on 2 cores), freed memory kept (mfv's own process,
@@ -213,8 +251,9 @@ def _one_thread_each() -> None:
 
 
 def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(item indices, codes, independent codes, left-out photos' messages) of one chunk's
-    crops, a batch at a time, each of their photos decoded once."""
+    """(job indices, the swept network's codes, the embedder's codes of the items among them,
+    left-out photos' messages) of one chunk's crops, a batch at a time, each of their photos
+    decoded once."""
     coders = chunk.coders
     model, embedder = unpacked(coders.model), unpacked(coders.embedder)
     pictures, left_out = {}, []
@@ -229,14 +268,17 @@ def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
     with laid_out(model), laid_out(embedder):
         for s in range(0, len(at), CROP_BATCH):
             images = np.stack([pictures[int(r)] for r in rows[s:s + CROP_BATCH]])
-            part = boxes[s:s + CROP_BATCH]
-            own.append(patch_codes(model, images, part, coders.code_layer, coders.batch))
-            other.append(crop_codes(embedder, crop_resize(
-                images, part, embedder.preprocess.input_size), coders.penultimate, coders.batch))
+            part, item = boxes[s:s + CROP_BATCH], at[s:s + CROP_BATCH] < chunk.items
+            own.append(crop_codes(model, crop_resize(images, part, model.preprocess.input_size),
+                                  coders.code_layer, coders.batch))
+            if item.any():
+                other.append(crop_codes(embedder, crop_resize(
+                    images[item], part[item], embedder.preprocess.input_size),
+                    coders.penultimate, coders.batch))
     release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
     empty = np.zeros((0, 0), np.float32)
-    return (at, np.concatenate(own) if own else empty, np.concatenate(other) if own else empty,
-            left_out)
+    return (at, np.concatenate(own) if own else empty,
+            np.concatenate(other) if other else empty, left_out)
 
 
 def firing_centres_of(model: LoadedModel, result: ScanResult,
