@@ -12,7 +12,8 @@ units' means against the layer's chance level, the calibration's difference with
 interval, where each measure has power) and its answer, with the timings it recorded.
 
 `--count RUN`: no timing; the distinct items (crops and photos) a sweep with `--units` would
-code over the scan stored in RUN (a sweep's run directory), per layer, as the sweep lists them.
+code over the scan stored in RUN (a sweep's run directory), per layer, as the sweep lists them,
+and the inner squares of larger crops that are not items themselves (coded once more).
 
 Crops: `mfv.study.seen.code_items` on `--crops` centre crops (48 and 96 px) of Imagenette
 photos, Lite0 (the clustering's code, as `mfv run --region patch`) + Lite2 (the independent
@@ -90,7 +91,7 @@ def count(out: str, units: str, top_n: int) -> None:
     from mfv.runtime.settings import make_settings
     from mfv.scan.scanner import ScanResult
     from mfv.study.layers import _all_boxes, _how_seen, _sampled_units, choose_layers
-    from mfv.study.seen import table
+    from mfv.study.seen import _crop_jobs, table
 
     run = RunDir(out)
     result = ScanResult.load(run.scan(next((run.root / "scan").iterdir()).name))
@@ -104,8 +105,12 @@ def count(out: str, units: str, top_n: int) -> None:
     todo = [u for x in layers for u in per[x]]
     boxes = _all_boxes(s, model, result, todo, seen, targets)
     items, _ = table([u.rows for u in todo], boxes)
+    crops = np.flatnonzero(~items.whole)
+    jobs = _crop_jobs(items, crops, model.preprocess.input_size)
     print(f"units {len(todo)}, slots {sum(len(u.rows) for u in todo)}, items {len(items)}, "
-          f"crops {int((~items.whole).sum())}")
+          f"crops {len(crops)}; of them larger than the inner square {len(jobs.larger)}, whose "
+          f"inner squares are {len(jobs.rows) - len(crops)} more crops to code (the others are "
+          f"items)")
     for x in layers:
         mine = [i for i, u in enumerate(todo) if u.layer == x]
         here, _ = table([todo[i].rows for i in mine], [boxes[i] for i in mine])
