@@ -109,7 +109,7 @@ def count(out: str, units: str, top_n: int) -> None:
     jobs = _crop_jobs(items, crops, model.preprocess.input_size)
     print(f"units {len(todo)}, slots {sum(len(u.rows) for u in todo)}, items {len(items)}, "
           f"crops {len(crops)}; of them larger than the inner square {len(jobs.larger)}, whose "
-          f"inner squares are {len(jobs.rows) - len(crops)} more crops to code (the others are "
+          f"inner squares are {len(jobs.rows) - jobs.items} more crops to code (the others are "
           f"items)")
     for x in layers:
         mine = [i for i, u in enumerate(todo) if u.layer == x]

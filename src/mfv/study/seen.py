@@ -122,7 +122,7 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         extra = np.zeros((len(jobs.rows) - len(crops), codes.shape[1]), np.float32)
         for at, own, other in _crop_codes(
                 _Coders(model, embedder, code_layer, penultimate, batch), result.paths, jobs,
-                len(crops), processes, progress):
+                processes, progress):
             item = at < len(crops)  # each chunk in place: no list of chunks, no copy of them all
             codes[crops[at[item]]] = own[item]
             extra[at[~item] - len(crops)] = own[~item]
@@ -160,12 +160,13 @@ class _CropJobs:
     """The crops to code: first the crop items (in the order of `crops`), then the inner
     squares of larger crops that are not items themselves; `larger` (indices into the crops:
     those whose code is averaged with their inner square's) and `inner` (each one's inner
-    square, an index into the jobs)."""
+    square, an index into the jobs); `items` is how many jobs are items."""
 
     rows: np.ndarray
     boxes: np.ndarray
     larger: np.ndarray
     inner: np.ndarray
+    items: int
 
 
 def _crop_jobs(items: Items, crops: np.ndarray, frame: int) -> _CropJobs:
@@ -178,7 +179,7 @@ def _crop_jobs(items: Items, crops: np.ndarray, frame: int) -> _CropJobs:
         inner[j] = known[key] if key in known else added.setdefault(key, len(rows) + len(added))
     more = np.array(list(added), np.int64).reshape(-1, 5)
     return _CropJobs(np.concatenate([rows, more[:, 0]]), np.concatenate([boxes, more[:, 1:]]),
-                     larger, inner)
+                     larger, inner, len(rows))
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,10 @@ def _default_processes(crops: int, model: LoadedModel, embedder: LoadedModel) ->
     return max(1, min(len(os.sched_getaffinity(0)), memory // 2 // WORKER_BYTES))
 
 
-def _crop_codes(coders: _Coders, paths: Sequence[str], jobs: _CropJobs, items: int,
-                processes: int, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray,
+def _crop_codes(coders: _Coders, paths: Sequence[str], jobs: _CropJobs, processes: int,
+                progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray,
                                                                    np.ndarray]]:
-    """(job indices, the swept network's codes, the embedder's codes of those below `items`)
+    """(job indices, the swept network's codes, the embedder's codes of the items among them)
     of the crop jobs, a chunk of photos at a time, each photo decoded once for all its crops; a
     photo gone since the scan is left out, with a warning. Over several processes each chunk
     ships both networks (~45 MB for Lite0 + Lite2, a fraction of a second against the chunk's
@@ -221,7 +222,7 @@ def _crop_codes(coders: _Coders, paths: Sequence[str], jobs: _CropJobs, items: i
     chunks = []
     for start in range(0, len(photos), PHOTOS_PER_CHUNK):
         at = np.flatnonzero(np.isin(jobs.rows, photos[start:start + PHOTOS_PER_CHUNK]))
-        chunks.append(_Chunk(shipped, at, jobs.rows[at], jobs.boxes[at], items,
+        chunks.append(_Chunk(shipped, at, jobs.rows[at], jobs.boxes[at], jobs.items,
                              {int(r): paths[int(r)] for r in np.unique(jobs.rows[at]).tolist()}))
     bar = tqdm(total=len(jobs.rows), desc="sweep: codes of the crops", unit="crop",
                disable=not progress)
