@@ -1,5 +1,6 @@
 """The facets' t-SNE with the exact gradient against openTSNE's Barnes-Hut (theta 0.5), which
-it replaced for sets up to 5,000 items (issue 24: the layer study's per-unit clustering).
+it replaced for sets up to 5,000 items, and the compiled descent and k-means against openTSNE's
+and scikit-learn's Python loops (issue 24: the layer study's per-unit clustering).
 
 Usage: python benchmarks/tsne_gradient.py [--sizes 60 200 500 1000 2000 5000] [--rounds 5]
        [--sets 6] [--out benchmarks/results/tsne-gradient.md]
@@ -8,14 +9,17 @@ Single-threaded, as the sweep's workers run. Three tables:
 1. one gradient evaluation per size (median of `rounds` timings of a batch of calls): exact
    against Barnes-Hut at theta 0.5 and 0 (the exact one must equal theta 0 to float noise);
 2. one whole clustering of a 200-item set (`mfv.study.measures.measure_set`: PCA, the t-SNE of
-   1,000 iterations, k-means for k = 2..10), `sets` seeded sets of Gaussian blobs, with each
-   gradient: seconds, and the ARI of the facets against the blobs;
-3. the same ARI and k for 60- and 200-item sets of three kinds of blobs at three separations.
+   1,000 iterations, k-means for k = 2..10), `sets` seeded sets of Gaussian blobs, each way
+   the library has clustered (`VARIANTS`, interleaved): seconds, and the ARI of the facets
+   against the blobs;
+3. the same ARI and k for 60- and 200-item sets of three kinds of blobs at three separations,
+   with either gradient.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -25,14 +29,33 @@ from unittest import mock
 import numpy as np
 from openTSNE.affinity import PerplexityBasedNN
 from openTSNE.tsne import kl_divergence_bh
-from sklearn.metrics import adjusted_rand_score
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 from threadpoolctl import threadpool_limits
 
+import mfv.facets.cluster as cluster
 import mfv.facets.tsne as tsne
 from mfv.core.io import atomic_write_text
 from mfv.study.measures import measure_set
 
+# (gradient, openTSNE's own loop and scikit-learn's k-means?) per way of clustering
+VARIANTS = {
+    "Barnes-Hut 0.5, openTSNE's loop, scikit-learn's k-means (to 2026-12-03)": ("bh", True),
+    "exact gradient, openTSNE's loop, scikit-learn's k-means (2026-12-03)":
+        (tsne.exact_gradient, True),
+    "exact gradient, compiled descent and k-means (now)": (tsne.exact_gradient, False),
+}
 GRADIENTS = {"exact": tsne.exact_gradient, "Barnes-Hut 0.5": "bh"}
+
+
+def _sklearn_kmeans(space: np.ndarray, k: int, seed: int) -> np.ndarray:
+    if k <= 1:
+        return np.zeros(len(space), np.int64)
+    return KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(space)
+
+
+def _sklearn_silhouette(space, labels, sample=None, seed=0) -> float:
+    return float(silhouette_score(space, labels, sample_size=sample, random_state=seed))
 
 
 def _timed(fn, calls: int, rounds: int) -> float:
@@ -77,11 +100,21 @@ def blobs(n: int, kinds: int, gap: float, seed: int) -> tuple[np.ndarray, np.nda
         np.float32), kind
 
 
-def _measure(codes: np.ndarray, kind: np.ndarray, gradient, seed: int) -> tuple[float, float,
-                                                                                  int]:
-    """(seconds, ARI of the facets against the kinds, k) of one set's clustering."""
+def _measure(codes: np.ndarray, kind: np.ndarray, gradient, seed: int,
+             python_loops: bool = False) -> tuple[float, float, int]:
+    """(seconds, ARI of the facets against the kinds, k) of one set's clustering; with
+    `python_loops`, openTSNE's optimiser (calling `gradient`) and scikit-learn's k-means."""
     acts = np.linspace(2.0, 1.0, len(codes))
-    with mock.patch.object(tsne, "exact_gradient", gradient):
+    patches = [mock.patch.object(tsne, "exact_gradient", gradient)]
+    if python_loops:
+        patches += [mock.patch.object(tsne, "optimize", lambda est, x: np.asarray(est.fit(x))),
+                    mock.patch.object(cluster, "kmeans", _sklearn_kmeans),
+                    mock.patch.object(cluster, "silhouette", _sklearn_silhouette)]
+    elif gradient != tsne.exact_gradient:
+        raise ValueError("the compiled descent has the exact gradient only")
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
         t = time.perf_counter()
         doc = measure_set((codes, codes, acts, seed, 15, "tsne", "bench"))
         seconds = time.perf_counter() - t
@@ -92,12 +125,15 @@ def _measure(codes: np.ndarray, kind: np.ndarray, gradient, seed: int) -> tuple[
 
 
 def set_table(sets: int) -> list[str]:
-    rows = ["| gradient | seconds a 200-item set (median) | ARI vs blobs (mean) | k (mean) |",
+    rows = ["| clustering | seconds a 200-item set (median) | ARI vs blobs (mean) | k (mean) |",
             "|---|---|---|---|"]
-    for name, gradient in GRADIENTS.items():
-        runs = [_measure(*blobs(200, 3, 6.0, seed), gradient, seed) for seed in range(sets)]
-        rows.append(f"| {name} | {statistics.median(r[0] for r in runs):.3f} | "
-                    f"{np.mean([r[1] for r in runs]):.3f} | {np.mean([r[2] for r in runs]):.2f} |")
+    runs: dict[str, list] = {name: [] for name in VARIANTS}
+    for seed in range(sets):  # the variants interleaved, so load changes hit them alike
+        for name, (gradient, python_loops) in VARIANTS.items():
+            runs[name].append(_measure(*blobs(200, 3, 6.0, seed), gradient, seed, python_loops))
+    for name, got in runs.items():
+        rows.append(f"| {name} | {statistics.median(r[0] for r in got):.3f} | "
+                    f"{np.mean([r[1] for r in got]):.3f} | {np.mean([r[2] for r in got]):.2f} |")
         print(rows[-1], flush=True)
     return rows
 
@@ -108,7 +144,8 @@ def agreement_table(sets: int) -> list[str]:
         for gap in (3.0, 5.0, 8.0):
             cells = []
             for gradient in GRADIENTS.values():
-                runs = [_measure(*blobs(n, 3, gap, 100 + s), gradient, s) for s in range(sets)]
+                runs = [_measure(*blobs(n, 3, gap, 100 + s), gradient, s,
+                                 python_loops=gradient == "bh") for s in range(sets)]
                 cells.append(f"{np.mean([r[1] for r in runs]):.3f} / "
                              f"{np.mean([r[2] for r in runs]):.2f}")
             rows.append(f"| {n} | {gap:g} | {cells[0]} | {cells[1]} |")

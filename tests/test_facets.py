@@ -12,8 +12,9 @@ from sklearn.metrics import adjusted_rand_score
 from mfv.core.errors import MfvError
 from mfv.facets.cluster import distinct_rows
 from mfv.facets.find import FacetResult, facet_means, find_facets, mean_image, select_images
+from mfv.facets.kmeans import kmeans, silhouette
 from mfv.facets.options import FacetOptions
-from mfv.facets.tsne import exact_gradient
+from mfv.facets.tsne import exact_gradient, optimize
 from mfv.runtime.rundir import RunDir
 
 
@@ -204,6 +205,56 @@ def test_the_exact_tsne_gradient_is_open_tsnes_at_theta_zero(n):
     assert exact_gradient(y, p)[0] == 0.0  # the KL only when asked
     with pytest.raises(ValueError, match="dof 1"):
         exact_gradient(y, p, dof=2)
+
+
+@pytest.mark.parametrize("n", [20, 200])
+def test_the_compiled_tsne_optimiser_is_open_tsnes(n):
+    """The compiled descent gives openTSNE's own map (its optimiser, the exact gradient as
+    its callback) to the last bit: the same arithmetic in the same order."""
+    from openTSNE import TSNE
+
+    x, _, _ = blobs(n, 3, dim=30, seed=n)
+    def make() -> TSNE:
+        return TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), n_iter=750,
+                    early_exaggeration_iter=250, negative_gradient_method=exact_gradient,
+                    random_state=1, n_jobs=1)
+    np.testing.assert_array_equal(optimize(make(), x.astype(np.float64)),
+                                  np.asarray(make().fit(x.astype(np.float64))))
+
+
+def test_kmeans_and_silhouette_are_scikit_learns():
+    """The compiled k-means draws scikit-learn's random numbers and follows its rules, so its
+    labels are `KMeans(n_init=10, random_state=seed)`'s; the silhouette (whole or sampled)
+    is `silhouette_score`'s. With duplicate points (a cluster can empty) and k above the
+    distinct points' count the runs tie in all but rounding: the same partition, maybe
+    renamed (the facets never ask for more clusters than distinct codes)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import silhouette_score
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for dims in (2, 2, 2, 5):
+        centres = rng.normal(size=(int(rng.integers(1, 6)), dims)) * 10
+        n = int(rng.integers(30, 300))
+        cases.append(centres[rng.integers(0, len(centres), n)] + rng.normal(size=(n, dims)))
+    cases.append(np.repeat(rng.normal(size=(4, 2)), 10, axis=0))  # 4 distinct points
+    for x in cases:
+        for k in (2, 3, 5, 9):
+            for seed in (0, 7):
+                labels = kmeans(x, k, seed)
+                want = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(x)
+                if k <= distinct_rows(x):
+                    np.testing.assert_array_equal(labels, want)
+                else:
+                    assert adjusted_rand_score(labels, want) == 1.0
+                if len(np.unique(labels)) < 2:
+                    continue
+                assert silhouette(x, labels) == pytest.approx(silhouette_score(x, labels),
+                                                              abs=1e-12)
+                assert silhouette(x, labels, 25, seed) == pytest.approx(
+                    silhouette_score(x, labels, sample_size=25, random_state=seed), abs=1e-12)
+    with pytest.raises(ValueError, match="2 to n - 1"):
+        silhouette(cases[0], np.zeros(len(cases[0]), int))
 
 
 def test_small_sets_use_the_exact_gradient_and_keep_their_blobs():

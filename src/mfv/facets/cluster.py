@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.cluster import KMeans
 from sklearn.decomposition import PCA
-from sklearn.metrics import silhouette_score
 
 from mfv.core.errors import MfvError
+from mfv.facets.kmeans import kmeans, silhouette
 from mfv.facets.tsne import tsne_map
 
 CLUSTERING = "tsne-exact/2"  # names the numerics: a stored clustering under another is redone
@@ -96,7 +95,7 @@ def cluster(x: np.ndarray, k: int | str, how: Embedding, k_range: tuple[int, int
             note(f"{name}: only {n_distinct} distinct codes among {n} images, so {k_chosen} "
                  f"facets are not possible: using {n_distinct}")
             k_chosen = n_distinct
-        labels = _kmeans(space, k_chosen, how.seed)
+        labels = kmeans(space, k_chosen, how.seed)
     timings["kmeans"] = time.perf_counter() - t
     return Clustering(labels, space, reduced, coords, k_chosen, scores, info, notes, timings)
 
@@ -146,13 +145,6 @@ def _embed(reduced, embedding, perplexity, tsne_iter, seed, n_jobs, settings):
     return coords, coords
 
 
-def _kmeans(space: np.ndarray, k: int, seed: int) -> np.ndarray:
-    if k == 1:
-        return np.zeros(space.shape[0], dtype=np.int64)
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed)
-    return km.fit_predict(space).astype(np.int64)
-
-
 def _auto_k(space, lo, hi, seed, settings) -> tuple[np.ndarray, int, dict[int, float]]:
     """k-means for every k in lo..hi; keep the smallest k whose silhouette is near the best."""
     n = space.shape[0]
@@ -162,13 +154,12 @@ def _auto_k(space, lo, hi, seed, settings) -> tuple[np.ndarray, int, dict[int, f
     runs: dict[int, np.ndarray] = {}
     scores: dict[int, float] = {}
     for kk in range(lo, hi + 1):
-        labels = _kmeans(space, kk, seed)
+        labels = kmeans(space, kk, seed)
         runs[kk] = labels
         if np.unique(labels).size < 2:
             scores[kk] = -1.0
             continue
-        score = silhouette_score(space, labels, sample_size=sample, random_state=seed)
-        scores[kk] = float(score)
+        scores[kk] = silhouette(space, labels, sample, seed)
     best = max(scores.values())
     k_chosen = min(kk for kk, s in scores.items() if s >= best - AUTO_K_TOLERANCE)
     return runs[k_chosen], k_chosen, scores

@@ -1,7 +1,8 @@
-"""The 2-D t-SNE map of the facets' PCA codes: openTSNE (its affinities, initialisation and
-optimiser), with the exact gradient for the sets mfv clusters (a unit's top N, a few hundred
-images), Barnes-Hut's approximation being both slower and less exact there; FFT gradients for
-large sets; scikit-learn's Barnes-Hut t-SNE when openTSNE is not installed."""
+"""The 2-D t-SNE map of the facets' PCA codes: openTSNE's affinities and initialisation; for
+the sets mfv clusters (a unit's top N, a few hundred images) openTSNE's optimiser run compiled
+with the exact gradient (Barnes-Hut's approximation is both slower and less exact there, and
+openTSNE's Python loop cost as much as the gradient); openTSNE with FFT gradients for large
+sets; scikit-learn's Barnes-Hut t-SNE when openTSNE is not installed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ LARGE_N = 5000  # above this, t-SNE uses FFT gradients and a shorter schedule
 TSNE_ITER_SMALL = 1000  # total iterations (250 early exaggeration + 750), as scikit-learn/paper
 TSNE_ITER_LARGE = 500  # total iterations (250 + 250) for n > LARGE_N, to bound the run time
 EARLY_EXAGGERATION_ITER = 250
+MIN_GAIN = 0.01  # openTSNE's gradient descent default
 
 
 def tsne_map(reduced: np.ndarray, perplexity: float, tsne_iter: int | None, seed: int,
@@ -44,7 +46,9 @@ def tsne_map(reduced: np.ndarray, perplexity: float, tsne_iter: int | None, seed
             random_state=seed,
             n_jobs=n_jobs,
         )
-        return np.asarray(est.fit(reduced), dtype=np.float64)
+        if large:
+            return np.asarray(est.fit(reduced), dtype=np.float64)
+        return optimize(est, reduced)
     from sklearn.manifold import TSNE as SkTSNE  # noqa: N811
 
     iter_arg = "max_iter" if "max_iter" in inspect.signature(SkTSNE).parameters else "n_iter"
@@ -59,6 +63,60 @@ def tsne_map(reduced: np.ndarray, perplexity: float, tsne_iter: int | None, seed
         **{iter_arg: max(total, 250)},
     )
     return np.asarray(est.fit_transform(reduced), dtype=np.float64)
+
+
+def optimize(est: Any, reduced: np.ndarray) -> np.ndarray:
+    """`est.fit(reduced)` for an openTSNE `TSNE` with the exact gradient, its two phases
+    (early exaggeration, then the plain objective) run by `_descend`: openTSNE's gradient
+    descent (gains, momentum, the step-norm clip, re-centring), the same arithmetic in the
+    same order, compiled."""
+    start = est.prepare_initial(reduced)
+    p = start.affinities.P
+    y = np.array(start, dtype=np.float64)
+    update, gains = np.zeros_like(y), np.ones_like(y)
+    data = np.asarray(p.data, np.float64)
+    for n_iter, exaggeration, momentum in (
+            (est.early_exaggeration_iter, est.early_exaggeration, est.initial_momentum),
+            (est.n_iter, est.exaggeration or 1, est.final_momentum)):
+        scaled = data * exaggeration if exaggeration != 1 else data
+        _descend(y, p.indptr, p.indices, scaled, n_iter, len(y) / exaggeration, momentum,
+                 float(est.max_step_norm), update, gains)
+        # openTSNE restores P in place (scipy divides by multiplying with the reciprocal)
+        data = scaled * (1.0 / exaggeration) if exaggeration != 1 else data
+    return y
+
+
+@jit()
+def _descend(y, indptr, indices, data, n_iter, rate, momentum, max_step, update, gains):
+    """`n_iter` steps of openTSNE's `gradient_descent` on `y` (in place), the exact gradient."""
+    n = y.shape[0]
+    grad = np.empty_like(y)
+    y0, y1 = np.empty(n), np.empty(n)
+    for _ in range(n_iter):
+        y0[:] = y[:, 0]
+        y1[:] = y[:, 1]
+        _kernel(y0, y1, indptr, indices, data, grad, False)
+        for i in range(n):
+            for d in range(2):
+                if np.sign(update[i, d]) != np.sign(grad[i, d]):
+                    gains[i, d] += 0.2
+                else:
+                    gains[i, d] = gains[i, d] * 0.8 + MIN_GAIN
+                update[i, d] = momentum * update[i, d] - rate * gains[i, d] * grad[i, d]
+            norm = np.sqrt(update[i, 0] * update[i, 0] + update[i, 1] * update[i, 1])
+            if norm > max_step:
+                for d in range(2):
+                    update[i, d] = update[i, d] / norm * max_step
+        m0, m1 = 0.0, 0.0
+        for i in range(n):
+            y[i, 0] += update[i, 0]
+            y[i, 1] += update[i, 1]
+            m0 += y[i, 0]
+            m1 += y[i, 1]
+        m0, m1 = m0 / n, m1 / n
+        for i in range(n):
+            y[i, 0] -= m0
+            y[i, 1] -= m1
 
 
 def exact_gradient(embedding: np.ndarray, P: Any, dof: float = 1, reference_embedding=None,  # noqa: N803

@@ -29,10 +29,10 @@ import numpy as np
 from scipy.spatial.distance import pdist
 from scipy.stats import bootstrap
 from sklearn.decomposition import PCA
-from sklearn.metrics import silhouette_score
 
 from mfv.core.errors import MfvError
 from mfv.facets.find import find_facets
+from mfv.facets.kmeans import silhouette as facet_silhouette
 from mfv.facets.options import FacetOptions
 
 _EPS = 1e-8  # norm floor of the cosine similarity, as torch.nn.functional.cosine_similarity
@@ -127,7 +127,7 @@ def silhouette(space: np.ndarray, labels: np.ndarray | Sequence[int]) -> float:
     k = np.unique(lab).size
     if not 2 <= k <= x.shape[0] - 1:
         return float("nan")
-    return float(silhouette_score(x, lab))
+    return facet_silhouette(x, lab)
 
 
 def _check_bootstrap(n_boot: int, level: float) -> None:
