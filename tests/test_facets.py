@@ -220,6 +220,10 @@ def test_the_compiled_tsne_optimiser_is_open_tsnes(n):
                     random_state=1, n_jobs=1)
     np.testing.assert_array_equal(optimize(make(), x.astype(np.float64)),
                                   np.asarray(make().fit(x.astype(np.float64))))
+    clipped = make()
+    clipped.max_grad_norm = 1.0
+    with pytest.raises(ValueError, match="no gradient clip"):
+        optimize(clipped, x.astype(np.float64))
 
 
 def test_kmeans_and_silhouette_are_scikit_learns():

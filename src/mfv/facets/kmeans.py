@@ -18,7 +18,9 @@ TOL = 1e-4  # of the mean per-dimension variance, as scikit-learn's `tol`
 
 def kmeans(space: np.ndarray, k: int, seed: int, n_init: int = N_INIT) -> np.ndarray:
     """Labels (int64) of `KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    .fit_predict(space)`: the same seeding draws, the same convergence rule and choice of run."""
+    .fit_predict(space)`: the same seeding draws, the same convergence rule and choice of run
+    (with more clusters than distinct points the runs tie but for rounding: the same
+    partition, perhaps renamed)."""
     x = np.array(space, dtype=np.float64, order="C")
     if k <= 1:
         return np.zeros(x.shape[0], np.int64)

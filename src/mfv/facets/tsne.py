@@ -70,6 +70,10 @@ def optimize(est: Any, reduced: np.ndarray) -> np.ndarray:
     (early exaggeration, then the plain objective) run by `_descend`: openTSNE's gradient
     descent (gains, momentum, the step-norm clip, re-centring), the same arithmetic in the
     same order, compiled."""
+    if (est.learning_rate, est.dof, est.max_grad_norm, est.callbacks) != ("auto", 1, None, None) \
+            or est.n_components != 2:
+        raise ValueError("the compiled descent covers openTSNE's defaults: 2-D, dof 1, the "
+                         "automatic learning rate, no gradient clip, no callbacks")
     start = est.prepare_initial(reduced)
     p = start.affinities.P
     y = np.array(start, dtype=np.float64)
