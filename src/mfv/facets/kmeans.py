@@ -157,10 +157,11 @@ def _lloyd(x, centres, tol, max_iter):
         if shift <= tol:
             break
         previous[:] = labels
-    inertia = _assign(x, centres, labels) if not strict else 0.0
-    if strict:
-        for i in range(n):
-            inertia += _sq_dist(x, i, centres[labels[i]])
+    if not strict:  # labels of the last centres, as scikit-learn's final E-step
+        return labels, _assign(x, centres, labels)
+    inertia = 0.0
+    for i in range(n):
+        inertia += _sq_dist(x, i, centres[labels[i]])
     return labels, inertia
 
 
