@@ -104,3 +104,15 @@ def test_a_torch_export_program_stops_at_the_layer_read_too(tmp_path, tiny):
         assert model(x) is not None  # the first pass learns that conv2 runs once
         first = store["conv2"]
         assert model(x) is None and torch.equal(store["conv2"], first)
+
+
+def test_two_open_captures_that_stop_at_the_same_layer_both_read_it(tiny):
+    conv1 = LayerRef("conv1")
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad(), capture(tiny, [conv1]) as full:
+        tiny(x)  # a full pass: the layer is known to run once a pass
+    with torch.no_grad(), capture(tiny, [conv1], stop=True) as outer:
+        with capture(tiny, [conv1], stop=True) as inner:
+            assert tiny(x) is None  # the pass still ends at conv1
+        assert torch.equal(inner["conv1"], full["conv1"])
+        assert torch.equal(outer["conv1"], full["conv1"])

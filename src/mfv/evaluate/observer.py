@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 
 from mfv.models import LoadedModel, load_model
-from mfv.models.activations import capture
 from mfv.models.base import to_tensor
-from mfv.models.passes import inference
+from mfv.models.onnx_engine import layer_reader
 from mfv.models.read import channel_means, read_photos
 from mfv.models.targets import LayerRef, resolve_layer
 
@@ -66,13 +65,12 @@ class Observer:
         """(n, D) embeddings of (H, W, 3) uint8 pictures, resized and centre-cropped like a
         photo (what a person looking at the file sees)."""
         out = []
-        with capture(self.model, [self.layer], stop=True) as store, \
-                inference(self.model) as forward:
+        with layer_reader(self.model, [self.layer]) as read:
             for start in range(0, len(images), BATCH):
                 batch = torch.stack([to_tensor(self.model.preprocess, Image.fromarray(im))
                                      for im in images[start:start + BATCH]])
-                forward(batch.to(self.model.device))
-                out.append(channel_means(store[self.layer.key].float()).cpu().numpy())
+                acts, = read(batch.to(self.model.device))
+                out.append(channel_means(acts).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 

@@ -34,6 +34,7 @@ from mfv.core.errors import MfvError
 from mfv.data.images import load_rgb
 from mfv.models.activations import capture, first_layer_map
 from mfv.models.base import LoadedModel
+from mfv.models.onnx_engine import layer_reader
 from mfv.models.passes import inference
 from mfv.models.targets import LayerRef, Target
 
@@ -166,10 +167,10 @@ def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
     """(n, D) float32: the code layer's output for each crop (0..255, at the model's input
     size), flattened. The one place that says how a patch is coded."""
     parts = []
-    with capture(model, [code_layer], stop=True) as store, inference(model) as forward:
+    with layer_reader(model, [code_layer]) as read:
         for start in range(0, len(crops), batch_size):
-            forward(as_input(model, crops[start:start + batch_size]))
-            parts.append(store[code_layer.key].flatten(1).float().cpu().numpy())
+            code, = read(as_input(model, crops[start:start + batch_size]))
+            parts.append(code.flatten(1).cpu().numpy())
     return np.concatenate(parts)
 
 

@@ -192,7 +192,7 @@ class _Captures:
         self.module, self.forward, self.calls = module, module.forward, calls
         self.previous = module.__dict__.get("forward")  # an instance's own forward, if any
         self.open: list[tuple[frozenset[str], bool]] = []
-        self.pending: set[str] = set()
+        self.pending: Counter[str] = Counter()  # hooks still to fire a pass, per layer
         self.counted: Counter[tuple[int, str]] = Counter()  # calls a pass, per capture and layer
 
     @classmethod
@@ -208,13 +208,14 @@ class _Captures:
         keys = set().union(*(keys for keys, _ in self.open))
         stop = all(stops for _, stops in self.open) and all(
             self.calls.get(key) == 1 for key in keys)
-        self.pending, self.counted = (keys if stop else set()), Counter()
+        waiting = Counter(key for keys_, _ in self.open for key in keys_)
+        self.pending, self.counted = (waiting if stop else Counter()), Counter()
         try:
             out = self.forward(*args, **kwargs)
         except _Produced:
             return None
         finally:
-            self.pending = set()
+            self.pending = Counter()
         for key in keys:  # a full pass: how often each layer ran in it
             self.calls[key] = max((n for (_, k), n in self.counted.items() if k == key),
                                   default=0)
@@ -222,9 +223,9 @@ class _Captures:
 
     def produced(self, entry: tuple[frozenset[str], bool], key: str) -> None:
         self.counted[id(entry), key] += 1
-        if key in self.pending:
-            self.pending.discard(key)
-            if not self.pending:
+        if self.pending[key] > 0:  # every open capture's hook on the layer must see it
+            self.pending[key] -= 1
+            if not +self.pending:
                 raise _Produced
 
     def close(self, entry: tuple[frozenset[str], bool]) -> None:

@@ -16,9 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mfv.data.images import BadImageError, load_rgb
-from mfv.models.activations import capture
 from mfv.models.base import LoadedModel, to_tensor
-from mfv.models.passes import inference
+from mfv.models.onnx_engine import layer_reader
 from mfv.models.targets import LayerRef
 
 log = logging.getLogger(__name__)
@@ -49,13 +48,14 @@ def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[Layer
                 reduce: Callable[[torch.Tensor], torch.Tensor] = flat, *, batch_size: int = 32,
                 progress: str | None = None) -> Reading:
     """Each photo decoded, preprocessed as the model's own photos are (resize, centre crop), and
-    passed through the model without gradients in batches; `reduce` of every layer's output.
+    passed through the model without gradients in batches (`layer_reader`); `reduce` of every
+    layer's output.
     `progress`: a progress bar's title (None: no bar)."""
     outputs: list[list[np.ndarray]] = [[] for _ in layers]
     kept: list[int] = []
     bad: list[tuple[int, str]] = []
     bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None)
-    with capture(model, layers, stop=True) as store, inference(model) as forward:
+    with layer_reader(model, layers) as read:
         for start in range(0, len(paths), batch_size):
             batch = []
             for i in range(start, min(start + batch_size, len(paths))):
@@ -65,9 +65,9 @@ def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[Layer
                 except BadImageError as exc:
                     bad.append((i, str(exc)))
             if batch:
-                forward(torch.stack(batch).to(model.device))
-                for out, ref in zip(outputs, layers, strict=True):
-                    out.append(reduce(store[ref.key].float()).cpu().numpy())
+                for out, acts in zip(outputs, read(torch.stack(batch).to(model.device)),
+                                     strict=True):
+                    out.append(reduce(acts).cpu().numpy())
             bar.update(min(batch_size, len(paths) - start))
     bar.close()
     for i, reason in bad:

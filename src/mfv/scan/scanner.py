@@ -37,9 +37,10 @@ from mfv.data.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, col
 from mfv.data.sources import ImageList
 from mfv.data.spectrum import AmplitudeSpectrum
 from mfv.models import LoadedModel
-from mfv.models.activations import TargetBank, capture
+from mfv.models.activations import TargetBank
 from mfv.models.base import to_tensor
-from mfv.models.passes import default_channels_last, inference
+from mfv.models.onnx_engine import engine_name, layer_reader
+from mfv.models.passes import default_channels_last
 from mfv.models.targets import Target, resolve_layer
 from mfv.scan.options import ScanOptions
 from mfv.scan.result import ScanResult
@@ -77,15 +78,16 @@ def decoding_workers(device: torch.device) -> int:
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,
              mode: str, top_n: int, batch_size: int) -> str:
     """Everything a stored scan depends on: model (weights included), data, decoding, targets,
-    code layer, storage mode, and the batch size (a kernel's sums, so the last bits of every
-    activation, depend on it)."""
+    code layer, storage mode, and the batch size and engine (a kernel's sums, so the last bits
+    of every activation, depend on them)."""
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "batch_size": batch_size,
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
                    "code_layer": code_layer, "mode": mode, "top_n": top_n,
                    "spectrum": {"photos": SPECTRUM_PHOTOS},
                    "peaks": 1,
-                   "layout": default_channels_last(model.device), "batchnorm": "folded"})
+                   "layout": default_channels_last(model.device), "batchnorm": "folded",
+                   "engine": engine_name(model)})
 
 
 @dataclass(frozen=True)
@@ -188,14 +190,14 @@ def _scan_chunks(job: _Pass, chunks: list[int], workers: int, progress: bool) ->
     bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc="scan",
                disable=not progress, smoothing=0.1)
     pending: dict[int, _Chunk] = {}
-    with capture(model, [*bank.layers, code_ref], stop=True) as store, \
-            inference(model) as forward:
+    layers = list(dict.fromkeys([*bank.layers, code_ref]))
+    with layer_reader(model, layers) as read:
         for (indices, pixels, bad), batch in zip(loader, batches, strict=True):
             c = batch[0] // job.chunk
             state = pending.setdefault(c, _Chunk())
             if pixels is not None:
                 pixels = pixels.to(device, non_blocking=True)
-                forward(pixels)
+                store = {ref.key: acts for ref, acts in zip(layers, read(pixels), strict=True)}
                 state.rows.append(indices.numpy())
                 state.acts.append(bank(store).float().cpu().numpy())
                 peaks, state.grids = bank.peaks(store)

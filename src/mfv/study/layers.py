@@ -52,6 +52,7 @@ from mfv.facets.cluster import CLUSTERING
 from mfv.facets.find import mean_image
 from mfv.facets.patches import PATCH_CODE, load_crops, peak_boxes, resolve_region
 from mfv.models import LoadedModel, load_model
+from mfv.models.onnx_engine import engine_name
 from mfv.models.targets import Target, parse_targets, resolve_layer
 from mfv.report import write_layers_page
 from mfv.report.plots import plot_layer_measures
@@ -327,7 +328,8 @@ def _codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResu
     name = settings.sweep.embedder
     embedder = load_model(name, device=model.device)
     key = digest(result.key, model.fingerprint(), embedder.fingerprint(),
-                 settings.scan.code_layer, PATCH_CODE, items.rows, items.boxes)[:16]
+                 settings.scan.code_layer, PATCH_CODE, items.rows, items.boxes,
+                 engine_name(model), engine_name(embedder))[:16]
     codes, other = run.sweep.read_array(f"codes-{key}"), run.sweep.read_array(f"embedding-{key}")
     if codes is not None and other is not None and len(codes) == len(other) == len(items):
         return name, codes, other

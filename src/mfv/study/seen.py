@@ -36,6 +36,7 @@ from mfv.data.images import BadImageError
 from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames, inner_boxes
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
+from mfv.models.onnx_engine import engine_name, exported
 from mfv.models.passes import inference, laid_out
 from mfv.models.read import read_photos
 from mfv.models.targets import LayerRef, resolve_layer
@@ -119,6 +120,10 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
         jobs = _crop_jobs(items, crops, model.preprocess.input_size)
+        for network, layer in ((model, code_layer), (embedder, penultimate)):  # exported once
+            size = network.preprocess.input_size  # here, shipped with the networks
+            if engine_name(network) != "torch":
+                exported(network, [layer], (size, size))
         extra = np.zeros((len(jobs.rows) - len(crops), codes.shape[1]), np.float32)
         for at, own, other in _crop_codes(
                 _Coders(model, embedder, code_layer, penultimate, batch), result.paths, jobs,
