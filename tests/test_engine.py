@@ -7,14 +7,18 @@ from __future__ import annotations
 import logging
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import mfv
-from conftest import make_tiny
-from mfv.models import onnx_engine
-from mfv.models.onnx_engine import engine_name, exported, layer_reader
+from conftest import make_images, make_tiny
+from mfv.core.errors import MfvError
+from mfv.data.images import load_rgb
+from mfv.models import onnx_engine, read
+from mfv.models.base import to_tensor
+from mfv.models.onnx_engine import engine_name, exported, layer_reader, release_sessions
 from mfv.models.targets import LayerRef, resolve_layer
 
 
@@ -25,6 +29,8 @@ def _read(model, layers, images, engine):
 
 def test_onnx_runtime_reads_every_kind_of_layer_as_torch_does(tiny):
     assert engine_name(tiny).startswith("onnxruntime-") and engine_name(tiny, "torch") == "torch"
+    with pytest.raises(MfvError, match="unknown engine 'onnx'"):
+        engine_name(tiny, "onnx")
     layers = [LayerRef("conv1"), LayerRef("relu2"), resolve_layer(tiny, "penultimate"),
               LayerRef("fc")]
     before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
@@ -106,3 +112,29 @@ def test_lite0_through_onnx_runtime_reads_its_layers_as_torch_does(lite0):
     for want, got in zip(_read(lite0, layers, images, "torch"),
                          _read(lite0, layers, images, "auto"), strict=True):
         assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+
+
+def test_released_sessions_reopen_on_the_next_read(tiny):
+    layers = [LayerRef("conv2")]
+    images = torch.rand(3, 3, 32, 32)
+    first = _read(tiny, layers, images, "auto")[0]
+    graph = exported(tiny, layers, (32, 32))
+    assert graph._session is not None  # kept between readers: its arena is warm
+    release_sessions(tiny)
+    assert graph._session is None
+    assert torch.equal(_read(tiny, layers, images, "auto")[0], first)
+
+
+def test_photos_read_through_onnx_runtime_match_torch_and_skip_bad_files(tiny, tmp_path):
+    paths = [str(p) for p in sorted(make_images(tmp_path, 5).rglob("*.png"))]
+    (tmp_path / "bad.jpg").write_bytes(b"not a picture")
+    paths.insert(2, str(tmp_path / "bad.jpg"))
+    layers = [LayerRef("conv2"), LayerRef("fc")]
+    got = read.read_photos(tiny, paths, layers, read.channel_means, batch_size=2)
+    assert got.kept.tolist() == [0, 1, 3, 4, 5] and [i for i, _ in got.bad] == [2]
+    with layer_reader(tiny, layers, "torch") as by_torch:
+        x = torch.stack([to_tensor(tiny.preprocess, load_rgb(paths[i])) for i in got.kept])
+        want = [read.channel_means(a).numpy() for a in by_torch(x)]
+    for w, g in zip(want, got.outputs, strict=True):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

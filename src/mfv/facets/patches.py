@@ -166,12 +166,15 @@ def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
                batch_size: int = 32) -> np.ndarray:
     """(n, D) float32: the code layer's output for each crop (0..255, at the model's input
     size), flattened. The one place that says how a patch is coded."""
-    parts = []
+    codes = None  # written in place (per-batch arrays kept between passes fragment the heap)
     with layer_reader(model, [code_layer]) as read:
         for start in range(0, len(crops), batch_size):
             code, = read(as_input(model, crops[start:start + batch_size]))
-            parts.append(code.flatten(1).cpu().numpy())
-    return np.concatenate(parts)
+            code = code.flatten(1).cpu().numpy()
+            if codes is None:
+                codes = np.empty((len(crops), code.shape[1]), np.float32)
+            codes[start:start + len(code)] = code
+    return codes if codes is not None else np.zeros((0, 0), np.float32)
 
 
 class Patches:

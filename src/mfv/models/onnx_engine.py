@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mfv.core.errors import MfvError
 from mfv.models.activations import capture
 from mfv.models.base import LoadedModel
 from mfv.models.passes import inference
@@ -57,6 +58,8 @@ def engine_name(model: LoadedModel, engine: str = "auto") -> str:
     """What reads the model's layers under `engine`: "onnxruntime-<version>" or "torch" (part of
     the keys of stored codes: the two differ by float rounding). A model that turns out not to
     export is still read by torch under this name: the same settings give the same codes."""
+    if engine not in ENGINES:
+        raise MfvError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     version = onnxruntime_version()
     usable = engine == "auto" and model.device.type == "cpu" and version is not None
     return f"onnxruntime-{version}" if usable else "torch"
@@ -110,12 +113,17 @@ class _Graph:
         self.data = data
         self._session = None
         self._threads = 0
+        self._input: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         return {"data": self.data}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["data"])
+
+    def close(self) -> None:
+        """Drop the session and its memory arena (a later run opens a new one)."""
+        self._session, self._input = None, None
 
     def run(self, images: torch.Tensor) -> list[np.ndarray]:
         threads = torch.get_num_threads()  # as many as torch would use here
@@ -126,11 +134,18 @@ class _Graph:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
+            options.enable_mem_pattern = False
             self._session = onnxruntime.InferenceSession(
                 self.data, options, providers=["CPUExecutionProvider"])
             self._threads = threads
-        x = np.ascontiguousarray(images.detach().float().cpu().numpy())
-        return [np.asarray(out, np.float32) for out in self._session.run(None, {"images": x})]
+        x = images.detach().float().cpu().numpy()
+        if self._input is None or self._input.shape != x.shape:
+            self._input = np.empty(x.shape, np.float32)
+        np.copyto(self._input, x)
+        # copies: an output kept by the caller would otherwise pin its block of the runtime's
+        # memory arena, which then grows by a block every pass
+        return [np.array(out, np.float32, copy=True)
+                for out in self._session.run(None, {"images": self._input})]
 
 
 class _Layers(nn.Module):
@@ -186,3 +201,12 @@ def _export(model: LoadedModel, layers: list[LayerRef], size: tuple[int, int]) -
                         "torch's", model.name, ref.key)
             return None
     return graph
+
+
+def release_sessions(model: LoadedModel) -> None:
+    """Close every ONNX Runtime session the model's exported passes hold in this process: each
+    keeps a memory arena as large as its largest batch's activations (a stage's end, before
+    worker processes take over, gives it back)."""
+    for key, graph in model._cache.items():
+        if isinstance(key, tuple) and key[:1] == ("onnx",) and graph is not None:
+            graph.close()

@@ -36,7 +36,7 @@ from mfv.data.images import BadImageError
 from mfv.facets.patches import as_input, crop_codes, crop_resize, firing_centre, frames, inner_boxes
 from mfv.models import LoadedModel
 from mfv.models.activations import capture
-from mfv.models.onnx_engine import engine_name, exported
+from mfv.models.onnx_engine import engine_name, exported, release_sessions
 from mfv.models.passes import inference, laid_out
 from mfv.models.read import read_photos
 from mfv.models.targets import LayerRef, resolve_layer
@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 WHOLE = -1  # the box of a whole-photo item: (-1, -1, -1, -1)
 PHOTOS_PER_CHUNK = 64  # photos decoded at once while their crops are coded
-CODE_BATCH = 16  # crops a network pass: a coding worker peaks at 1.1 GB (1.6 GB at 32), as fast
+CODE_BATCH = 8  # crops a network pass: ONNX Runtime's arenas for Lite0 and Lite2 hold 0.75 GB
+# at 8 (1.06 GB at 16), as fast
 CROP_BATCH = 128  # crops cut and resized at once (bounded memory)
 PARALLEL_CROPS = 2000  # crops from which they are coded over a process per core
 WORKER_BYTES = 1_500_000_000  # a coding worker's peak (Lite0 + Lite2: 1.13 GB measured)
@@ -116,7 +117,9 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         if len(read.kept):
             place(whole[read.kept], read.outputs[0])
     if len(crops):
-        release_free_memory()  # the earlier passes' freed heap, else held while workers code
+        for network in (model, embedder):  # the earlier passes' sessions and freed heap,
+            release_sessions(network)  # else held while the workers code
+        release_free_memory()
         if processes is None:
             processes = _default_processes(len(crops), model, embedder)
         jobs = _crop_jobs(items, crops, model.preprocess.input_size)
