@@ -70,7 +70,7 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             with layer_reader(model, [layer], "torch") as by_torch, \
-                    layer_reader(model, [layer], "auto") as by_onnx:
+                    layer_reader(model, [layer], "onnxruntime") as by_onnx:
                 want, got = by_torch(images)[0].clone(), by_onnx(images)[0]
                 diff = float((got - want).abs().max() / want.abs().max())
                 rows = []

@@ -7,14 +7,15 @@ Usage: python benchmarks/scan.py [--images 640] [--batch-size 32] [--workers N] 
 Both sides run in one process on the same images at the same batch size:
 
 - forward: the images are decoded and preprocessed up front into one tensor, then the model
-  runs over batches as the scan runs it (`mfv.models.passes.inference`: the device's fastest
-  memory layout, channels_last on CPU and CUDA; no hooks, nothing stored); "standard" is the
-  same in the standard layout (`model(x)` under `torch.inference_mode()`), so the layout's gain
-  is measured side by side too;
-- scan: `mfv.scan.scanner.scan` from the files, for all 1000 logits and the penultimate codes, into
-  a fresh run directory: decoding in DataLoader workers, hooks, TargetBank, chunk files, merge;
-  with `--sweep`, what `mfv sweep` scans: every unit of every block and the logits (2,808 units
-  for Lite0), each unit's top 100 kept by the streaming top-N (the goal is >= 0.8 there).
+  runs over batches as the scan runs it (`mfv.models.onnx_engine.layer_reader` of the layers the
+  scan reads, through `--engine`: torch's pass in the device's fastest layout by default, the
+  scan's own, or `onnxruntime`; nothing stored); "standard" is torch's plain pass in the
+  standard layout (`model(x)` under `torch.inference_mode()`), measured side by side too;
+- scan: `mfv.scan.scanner.scan` from the files (its passes through `--engine` too), for all
+  1000 logits and the penultimate codes, into a fresh run directory: decoding, hooks,
+  TargetBank, chunk files, merge; with `--sweep`, what `mfv sweep` scans: every unit of every
+  block and the logits (2,808 units for Lite0), each unit's top 100 kept by the streaming top-N
+  (the goal is >= 0.8 there).
 
 - decode: the scan's own decoding of the same files in this process (`load_rgb` at the scan's
   JPEG draft size, then the model's preprocessing), which sets the scan's floor on a CPU whose
@@ -31,21 +32,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from mfv.core.allocator import keep_freed_memory
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList, from_folder
-from mfv.models import load_model
+from mfv.models import load_model, onnx_engine
+from mfv.models.activations import TargetBank
 from mfv.models.base import to_tensor
-from mfv.models.passes import inference
-from mfv.models.targets import parse_targets
+from mfv.models.onnx_engine import engine_name, layer_reader
+from mfv.models.targets import parse_targets, resolve_layer
+from mfv.scan import scanner
 from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import decode_settings, decoding_workers, scan
 from mfv.study.layers import block_layers
@@ -62,21 +67,26 @@ def _subset(images: ImageList, n: int) -> ImageList:
     return ImageList(items, f"{n} of {images.source}")
 
 
-def _time_forward(model, x: torch.Tensor, batch_size: int, fastest: bool = True) -> float:
-    """Seconds of the bare forward over `x`: as the scan runs it, or in the standard layout."""
+def _time_forward(model, x: torch.Tensor, batch_size: int, layers, engine: str | None
+                  ) -> float:
+    """Seconds of the bare forward over `x`: as the scan runs it (`layer_reader` of the layers
+    it reads, through `engine`), or (None) torch's plain pass in the standard layout."""
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        forward = stack.enter_context(inference(model)) if fastest else model
-        if not fastest:
+        if engine is None:
             stack.enter_context(torch.inference_mode())
+            forward = model
+        else:
+            forward = stack.enter_context(layer_reader(model, layers, engine))
         for s in range(0, len(x), batch_size):
             forward(x[s:s + batch_size])
     return time.perf_counter() - start
 
 
-def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int, mode: str
-               ) -> float:
-    with tempfile.TemporaryDirectory() as run:
+def _time_scan(model, images: ImageList, targets, batch_size: int, workers: int, mode: str,
+               engine: str) -> float:
+    reader = functools.partial(onnx_engine.layer_reader, engine=engine)
+    with tempfile.TemporaryDirectory() as run, mock.patch.object(scanner, "layer_reader", reader):
         start = time.perf_counter()
         result = scan(model, images, targets, run, ScanOptions(
             batch_size=batch_size, workers=workers, mode=mode, top_n=100), progress=False)
@@ -106,6 +116,9 @@ def main() -> None:
                         help="torch threads for both sides (default: torch's own choice)")
     parser.add_argument("--model", default="efficientnet_lite0")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--engine", choices=onnx_engine.ENGINES, default="torch",
+                        help="what runs the scan's and the forward's passes (default torch, as "
+                             "the scan runs them)")
     parser.add_argument("--sweep", action="store_true",
                         help="scan what `mfv sweep` scans: every unit of every block, top 100")
     args = parser.parse_args()
@@ -116,26 +129,28 @@ def main() -> None:
     images = _subset(from_folder(args.data), args.images)
     layers = block_layers(model) if args.sweep else ["logits"]
     targets = parse_targets([f"{layer}:*" for layer in layers], model)
-    mode = "topn" if args.sweep else "auto"
+    mode = "topn" if args.sweep else "onnxruntime"
     n = len(images)
     workers = decoding_workers(model.device) if args.workers is None else args.workers
     print(f"cpus={os.cpu_count()} torch threads={torch.get_num_threads()} "
           f"interop={torch.get_num_interop_threads()} device={model.device} load avg={_load()}")
     print(f"model={args.model} images={n} batch={args.batch_size} targets={len(targets)} "
-          f"scan workers={workers} mode={mode}")
+          f"scan workers={workers} mode={mode} engine={engine_name(model, args.engine)}")
 
     t0 = time.perf_counter()
     x = torch.stack([to_tensor(model.preprocess, load_rgb(it.path)) for it in images])
     x = x.to(model.device)
     print(f"pre-decoding: {n / (time.perf_counter() - t0):.1f} img/s in the main process")
-    _time_forward(model, x[: args.batch_size * 2], args.batch_size)  # warm-up
+    read = [*TargetBank(targets).layers, resolve_layer(model, "penultimate")]
+    _time_forward(model, x[: args.batch_size * 2], args.batch_size, read, args.engine)  # warm-up
 
     forward, standard, scanned, decoded = [], [], [], []
     for _ in range(args.repeats):
-        forward.append(n / _time_forward(model, x, args.batch_size))
+        forward.append(n / _time_forward(model, x, args.batch_size, read, args.engine))
         decoded.append(n / _time_decode(model, images))
-        standard.append(n / _time_forward(model, x, args.batch_size, fastest=False))
-        scanned.append(n / _time_scan(model, images, targets, args.batch_size, workers, mode))
+        standard.append(n / _time_forward(model, x, args.batch_size, read, None))
+        scanned.append(n / _time_scan(model, images, targets, args.batch_size, workers, mode,
+                                      args.engine))
         print(f"  repeat done, load avg {_load()}", flush=True)
     print("forward img/s per run: " + " ".join(f"{r:.1f}" for r in forward))
     print("standard layout forward img/s per run: " + " ".join(f"{r:.1f}" for r in standard))

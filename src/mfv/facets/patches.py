@@ -163,11 +163,11 @@ def load_crops(model: LoadedModel, paths: Sequence[str], indices: np.ndarray,
 
 
 def crop_codes(model: LoadedModel, crops: np.ndarray, code_layer: LayerRef,
-               batch_size: int = 32) -> np.ndarray:
+               batch_size: int = 32, engine: str = "torch") -> np.ndarray:
     """(n, D) float32: the code layer's output for each crop (0..255, at the model's input
     size), flattened. The one place that says how a patch is coded."""
     codes = None  # written in place (per-batch arrays kept between passes fragment the heap)
-    with layer_reader(model, [code_layer]) as read:
+    with layer_reader(model, [code_layer], engine) as read:
         for start in range(0, len(crops), batch_size):
             code, = read(as_input(model, crops[start:start + batch_size]))
             code = code.flatten(1).cpu().numpy()

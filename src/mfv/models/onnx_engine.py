@@ -1,13 +1,19 @@
-"""Passes without gradients on the CPU through ONNX Runtime.
+"""Passes without gradients on the CPU through ONNX Runtime, where it pays.
 
 A model's pass up to the layers a reader needs is exported once (torch's TorchScript-based ONNX
 exporter, the batch size left free), checked against torch's own pass on the same batch, and
-run by ONNX Runtime's CPU engine, which fuses and lays out the graph for the machine: on the
-2-core CPU 2.0-2.6x torch's speed for EfficientNet-Lite at one thread (`benchmarks/engine.py`).
-Passes with gradients (rendering) stay in torch; on CUDA every pass does.
+run by ONNX Runtime's CPU engine, which fuses and lays out the graph for the machine. On the
+2-core CPU it reads Lite0 1.14-1.24x and Lite2 1.29-1.43x faster than torch's tuned pass
+(`benchmarks/engine.py`), but each set of layers costs an export (~1-1.5 s) and a session
+holds an arena of activations: it pays where many images go through one set of layers in a
+long stage — the layer study's codes of photos and crops (`mfv.study.seen`), ~1.4x there —
+and not in a run's evaluation, which reads a few pictures through many sets of layers (the
+demo took 5 s longer and 1 GB more with it), nor in the scan (decoding-bound: the same speed).
+So `engine="torch"` is every reader's default and the study asks for `"onnxruntime"`. Passes
+with gradients (rendering) stay in torch; on CUDA every pass does.
 
 `layer_reader` is the one entry: a pass that reads chosen layers of a [0, 1] batch, through
-ONNX Runtime where it can be used (the model on the CPU, onnxruntime installed, the export and
+ONNX Runtime when asked and usable (the model on the CPU, onnxruntime installed, the export and
 its check passed), else through torch (`capture` + `inference`). A model that cannot be
 exported is read by torch, with a warning naming why. The exported graph is kept in the model's
 cache (it travels with the model to worker processes; a session does not, each process opens
@@ -35,7 +41,7 @@ from mfv.models.targets import LayerRef
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "torch")  # auto: ONNX Runtime where it can be used, else torch
+ENGINES = ("torch", "onnxruntime")  # onnxruntime: where it can be used, else torch
 CHECK_TOLERANCE = 1e-3  # the export's largest difference from torch, share of the output's range
 OPSET = 17
 
@@ -54,19 +60,19 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
-def engine_name(model: LoadedModel, engine: str = "auto") -> str:
+def engine_name(model: LoadedModel, engine: str = "torch") -> str:
     """What reads the model's layers under `engine`: "onnxruntime-<version>" or "torch" (part of
     the keys of stored codes: the two differ by float rounding). A model that turns out not to
     export is still read by torch under this name: the same settings give the same codes."""
     if engine not in ENGINES:
         raise MfvError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
     version = onnxruntime_version()
-    usable = engine == "auto" and model.device.type == "cpu" and version is not None
+    usable = engine == "onnxruntime" and model.device.type == "cpu" and version is not None
     return f"onnxruntime-{version}" if usable else "torch"
 
 
 @contextmanager
-def layer_reader(model: LoadedModel, layers: Sequence[LayerRef], engine: str = "auto"
+def layer_reader(model: LoadedModel, layers: Sequence[LayerRef], engine: str = "torch"
                  ) -> Iterator[Reader]:
     """Inside the block, `read(images)`: the layers' outputs (float32 tensors on the model's
     device, in `layers`' order) for a (B, 3, H, W) [0, 1] batch, without gradients (module
@@ -134,7 +140,7 @@ class _Graph:
             options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.log_severity_level = 3
-            options.enable_mem_pattern = False
+            options.enable_mem_pattern = False  # no plan per input shape: batches vary
             self._session = onnxruntime.InferenceSession(
                 self.data, options, providers=["CPUExecutionProvider"])
             self._threads = threads

@@ -46,18 +46,18 @@ class Reading:
 
 def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[LayerRef],
                 reduce: Callable[[torch.Tensor], torch.Tensor] = flat, *, batch_size: int = 32,
-                progress: str | None = None) -> Reading:
+                progress: str | None = None, engine: str = "torch") -> Reading:
     """Each photo decoded, preprocessed as the model's own photos are (resize, centre crop), and
     passed through the model without gradients in batches (`layer_reader`); `reduce` of every
     layer's output.
-    `progress`: a progress bar's title (None: no bar)."""
+    `progress`: a progress bar's title (None: no bar); `engine`: `layer_reader`'s."""
     # each layer's values written in place into one array: per-batch arrays kept between
     # ONNX Runtime's passes fragment the heap (~0.6 MB more resident memory a photo, measured)
     outputs: list[np.ndarray | None] = [None] * len(layers)
     kept: list[int] = []
     bad: list[tuple[int, str]] = []
     bar = tqdm(total=len(paths), desc=progress, unit="img", disable=progress is None)
-    with layer_reader(model, layers) as read:
+    with layer_reader(model, layers, engine) as read:
         for start in range(0, len(paths), batch_size):
             batch = []
             for i in range(start, min(start + batch_size, len(paths))):

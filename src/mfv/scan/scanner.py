@@ -39,7 +39,7 @@ from mfv.data.spectrum import AmplitudeSpectrum
 from mfv.models import LoadedModel
 from mfv.models.activations import TargetBank
 from mfv.models.base import to_tensor
-from mfv.models.onnx_engine import engine_name, layer_reader
+from mfv.models.onnx_engine import layer_reader
 from mfv.models.passes import default_channels_last
 from mfv.models.targets import Target, resolve_layer
 from mfv.scan.options import ScanOptions
@@ -78,16 +78,15 @@ def decoding_workers(device: torch.device) -> int:
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,
              mode: str, top_n: int, batch_size: int) -> str:
     """Everything a stored scan depends on: model (weights included), data, decoding, targets,
-    code layer, storage mode, and the batch size and engine (a kernel's sums, so the last bits
-    of every activation, depend on them)."""
+    code layer, storage mode, and the batch size (a kernel's sums, so the last bits of every
+    activation, depend on it)."""
     return digest({"model": model.describe(), "images": images.fingerprint(),
                    "batch_size": batch_size,
                    "decode": decode_settings(model), "targets": [t.to_dict() for t in targets],
                    "code_layer": code_layer, "mode": mode, "top_n": top_n,
                    "spectrum": {"photos": SPECTRUM_PHOTOS},
                    "peaks": 1,
-                   "layout": default_channels_last(model.device), "batchnorm": "folded",
-                   "engine": engine_name(model)})
+                   "layout": default_channels_last(model.device), "batchnorm": "folded"})
 
 
 @dataclass(frozen=True)

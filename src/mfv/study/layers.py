@@ -73,7 +73,7 @@ from mfv.study.measures import (
     parallel_map,
     percentile_ci,
 )
-from mfv.study.seen import Items, code_items, firing_centres_of, table, whole_boxes
+from mfv.study.seen import CODE_ENGINE, Items, code_items, firing_centres_of, table, whole_boxes
 
 SWEEP_FORMAT = "mfv.sweep/1"
 MEASURES = ("k", "silhouette", "polysemanticity", "separation")
@@ -329,7 +329,7 @@ def _codes(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResu
     embedder = load_model(name, device=model.device)
     key = digest(result.key, model.fingerprint(), embedder.fingerprint(),
                  settings.scan.code_layer, PATCH_CODE, items.rows, items.boxes,
-                 engine_name(model), engine_name(embedder))[:16]
+                 engine_name(model, CODE_ENGINE), engine_name(embedder, CODE_ENGINE))[:16]
     codes, other = run.sweep.read_array(f"codes-{key}"), run.sweep.read_array(f"embedding-{key}")
     if codes is not None and other is not None and len(codes) == len(other) == len(items):
         return name, codes, other

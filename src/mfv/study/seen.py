@@ -52,6 +52,7 @@ CODE_BATCH = 8  # crops a network pass: ONNX Runtime's arenas for Lite0 and Lite
 # at 8 (1.06 GB at 16), as fast
 CROP_BATCH = 128  # crops cut and resized at once (bounded memory)
 PARALLEL_CROPS = 2000  # crops from which they are coded over a process per core
+CODE_ENGINE = "onnxruntime"  # what reads the items (`mfv.models.onnx_engine`: ~1.4x torch here)
 WORKER_BYTES = 1_500_000_000  # a coding worker's peak (Lite0 + Lite2: 1.13 GB measured)
 
 
@@ -112,7 +113,7 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
 
     if len(whole):
         read = read_photos(embedder, [result.paths[int(r)] for r in items.rows[whole]],
-                           [penultimate], batch_size=batch,
+                           [penultimate], batch_size=batch, engine=CODE_ENGINE,
                            progress="sweep: independent codes of photos" if progress else None)
         if len(read.kept):
             place(whole[read.kept], read.outputs[0])
@@ -125,7 +126,7 @@ def code_items(model: LoadedModel, embedder: LoadedModel, result: ScanResult, it
         jobs = _crop_jobs(items, crops, model.preprocess.input_size)
         for network, layer in ((model, code_layer), (embedder, penultimate)):  # exported once
             size = network.preprocess.input_size  # here, shipped with the networks
-            if engine_name(network) != "torch":
+            if engine_name(network, CODE_ENGINE) != "torch":
                 exported(network, [layer], (size, size))
         extra = np.zeros((len(jobs.rows) - len(crops), codes.shape[1]), np.float32)
         for at, own, other in _crop_codes(
@@ -279,11 +280,11 @@ def _code_chunk(chunk: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, list
             images = np.stack([pictures[int(r)] for r in rows[s:s + CROP_BATCH]])
             part, item = boxes[s:s + CROP_BATCH], at[s:s + CROP_BATCH] < chunk.items
             own.append(crop_codes(model, crop_resize(images, part, model.preprocess.input_size),
-                                  coders.code_layer, coders.batch))
+                                  coders.code_layer, coders.batch, CODE_ENGINE))
             if item.any():
                 other.append(crop_codes(embedder, crop_resize(
                     images[item], part[item], embedder.preprocess.input_size),
-                    coders.penultimate, coders.batch))
+                    coders.penultimate, coders.batch, CODE_ENGINE))
     release_free_memory()  # two networks at two sizes fragment a never-trimmed heap
     empty = np.zeros((0, 0), np.float32)
     return (at, np.concatenate(own) if own else empty,
