@@ -2,15 +2,15 @@
 
 A model's pass up to the layers a reader needs is exported once (torch's TorchScript-based ONNX
 exporter, the batch size left free), checked against torch's own pass on the same batch, and
-run by ONNX Runtime's CPU engine, which fuses and lays out the graph for the machine. On the
-2-core CPU it reads Lite0 1.14-1.24x and Lite2 1.29-1.43x faster than torch's tuned pass
-(`benchmarks/engine.py`), but each set of layers costs an export (~1-1.5 s) and a session
-holds an arena of activations: it pays where many images go through one set of layers in a
-long stage — the layer study's codes of photos and crops (`mfv.study.seen`), ~1.4x there —
-and not in a run's evaluation, which reads a few pictures through many sets of layers (the
-demo took 5 s longer and 1 GB more with it), nor in the scan (decoding-bound: the same speed).
-So `engine="torch"` is every reader's default and the study asks for `"onnxruntime"`. Passes
-with gradients (rendering) stay in torch; on CUDA every pass does.
+run by ONNX Runtime's CPU engine, which fuses and lays out the graph for the machine: faster
+than torch's tuned pass on the CPU, above all for one-thread workers, but each set of layers
+costs an export and a session holds an arena of activations. It pays where many images go
+through one set of layers in a long stage — the layer study's codes of photos and crops
+(`mfv.study.seen`) — and not in a run's evaluation, which reads a few pictures through many
+sets of layers, nor in the scan, which is bound by decoding (measured: `benchmarks/engine.py`,
+`benchmarks/scan.py --engine`, docs/benchmarks.md). So `engine="torch"` is every reader's
+default and the study asks for `"onnxruntime"`. Passes with gradients (rendering) stay in
+torch; on CUDA every pass does.
 
 `layer_reader` is the one entry: a pass that reads chosen layers of a [0, 1] batch, through
 ONNX Runtime when asked and usable (the model on the CPU, onnxruntime installed, the export and

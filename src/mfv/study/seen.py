@@ -52,7 +52,7 @@ CODE_BATCH = 8  # crops a network pass: ONNX Runtime's arenas for Lite0 and Lite
 # at 8 (1.06 GB at 16), as fast
 CROP_BATCH = 128  # crops cut and resized at once (bounded memory)
 PARALLEL_CROPS = 2000  # crops from which they are coded over a process per core
-CODE_ENGINE = "onnxruntime"  # what reads the items (`mfv.models.onnx_engine`: ~1.4x torch here)
+CODE_ENGINE = "onnxruntime"  # what reads the items (`mfv.models.onnx_engine`)
 WORKER_BYTES = 1_500_000_000  # a coding worker's peak (Lite0 + Lite2: 1.13 GB measured)
 
 
