@@ -82,20 +82,17 @@ def layer_reader(model: LoadedModel, layers: Sequence[LayerRef], engine: str = "
         with _torch_reader(model, layers) as read:
             yield read
         return
-    graphs: dict[tuple[int, int], _Graph | None] = {}
     with ExitStack() as fallback:
-        by_torch: list[Reader] = []
+        by_torch: Reader | None = None
 
         def read(images: torch.Tensor) -> list[torch.Tensor]:
-            size = (int(images.shape[2]), int(images.shape[3]))
-            if size not in graphs:
-                graphs[size] = exported(model, layers, size)
-            graph = graphs[size]
+            nonlocal by_torch
+            graph = exported(model, layers, (int(images.shape[2]), int(images.shape[3])))
             if graph is not None:
                 return [torch.from_numpy(out) for out in graph.run(images)]
-            if not by_torch:  # opened on first need: the export runs outside its pass
-                by_torch.append(fallback.enter_context(_torch_reader(model, layers)))
-            return by_torch[0](images)
+            if by_torch is None:  # opened on first need: the export runs outside its pass
+                by_torch = fallback.enter_context(_torch_reader(model, layers))
+            return by_torch(images)
 
         yield read
 
@@ -119,7 +116,6 @@ class _Graph:
         self.data = data
         self._session = None
         self._threads = 0
-        self._input: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         return {"data": self.data}
@@ -129,7 +125,7 @@ class _Graph:
 
     def close(self) -> None:
         """Drop the session and its memory arena (a later run opens a new one)."""
-        self._session, self._input = None, None
+        self._session = None
 
     def run(self, images: torch.Tensor) -> list[np.ndarray]:
         threads = torch.get_num_threads()  # as many as torch would use here
@@ -144,14 +140,8 @@ class _Graph:
             self._session = onnxruntime.InferenceSession(
                 self.data, options, providers=["CPUExecutionProvider"])
             self._threads = threads
-        x = images.detach().float().cpu().numpy()
-        if self._input is None or self._input.shape != x.shape:
-            self._input = np.empty(x.shape, np.float32)
-        np.copyto(self._input, x)
-        # copies: an output kept by the caller would otherwise pin its block of the runtime's
-        # memory arena, which then grows by a block every pass
-        return [np.array(out, np.float32, copy=True)
-                for out in self._session.run(None, {"images": self._input})]
+        x = np.ascontiguousarray(images.detach().float().cpu().numpy())
+        return self._session.run(None, {"images": x})
 
 
 class _Layers(nn.Module):
