@@ -12,7 +12,9 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
 - pass: the model's own forward+backward (w.r.t. the input, one logit per sample) per image in
   each memory layout and precision, at one batch (8 on the CPU, 64 on CUDA): what
   `RenderOptions.channels_last` / `.precision` choose between.
-- recipes: paper-mean, paper-center, fourier, maco with 32 and 4 crops, anchored, each at batch
+- recipes: paper-mean, paper-center, fourier, maco with 32 and 4 crops, anchored (its default
+  grid, 1024 positions, every position), and paper-mean with TV-Bregman's iterations launched
+  one by one instead of as CUDA graphs (`paper-mean-plain-tv`; the same on the CPU), each at batch
   1, 2, 4, ... up to `--max-batch` (CPU 16, CUDA 256) or until a step takes more than
   `--max-step` seconds or the device runs out of memory. A recipe's step is timed inside the
   loop (the median interval between steps; on CUDA every interval waits for the device) and
@@ -22,7 +24,7 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   is the rest of a `render_batches` call (start images, anchors' reference quantiles, the final
   measure); the cost per picture is (fixed + the recipe's full steps x the step) / batch.
 - scan: `mfv.scan.scanner.scan` of `--scan-images` Imagenette photos for all 1000 logits, with each
-  number of decoding workers; images/s.
+  number of decoding workers; images/s. More than the folder holds: its photos again, in order.
 - units: one target's facets (t-SNE + k-means on 1,300 codes, an ImageNet class's size: the
   scanned codes resampled with small jitter) and mean images; the anchor photos one picture
   reads; one target's evaluation (the default judges) of 10 facet and 10 random pictures.
@@ -30,7 +32,8 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   facets of 1,000 classes, 10,000 facet pictures and 10,000 random-start baselines (the
   default), the anchored recipe's photos, evaluation; hours per term and in total, for the
   default recipe (anchored) and the paper's (paper-mean, paper-center), each at its cheapest
-  measured batch. The stages run one after another, as `mfv run` runs them.
+  measured batch. The stages run one after another, as `mfv run` runs them; a second total
+  spreads the facets (one core each) over the machine's cores, as the Ray backend's workers.
 - precision (not by default): 32 pictures of 32 classes per recipe (fourier, anchored,
   paper-mean) rendered with a float32 and a bfloat16 pass, same seeds and starts; the final
   activations (both measured in float32) compared: the check that bf16 does not move quality
@@ -55,11 +58,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 import mfv.render.recipes.base as loop_module
+import mfv.render.tv.sweep as tv_sweep
 from mfv.core.allocator import keep_freed_memory
 from mfv.data.images import load_rgb
 from mfv.data.sources import ImageList, from_folder
@@ -87,7 +92,10 @@ DEFAULT_SECTIONS = ("pass", "recipes", "scan", "units", "project")
 RECIPES = {"paper-mean": ("paper-mean", None), "paper-center": ("paper-center", None),
            "fourier": ("fourier", None), "maco-32": ("maco", 32), "maco-4": ("maco", 4),
            "anchored": ("anchored", None), "anchored-grid": ("anchored", None),
-           "anchored-all": ("anchored", None)}
+           "anchored-all": ("anchored", None), "paper-mean-plain-tv": ("paper-mean", None)}
+# labels timed with TV-Bregman's iterations launched one kernel at a time (no CUDA graph): the
+# default's "before", side by side
+PLAIN_TV = {"paper-mean-plain-tv"}
 # the anchored recipe matching at most this many positions per channel a step (its grid; 0:
 # every position); "anchored" is the default's
 GRID_POSITIONS = {"anchored-grid": 1024, "anchored-all": 0}
@@ -255,7 +263,8 @@ def time_recipe(inputs: Inputs, label: str, batch: int, options: RenderOptions, 
     passes = maco_passes(batch, crops, model.device) if recipe == "maco" else [batch]
     targets, jobs = make_jobs(inputs, batch, recipe)
     bares, step_times, fixeds = [], [], []
-    with prepared(model, forward):
+    graphs = label not in PLAIN_TV
+    with prepared(model, forward), mock.patch.object(tv_sweep, "_GRAPHS_ON_CUDA", graphs):
         for _ in range(max(1, rounds)):
             bares.append(bare_step(model, forward, inputs.photos, passes, repeats, sync, now))
             with clocked(sync, now) as clock:
@@ -307,7 +316,7 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
     print(f"\n## Recipes: step over the model's own forward+backward, {model.name} "
           f"({model.device}, {forward.precision}, "
           f"{'channels_last' if forward.channels_last else 'standard'} layout)")
-    print(f"{'recipe':12s} {'batch':>5s} {'s/step':>8s} {'bare':>8s} {'ratio':>6s} "
+    print(f"{'recipe':19s} {'batch':>5s} {'s/step':>8s} {'bare':>8s} {'ratio':>6s} "
           f"{'fixed s':>8s} {'s/picture':>10s} {'pictures/h':>11s}")
     costs: dict[str, list[Cost]] = {}
     for label in labels:
@@ -325,12 +334,12 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
             except RuntimeError as error:
                 if not out_of_memory(error):
                     raise
-                print(f"{label:12s} {batch:5d} out of memory")
+                print(f"{label:19s} {batch:5d} out of memory")
                 if model.device.type == "cuda":
                     torch.cuda.empty_cache()
                 break
             costs[label].append(cost)
-            print(f"{label:12s} {batch:5d} {cost.step:8.3f} {cost.bare:8.3f} "
+            print(f"{label:19s} {batch:5d} {cost.step:8.3f} {cost.bare:8.3f} "
                   f"{cost.ratio:6.2f} {cost.fixed:8.2f} {cost.per_picture:10.2f} "
                   f"{3600 / cost.per_picture:11.1f}", flush=True)
             if cost.step > max_step:
@@ -349,7 +358,11 @@ def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int
 
 def section_scan(model: LoadedModel, images: ImageList, n: int, workers: Sequence[int],
                  batch_size: int) -> dict[int, float]:
-    items = list(images)[:: max(1, len(images) // n)][:n]
+    every = list(images)
+    if n <= len(every):
+        items = every[:: max(1, len(every) // n)][:n]
+    else:  # more than the folder holds: its photos again, in order (a throughput measure)
+        items = [every[i % len(every)] for i in range(n)]
     subset = ImageList(tuple(items), f"{len(items)} of {images.source}")
     targets = parse_targets(["logits:*"], model)
     rates = {}
@@ -444,6 +457,12 @@ def section_project(costs: dict[str, list[Cost]], rates: dict[int, float], units
         for name, seconds in terms:
             print(f"  {name:58s} {seconds / 3600:9.2f}")
         print(f"  {'total':58s} {total / 3600:9.2f}")
+        # t-SNE and k-means of a target use one core (find_facets' n_jobs=1): the Ray backend
+        # with one single-thread worker per core runs the node's cores' worth at once
+        cores = os.cpu_count() or 1
+        spread = total - classes * units.facets * (1 - 1 / cores)
+        print(f"  {f'total, facets spread over the {cores} cores (Ray workers)':58s} "
+              f"{spread / 3600:9.2f}")
 
 
 def section_precision(inputs: Inputs, options: RenderOptions, steps: int | None,

@@ -4,26 +4,35 @@ with one FFT pair, on any device, whole batches at once."""
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-# On accelerators the stopping test is read back every this many iterations (see _torch_tv).
+# On accelerators the stopping test is read back every this many iterations (see torch_tv).
 _ACCELERATOR_CHECK_EVERY = 8
+
+# On CUDA those iterations run as one captured CUDA graph (see _Graphed); the benchmarks turn
+# it off to time the plain loop beside it.
+_GRAPHS_ON_CUDA = True
 
 # Kernel of the Gauss-Seidel sweep: u = a * (u_up + u_left) + g, with a = lam / (w + 4 lam).
 _GS_COUPLING = 2.0 / 9.0
 
 
 def torch_tv(f: Tensor, wt: Tensor, max_iter: int, eps: float, isotropic: bool,
-              check_every: int | None = None, sweep: type | None = None) -> Tensor:
+              check_every: int | None = None, sweep: type | None = None,
+              graphs: bool | None = None) -> Tensor:
     """Split-Bregman iterations on a (B, C, H, W) batch of float32/float64 images, the image
     updated by `sweep(f, wt, lam, norm, grid)` (default `_ExactSweep`, skimage's; the benchmarks
     try others).
 
     Asking the device whether every sample has stopped waits for it, so on accelerators that
     is asked every `check_every` iterations (samples that stopped are frozen meanwhile: the
-    result does not depend on it)."""
+    result does not depend on it). With `graphs` (default: on CUDA) those `check_every`
+    iterations, ~20 small kernels each, are launched as one CUDA graph: the same kernels on the
+    same buffers, without the launch gaps that dominate at the render loop's batch sizes."""
     b, c, h, w = f.shape
     lam = 2.0 * wt
     norm = wt + 4.0 * lam
@@ -41,9 +50,9 @@ def torch_tv(f: Tensor, wt: Tensor, max_iter: int, eps: float, isotropic: bool,
     tx, ty, s = torch.empty_like(f), torch.empty_like(f), torch.empty_like(f)
     inv_lam = 1.0 / lam
     active = torch.ones(b, dtype=torch.bool, device=f.device)
-    if check_every is None:
-        check_every = 1 if f.device.type == "cpu" else _ACCELERATOR_CHECK_EVERY
-    for iteration in range(max_iter):
+
+    def iterate() -> None:
+        """One iteration, in place on the buffers above (so a CUDA graph can replay it)."""
         # d/b update from the previous image: t = forward difference + b, then
         # d = shrink(t), b_new = t - d, and p = d - b_new = t - 2 b_new.
         torch.sub(right, u, out=tx).add_(bx)
@@ -62,14 +71,81 @@ def torch_tv(f: Tensor, wt: Tensor, max_iter: int, eps: float, isotropic: bool,
         u_new = update(p_pad, q_pad)
         diff = torch.sub(u_new, u, out=s)
         rmse = torch.linalg.vector_norm(diff, dim=(1, 2, 3)) / math.sqrt(c * h * w)
-        if iteration == 0:
-            u.copy_(u_new)
-        else:  # samples that already met the stopping test stay frozen
-            u.copy_(torch.where(active.view(b, 1, 1, 1), u_new, u))
-        active &= rmse > eps
-        if (iteration + 1) % check_every == 0 and not bool(active.any()):
-            break
+        # samples that already met the stopping test stay frozen (all are active at first)
+        u.copy_(torch.where(active.view(b, 1, 1, 1), u_new, u))
+        active.logical_and_(rmse > eps)
+
+    if check_every is None:
+        check_every = 1 if f.device.type == "cpu" else _ACCELERATOR_CHECK_EVERY
+    if graphs is None:
+        graphs = f.device.type == "cuda" and _GRAPHS_ON_CUDA
+    chunk = (_Graphed(iterate, check_every, f.device) if graphs
+             else _Repeated(iterate, check_every))
+    done = 0
+    while done + check_every <= max_iter:
+        chunk()
+        done += check_every
+        if not bool(active.any()):
+            return u.contiguous()
+    for _ in range(max_iter - done):
+        iterate()
     return u.contiguous()
+
+
+class _Repeated:
+    """`n` calls of `fn`."""
+
+    def __init__(self, fn: Callable[[], None], n: int) -> None:
+        self.fn, self.n = fn, n
+
+    def __call__(self) -> None:
+        for _ in range(self.n):
+            self.fn()
+
+
+class _Graphed(_Repeated):
+    """`n` calls of `fn`, replayed as one CUDA graph after the first call. The first call runs
+    them for real on a side stream (capture needs a warm-up: cuFFT plans, the allocator) and
+    then captures them there; capture records without running, so every call advances `n`
+    iterations. `capture_begin` is called directly: `torch.cuda.graph` would also synchronize
+    and empty the allocator's cache, costs paid again at every solve. If capture fails (an op
+    CUDA graphs cannot hold), the iterations run plainly instead."""
+
+    def __init__(self, fn: Callable[[], None], n: int, device: torch.device) -> None:
+        super().__init__(fn, n)
+        self.device = device
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.plain = False
+
+    def __call__(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.plain:
+            super().__call__()
+        else:
+            self._warm_up_and_capture()
+
+    def _warm_up_and_capture(self) -> None:
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(side):
+                super().__call__()
+                try:
+                    graph.capture_begin(capture_error_mode="thread_local")
+                    try:
+                        super().__call__()
+                    finally:
+                        graph.capture_end()
+                except RuntimeError as error:
+                    warnings.warn("TV-Bregman runs without CUDA graphs: capture failed "
+                                  f"({error})", RuntimeWarning, stacklevel=3)
+                    self.plain = True
+                    super().__call__()  # the capture ran nothing
+                else:
+                    self.graph = graph
+            torch.cuda.current_stream().wait_stream(side)
 
 
 def _padded(f: Tensor) -> Tensor:
