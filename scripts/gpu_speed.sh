@@ -24,8 +24,8 @@ DATA=.gpu/imgs
     2>&1 | tee "$OUT/machine.txt"
 timeout 50 python3 benchmarks/tv_gpu.py --batch 10 --batch 64 2>&1 | tee "$OUT/tv-gpu.txt"
 timeout 280 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 \
-    --batches 1 10 64 256 --max-step 1.5 \
-    --recipes paper-mean paper-mean-plain-tv paper-center fourier maco-32 anchored \
+    --batches 1 10 64 256 --max-step 0.8 \
+    --recipes paper-mean paper-mean-plain-tv fourier maco-32 anchored \
     --workers 4 8 16 --scan-images 3600 --judges efficientnet_lite1 \
     --only pass --only project --only syncs 2>&1 | tee "$OUT/steps-gpu.txt"
 timeout 110 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 --batches 10 64 \
