@@ -27,7 +27,9 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   number of decoding workers; images/s. More than the folder holds: its photos again, in order.
 - units: one target's facets (t-SNE + k-means on 1,300 codes, an ImageNet class's size: the
   scanned codes resampled with small jitter) and mean images; the anchor photos one picture
-  reads; one target's evaluation (the default judges) of 10 facet and 10 random pictures.
+  reads; one target's evaluation (the default judges) of 10 facet and 10 random pictures, with
+  and without decoding threads. One-time costs (numba's kernels compiled on a machine's first
+  call, cuDNN's first passes) are timed apart and left out of the per-target costs.
 - project: ImageNet-1k x 10 facets on this device from those costs: the scan of 1.28 M images,
   facets of 1,000 classes, 10,000 facet pictures and 10,000 random-start baselines (the
   default), the anchored recipe's photos, evaluation; hours per term and in total, for the
@@ -35,10 +37,10 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   measured batch. The stages run one after another, as `mfv run` runs them; a second total
   spreads the facets (one core each) over the machine's cores, as the Ray backend's workers.
 - precision (not by default): 32 pictures of 32 classes per recipe (fourier, anchored,
-  paper-mean) rendered with a float32 and a bfloat16 pass, same seeds and starts; the final
-  activations (both measured in float32) compared: the check that bf16 does not move quality
-  (tolerance: mean bf16 / float32 activation >= 0.95, and no recipe's median paired relative
-  difference below -5 %).
+  paper-mean, or those of them in `--recipes`) rendered with a float32 and a bfloat16 pass,
+  same seeds and starts; the final activations (both measured in float32) compared: the check
+  that bf16 does not move quality (tolerance: mean bf16 / float32 activation >= 0.95, and no
+  recipe's median paired relative difference below -5 %).
 - syncs (CUDA only, not by default): host syncs per step of every recipe's loop, counted with
   `torch.cuda.set_sync_debug_mode("warn")` at two step counts.
 
@@ -63,6 +65,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+import mfv.models.read as read_module
 import mfv.render.recipes.base as loop_module
 import mfv.render.tv.sweep as tv_sweep
 from mfv.core.allocator import keep_freed_memory
@@ -103,6 +106,7 @@ FULL_STEPS = {"paper-mean": 370, "paper-center": 530, "fourier": 256, "maco": 25
               "anchored": 256}
 IMAGENET = {"images": 1_281_167, "classes": 1000, "facets": 10}
 CLASS_SIZE = 1300  # images of one ImageNet class: what a class's facets are clustered from
+PRECISION_RECIPES = ("fourier", "anchored", "paper-mean")  # bfloat16's check (`--recipes` picks)
 ANCHOR_PHOTOS = 15  # a facet's representatives (the default --mean-of): an anchor's photos
 
 
@@ -395,9 +399,13 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
     acts = rng.gamma(2.0, 2.0, CLASS_SIZE)
     paths = [inputs.paths[r] for r in rows]
     print(f"\n## Per-target units, {model.name} ({model.device})")
+    options = FacetOptions(k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed)
+    start = time.perf_counter()  # a process's first call: numba's kernels compiled or loaded
+    find_facets(codes[:200], acts[:200], options=options)
+    print(f"first clustering call (200 codes; kernels compiled, or loaded from numba's cache): "
+          f"{time.perf_counter() - start:.1f} s, not counted")
     start = time.perf_counter()
-    facets = find_facets(codes, acts,
-                         options=FacetOptions(k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed))
+    facets = find_facets(codes, acts, options=options)
     clustering = time.perf_counter() - start
     start = time.perf_counter()
     facet_means(facets, lambda idx: pixels(model, "crop", paths, idx))
@@ -418,12 +426,21 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
                         rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
                 for kind in ("facet", "random") for rank in range(len(facets.facets))]
     members = [[paths[i] for i in f.members] for f in facets.facets]
-    start = time.perf_counter()
-    evaluate_target(own, judge_nets, Case(target, facets, pictures, members, float(acts.max())),
-                    seed)
-    evaluate = time.perf_counter() - start
+    case = Case(target, facets, pictures, members, float(acts.max()))
+
+    def evaluation() -> float:
+        start = time.perf_counter()
+        evaluate_target(own, judge_nets, case, seed)
+        return time.perf_counter() - start
+
+    first = evaluation()  # cuDNN's choices for new shapes, the metrics' kernels
+    with mock.patch.object(read_module, "MAX_DECODERS", 0):
+        in_turn = evaluation()
+    evaluate = evaluation()
+    threads = 0 if model.device.type == "cpu" else min(read_module.MAX_DECODERS, os.cpu_count())
     print(f"evaluation of one target ({len(pictures)} pictures, {len(judge_nets)} judges): "
-          f"{evaluate:.1f} s (load {_load()})")
+          f"{evaluate:.1f} s with {threads} decoding threads (the default here), {in_turn:.1f} s "
+          f"decoding in turn; the process's first {first:.1f} s (load {_load()})")
     return UnitCosts(clustering + means, photo, evaluate)
 
 
@@ -466,6 +483,7 @@ def section_project(costs: dict[str, list[Cost]], rates: dict[int, float], units
 
 
 def section_precision(inputs: Inputs, options: RenderOptions, steps: int | None,
+                      labels: Sequence[str] = ("fourier", "anchored", "paper-mean"),
                       count: int = 32) -> None:
     """float32 against bfloat16 passes: same jobs, final activations measured in float32."""
     model = inputs.model
@@ -473,7 +491,7 @@ def section_precision(inputs: Inputs, options: RenderOptions, steps: int | None,
           f"{'full' if steps is None else steps} steps ({model.device})")
     print(f"{'recipe':12s} {'float32':>9s} {'bfloat16':>9s} {'ratio':>6s} {'median rel':>11s} "
           f"{'verdict':>8s}")
-    for label in ("fourier", "anchored", "paper-mean"):
+    for label in labels:
         recipe = RECIPES[label][0]
         targets, jobs = make_jobs(inputs, count, recipe, seed=100)
         out = {}
@@ -596,7 +614,8 @@ def main() -> None:
     if "project" in sections and units is not None:
         section_project(costs, rates, units, device)
     if "precision" in sections:
-        section_precision(inputs, options, 32 if args.quick else None)
+        section_precision(inputs, options, 32 if args.quick else None,
+                          [r for r in PRECISION_RECIPES if not args.recipes or r in args.recipes])
     if "syncs" in sections:
         if device.type == "cuda":
             section_syncs(inputs, options)

