@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 WHOLE = -1  # the box of a whole-photo item: (-1, -1, -1, -1)
 PHOTOS_PER_CHUNK = 64  # photos decoded at once while their crops are coded
-CODE_BATCH = 8  # crops a network pass: ONNX Runtime's arenas for Lite0 and Lite2 hold 0.75 GB
-# at 8 (1.06 GB at 16), as fast
+CODE_BATCH = 2  # images an ONNX Runtime pass: as fast per image as 8 on the CPU, and the
+# arenas of Lite0 and Lite2 hold a quarter as much (benchmarks/results/sweep-code-batch.md)
+FIRING_BATCH = 8  # photos a torch pass while finding where units fire
 CROP_BATCH = 128  # crops cut and resized at once (bounded memory)
 PARALLEL_CROPS = 2000  # crops from which they are coded over a process per core
 CODE_ENGINE = "onnxruntime"  # what reads the items (`mfv.models.onnx_engine`)
@@ -309,8 +310,8 @@ def firing_centres_of(model: LoadedModel, result: ScanResult,
     bar = tqdm(total=len(photos), desc="sweep: where the units fire", unit="img",
                disable=not progress)
     with capture(model, layers, stop=True) as store, inference(model) as forward:
-        for start in range(0, len(photos), CODE_BATCH):
-            chunk = photos[start:start + CODE_BATCH]
+        for start in range(0, len(photos), FIRING_BATCH):
+            chunk = photos[start:start + FIRING_BATCH]
             forward(as_input(model, frames(model, result.paths, chunk)))
             maps = {ref.key: store[ref.key] for ref in layers}
             for b, row in enumerate(chunk.tolist()):
