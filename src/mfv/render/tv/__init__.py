@@ -9,7 +9,8 @@ so the iterates are skimage's up to rounding, and a sample's result never depend
 
 - ``"numba"`` (`kernels`): skimage's kernel compiled, on CPU tensors, one thread per sample (per
   channel for small batches), ``torch.get_num_threads()`` of them;
-- ``"torch"`` (`sweep`): the sweep as a causal recursion solved by one FFT pair, on any device;
+- ``"torch"`` (`sweep`): the sweep as a causal recursion solved by one FFT pair, on any device
+  (on CUDA, the iterations between two stopping tests are replayed as one CUDA graph);
 - ``"auto"`` (default): numba on the CPU, torch elsewhere (CUDA, MPS).
 
 What each costs, and the variants measured and not kept (skimage itself, a red-black sweep), is
