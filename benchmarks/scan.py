@@ -43,7 +43,7 @@ from unittest import mock
 import torch
 
 from mfv.core.allocator import keep_freed_memory
-from mfv.data.images import load_rgb
+from mfv.data.images import decoding_workers, load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.models import load_model, onnx_engine
 from mfv.models.activations import TargetBank
@@ -52,7 +52,7 @@ from mfv.models.onnx_engine import engine_name, layer_reader
 from mfv.models.targets import parse_targets, resolve_layer
 from mfv.scan import scanner
 from mfv.scan.options import ScanOptions
-from mfv.scan.scanner import decode_settings, decoding_workers, scan
+from mfv.scan.scanner import decode_settings, scan
 from mfv.study.layers import block_layers
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"

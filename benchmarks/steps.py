@@ -69,7 +69,7 @@ import mfv.models.read as read_module
 import mfv.render.recipes.base as loop_module
 import mfv.render.tv.sweep as tv_sweep
 from mfv.core.allocator import keep_freed_memory
-from mfv.data.images import load_rgb
+from mfv.data.images import decoding_workers, load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.data.spectrum import AmplitudeSpectrum
 from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
@@ -434,10 +434,10 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
         return time.perf_counter() - start
 
     first = evaluation()  # cuDNN's choices for new shapes, the metrics' kernels
-    with mock.patch.object(read_module, "MAX_DECODERS", 0):
+    with mock.patch.object(read_module, "decoding_workers", lambda device: 0):
         in_turn = evaluation()
     evaluate = evaluation()
-    threads = 0 if model.device.type == "cpu" else min(read_module.MAX_DECODERS, os.cpu_count())
+    threads = decoding_workers(model.device)
     print(f"evaluation of one target ({len(pictures)} pictures, {len(judge_nets)} judges): "
           f"{evaluate:.1f} s with {threads} decoding threads (the default here), {in_turn:.1f} s "
           f"decoding in turn; the process's first {first:.1f} s (load {_load()})")
@@ -483,7 +483,7 @@ def section_project(costs: dict[str, list[Cost]], rates: dict[int, float], units
 
 
 def section_precision(inputs: Inputs, options: RenderOptions, steps: int | None,
-                      labels: Sequence[str] = ("fourier", "anchored", "paper-mean"),
+                      labels: Sequence[str] = PRECISION_RECIPES,
                       count: int = 32) -> None:
     """float32 against bfloat16 passes: same jobs, final activations measured in float32."""
     model = inputs.model

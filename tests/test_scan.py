@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 from mfv.core.errors import MfvError
-from mfv.data.images import load_rgb
+from mfv.data.images import decoding_workers, load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.models.base import to_tensor
 from mfv.models.targets import parse_targets
 from mfv.scan.options import ScanOptions
-from mfv.scan.scanner import ScanResult, decoding_workers, scan
+from mfv.scan.scanner import ScanResult, scan
 
 SMALL = ScanOptions(batch_size=4, chunk_batches=1, workers=0)  # several chunks of tiny batches
 

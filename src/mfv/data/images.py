@@ -340,3 +340,14 @@ def collate_skip_bad(
     indices = torch.tensor([i for i, _ in good], dtype=torch.long)
     stacked = torch.stack([x for _, x in good]) if good else None
     return indices, stacked, bad
+
+
+def decoding_workers(device: torch.device) -> int:
+    """How many workers (the scan's processes, `read_photos`' threads) decode images when the
+    caller gives no number: none on the CPU, where the model's pass runs on every core and a
+    decoder only takes cores from it (on 2 cores decoding in the scan's own process scans 1.3x
+    faster than one worker, `benchmarks/scan.py`); with an accelerator, where decoding is what
+    the loop waits for, the host's cores but one, at most 8."""
+    if device.type == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))

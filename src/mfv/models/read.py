@@ -8,7 +8,6 @@ the same decoding (`mfv.data.images`). Unreadable files are skipped, each with i
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,14 +17,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mfv.data.images import BadImageError, load_rgb
+from mfv.data.images import BadImageError, decoding_workers, load_rgb
 from mfv.models.base import LoadedModel, to_tensor
 from mfv.models.onnx_engine import layer_reader
 from mfv.models.targets import LayerRef
 
 log = logging.getLogger(__name__)
-
-MAX_DECODERS = 8  # decoding threads on an accelerator (PIL's decoding and resizing drop the GIL)
 T = TypeVar("T")
 
 
@@ -58,11 +55,10 @@ def read_photos(model: LoadedModel, paths: Sequence[str], layers: Sequence[Layer
     passed through the model without gradients in batches (`layer_reader`); `reduce` of every
     layer's output.
     `progress`: a progress bar's title (None: no bar); `engine`: `layer_reader`'s; `decoders`:
-    threads decoding the next batch while the network reads this one (default: none on the
-    CPU, whose cores the network's own threads take; up to 8 on an accelerator, where decoding
-    is what the loop waits for). The values do not depend on it."""
+    threads decoding the next batch while the network reads this one (default:
+    `decoding_workers`, none on the CPU). The values do not depend on it."""
     if decoders is None:
-        decoders = 0 if model.device.type == "cpu" else min(MAX_DECODERS, os.cpu_count() or 1)
+        decoders = decoding_workers(model.device)
     # each layer's values written in place into one array: per-batch arrays kept between
     # ONNX Runtime's passes fragment the heap (~0.6 MB more resident memory a photo, measured)
     outputs: list[np.ndarray | None] = [None] * len(layers)
@@ -104,7 +100,8 @@ def _batches(decoded: Callable[[int], T], n: int, size: int, threads: int
              ) -> Iterator[tuple[int, list[T]]]:
     """(first index, [decoded(i) for the batch's i]) for batches of `size` of range(n); with
     `threads`, the next batch is decoded in a thread pool while the caller uses this one (one
-    batch ahead, so at most two batches of photos are held)."""
+    batch ahead, so at most two batches of photos are held; Pillow's decoding and resizing
+    release the GIL)."""
     starts = range(0, n, size)
     if threads <= 0:
         for first in starts:

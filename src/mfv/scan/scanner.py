@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,13 @@ from tqdm.auto import tqdm
 from mfv.core.errors import MfvError
 from mfv.core.keys import digest
 from mfv.core.layout import RunLayout
-from mfv.data.images import MAX_ASPECT_RATIO, MIN_USABLE_SIDE, ImageDataset, collate_skip_bad
+from mfv.data.images import (
+    MAX_ASPECT_RATIO,
+    MIN_USABLE_SIDE,
+    ImageDataset,
+    collate_skip_bad,
+    decoding_workers,
+)
 from mfv.data.sources import ImageList
 from mfv.data.spectrum import AmplitudeSpectrum
 from mfv.models import LoadedModel
@@ -63,16 +68,6 @@ def decode_settings(model: LoadedModel) -> dict:
     size or aspect limits are skipped."""
     return {"jpeg_draft_min_side": model.preprocess.resize_size, "min_side": MIN_USABLE_SIDE,
             "max_aspect": MAX_ASPECT_RATIO}
-
-
-def decoding_workers(device: torch.device) -> int:
-    """How many processes decode images when the caller gives no number: none on the CPU,
-    where the model's pass runs on every core and a decoding process only takes cores from it
-    (on 2 cores decoding in the scan's own process scans 1.3x faster than one worker,
-    `benchmarks/scan.py`); with an accelerator the host's cores but one, at most 8."""
-    if device.type == "cpu":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def scan_key(model: LoadedModel, images: ImageList, targets: list[Target], code_layer: str,
