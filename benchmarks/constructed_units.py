@@ -172,16 +172,34 @@ def crops_at(images: torch.Tensor, boxes: np.ndarray, out: int) -> torch.Tensor:
 
 
 def probe(maps: torch.Tensor, positive: torch.Tensor, rng: np.random.Generator,
-          n: int = 20000) -> tuple[torch.Tensor, float]:
+          n: int = 20000, background: torch.Tensor | None = None, rounds: int = 0,
+          per_image: int = 4) -> tuple[torch.Tensor, float]:
     """A linear probe: logistic regression of 'this cell lies in a pasted patch of the texture'
     on the layer's channel vector there (balanced subsample of cells). Its weights and bias, in
-    the layer's own units, are a direction unit (Lucent's `direction` objective)."""
+    the layer's own units, are a direction unit (Lucent's `direction` objective).
+
+    With `rounds` > 0 it is refitted that many times with hard negatives, for a unit read at
+    its map's maximum: each round adds, per selection image, its `per_image` best-scoring cells
+    of `background` ((N, H, W): outside every pasted patch) to the negatives. A plain probe
+    ranks cells well on average, but an image's maximum is its one best cell, so a few
+    background cells that score high decide where the unit peaks."""
     x = maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).numpy()
     y = positive.reshape(-1).numpy()
     take = np.concatenate([rng.choice(np.flatnonzero(y == v), min(n // 2, int((y == v).sum())),
                                       replace=False) for v in (True, False)])
     mu, sd = x[take].mean(0), x[take].std(0) + 1e-6
-    lr = LogisticRegression(max_iter=1000).fit((x[take] - mu) / sd, y[take])
+    hard = np.zeros(0, np.int64)
+    for _ in range(rounds + 1):
+        lr = LogisticRegression(max_iter=1000).fit((x[np.r_[take, hard]] - mu) / sd,
+                                                   y[np.r_[take, hard]])
+        if background is None:
+            break
+        cells = background[0].numel()
+        score = np.where(background.reshape(len(maps), cells).numpy(),
+                         (((x - mu) / sd) @ lr.coef_[0]).reshape(len(maps), cells), -np.inf)
+        best = np.argsort(-score, axis=1)[:, :per_image]
+        found = (best + np.arange(len(maps))[:, None] * cells).ravel()
+        hard = np.union1d(hard, found[np.isfinite(score.ravel()[found])])
     w = lr.coef_[0] / sd
     return torch.as_tensor(w, dtype=torch.float32), float(lr.intercept_[0] - (mu * w).sum())
 

@@ -3,7 +3,7 @@
 
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
-       [--sum maps|terms] [--units channels|probe] [--photo-seed 0] [--centre firing|peak]
+       [--sum maps|terms] [--units channels|probe|max-probe] [--photo-seed 0] [--centre firing|peak]
        [--crops library|fit|masked] [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
@@ -13,7 +13,8 @@ the halves' 90th percentiles, chosen on one set of composites. A fresh pool (new
 crops, plus plain photos) is written as PNG files and run through `mfv.run(..., until="facets",
 reduction="max", selection="top", facets=2)` once per region; the ARI is computed from
 `results.json`'s facet members against the pasted texture (over the top images that are
-composites).
+composites; for `--region patch` also over those whose crop is centred in the pasted patch,
+where the truth is what the unit saw).
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
         own = [torch.as_tensor(kind == k) for k in (0, 1)]
         if kind_of == "probe":
             va, vb = (cu.probe(maps, mask & o[:, None, None], rng)[0] for o in own)
+        elif kind_of == "max-probe":
+            va, vb = (cu.probe(maps, mask & o[:, None, None], rng, background=~mask,
+                               rounds=3)[0] for o in own)
         else:
             order = [torch.argsort(cu.patch_selectivity(maps, mask, o), descending=True
                                    ).tolist() for o in own]
@@ -95,7 +99,7 @@ def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
         qa = cu.unit_map(maps[own[0]], va).amax((1, 2)).quantile(0.9)
         qb = cu.unit_map(maps[own[1]], vb).amax((1, 2)).quantile(0.9)
         w = float(qa / qb) if qa > 0 and qb > 0 else 1.0
-        specs.append(direction_spec(block, va + w * vb) if kind_of == "probe" else
+        specs.append(direction_spec(block, va + w * vb) if kind_of != "channels" else
                      f"{block}:{int(va.argmax())} + {w:.3f}*{block}:{int(vb.argmax())}")
     return specs
 
@@ -121,7 +125,9 @@ def main() -> None:
     ap.add_argument("--sum", default="maps", choices=["maps", "terms"],
                     help="how the unit's two channels combine (maps: the max of the combined "
                     "map, as the units are built; terms: max(a) + w*max(b))")
-    ap.add_argument("--units", default="channels", choices=["channels", "probe"])
+    ap.add_argument("--units", default="channels", choices=["channels", "probe", "max-probe"],
+                    help="how a unit is built: two channels, two linear probes' directions, or "
+                    "the probes refitted with hard negatives (`constructed_units.probe`'s rounds)")
     ap.add_argument("--photo-seed", type=int, default=0,
                     help="draws the photos, texture crops and pastes (so the chosen units too): "
                     "another value is a fresh set to confirm a choice made on seed 0")
@@ -151,6 +157,7 @@ def main() -> None:
     shift = (pre.resize_size - pre.input_size) / 2
     seen: dict[str, float] = {}
     rows: dict[str, dict[str, list[float]]] = {s: {r: [] for r in args.regions} for s in specs}
+    in_patch: dict[str, list[float]] = {s: [] for s in specs}
     sides: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pool"
@@ -170,8 +177,18 @@ def main() -> None:
                              for p in f["members"]}
                     idx = np.array(sorted(label))
                     known = truth[idx] >= 0
-                    rows[spec][region].append(adjusted_rand_score(
-                        truth[idx][known], np.array([label[i] for i in idx])[known]))
+                    found = np.array([label[i] for i in idx])
+                    rows[spec][region].append(adjusted_rand_score(truth[idx][known],
+                                                                  found[known]))
+                    if region == "patch":  # over the composites whose peak is in the patch
+                        box = {int(Path(p).stem[1:]): b for f in rec["facets"]
+                               for p, b in zip(f["members"], f["boxes"], strict=True)}
+                        hit = known & np.array([
+                            truth[i] >= 0 and _inside(box[i], pasted[i], zoom, shift)
+                            for i in idx])
+                        in_patch[spec].append(
+                            adjusted_rand_score(truth[idx][hit], found[hit])
+                            if len(set(truth[idx][hit])) == 2 else float("nan"))
                     side = json.loads(next((Path(tmp) / "run" / "targets" / rec["slug"] /
                                             "facets").glob("*/facets.json")).read_text())[
                         "settings"].get("patch_side")
@@ -194,13 +211,14 @@ def main() -> None:
              f"that are composites, crops centred by the `{args.centre}` rule "
              f"({args.crops} crops), per t-SNE seed "
              f"({', '.join(map(str, args.seeds))}) and their "
-             "mean.",
+             "mean; last column: `--region patch` over the top composites whose crop is "
+             "centred inside the pasted patch (where the unit saw the texture).",
              "", "| unit | patch side (px) | peak in patch | " + " | ".join(
-                 f"ARI --region {r}" for r in args.regions) + " |",
-             "|---|---|---|" + "---|" * len(args.regions)]
+                 f"ARI --region {r}" for r in args.regions) + " | ARI, peak in patch |",
+             "|---|---|---|" + "---|" * (len(args.regions) + 1)]
     for spec in specs:
-        cells = [f"{np.mean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})"
-                 for v in rows[spec].values()]
+        cells = [f"{np.nanmean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})" if v else "n/a"
+                 for v in (*rows[spec].values(), in_patch[spec])]
         block = spec.split(":")[0].split("*")[-1]
         shown = spec if len(spec) < 60 else f"{block}: probe A + w * probe B (--sum maps)"
         hit = f"{seen[spec]:.2f}" if spec in seen else "n/a"

@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from mfv.data.images import load_rgb
-from mfv.evaluate.evaluation import Network, _centre_and_corners, _references
+from mfv.evaluate.evaluation import (
+    Network,
+    _centre_and_corners,
+    _references,
+    _shared_photos,
+)
 from mfv.evaluate.metrics import (
     activation_ratio,
     centre_dominance,
@@ -19,6 +24,7 @@ from mfv.evaluate.metrics import (
     fidelity,
     recovery,
 )
+from mfv.evaluate.observer import Observer
 from mfv.models.activations import capture
 from mfv.models.base import to_tensor
 from mfv.models.read import channel_means, read_photos
@@ -162,6 +168,28 @@ def test_facet_references_are_the_means_of_each_facets_readable_members(tiny, tm
     for ref, group in ((refs[0], paths[:3]), (refs[2], paths[3:])):
         want = read_photos(tiny, group, [conv], channel_means).outputs[0].mean(0)
         np.testing.assert_allclose(ref["path"][0], want, rtol=1e-5, atol=1e-6)
+
+
+def test_judge_codes_from_an_observer_of_the_same_network_are_read_once(tiny, tmp_path):
+    """When the observer is the last judge's network and code layer (the default), the judge's
+    codes of the facets' photos come from the observer's embeddings — the same values as a
+    reading of their own, skipping unreadable photos alike — and the observer keeps them for
+    the MIS; another observer layer reads them apart."""
+    paths = _photo_files(tmp_path / "photos", 5)
+    code = resolve_layer(tiny, "penultimate")
+    own, judge = Network(tiny, code), Network(tiny, code)
+    members = [paths[:3], [str(tmp_path / "gone.png")], paths[3:]]
+    observer = Observer(tiny, code, "tiny penultimate")
+    shared = _shared_photos([judge], observer)
+    assert shared is not None
+    alone = _references(own, [judge], members, seed=0)
+    via = _references(own, [judge], members, seed=0, judge_photos=shared)
+    assert "judge_codes" not in via[1] and "judge_codes" not in alone[1]
+    for a, b in ((alone[0], via[0]), (alone[2], via[2])):
+        np.testing.assert_allclose(b["judge_codes"], a["judge_codes"], rtol=1e-5, atol=1e-6)
+    assert set(observer._photos) == set(paths) | {str(tmp_path / "gone.png")}
+    assert _shared_photos([judge], Observer(tiny, resolve_layer(tiny, "conv2"), "x")) is None
+    assert _shared_photos([], observer) is None and _shared_photos([judge], None) is None
 
 
 # ----------------------------------------------------------------------------- centre dominance

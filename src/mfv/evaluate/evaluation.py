@@ -16,7 +16,7 @@ the optimized network alone.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -196,7 +196,8 @@ def evaluate_target(own: Network, judges: Sequence[Network], case: Case, seed: i
         truth = case.truth
         if truth is not None and len(np.unique(truth[truth >= 0])) >= 2:
             entry["target"]["recovery"] = recovery(case.facets.assignment, truth)
-        reference = _references(own, judges, case.members, seed, case.boxes)
+        reference = _references(own, judges, case.members, seed, case.boxes,
+                                _shared_photos(judges, observer))
         for recipe in dict.fromkeys(p.recipe for p in case.pictures):
             for kind in ("facet", "random"):
                 group = sorted((p for p in case.pictures if p.recipe == recipe and p.kind == kind),
@@ -250,13 +251,26 @@ def unit_mis(observer: Observer, case: Case) -> dict:
     return out
 
 
+def _shared_photos(judges: Sequence[Network], observer: Observer | None
+                   ) -> Callable[[Sequence[str]], np.ndarray] | None:
+    """The observer's photo embeddings when they are the last judge's codes (the same network
+    and layer, as by default: Lite2's penultimate), so that a photo both need is read once."""
+    if observer is None or not judges:
+        return None
+    judge = judges[-1]
+    return observer.photos if (observer.model is judge.model
+                               and observer.layer == judge.code) else None
+
+
 def _references(own: Network, judges: Sequence[Network], members: Sequence[Sequence[str]],
-                seed: int, boxes: Sequence[Sequence[tuple[int, int, int, int]]] | None = None
+                seed: int, boxes: Sequence[Sequence[tuple[int, int, int, int]]] | None = None,
+                judge_photos: Callable[[Sequence[str]], np.ndarray] | None = None
                 ) -> list[dict]:
     """Per facet: a seeded sample of its members as the own network and the last judge see
     them (path channel means, judge codes): the photos, or for patch facets (`boxes`) their
     crops, as the facets were made of them; each network reads every facet's sample in one
-    pass (`mfv.models.read`)."""
+    pass (`mfv.models.read`), or the judge's codes of photos come from `judge_photos` (rows of
+    NaN for photos it could not read: `Observer.photos`)."""
     rng = np.random.default_rng(seed)
     picks = [sorted(rng.choice(len(paths), min(len(paths), PLAUSIBILITY_MEMBERS),
                                replace=False)) for paths in members]
@@ -280,7 +294,12 @@ def _references(own: Network, judges: Sequence[Network], members: Sequence[Seque
         read = read_photos(own.model, paths, own.path, channel_means, batch_size=READ_BATCH)
         for ref, rows in _by_group(out, group_of[read.kept]):
             ref["path"] = [layer[rows].mean(0) for layer in read.outputs]
-    if judges:
+    if judges and judge_photos is not None:
+        codes = judge_photos(paths)
+        kept = np.flatnonzero(~np.isnan(codes).any(axis=1) & (codes.shape[1] > 0))
+        for ref, rows in _by_group(out, group_of[kept]):
+            ref["judge_codes"] = codes[kept][rows]
+    elif judges:
         read = read_photos(judges[-1].model, paths, [judges[-1].code], batch_size=READ_BATCH)
         for ref, rows in _by_group(out, group_of[read.kept]):
             ref["judge_codes"] = read.outputs[0][rows]
