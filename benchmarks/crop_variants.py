@@ -10,6 +10,10 @@ library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one
   so the code sees the texture and not its background;
 * `one-side`: the library's crops, each coded alone (before the code of a crop larger than 3/14
   of the input was averaged with that of its centred square of 3/14, `patch_codes`);
+* `weighted`: the library's crops, each coded by the code layer's input map (the head's
+  features before pooling) averaged with the unit's firing weight (as `masked`'s, on the photo,
+  cut to the crop's box) instead of uniformly: the code of where the unit fires inside the
+  crop, without the grey edges a mask paints (the head layer is Lite's `_act_head`);
 * `two-sides`: the library's crops, each coded as the mean of the codes of the crops of 3/14
   and 3/7 of the input around its centre, whatever the crop's side (measured, not adopted: at
   48 px layers it clusters on what the crop does not show).
@@ -28,8 +32,9 @@ from scipy import ndimage
 from mfv.facets import patches
 from mfv.models.activations import capture, first_layer_map
 from mfv.models.passes import inference
+from mfv.models.targets import resolve_layer
 
-VARIANTS = ("library", "fit", "masked", "one-side", "two-sides")
+VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -54,12 +59,17 @@ def _extent(grid_map: np.ndarray) -> int:
     return int(max(np.ptp(rows), np.ptp(cols)) + 1)
 
 
-def _greyed(images: np.ndarray, maps: torch.Tensor) -> np.ndarray:
-    """The images with what the map does not fire on blended to grey (module doc)."""
+def _firing_weight(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 1, size, size): 0 where the map is at or below 0 of its maximum, 1 from half of it,
+    bilinear between cells."""
     top = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     weight = (maps / top / patches.FIRING_SHARE).clamp(0, 1)[:, None]
-    weight = F.interpolate(weight, size=images.shape[1:3], mode="bilinear",
-                           align_corners=False)[:, 0, ..., None]
+    return F.interpolate(weight, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _greyed(images: np.ndarray, maps: torch.Tensor) -> np.ndarray:
+    """The images with what the map does not fire on blended to grey (module doc)."""
+    weight = _firing_weight(maps, images.shape[1])[:, 0, ..., None]
     pixels = torch.from_numpy(images).float()
     return (pixels * weight + 127.5 * (1 - weight)).round().clamp(0, 255).to(torch.uint8).numpy()
 
@@ -81,6 +91,29 @@ def install(variant: str) -> None:
                 images, patches.peak_boxes(centres, round(size * share), size), size),
                 self.code_layer) for share in (3 / 14, 3 / 7)) / 2
         patches.Patches.codes = codes
+        return
+    if variant == "weighted":
+        def weighted(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            boxes = self.boxes(indices)
+            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            size = self.model.preprocess.input_size
+            weight = _firing_weight(_maps(self, images), size)
+            head = resolve_layer(self.model, "_act_head")
+            out = []
+            with capture(self.model, [head], stop=True) as store, \
+                    inference(self.model) as forward:
+                for start in range(0, len(boxes), 32):
+                    rows = slice(start, start + 32)
+                    forward(patches.as_input(self.model, patches.crop_resize(
+                        images[rows], boxes[rows], size)))
+                    feats = store[head.key].float()
+                    cut = torch.cat([F.interpolate(
+                        w[None, :, t:t + h, le:le + wd], size=feats.shape[2:], mode="area")
+                        for w, (t, le, h, wd) in zip(weight[rows], boxes[rows], strict=True)])
+                    out.append(((feats * cut).sum((2, 3)) / cut.sum((2, 3)).clamp(min=1e-6))
+                               .cpu().numpy())
+            return np.concatenate(out)
+        patches.Patches.codes = weighted
         return
 
     def load(self: patches.Patches, indices: np.ndarray) -> None:
