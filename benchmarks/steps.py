@@ -65,6 +65,7 @@ from unittest import mock
 import numpy as np
 import torch
 
+import mfv.models.passes as passes_module
 import mfv.models.read as read_module
 import mfv.render.recipes.base as loop_module
 import mfv.render.tv.sweep as tv_sweep
@@ -294,10 +295,16 @@ def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
         variants = [v for v in variants if v.precision == "float32"] + [
             Forward("bfloat16", True, True)]
     results: dict[Forward, list[float]] = {v: [] for v in variants}
+    fastest = Forward("float32", True, True)  # and once more with its activations out of place
+    in_place = bool(declared_pairs(model.module, "norm_act_pairs"))
+    copied: list[float] = []
     for _ in range(max(1, repeats)):  # alternating, the best of each
         for v in variants:
             with prepared(model, v):
                 results[v].append(bare_step(model, v, inputs.photos, [batch], 1, sync, now))
+        if in_place:
+            with mock.patch.object(passes_module, "_IN_PLACE", ()), prepared(model, fastest):
+                copied.append(bare_step(model, fastest, inputs.photos, [batch], 1, sync, now))
     base = min(results[variants[0]])
     print(f"\n## The model's own forward+backward, batch {batch}, {model.name} "
           f"({model.device}), best of {max(1, repeats)}")
@@ -310,6 +317,11 @@ def section_pass(model: LoadedModel, inputs: Inputs, repeats: int, sync,
         print(f"{v.precision:10s} {'channels_last' if v.channels_last else 'standard':14s} "
               f"{norm:11s} {t / batch * 1e3:8.1f} "
               f"{t / base:13.2f}")
+    if copied:
+        print(f"(batch norms {'folded' if declared else 'affine'} with the activations in place, "
+              "as `prepared` runs the declared pairs; the same with them out of place: "
+              f"{min(copied) / batch * 1e3:.1f} ms/img, {min(copied) / base:.2f}; in place / out "
+              f"of place {min(results[fastest]) / min(copied):.3f})")
 
 
 def section_recipes(inputs: Inputs, labels: Sequence[str], batches: Sequence[int],

@@ -143,6 +143,74 @@ def test_declared_batch_norms_fold_into_their_convolutions_unless_hooked():
     assert not any("forward" in m.__dict__ for m in net.modules())  # restored
 
 
+class ActNet(NormNet):
+    """NormNet with an activation per norm, declaring both kinds of pairs (as EfficientNet-Lite
+    does): its activations may run in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act1, self.act2 = nn.ReLU6(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        return self.fc(self.flatten(self.pool(x)))
+
+    def conv_bn_pairs(self):
+        return [(self.conv1, self.bn1), (self.conv2, self.bn2)]
+
+    def norm_act_pairs(self):
+        return [(self.bn1, self.act1), (self.bn2, self.act2)]
+
+
+def test_declared_activations_run_in_place_unless_a_hook_may_see_it():
+    """Same outputs, input gradients and hooked tensors as the plain pass, whichever module is
+    hooked (a hook on the norm or its convolution keeps the tensor an in-place activation would
+    overwrite; one on the activation may read its input), and in inference too."""
+    torch.manual_seed(1)
+    model = load_model(ActNet(), preprocess=Preprocess(input_size=32, resize_size=36,
+                                                       mean=(0.5,) * 3, std=(0.5,) * 3))
+    net = model.module
+    x = torch.rand(3, 3, 32, 32) * 255
+
+    def run(forward: Forward, hooked: str | None = None, pre: bool = False):
+        seen = {}
+        module = getattr(net, hooked) if hooked else None
+        handle = None if module is None else (
+            module.register_forward_pre_hook(lambda m, i: seen.__setitem__("in", i[0].clone()))
+            if pre else module.register_forward_hook(
+                lambda m, i, o: seen.update({"in": i[0], "out": o})))
+        try:
+            with prepared(model, forward):
+                xi = x.clone().requires_grad_(True)
+                out = forward(model, xi)
+                (grad,) = torch.autograd.grad(out[:, 1].sum(), xi)
+                with torch.inference_mode():
+                    again = forward(model, x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return out.detach(), grad, again, *(seen.get(k) for k in ("in", "out"))
+
+    for hooked in (None, "conv1", "bn1", "act1", "conv2", "bn2", "act2"):
+        for pre in (False, True):
+            plain = run(Forward(), hooked, pre)
+            fast = run(Forward(channels_last=True, affine_batchnorm=True), hooked, pre)
+            for a, b in zip(plain, fast, strict=True):
+                if a is not None:
+                    torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-5)
+    with prepared(model, Forward(affine_batchnorm=True)):
+        probe = torch.randn(2, 8, 4, 4)
+        assert net.act1(probe) is probe and probe.min() >= 0  # in place
+        handle = net.bn1.register_forward_hook(lambda *_: None)
+        try:
+            fresh = torch.randn(2, 8, 4, 4)
+            assert net.act1(fresh) is not fresh  # its norm is hooked: a new tensor
+        finally:
+            handle.remove()
+    assert not any("forward" in m.__dict__ for m in net.modules())  # restored
+
+
 def test_affine_batchnorm_leaves_training_norms_and_subclasses_alone(normnet):
     class NormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: more than a batch norm
         pass

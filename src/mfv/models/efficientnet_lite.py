@@ -140,6 +140,16 @@ class EfficientNetLite(nn.Module):
             yield block._project_conv, block._bn2
         yield self._conv_head, self._bn1
 
+    def norm_act_pairs(self) -> Iterator[tuple[nn.BatchNorm2d, nn.ReLU6]]:
+        """Every batch norm whose output goes to one activation and nowhere else (whose
+        activation `mfv.models.passes.prepared` may run in place)."""
+        yield self._bn0, self._act_stem
+        for block in self._blocks:
+            if hasattr(block, "_expand_conv"):
+                yield block._bn0, block._act0
+            yield block._bn1, block._act1
+        yield self._bn1, self._act_head
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._act_stem(self._bn0(self._conv_stem(x)))
         x = self._blocks(x)

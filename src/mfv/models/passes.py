@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import chain
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mfv.core.errors import MfvError
@@ -67,7 +68,10 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
     its input gradient within 5e-7 of float64's, torch's own CPU batch norm within 3e-4).
     Where the model declares which convolutions feed a batch norm and nothing else
     (`conv_bn_pairs()`, as the built-in EfficientNet-Lite does), such a norm is folded into its
-    convolution's weights and bias for every pass in which neither module has a hook (`_folded`).
+    convolution's weights and bias for every pass in which neither module has a hook (`_folded`);
+    where it declares which activations read only a norm's output (`norm_act_pairs()`), such a
+    ReLU / ReLU6 / Hardtanh runs in place, the same values without a new tensor, in every pass
+    in which none of the three modules has a hook (`_in_place`).
     """
     module = model.module
     tensors = [t for t in chain(module.parameters(), module.buffers()) if t.dim() == 4]
@@ -80,15 +84,23 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
     folds = [(conv, norm) for conv, norm in declared_pairs(module)
              if id(norm) in eligible and isinstance(conv, nn.modules.conv._ConvNd)
              and "forward" not in conv.__dict__]
+    convs = {id(norm): conv for conv, norm in declared_pairs(module)}
+    acts = [(act, [act, norm, *([convs[id(norm)]] if id(norm) in convs else [])])
+            for norm, act in declared_pairs(module, "norm_act_pairs")
+            if id(norm) in eligible and type(act) in _IN_PLACE and "forward" not in act.__dict__]
     if relayout:
         module.to(memory_format=torch.channels_last)
     for norm in norms:
         norm.forward = _affine(norm)
     for conv, norm in folds:
         conv.forward, norm.forward = _folded(conv, norm, norm.forward)
+    for act, watched in acts:
+        act.forward = _in_place(act, watched)
     try:
         yield
     finally:
+        for act, _ in acts:
+            del act.forward
         for conv, _ in folds:
             del conv.forward
         for norm in norms:
@@ -97,10 +109,13 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
             module.to(memory_format=torch.contiguous_format)
 
 
-def declared_pairs(module: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """The (convolution, batch norm) pairs a module declares through `conv_bn_pairs()` (each
-    convolution feeding only its norm: what `prepared` may fold); none if it declares none."""
-    pairs = getattr(module, "conv_bn_pairs", None)
+def declared_pairs(module: nn.Module, kind: str = "conv_bn_pairs"
+                   ) -> list[tuple[nn.Module, nn.Module]]:
+    """The pairs a module declares through `conv_bn_pairs()` (convolution, batch norm: each
+    convolution feeding only its norm, what `prepared` may fold) or `norm_act_pairs()` (batch
+    norm, activation: each norm's output read only by its activation, which `prepared` may run
+    in place); none if it declares none."""
+    pairs = getattr(module, kind, None)
     return list(pairs()) if callable(pairs) else []
 
 
@@ -154,6 +169,28 @@ def _folded(conv: nn.modules.conv._ConvNd, norm: nn.modules.batchnorm._BatchNorm
         return affine(x) if hooked() else x
 
     return conv_forward, norm_forward
+
+
+_IN_PLACE = (nn.ReLU, nn.ReLU6, nn.Hardtanh)  # exactly these (subclasses may do more)
+
+
+def _in_place(act: nn.Module, watched: list[nn.Module]):
+    """An activation's forward that overwrites its input (`F.relu_`, `F.hardtanh_`) instead of
+    writing a new tensor — on 2 CPU cores Lite0's forward+backward spends much of its time
+    writing fresh activation maps — unless a module of `watched` (the activation, the norm it
+    reads, that norm's convolution) has a hook: a hook may keep the tensor that would be
+    overwritten, or read the activation's input."""
+    plain = type(act).forward.__get__(act)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if x.is_leaf and x.requires_grad or any(
+                m._forward_hooks or m._forward_pre_hooks for m in watched):
+            return plain(x)
+        if isinstance(act, nn.ReLU):
+            return F.relu_(x)
+        return F.hardtanh_(x, act.min_val, act.max_val)
+
+    return forward
 
 
 def default_channels_last(device: torch.device) -> bool:
