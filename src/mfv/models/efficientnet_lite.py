@@ -129,26 +129,25 @@ class EfficientNetLite(nn.Module):
         self._dropout = nn.Dropout(variant.dropout)
         self._fc = nn.Linear(1280, num_classes)
 
+    def _conv_norm_act(self) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU6 | None]]:
+        """Every convolution → batch norm (→ activation) chain, in the order they run."""
+        yield self._conv_stem, self._bn0, self._act_stem
+        for block in self._blocks:
+            if hasattr(block, "_expand_conv"):
+                yield block._expand_conv, block._bn0, block._act0
+            yield block._depthwise_conv, block._bn1, block._act1
+            yield block._project_conv, block._bn2, None
+        yield self._conv_head, self._bn1, self._act_head
+
     def conv_bn_pairs(self) -> Iterator[tuple[nn.Conv2d, nn.BatchNorm2d]]:
         """Every convolution whose output goes to one batch norm and nowhere else (what
         `mfv.models.passes.prepared` may fold)."""
-        yield self._conv_stem, self._bn0
-        for block in self._blocks:
-            if hasattr(block, "_expand_conv"):
-                yield block._expand_conv, block._bn0
-            yield block._depthwise_conv, block._bn1
-            yield block._project_conv, block._bn2
-        yield self._conv_head, self._bn1
+        return ((conv, norm) for conv, norm, _ in self._conv_norm_act())
 
     def norm_act_pairs(self) -> Iterator[tuple[nn.BatchNorm2d, nn.ReLU6]]:
         """Every batch norm whose output goes to one activation and nowhere else (whose
         activation `mfv.models.passes.prepared` may run in place)."""
-        yield self._bn0, self._act_stem
-        for block in self._blocks:
-            if hasattr(block, "_expand_conv"):
-                yield block._bn0, block._act0
-            yield block._bn1, block._act1
-        yield self._bn1, self._act_head
+        return ((norm, act) for _, norm, act in self._conv_norm_act() if act is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._act_stem(self._bn0(self._conv_stem(x)))
