@@ -176,10 +176,10 @@ _IN_PLACE = (nn.ReLU, nn.ReLU6, nn.Hardtanh)  # exactly these (subclasses may do
 
 def _in_place(act: nn.Module, watched: list[nn.Module]):
     """An activation's forward that overwrites its input (`F.relu_`, `F.hardtanh_`) instead of
-    writing a new tensor — on 2 CPU cores Lite0's forward+backward spends much of its time
-    writing fresh activation maps — unless a module of `watched` (the activation, the norm it
-    reads, that norm's convolution) has a hook: a hook may keep the tensor that would be
-    overwritten, or read the activation's input."""
+    writing a new map of the same size (memory and traffic the pass does not need; measured in
+    benchmarks/results/steps-in-place.md), unless a module of `watched` (the activation, the
+    norm it reads, that norm's convolution) has a hook: a hook may keep the tensor that would
+    be overwritten, or read the activation's input."""
     plain = type(act).forward.__get__(act)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
