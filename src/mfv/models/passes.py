@@ -81,10 +81,11 @@ def prepared(model: LoadedModel, forward: Forward) -> Iterator[None]:
              and m.running_mean is not None and m.running_var is not None
              and "forward" not in m.__dict__] if forward.affine_batchnorm else []
     eligible = {id(norm) for norm in norms}
-    folds = [(conv, norm) for conv, norm in declared_pairs(module)
+    pairs = declared_pairs(module)
+    folds = [(conv, norm) for conv, norm in pairs
              if id(norm) in eligible and isinstance(conv, nn.modules.conv._ConvNd)
              and "forward" not in conv.__dict__]
-    convs = {id(norm): conv for conv, norm in declared_pairs(module)}
+    convs = {id(norm): conv for conv, norm in pairs}
     acts = [(act, [act, norm, *([convs[id(norm)]] if id(norm) in convs else [])])
             for norm, act in declared_pairs(module, "norm_act_pairs")
             if id(norm) in eligible and type(act) in _IN_PLACE and "forward" not in act.__dict__]
@@ -158,17 +159,19 @@ def _folded(conv: nn.modules.conv._ConvNd, norm: nn.modules.batchnorm._BatchNorm
         bias = shift if conv.bias is None else conv.bias * scale + shift
     plain = type(conv).forward.__get__(conv)
 
-    def hooked() -> bool:
-        return bool(conv._forward_hooks or conv._forward_pre_hooks or norm._forward_hooks
-                    or norm._forward_pre_hooks)
-
     def conv_forward(x: torch.Tensor) -> torch.Tensor:
-        return plain(x) if hooked() else conv._conv_forward(x, weight, bias)
+        return plain(x) if _hooked(conv, norm) else conv._conv_forward(x, weight, bias)
 
     def norm_forward(x: torch.Tensor) -> torch.Tensor:
-        return affine(x) if hooked() else x
+        return affine(x) if _hooked(conv, norm) else x
 
     return conv_forward, norm_forward
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of the modules has a forward hook or pre-hook (a pass that must run them as
+    they are, for a hook to see what they compute)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 _IN_PLACE = (nn.ReLU, nn.ReLU6, nn.Hardtanh)  # exactly these (subclasses may do more)
@@ -183,8 +186,7 @@ def _in_place(act: nn.Module, watched: list[nn.Module]):
     plain = type(act).forward.__get__(act)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.is_leaf and x.requires_grad or any(
-                m._forward_hooks or m._forward_pre_hooks for m in watched):
+        if x.is_leaf and x.requires_grad or _hooked(*watched):
             return plain(x)
         if isinstance(act, nn.ReLU):
             return F.relu_(x)
