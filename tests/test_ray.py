@@ -23,7 +23,7 @@ from conftest import CLASSES, HANG_S, PRE, comparable, make_images, start, tiny_
 from mfv.cli import main
 from mfv.core.errors import MfvError
 from mfv.results.model import Results
-from mfv.runtime.backend import RayBackend
+from mfv.runtime.backend import RayBackend, gpu_share
 
 TESTS = Path(__file__).resolve().parent
 RUN = dict(targets=["fc:0 + fc:2", "conv2:3"], facets=2, mean_of=3, steps=10, embedding="pca",
@@ -262,3 +262,23 @@ def test_the_real_model_on_real_photos_gives_the_local_results(tmp_path, imagene
     np.testing.assert_allclose(
         [f.visualizations["anchored"].activation for f in ours.facets],
         [f.visualizations["anchored"].activation for f in theirs.facets], rtol=1e-3)
+
+
+@pytest.mark.parametrize(("workers", "gpus"), [(1, 1), (4, 8), (2, 1), (3, 1), (3, 2), (16, 1),
+                                               (7, 3)])
+def test_more_workers_than_gpus_share_them_and_never_ask_for_more_than_there_are(workers, gpus):
+    """A worker holds a whole GPU while there are enough; more workers share them equally
+    (16 on one GPU: 1/16 each, so a node's cores run the CPU-bound units side by side), in
+    Ray's 1e-4 steps and never more in all than the cluster has."""
+    share = gpu_share(workers, gpus)
+    assert 0 < share <= 1 and round(share * 1e4) == pytest.approx(share * 1e4)
+    assert workers * share <= gpus + 1e-9
+    if workers <= gpus:
+        assert share == 1.0
+    else:
+        assert workers * share > gpus - workers * 1e-4  # the GPUs divided, not left idle
+
+
+def test_more_workers_than_a_gpu_can_be_shared_among_is_a_clear_error():
+    with pytest.raises(MfvError, match="--ray-workers 20000: .* at most 10,000"):
+        gpu_share(20000, 1)

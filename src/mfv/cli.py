@@ -39,7 +39,7 @@ SECTIONS = {  # the settings' sections each command uses, besides the common one
 HIDDEN = {  # settings a command decides itself
     "demo": ("model", "weights", "images", "targets"),
     "sweep": ("targets", "facets", "baseline", "steps", "as_written", "anchor_weight",
-              "match_weight", "match_layers", "min_facet_size", "merge", "selection",
+              "match_weight", "match_layers", "match_every", "min_facet_size", "merge", "selection",
               "scan_mode")}  # --mean-resize stays: the Layers page's mean images follow it
 
 

@@ -21,7 +21,9 @@ in the spirit of Feature Accentuation (a seed image's latent activations kept cl
   A layer with more than `AnchorSettings.match_positions` positions is matched on a grid of
   every s-th row and column (s the smallest that fits), its offset moving by one cell each step,
   so that every position is matched once every s² steps: a 56×56 layer costs a quarter of its
-  sort, and a quarter of the positions estimate the same distribution.
+  sort, and a quarter of the positions estimate the same distribution. With
+  `AnchorSettings.match_every` = k the layers are matched on every k-th step only, at k times
+  the weight (the same term on average over the steps), and the grid moves once per match.
 
 Samples without an anchor (random starts) maximize the target alone.
 """
@@ -52,6 +54,9 @@ class AnchorSettings:
     # at most this many positions per channel a step (0: all); the grid changed no column of
     # the faithful-facets quality table beyond its noise (benchmarks/results/quality-k2-grid*)
     match_positions: int = 1024
+    # match on every k-th optimization step (at k times the weight): the steps between cost
+    # what the Fourier recipe's do
+    match_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -137,7 +142,9 @@ class AnchoredObjective:
         the same terms however the samples were batched, split or resumed."""
         # a target read at a unit's scale sees another view of the canvas: its own pass
         target = self.base(images) if self.base.at_unit_scale else None
-        layers = [*([] if target is not None else self.base.layers), self.code, *self.match]
+        every = max(1, self.settings.match_every)
+        match = self.match if step % every == 0 else []
+        layers = [*([] if target is not None else self.base.layers), self.code, *match]
         with capture(self.model, layers, stop=True) as store:
             self.base.forward(self.model, images)
             if target is None:
@@ -145,10 +152,12 @@ class AnchoredObjective:
             code = store[self.code.key].flatten(1).float()
             pull = ((code - self.centres) ** 2).sum(1) / self.spreads
             total = target / self.scales - self.settings.code_weight * pull
-            for ref in self.match:
+            for ref in match:
                 quant, var = self.quantiles[ref.key]
-                mine = _grid_positions(store[ref.key].float(), self.strides[ref.key], step)
-                total = total - self.settings.match_weight * quantile_match(mine, quant, var)
+                mine = _grid_positions(store[ref.key].float(), self.strides[ref.key],
+                                       step // every)
+                total = total - every * self.settings.match_weight * quantile_match(
+                    mine, quant, var)
         return torch.where(self.has_anchor, total, target), target
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import socket
 from collections.abc import Callable, Iterator, Sequence
@@ -100,7 +101,8 @@ class RayBackend(_Closing):
 
     `address`: None starts a local Ray instance (or uses the one this process already started),
     "auto" or "HOST:PORT" joins a running cluster. `workers`: how many actors (default: one per
-    CPU of the cluster, or per GPU when the model is on one).
+    CPU of the cluster, or per GPU when the model is on one; more than the GPUs share them,
+    `gpu_share`).
     """
 
     def __init__(self, model: LoadedModel, address: str | None = None,
@@ -122,10 +124,11 @@ class RayBackend(_Closing):
             finally:
                 if given is None:
                     os.environ.pop(USAGE_STATS, None)
-        gpus = 1 if model.device.type == "cuda" else 0
+        on_gpu = model.device.type == "cuda"
         resources = ray.cluster_resources()
-        available = int(resources.get("GPU" if gpus else "CPU", 1))
+        available = int(resources.get("GPU" if on_gpu else "CPU", 1))
         self.workers = max(1, workers or available)
+        gpus = gpu_share(self.workers, available) if on_gpu else 0.0
         actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(_RayWorker)
         self._model_ref = ray.put(portable(model))  # kept: restarted workers read it again
@@ -136,9 +139,10 @@ class RayBackend(_Closing):
         if len(ready) < self.workers:
             self.close()
             raise MfvError(f"Ray started {len(ready)} of {self.workers} workers within "
-                           f"{START_TIMEOUT_S} s (each needs 1 {'GPU' if gpus else 'CPU'}; the "
-                           f"cluster has {resources.get('GPU' if gpus else 'CPU', 0):g}, some "
-                           "perhaps in use); give fewer --ray-workers or a larger cluster")
+                           f"{START_TIMEOUT_S} s (each needs 1 CPU"
+                           f"{f' and {gpus:g} GPU' if on_gpu else ''}; the cluster has "
+                           f"{resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs, "
+                           "some perhaps in use); give fewer --ray-workers or a larger cluster")
 
     def imap(self, work: Work, context: Any, units: Sequence[Any],
              label: Callable[[Any], str] = str) -> Iterator[Any]:
@@ -224,6 +228,20 @@ class _FromFile:
         loaded.module.load_state_dict(self.state)
         loaded.name = self.name
         return loaded
+
+
+def gpu_share(workers: int, gpus: int) -> float:
+    """The GPU each of `workers` actors holds on a cluster of `gpus`: a whole one while there
+    are enough, else an equal share (rounded down to Ray's 1e-4 steps), so that more workers
+    than GPUs share them and a node's cores run the CPU-bound units (a target's t-SNE, the
+    evaluation's decoding) side by side (`benchmarks/spread.py`)."""
+    if workers <= gpus:
+        return 1.0
+    share = math.floor(max(gpus, 1) / workers * 1e4) / 1e4
+    if share <= 0:
+        raise MfvError(f"--ray-workers {workers}: Ray shares a GPU among at most 10,000 "
+                       "workers; give fewer")
+    return share
 
 
 def portable(model: LoadedModel) -> LoadedModel | _FromFile:

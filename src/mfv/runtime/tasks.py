@@ -69,7 +69,8 @@ class RunContext:
 
 def anchor_settings(settings: Settings) -> AnchorSettings:
     r = settings.render
-    return AnchorSettings(r.anchor_weight, r.match_weight, r.match_layers)
+    return AnchorSettings(r.anchor_weight, r.match_weight, r.match_layers,
+                          match_every=r.match_every)
 
 
 def pixels(model: LoadedModel, policy: str, paths: Sequence[str], indices: np.ndarray
