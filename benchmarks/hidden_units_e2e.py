@@ -4,7 +4,8 @@
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
        [--sum maps|terms] [--units channels|probe|max-probe] [--photo-seed 0] [--centre firing|peak]
-       [--crops library|fit|masked] [--out benchmarks/results/hidden-units-e2e.md]
+       [--crops library|fit|masked] [--embedding tsne|pca]
+       [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
 imported, not copied): grass and masonry crops pasted (64-128 px) on photos of other classes; per
@@ -138,6 +139,9 @@ def main() -> None:
     ap.add_argument("--crops", default="library", choices=crop_variants.VARIANTS,
                     help="the library's crops, or a variant measured against them "
                     "(`benchmarks/crop_variants.py`)")
+    ap.add_argument("--embedding", default="tsne", choices=("tsne", "pca"),
+                    help="the facets' 2-D map (tsne, the library's default) or pca (k-means on "
+                         "the codes' first principal components)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
     ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results/hidden-units-e2e.md")
@@ -171,7 +175,7 @@ def main() -> None:
                               sum=args.sum,
                               selection="top", top_n=args.top_n, facets=2, region=region,
                               seed=seed, out=str(Path(tmp) / "run"), until="facets",
-                              progress=False).to_dict()
+                              embedding=args.embedding, progress=False).to_dict()
                 for spec, rec in zip(specs, res["targets"], strict=True):
                     label = {int(Path(p).stem[1:]): f["rank"] for f in rec["facets"]
                              for p in f["members"]}
@@ -209,7 +213,7 @@ def main() -> None:
              f" pool: {args.photos} composites of each and {args.photos} plain photos; top-N = "
              f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
              f"that are composites, crops centred by the `{args.centre}` rule "
-             f"({args.crops} crops), per t-SNE seed "
+             f"({args.crops} crops, {args.embedding} map), per seed "
              f"({', '.join(map(str, args.seeds))}) and their "
              "mean; last column: `--region patch` over the top composites whose crop is "
              "centred inside the pasted patch (where the unit saw the texture).",
