@@ -16,8 +16,10 @@
 # apart and decoding threads, the projection again at the cheapest batches, paper-mean's
 # bfloat16 check. `spread` (a third): the anchored recipe matching every k-th step, the
 # per-target units over 16 worker processes sharing the GPU and the projection with them, the
-# faithful-facets quality table (Lite1 the one judge) for k = 1 and 2. `project` (a fourth, ~3
-# minutes): the projection alone, the scan after a warm-up, the units spread over 16 workers.
+# faithful-facets quality table (Lite1 the one judge) for k = 1 and 2. `project` (a fourth, ~5
+# minutes on a fresh machine; 240 s was too short): the projection alone, a 12,000-photo scan
+# after a warm-up (the 1,200 photos ten times: the steady rate apart from their first read),
+# the units spread over 16 workers.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-speed}
 mkdir -p "$OUT"
@@ -38,8 +40,8 @@ if [ "$STAGE" = units ]; then
     exit
 fi
 if [ "$STAGE" = project ]; then
-    timeout 230 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 --batches 256 \
-        --recipes anchored --workers 8 --scan-images 3600 --judges efficientnet_lite1 \
+    timeout 330 python3 benchmarks/steps.py --device cuda --data $DATA --rounds 2 --batches 256 \
+        --recipes anchored --workers 8 --scan-images 12000 --judges efficientnet_lite1 \
         --only project --spread 16 2>&1 | tee "$OUT/steps-gpu-project.txt"
     exit
 fi
