@@ -6,6 +6,7 @@ Usage: python benchmarks/steps.py [--device cpu|cuda] [--quick] [--model efficie
            [--recipes fourier anchored ...] [--batches 1 2 4 ...] [--max-batch N] [--max-step 10]
            [--steps 6] [--workers 0 1 2] [--scan-images 320] [--precision float32|bfloat16]
            [--layout auto|standard|channels_last] [--only SECTION ...] [--data DIR]
+           [--spread WORKERS] [--spread-targets N]
 
 Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
 
@@ -37,7 +38,9 @@ Sections (`--only`, repeatable; default: pass, recipes, scan, units, project):
   default), the anchored recipe's photos, evaluation; hours per term and in total, for the
   default recipe (anchored) and the paper's (paper-mean, paper-center), each at its cheapest
   measured batch. The stages run one after another, as `mfv run` runs them; a second total
-  spreads the facets (one core each) over the machine's cores, as the Ray backend's workers.
+  spreads the facets (one core each) over the machine's cores, as the Ray backend's workers;
+  with `--spread W`, a third replaces the facets and evaluation by their measured wall time a
+  target over W worker processes sharing the device (`benchmarks/spread.py`).
 - precision (not by default): 32 pictures of 32 classes per recipe (fourier, anchored,
   paper-mean, or those of them in `--recipes`) rendered with a float32 and a bfloat16 pass,
   same seeds and starts; the final activations (both measured in float32) compared: the check
