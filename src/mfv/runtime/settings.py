@@ -61,9 +61,10 @@ class RenderSection(Options):
     match_layers: Names = opt((), "--match-layer", "anchored recipe: a layer whose activations "
                               "are matched (repeatable; default: three along the depth)",
                               repeat=True)
-    match_every: int = opt(1, "--match-every", "anchored recipe: match those distributions on "
-                           "every k-th step only, at k times the weight (1: every step; 2 "
-                           "halves the matching's cost, which counts on GPUs)", ge=1)
+    match_every: int = opt(1, "--match-every", "anchored recipe: match the activation "
+                           "distributions on every k-th step only, at k times the weight (1: "
+                           "every step; 2 halves the matching's cost, which counts on GPUs)",
+                           ge=1)
     maco_crops: int | None = opt(None, "--maco-crops", "maco recipe: random crops per step "
                                  "(default: the published 32; 4 is 8x cheaper on a CPU)", ge=1)
     batch_size: int | None = opt(None, "--batch-size", "synthesis batch size (default: "
