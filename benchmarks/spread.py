@@ -19,6 +19,7 @@ Usage: python benchmarks/spread.py [--device cuda] [--workers 1 8 16] [--targets
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import time
@@ -96,22 +97,26 @@ def one_target(model: LoadedModel, judges: tuple, pool: Pool, seed: int) -> tupl
     return middle - start, time.perf_counter() - middle
 
 
-def _worker_start(model_name: str, device: str, judge_names: list[str], pool: Pool,
-                  barrier) -> None:
-    """A worker process's one-time costs, then the barrier: the clock starts after it."""
+@functools.cache
+def _loaded(model_name: str, device: str, judge_names: tuple[str, ...]) -> tuple:
+    """This worker process's model and (own, judge) networks, loaded once."""
     torch.set_num_threads(1)  # as a Ray worker with one CPU
     model = load_model(model_name, device=torch.device(device))
-    own, judges = networks(model, resolve_layer(model, "penultimate"), judge_names)
-    _STATE.update(model=model, judges=(own, judges), pool=pool)
-    one_target(model, (own, judges), pool, seed=10_000 + os.getpid())
+    return model, networks(model, resolve_layer(model, "penultimate"), list(judge_names))
+
+
+def _worker_start(model_name: str, device: str, judge_names: tuple[str, ...], pool: Pool,
+                  barrier) -> None:
+    """A worker process's one-time costs, then the barrier: the clock starts after it."""
+    model, nets = _loaded(model_name, device, judge_names)
+    one_target(model, nets, pool, seed=10_000 + os.getpid())
     barrier.wait(timeout=600)
 
 
-_STATE: dict = {}  # the worker process's model, judges and pool (set once by `_worker_start`)
-
-
-def _worker_target(seed: int) -> tuple[float, float]:
-    return one_target(_STATE["model"], _STATE["judges"], _STATE["pool"], seed)
+def _worker_target(model_name: str, device: str, judge_names: tuple[str, ...], pool: Pool,
+                   seed: int) -> tuple[float, float]:
+    model, nets = _loaded(model_name, device, judge_names)
+    return one_target(model, nets, pool, seed)
 
 
 def measure(workers: int, targets: int, model_name: str, device: str, judges: list[str],
@@ -120,11 +125,13 @@ def measure(workers: int, targets: int, model_name: str, device: str, judges: li
     (facets, evaluation) seconds."""
     context = mp.get_context("spawn")
     barrier = context.Barrier(workers + 1)
+    names = tuple(judges)
     with context.Pool(workers, _worker_start,
-                      (model_name, device, judges, pool, barrier)) as processes:
+                      (model_name, device, names, pool, barrier)) as processes:
         barrier.wait(timeout=600)  # every worker loaded and warm
         start = time.perf_counter()
-        each = processes.map(_worker_target, range(targets), chunksize=1)
+        each = processes.map(functools.partial(_worker_target, model_name, device, names, pool),
+                             range(targets), chunksize=1)
         wall = time.perf_counter() - start
     return wall, each
 
