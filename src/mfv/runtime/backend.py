@@ -132,7 +132,9 @@ class RayBackend(_Closing):
         actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=RETRIES,
                            max_task_retries=RETRIES)(_RayWorker)
         self._model_ref = ray.put(portable(model))  # kept: restarted workers read it again
-        self.actors = [actor.remote(self._model_ref, str(model.device) if gpus else "cpu")
+        # "cuda": the GPU Ray assigned the actor (its CUDA_VISIBLE_DEVICES), whichever index
+        # the driver's model was on
+        self.actors = [actor.remote(self._model_ref, "cuda" if on_gpu else "cpu")
                        for _ in range(self.workers)]
         ready, _ = ray.wait([a.pid.remote() for a in self.actors], num_returns=self.workers,
                             timeout=START_TIMEOUT_S)
