@@ -51,10 +51,14 @@ def _round_filters(channels: int, width: float, divisor: int = 8) -> int:
 
 
 class SameConv2d(nn.Conv2d):
-    """Conv2d with TensorFlow "SAME" padding derived from the actual input size. Symmetric
-    padding (every stride-1 convolution) is the convolution's own zero padding, the same numbers
-    without a padded copy of the input (Lite0's forward+backward ~4 % faster on the CPU); only
-    the uneven padding of a stride-2 convolution on an even size pads a copy."""
+    """Conv2d with TensorFlow "SAME" padding derived from the actual input size, without a
+    padded copy of the input: symmetric padding (every stride-1 convolution) is the
+    convolution's own zero padding, and the uneven padding of a stride-2 convolution on an
+    even size (one more zero after than before) is, on the CPU, the same sums as a kernel with
+    a zero row and column in front and symmetric padding (faster, the same outputs:
+    `benchmarks/same_conv.py`). A padded copy remains for other uneven
+    paddings (dilated kernels), on other devices (not measured there) and in traced graphs
+    (the ONNX Runtime export keeps the graph it was measured with)."""
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
@@ -68,6 +72,11 @@ class SameConv2d(nn.Conv2d):
         if pads[0] == pads[1] and pads[2] == pads[3]:
             return F.conv2d(x, weight, bias, self.stride, (pads[2], pads[0]), self.dilation,
                             self.groups)
+        extra = [pads[1] - pads[0], pads[3] - pads[2]]  # zeros after beyond those before
+        if (self.dilation == (1, 1) and set(extra) <= {0, 1} and x.device.type == "cpu"
+                and not torch.jit.is_tracing()):
+            front = F.pad(weight, [extra[0], 0, extra[1], 0])  # a zero column / row in front
+            return F.conv2d(x, front, bias, self.stride, (pads[3], pads[1]), 1, self.groups)
         return F.conv2d(F.pad(x, pads), weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
