@@ -32,7 +32,7 @@ import torch
 from mfv.data.images import load_rgb
 from mfv.data.sources import from_folder
 from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
-from mfv.facets.find import facet_means, find_facets
+from mfv.facets.find import FacetResult, facet_means, find_facets
 from mfv.facets.options import FacetOptions
 from mfv.models import LoadedModel, load_model
 from mfv.models.activations import capture
@@ -84,17 +84,24 @@ def one_target(model: LoadedModel, judges: tuple, pool: Pool, seed: int) -> tupl
     facets = find_facets(codes, acts, options=FacetOptions(k=FACETS, m=ANCHOR_PHOTOS, seed=seed))
     facet_means(facets, lambda idx: pixels(model, "crop", paths, idx))
     middle = time.perf_counter()
+    own, judge_nets = judges
+    evaluate_target(own, judge_nets, synthetic_case(model, facets, acts, paths, seed % 1000, seed),
+                    seed)
+    return middle - start, time.perf_counter() - middle
+
+
+def synthetic_case(model: LoadedModel, facets: FacetResult, acts: np.ndarray, paths: list[str],
+                   class_index: int, seed: int) -> Case:
+    """What one target's evaluation judges: a class logit, its facets and their photos, and
+    one random-pixel picture per facet for each start (facet and random)."""
     size = model.preprocess.input_size
     rng = np.random.default_rng(seed)
     pictures = [Picture(kind, rank, "anchored", 1.0,
                         rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
                 for kind in ("facet", "random") for rank in range(len(facets.facets))]
     members = [[paths[i] for i in f.members] for f in facets.facets]
-    target = parse_targets([f"logits:{seed % 1000}"], model)[0]
-    own, judge_nets = judges
-    evaluate_target(own, judge_nets, Case(target, facets, pictures, members, float(acts.max())),
-                    seed)
-    return middle - start, time.perf_counter() - middle
+    target = parse_targets([f"logits:{class_index}"], model)[0]
+    return Case(target, facets, pictures, members, float(acts.max()))
 
 
 @functools.cache

@@ -78,7 +78,7 @@ from mfv.core.allocator import keep_freed_memory
 from mfv.data.images import decoding_workers, load_rgb
 from mfv.data.sources import ImageList, from_folder
 from mfv.data.spectrum import AmplitudeSpectrum
-from mfv.evaluate.evaluation import Case, Picture, evaluate_target, networks
+from mfv.evaluate.evaluation import evaluate_target, networks
 from mfv.facets.find import facet_means, find_facets
 from mfv.facets.options import FacetOptions
 from mfv.models import LoadedModel, load_model
@@ -93,7 +93,7 @@ from mfv.render.recipes.paper import SCHEDULES, schedule
 from mfv.runtime.tasks import pixels
 from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
-from spread import CLASS_SIZE, Pool, synthetic_class
+from spread import ANCHOR_PHOTOS, CLASS_SIZE, Pool, synthetic_case, synthetic_class
 from spread import measure as measure_spread
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "imagenette-train"
@@ -119,7 +119,6 @@ FULL_STEPS = {"paper-mean": 370, "paper-center": 530, "fourier": 256, "maco": 25
               "anchored": 256}
 IMAGENET = {"images": 1_281_167, "classes": 1000, "facets": 10}
 PRECISION_RECIPES = ("fourier", "anchored", "paper-mean")  # bfloat16's check (`--recipes` picks)
-ANCHOR_PHOTOS = 15  # a facet's representatives (the default --mean-of): an anchor's photos
 
 
 def _load() -> str:
@@ -427,7 +426,6 @@ class UnitCosts:
 
 def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitCosts:
     model = inputs.model
-    rng = np.random.default_rng(seed)
     codes, acts, paths = synthetic_class(Pool(inputs.codes, inputs.paths), seed)
     print(f"\n## Per-target units, {model.name} ({model.device})")
     options = FacetOptions(k=IMAGENET["facets"], m=ANCHOR_PHOTOS, seed=seed)
@@ -451,13 +449,7 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
     own, judge_nets = networks(model, code_ref, judges)
     print(f"judges {', '.join(judges) or 'none'} loaded in {time.perf_counter() - start:.1f} s "
           "(once per process, not counted)")
-    target = parse_targets([f"logits:{inputs.classes[0]}"], model)[0]
-    size = model.preprocess.input_size
-    pictures = [Picture(kind, rank, "anchored", 1.0,
-                        rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-                for kind in ("facet", "random") for rank in range(len(facets.facets))]
-    members = [[paths[i] for i in f.members] for f in facets.facets]
-    case = Case(target, facets, pictures, members, float(acts.max()))
+    case = synthetic_case(model, facets, acts, paths, inputs.classes[0], seed)
 
     def evaluation() -> float:
         start = time.perf_counter()
@@ -469,7 +461,7 @@ def section_units(inputs: Inputs, judges: Sequence[str], seed: int = 0) -> UnitC
         in_turn = evaluation()
     evaluate = evaluation()
     threads = decoding_workers(model.device)
-    print(f"evaluation of one target ({len(pictures)} pictures, {len(judge_nets)} judges): "
+    print(f"evaluation of one target ({len(case.pictures)} pictures, {len(judge_nets)} judges): "
           f"{evaluate:.1f} s with {threads} decoding threads (the default here), {in_turn:.1f} s "
           f"decoding in turn; the process's first {first:.1f} s (load {_load()})")
     return UnitCosts(clustering + means, photo, evaluate)
@@ -622,6 +614,8 @@ def main() -> None:
     sections = args.only or list(DEFAULT_SECTIONS)
     if "project" in sections:  # it needs what these measure
         sections = list(dict.fromkeys([*sections, "recipes", "scan", "units"]))
+    if args.spread:  # reported beside the units it spreads
+        sections = list(dict.fromkeys([*sections, "units"]))
     if args.batches:
         batches = args.batches
     else:
@@ -653,11 +647,11 @@ def main() -> None:
                              args.workers, 32 if device.type == "cpu" else 256)
     units = section_units(inputs, args.judges) if "units" in sections else None
     spread = None
-    if args.spread and units is not None:
-        wall, _ = measure_spread(args.spread, args.spread_targets or 2 * args.spread,
-                                 args.model, str(device), args.judges,
+    if args.spread:
+        targets = args.spread_targets or 2 * args.spread
+        wall, _ = measure_spread(args.spread, targets, args.model, str(device), args.judges,
                                  Pool(inputs.codes, inputs.paths))
-        spread = (args.spread, wall / (args.spread_targets or 2 * args.spread))
+        spread = (args.spread, wall / targets)
         print(f"\n## Spread: {spread[1]:.2f} s a target (facets + evaluation) over "
               f"{args.spread} worker processes sharing the device (benchmarks/spread.py)")
     if "project" in sections and units is not None:
