@@ -220,3 +220,42 @@ def test_matching_every_k_steps_weighs_k_times_on_its_steps_and_skips_the_others
             matched = every_step.maximize(images, step=step // 3)[0]
             torch.testing.assert_close(ascend - pull_only, 3 * (matched - pull_only))
             assert (ascend - pull_only)[1] < 0  # the other picture pays the matching term
+
+
+@pytest.mark.parametrize("unit_scale", [False, True])
+def test_random_starts_in_the_batch_leave_each_sample_as_it_is_alone(tiny, unit_scale):
+    """A batch mixing anchored samples and random starts (a render's facet pictures and their
+    baselines): each sample's ascended value and gradient are those it gets in a batch of its
+    own. Where the target reads a unit's scale in a pass of its own, the anchor's pass sees the
+    anchored samples alone."""
+    targets = parse_targets(["conv2:1" if unit_scale else "fc:1"], tiny)
+    torch.manual_seed(0)
+    canvases = torch.rand(3, 3, 32, 32) * 255
+    photos = torch.rand(2, 3, 32, 32) * 255
+    anchor = Anchor(_code(tiny, photos[:1])[0].numpy() + 0.3, 2.0, 3.0, references=photos.numpy())
+    anchors = [None, anchor, None]
+    match = [resolve_layer(tiny, "conv1")]
+
+    def ascend_with_gradient(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        views = [16] * len(rows) if unit_scale else None
+        objective = AnchoredObjective(
+            Objective(tiny, targets, [0] * len(rows), views=views), [anchors[r] for r in rows],
+            resolve_layer(tiny, "penultimate"), AnchorSettings(match_positions=64), match)
+        images = canvases[rows].clone().requires_grad_(True)
+        seen: list[int] = []
+        hook = tiny.module.pool.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+        try:
+            ascend, _ = objective.maximize(images, step=1)
+        finally:
+            hook.remove()
+        ascend.sum().backward()
+        return ascend.detach(), images.grad, seen
+
+    ascend, grad, seen = ascend_with_gradient([0, 1, 2])
+    for row in range(3):
+        alone, alone_grad, _ = ascend_with_gradient([row])
+        torch.testing.assert_close(ascend[row:row + 1], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad[row:row + 1], alone_grad, rtol=1e-4, atol=1e-6)
+    # the batch that reached the pooling before the code layer in the last pass (the anchor's):
+    # the whole batch where the target is read in it too, else the anchored sample alone
+    assert seen[-1] == (1 if unit_scale else 3) and len(seen) == (2 if unit_scale else 1)

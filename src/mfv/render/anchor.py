@@ -78,30 +78,32 @@ class AnchoredObjective:
         self.base, self.model, self.code, self.settings = base, base.model, code, settings
         device = base.model.device
         anchored = [a is not None for a in anchors]
-        self.has_anchor = torch.tensor(anchored, device=device)
-        dim = next((a.centre.shape[0] for a in anchors if a is not None), 1)
-        self.centres = torch.stack([torch.as_tensor(a.centre if a else np.zeros(dim),
-                                                    dtype=torch.float32) for a in anchors]
-                                   ).to(device)
-        self.spreads = torch.tensor([max(a.spread, 1e-12) if a else 1.0 for a in anchors],
-                                    device=device)
-        self.scales = torch.tensor([a.scale if a and a.scale > 0 else 1.0 for a in anchors],
+        # the anchor's terms are computed for these samples only: random starts in the same
+        # batch (the baselines) need no code, and no second pass where the target has its own
+        self.rows = torch.tensor([b for b, a in enumerate(anchored) if a], dtype=torch.long,
+                                 device=device)
+        self.every_sample = all(anchored)
+        kept = [a for a in anchors if a is not None]
+        self.centres = torch.stack([torch.as_tensor(a.centre, dtype=torch.float32)
+                                    for a in kept]).to(device) if kept else None
+        self.spreads = torch.tensor([max(a.spread, 1e-12) for a in kept], device=device)
+        self.scales = torch.tensor([a.scale if a.scale > 0 else 1.0 for a in kept],
                                    device=device)
         self.match = list(match) if settings.match_weight > 0 else []
         self.strides: dict[str, int] = {}  # per matched layer: its grid's stride (module doc)
-        self.quantiles = self._reference_quantiles(anchors) if self.match else {}
+        self.quantiles = self._reference_quantiles(kept) if self.match and kept else {}
 
     @torch.no_grad()
-    def _reference_quantiles(self, anchors: Sequence[Anchor | None]
+    def _reference_quantiles(self, anchors: Sequence[Anchor]
                              ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per matched layer: (B, C, N) sorted reference values at the N positions a step
-        matches (`match_positions`), and (B, C, 1) their variance (zeros and ones for samples
-        without references). Sets `strides`."""
+        """Per matched layer: (A, C, N) sorted reference values of the A anchors at the N
+        positions a step matches (`match_positions`), and (A, C, 1) their variance (zeros and
+        ones for anchors without references). Sets `strides`."""
         out: dict[str, list] = {ref.key: [] for ref in self.match}
         size = self.model.preprocess.input_size
         blank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # for samples without refs
         for anchor in anchors:
-            refs = None if anchor is None else anchor.references
+            refs = anchor.references
             if refs is None and blank:
                 for ref in self.match:
                     out[ref.key].append(blank[ref.key])
@@ -142,23 +144,36 @@ class AnchoredObjective:
         the same terms however the samples were batched, split or resumed."""
         # a target read at a unit's scale sees another view of the canvas: its own pass
         target = self.base(images) if self.base.at_unit_scale else None
+        if not len(self.rows):
+            target = self.base(images) if target is None else target
+            return target, target
         every = max(1, self.settings.match_every)
         match = self.match if step % every == 0 else []
         layers = [*([] if target is not None else self.base.layers), self.code, *match]
+        # a pass of the anchor's own (the target read in another) needs the anchored samples
+        # alone; a pass shared with the target sees every sample, of which the anchored are read
+        own_pass, some = target is not None, not self.every_sample
         with capture(self.model, layers, stop=True) as store:
-            self.base.forward(self.model, images)
+            self.base.forward(self.model, images[self.rows] if own_pass and some else images)
             if target is None:
                 target = self.base.values(store, len(images))
-            code = store[self.code.key].flatten(1).float()
+
+            def anchored(key: str) -> torch.Tensor:
+                return store[key][self.rows] if some and not own_pass else store[key]
+
+            code = anchored(self.code.key).flatten(1).float()
             pull = ((code - self.centres) ** 2).sum(1) / self.spreads
-            total = target / self.scales - self.settings.code_weight * pull
+            own = target if self.every_sample else target[self.rows]
+            total = own / self.scales - self.settings.code_weight * pull
             for ref in match:
                 quant, var = self.quantiles[ref.key]
-                mine = _grid_positions(store[ref.key].float(), self.strides[ref.key],
+                grid = _grid_positions(anchored(ref.key).float(), self.strides[ref.key],
                                        step // every)
                 total = total - every * self.settings.match_weight * quantile_match(
-                    mine, quant, var)
-        return torch.where(self.has_anchor, total, target), target
+                    grid, quant, var)
+        if self.every_sample:
+            return total, target
+        return target.index_copy(0, self.rows, total), target
 
 
 def default_match_layers(model: LoadedModel) -> tuple[str, ...]:
