@@ -16,7 +16,11 @@ library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one
   crop, without the grey edges a mask paints (the head layer is Lite's `_act_head`);
 * `two-sides`: the library's crops, each coded as the mean of the codes of the crops of 3/14
   and 3/7 of the input around its centre, whatever the crop's side (measured, not adopted: at
-  48 px layers it clusters on what the crop does not show).
+  48 px layers it clusters on what the crop does not show);
+* `tiled`: the library's boxes, each coded at the photo's own scale instead of enlarged to the
+  input: the box mirrored outward (symmetric padding, so without seams) until it fills the
+  input, so the network reads the texture at the scale it has in the photo, as a field;
+* `tiled-mix`: the mean of the library's code and `tiled`'s.
 
 `install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
 facets here); research only, never imported by the library.
@@ -34,7 +38,8 @@ from mfv.models.activations import capture, first_layer_map
 from mfv.models.passes import inference
 from mfv.models.targets import resolve_layer
 
-VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted")
+VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted", "tiled",
+            "tiled-mix")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -74,6 +79,18 @@ def _greyed(images: np.ndarray, maps: torch.Tensor) -> np.ndarray:
     return (pixels * weight + 127.5 * (1 - weight)).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
+def _mirrored(images: np.ndarray, boxes: np.ndarray, size: int) -> np.ndarray:
+    """(n, size, size, 3) uint8: each image's box at its own scale, centred and mirrored
+    outward (symmetric padding, repeated) to size x size."""
+    out = []
+    for image, (top, left, h, w) in zip(images, np.asarray(boxes), strict=True):
+        crop = image[top:top + h, left:left + w]
+        pad = [((size - h) // 2, size - h - (size - h) // 2),
+               ((size - w) // 2, size - w - (size - w) // 2), (0, 0)]
+        out.append(np.pad(crop, pad, mode="symmetric"))
+    return np.stack(out)
+
+
 def install(variant: str) -> None:
     """Make `Patches` cut crops the `variant` way (`library`: leave it as it is)."""
     if variant == "library":
@@ -91,6 +108,18 @@ def install(variant: str) -> None:
                 images, patches.peak_boxes(centres, round(size * share), size), size),
                 self.code_layer) for share in (3 / 14, 3 / 7)) / 2
         patches.Patches.codes = codes
+        return
+    if variant in ("tiled", "tiled-mix"):
+        def tiled(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            boxes = self.boxes(indices)
+            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            size = self.model.preprocess.input_size
+            codes = patches.crop_codes(self.model, _mirrored(images, boxes, size),
+                                       self.code_layer)
+            if variant == "tiled":
+                return codes
+            return (codes + patches.patch_codes(self.model, images, boxes, self.code_layer)) / 2
+        patches.Patches.codes = tiled
         return
     if variant == "weighted":
         def weighted(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
