@@ -20,7 +20,10 @@ library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one
 * `tiled`: the library's boxes, each coded at the photo's own scale instead of enlarged to the
   input: the box mirrored outward (symmetric padding, so without seams) until it fills the
   input, so the network reads the texture at the scale it has in the photo, as a field;
-* `tiled-mix`: the mean of the library's code and `tiled`'s.
+* `tiled-mix`: the mean of the library's code and `tiled`'s;
+* `contrast`: the library's code of the box minus that of a box of the same side in the same
+  photo's corner farthest from it: what the patch holds that the rest of its photo does not
+  (a composite's background, a photo's overall look, cancel).
 
 `install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
 facets here); research only, never imported by the library.
@@ -39,7 +42,7 @@ from mfv.models.passes import inference
 from mfv.models.targets import resolve_layer
 
 VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted", "tiled",
-            "tiled-mix")
+            "tiled-mix", "contrast")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -120,6 +123,20 @@ def install(variant: str) -> None:
                 return codes
             return (codes + patches.patch_codes(self.model, images, boxes, self.code_layer)) / 2
         patches.Patches.codes = tiled
+        return
+    if variant == "contrast":
+        def contrast(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            boxes = self.boxes(indices)
+            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            size = images.shape[1]
+            centres = boxes[:, :2] + boxes[:, 2:] / 2
+            corners = np.array([[0, 0], [0, size], [size, 0], [size, size]], np.float64)
+            far = corners[np.argmax(((centres[:, None] - corners[None]) ** 2).sum(-1), axis=1)]
+            away = np.concatenate([patches.peak_boxes(c[None], int(b[2]), size)
+                                   for c, b in zip(far, boxes, strict=True)])
+            return (patches.patch_codes(self.model, images, boxes, self.code_layer)
+                    - patches.patch_codes(self.model, images, away, self.code_layer))
+        patches.Patches.codes = contrast
         return
     if variant == "weighted":
         def weighted(self: patches.Patches, indices: np.ndarray) -> np.ndarray:

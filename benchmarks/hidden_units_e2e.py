@@ -4,7 +4,7 @@
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
        [--sum maps|terms] [--units channels|probe|max-probe] [--photo-seed 0] [--centre firing|peak]
-       [--crops library|fit|masked|one-side|two-sides|weighted|tiled|tiled-mix]
+       [--crops library|fit|masked|one-side|two-sides|weighted|tiled|tiled-mix|contrast]
        [--embedding tsne|pca] [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
