@@ -103,8 +103,8 @@ def install(variant: str) -> None:
         return
     if variant == "two-sides":
         def codes(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
-            boxes = self.boxes(indices).astype(np.float64)
-            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            boxes, images = self.framed(indices)
+            boxes = boxes.astype(np.float64)
             size = self.model.preprocess.input_size
             centres = boxes[:, :2] + boxes[:, 2:] / 2
             return sum(patches.crop_codes(self.model, patches.crop_resize(
@@ -114,8 +114,7 @@ def install(variant: str) -> None:
         return
     if variant in ("tiled", "tiled-mix"):
         def tiled(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
-            boxes = self.boxes(indices)
-            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            boxes, images = self.framed(indices)
             size = self.model.preprocess.input_size
             codes = patches.crop_codes(self.model, _mirrored(images, boxes, size),
                                        self.code_layer)
@@ -126,8 +125,7 @@ def install(variant: str) -> None:
         return
     if variant == "contrast":
         def contrast(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
-            boxes = self.boxes(indices)
-            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            boxes, images = self.framed(indices)
             size = images.shape[1]
             centres = boxes[:, :2] + boxes[:, 2:] / 2
             corners = np.array([[0, 0], [0, size], [size, 0], [size, size]], np.float64)
@@ -140,8 +138,7 @@ def install(variant: str) -> None:
         return
     if variant == "weighted":
         def weighted(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
-            boxes = self.boxes(indices)
-            images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+            boxes, images = self.framed(indices)
             size = self.model.preprocess.input_size
             weight = _firing_weight(_maps(self, images), size)
             head = resolve_layer(self.model, "_act_head")

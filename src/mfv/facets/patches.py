@@ -219,8 +219,13 @@ class Patches:
         self._load(indices)
         return np.stack([self._crops[int(i)] for i in np.asarray(indices)])
 
+    def framed(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(n, 4) the boxes of the given images' crops and (n, S, S, 3) the frames they are
+        boxes of (each photo decoded once)."""
+        boxes = self.boxes(indices)
+        return boxes, np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+
     def codes(self, indices: np.ndarray) -> np.ndarray:
         """(n, D) the codes of the given images' patches (`patch_codes`)."""
-        boxes = self.boxes(indices)
-        images = np.stack([self._frames[int(i)] for i in np.asarray(indices)])
+        boxes, images = self.framed(indices)
         return patch_codes(self.model, images, boxes, self.code_layer)

@@ -101,7 +101,7 @@ class AnchoredObjective:
         ones for anchors without references). Sets `strides`."""
         out: dict[str, list] = {ref.key: [] for ref in self.match}
         size = self.model.preprocess.input_size
-        blank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # for samples without refs
+        blank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # anchors without refs
         for anchor in anchors:
             refs = anchor.references
             if refs is None and blank:
