@@ -81,14 +81,18 @@ def texture_crops(images: torch.Tensor, rule, side: int, count: int) -> torch.Te
 
 
 def paste(backgrounds: torch.Tensor, crops: torch.Tensor, rng: np.random.Generator, lo: int,
-          hi: int) -> tuple[torch.Tensor, np.ndarray]:
+          hi: int, distinct: bool = False) -> tuple[torch.Tensor, np.ndarray]:
     """Composites: a random crop (randomly flipped), resized to s in [lo, hi], pasted at a random
-    place of each background. Returns the images and the boxes (top, left, side)."""
+    place of each background; with `distinct`, every background gets a crop of its own (needs
+    as many crops). Returns the images and the boxes (top, left, side)."""
+    if distinct and len(crops) < len(backgrounds):
+        raise ValueError(f"{len(crops)} texture crops for {len(backgrounds)} distinct pastes")
+    order = rng.permutation(len(crops)) if distinct else None
     out, boxes = backgrounds.clone(), []
     for i in range(len(out)):
         s = int(rng.integers(lo, hi + 1))
         top, left = (int(v) for v in rng.integers(0, SIZE - s + 1, size=2))
-        crop = crops[int(rng.integers(len(crops)))]
+        crop = crops[int(order[i]) if distinct else int(rng.integers(len(crops)))]
         crop = crop.flip(-1) if rng.random() < 0.5 else crop
         patch = F.interpolate(crop[None], size=(s, s), mode="bilinear", antialias=True)[0]
         out[i, :, top:top + s, left:left + s] = patch.clamp(0, 1)

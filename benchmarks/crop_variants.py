@@ -1,6 +1,6 @@
 """Crops and codes `--region patch` did not adopt (or no longer uses), measured against the
-library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one-side` (issue
-22; docs/hidden-units.md):
+library's own with `python benchmarks/hidden_units_e2e.py --crops VARIANT` (issue 22;
+docs/hidden-units.md):
 
 * `fit`: each crop's side fitted to its firing region (the bounding box of the region that
   `mfv.facets.patches.firing_centre` centres on, in input pixels) within [3/14, 3/7] of the
@@ -24,6 +24,13 @@ library's own with `python benchmarks/hidden_units_e2e.py --crops fit|masked|one
 * `contrast`: the library's code of the box minus that of a box of the same side in the same
   photo's corner farthest from it: what the patch holds that the rest of its photo does not
   (a composite's background, a photo's overall look, cancel).
+* `window`: the library's side, centred on the side x side window of the map (in cells) that
+  holds the most positive activation, instead of the firing region's weighted centre;
+* `window-half`: the same over the map's excess above half its maximum;
+* `window-region`: the window covering the most cells of the region `firing_centre` uses, of
+  those the one nearest that region's weighted centre;
+* `zoom2`: the library's crops (and inner squares) coded at twice their side as the model's
+  input (96 or 192 px at 224) instead of enlarged to the input size.
 
 `install(name)` patches `mfv.facets.patches.Patches` in this process (the local backend runs the
 facets here); research only, never imported by the library.
@@ -42,7 +49,7 @@ from mfv.models.passes import inference
 from mfv.models.targets import resolve_layer
 
 VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted", "tiled",
-            "tiled-mix", "contrast")
+            "tiled-mix", "contrast", "window", "window-half", "window-region", "zoom2")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -65,6 +72,40 @@ def _extent(grid_map: np.ndarray) -> int:
     best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
     rows, cols = np.nonzero(regions == best)
     return int(max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
+def _window_centre(grid_map: np.ndarray, cells: int, floor: float) -> tuple[float, float]:
+    """(row, column), in cells, of the centre of the `cells` x `cells` window inside the map
+    that holds the most activation above `floor` x the map's maximum (0: its positive part)."""
+    m = np.asarray(grid_map, np.float64)
+    m = np.clip(m - floor * max(m.max(), 0.0), 0.0, None)
+    k = int(max(1, min(cells, *m.shape)))
+    c = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return i + k / 2, j + k / 2
+
+
+def _region_window_centre(grid_map: np.ndarray, cells: int) -> tuple[float, float]:
+    """(row, column), in cells, of the centre of the `cells` x `cells` window that covers the
+    most cells of the region `firing_centre` uses; of the windows that cover as many, the one
+    whose centre is nearest the region's weighted centre (`firing_centre`)."""
+    m = np.asarray(grid_map, np.float64)
+    centre = np.array(patches.firing_centre(m)) + 0.5
+    top = m.max()
+    if not np.isfinite(top) or top <= 0:
+        return tuple(centre)
+    excess = np.clip(m - patches.FIRING_SHARE * top, 0.0, None)
+    regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
+    best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
+    k = int(max(1, min(cells, *m.shape)))
+    c = np.pad((regions == best).astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    rows, cols = np.indices(sums.shape) + k / 2
+    far = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2
+    i, j = np.unravel_index(int(np.argmin(np.where(sums >= sums.max() - 1e-9, far, np.inf))),
+                            sums.shape)
+    return i + k / 2, j + k / 2
 
 
 def _firing_weight(maps: torch.Tensor, size: int) -> torch.Tensor:
@@ -111,6 +152,24 @@ def install(variant: str) -> None:
                 images, patches.peak_boxes(centres, round(size * share), size), size),
                 self.code_layer) for share in (3 / 14, 3 / 7)) / 2
         patches.Patches.codes = codes
+        return
+    if variant == "zoom2":
+        zoom = 2
+
+        def zoomed(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            boxes, images = self.framed(indices)
+            size = self.model.preprocess.input_size
+
+            def code(bxs: np.ndarray, imgs: np.ndarray) -> np.ndarray:
+                side = int(min(size, zoom * bxs[0, 2]))  # every box of one target: one side
+                return patches.crop_codes(self.model, patches.crop_resize(imgs, bxs, side),
+                                          self.code_layer)
+            codes = code(boxes, images)
+            larger, inner = patches.inner_boxes(boxes, images.shape[1])
+            if len(larger):
+                codes[larger] = (codes[larger] + code(inner, images[larger])) / 2
+            return codes
+        patches.Patches.codes = zoomed
         return
     if variant in ("tiled", "tiled-mix"):
         def tiled(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
@@ -168,12 +227,21 @@ def install(variant: str) -> None:
         maps = _maps(self, images)
         cell = size / maps.shape[1]
         centres = (np.array([patches.firing_centre(m) for m in maps.numpy()]) + 0.5) * cell
-        if variant == "fit":
+        if variant == "window-region":
+            centres = np.array([_region_window_centre(m, round(self.side / cell))
+                                for m in maps.numpy()]) * cell
+            boxes = patches.peak_boxes(centres, self.side, size)
+        elif variant.startswith("window"):
+            floor = patches.FIRING_SHARE if variant == "window-half" else 0.0
+            centres = np.array([_window_centre(m, round(self.side / cell), floor)
+                                for m in maps.numpy()]) * cell
+            boxes = patches.peak_boxes(centres, self.side, size)
+        elif variant == "fit":
             sides = [int(np.clip(round(_extent(m) * cell), round(size * 3 / 14),
                                  round(size * 3 / 7))) for m in maps.numpy()]
             boxes = np.concatenate([patches.peak_boxes(c[None], s, size)
                                     for c, s in zip(centres, sides, strict=True)])
-        else:
+        else:  # masked
             boxes = patches.peak_boxes(centres, self.side, size)
             images = _greyed(images, maps)
         self._boxes.update(zip(missing, boxes, strict=True))

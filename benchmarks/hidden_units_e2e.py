@@ -4,8 +4,9 @@
 Usage: python benchmarks/hidden_units_e2e.py [--photos 80] [--top-n 60] [--seeds 0 1 2]
        [--blocks _blocks.2 _blocks.5 _blocks.10 _blocks.14] [--regions patch image]
        [--sum maps|terms] [--units channels|probe|max-probe] [--photo-seed 0] [--centre firing|peak]
-       [--crops library|fit|masked|one-side|two-sides|weighted|tiled|tiled-mix|contrast]
-       [--embedding tsne|pca] [--out benchmarks/results/hidden-units-e2e.md]
+       [--crops library|VARIANT (benchmarks/crop_variants.py)] [--embedding tsne|pca]
+       [--paste 64 128] [--texture-photos 300] [--texture-count 24] [--distinct-textures]
+       [--sheets DIR] [--out benchmarks/results/hidden-units-e2e.md]
 
 The units and composites are those of `benchmarks/constructed_units.py` (its functions are
 imported, not copied): grass and masonry crops pasted (64-128 px) on photos of other classes; per
@@ -58,11 +59,13 @@ def composites(args, rng):
     groups = [others[i * args.photos:(i + 1) * args.photos] for i in range(6)]
 
     def texture_set(a_paths, b_paths, plain, half):
-        (ca, ba), (cb, bb) = (cu.paste(cu.load_images(ps), crops[k][half::2], rng, 64, 128)
+        (ca, ba), (cb, bb) = (cu.paste(cu.load_images(ps), crops[k][half::2], rng,
+                                       *args.paste, distinct=args.distinct_textures)
                               for ps, k in ((a_paths, kinds[0]), (b_paths, kinds[1])))
         kind = np.repeat([0, 1, -1], [len(a_paths), len(b_paths), len(plain)])
+        scene = np.array([p.parent.name for p in (*a_paths, *b_paths, *plain)])
         return (torch.cat([ca, cb, cu.load_images(plain)]), kind,
-                np.concatenate([ba, bb, -np.ones((len(plain), 3), int)]))
+                np.concatenate([ba, bb, -np.ones((len(plain), 3), int)]), scene)
     return texture_set(*groups[0:3], 0), texture_set(*groups[3:6], 1), kinds
 
 
@@ -79,7 +82,7 @@ def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
     """Per block, `"B:a + w*B:b"` with a, b the channels most selective for each texture's
     patches (`channels`), or the direction of the two textures' linear probes, vA + w vB
     (`probe`, Lucent's `direction`); w equalises the halves' 90th percentiles."""
-    images, kind, boxes = sel
+    images, kind, boxes, _ = sel
     acts = cu.forward(model, images, [LayerRef(b) for b in blocks], batch)
     specs = []
     for block in blocks:
@@ -113,12 +116,38 @@ def _inside(box, patch, zoom: float, shift: float) -> bool:
     return bool(top <= cy < top + side and left <= cx < left + side)
 
 
+def contact_sheet(model, paths: list[str], facets: list[dict], truth: np.ndarray,
+                  out: Path) -> None:
+    """One row per facet of its top composites' crops (64 px), each framed in its pasted
+    texture's colour (A green, B red): what a facet that mixes the textures holds."""
+    tile, rows = 64, []
+    for facet in facets:
+        members = [(int(Path(p).stem[1:]), b) for p, b in zip(facet["members"], facet["boxes"],
+                                                              strict=True)]
+        members = sorted((m for m in members if truth[m[0]] >= 0), key=lambda m: truth[m[0]])
+        if not members:
+            continue
+        frames = patches.frames(model, paths, np.array([i for i, _ in members]))
+        crops = patches.crop_resize(frames, np.array([b for _, b in members]), tile - 4)
+        row = np.full((tile, tile * len(members), 3), 255, np.uint8)
+        for j, ((i, _), crop) in enumerate(zip(members, crops, strict=True)):
+            row[:, j * tile:(j + 1) * tile] = (40, 170, 40) if truth[i] == 0 else (200, 40, 40)
+            row[2:-2, j * tile + 2:(j + 1) * tile - 2] = crop
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    sheet = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)),
+                                   constant_values=255) for r in rows])
+    Image.fromarray(sheet).save(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--photos", type=int, default=80)
     ap.add_argument("--texture-photos", type=int, default=300)
     ap.add_argument("--texture-count", type=int, default=24)
     ap.add_argument("--top-n", type=int, default=60)
+    ap.add_argument("--paste", type=int, nargs=2, default=[64, 128], metavar=("LO", "HI"),
+                    help="the pasted patches' sides, px (the issue's construction: 64-128)")
     ap.add_argument("--blocks", nargs="+", default=["_blocks.2", "_blocks.5", "_blocks.10",
                                                     "_blocks.14"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -142,6 +171,11 @@ def main() -> None:
     ap.add_argument("--embedding", default="tsne", choices=("tsne", "pca"),
                     help="the facets' 2-D map (tsne, the library's default) or pca (k-means on "
                          "the codes' first principal components)")
+    ap.add_argument("--distinct-textures", action="store_true",
+                    help="every composite gets a texture crop of its own (needs --texture-count "
+                    ">= --photos and enough texture photos), instead of ~3 composites a crop")
+    ap.add_argument("--sheets", type=Path, default=None,
+                    help="write one contact sheet per unit (first seed, --region patch) here")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
     ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results/hidden-units-e2e.md")
@@ -155,13 +189,16 @@ def main() -> None:
     sel, pool, kinds = composites(args, rng)
     model = load_model("efficientnet_lite0")
     specs = choose_units(model, sel, args.blocks, args.batch, args.units, rng)
-    images, truth, pasted = pool
+    images, truth, pasted, scene = pool
     pre = model.preprocess
     zoom = pre.resize_size / cu.SIZE  # the model's frame: resized, then its centre cropped
     shift = (pre.resize_size - pre.input_size) / 2
     seen: dict[str, float] = {}
     rows: dict[str, dict[str, list[float]]] = {s: {r: [] for r in args.regions} for s in specs}
     in_patch: dict[str, list[float]] = {s: [] for s in specs}
+    scale: dict[str, list[float]] = {s: [] for s in specs}  # what else the facets follow
+    backdrop: dict[str, list[float]] = {s: [] for s in specs}
+    counts: dict[str, str] = {}  # facet x texture, first seed
     sides: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pool"
@@ -183,6 +220,21 @@ def main() -> None:
                     known = truth[idx] >= 0
                     found = np.array([label[i] for i in idx])
                     rows[spec][region].append(adjusted_rand_score(truth[idx][known],
+                                                                  found[known]))
+                    if region == "patch" and seed == args.seeds[0] and args.sheets:
+                        args.sheets.mkdir(parents=True, exist_ok=True)
+                        contact_sheet(model, sorted(str(p) for p in folder.glob("*.png")),
+                                      rec["facets"], truth,
+                                      args.sheets / f"seed{args.photo_seed}-{rec['slug']}.png")
+                    if region == "patch" and seed == args.seeds[0]:
+                        counts[spec] = " / ".join(
+                            f"{int(((found[known] == f) & (truth[idx][known] == 0)).sum())}:"
+                            f"{int(((found[known] == f) & (truth[idx][known] == 1)).sum())}"
+                            for f in np.unique(found[known]))
+                    if region == "patch":  # the patch's scale, the background photo's class
+                        scale[spec].append(adjusted_rand_score(
+                            pasted[idx][known][:, 2] >= 96, found[known]))
+                        backdrop[spec].append(adjusted_rand_score(scene[idx][known],
                                                                   found[known]))
                     if region == "patch":  # over the composites whose peak is in the patch
                         box = {int(Path(p).stem[1:]): b for f in rec["facets"]
@@ -210,23 +262,30 @@ def main() -> None:
              "", f"`{cmd.strip()}`: {os.cpu_count()} cores, load avg {load0:.1f} at start / "
              f"{load1:.1f} at end, {wall / 60:.1f} min, photo seed {args.photo_seed}. "
              f"Textures A = {kinds[0]}, B = {kinds[1]};"
-             f" pool: {args.photos} composites of each and {args.photos} plain photos; top-N = "
+             f" patches {args.paste[0]}-{args.paste[1]} px"
+             f"{', a texture crop of its own each' if args.distinct_textures else ''}; "
+             f"pool: {args.photos} composites of "
+             f"each and {args.photos} plain photos; top-N = "
              f"{args.top_n}, k = 2, `--reduction max --sum {args.sum}`; ARI over the top images "
              f"that are composites, crops centred by the `{args.centre}` rule "
              f"({args.crops} crops, {args.embedding} map), per seed "
              f"({', '.join(map(str, args.seeds))}) and their "
-             "mean; last column: `--region patch` over the top composites whose crop is "
-             "centred inside the pasted patch (where the unit saw the texture).",
+             "mean; `--region patch` also over the top composites whose crop is "
+             "centred inside the pasted patch (where the unit saw the texture), and the ARI of "
+             "its facets against what else they could follow: the pasted patch's scale (side "
+             ">= 96 px or not) and the background photo's class (8 classes).",
              "", "| unit | patch side (px) | peak in patch | " + " | ".join(
-                 f"ARI --region {r}" for r in args.regions) + " | ARI, peak in patch |",
-             "|---|---|---|" + "---|" * (len(args.regions) + 1)]
+                 f"ARI --region {r}" for r in args.regions) + " | ARI, peak in patch | "
+             "ARI vs scale | ARI vs background | facets, A:B each |",
+             "|---|---|---|" + "---|" * (len(args.regions) + 4)]
     for spec in specs:
         cells = [f"{np.nanmean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})" if v else "n/a"
-                 for v in (*rows[spec].values(), in_patch[spec])]
+                 for v in (*rows[spec].values(), in_patch[spec], scale[spec], backdrop[spec])]
         block = spec.split(":")[0].split("*")[-1]
         shown = spec if len(spec) < 60 else f"{block}: probe A + w * probe B (--sum maps)"
         hit = f"{seen[spec]:.2f}" if spec in seen else "n/a"
-        lines.append(f"| `{shown}` | {sides.get(spec)} | {hit} | " + " | ".join(cells) + " |")
+        lines.append(f"| `{shown}` | {sides.get(spec)} | {hit} | " + " | ".join(cells)
+                     + f" | {counts.get(spec, 'n/a')} |")
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
