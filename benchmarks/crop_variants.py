@@ -29,6 +29,8 @@ docs/hidden-units.md):
 * `window-half`: the same over the map's excess above half its maximum;
 * `window-region`: the window covering the most cells of the region `firing_centre` uses, of
   those the one nearest that region's weighted centre;
+* `flip`, `rot4`: the library's codes averaged over the crop and its mirror image, or over its
+  four quarter turns (a texture's code should not depend on its orientation);
 * `zoom2`: the library's crops (and inner squares) coded at twice their side as the model's
   input (96 or 192 px at 224) instead of enlarged to the input size.
 
@@ -49,7 +51,8 @@ from mfv.models.passes import inference
 from mfv.models.targets import resolve_layer
 
 VARIANTS = ("library", "fit", "masked", "one-side", "two-sides", "weighted", "tiled",
-            "tiled-mix", "contrast", "window", "window-half", "window-region", "zoom2")
+            "tiled-mix", "contrast", "window", "window-half", "window-region", "zoom2", "flip",
+            "rot4")
 
 
 def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
@@ -153,23 +156,29 @@ def install(variant: str) -> None:
                 self.code_layer) for share in (3 / 14, 3 / 7)) / 2
         patches.Patches.codes = codes
         return
-    if variant == "zoom2":
-        zoom = 2
+    if variant in ("flip", "rot4", "zoom2"):
+        def code_of(holder: patches.Patches, boxes: np.ndarray, images: np.ndarray
+                    ) -> np.ndarray:
+            size = holder.model.preprocess.input_size
+            if variant == "zoom2":  # every box of one target has one side
+                crops = patches.crop_resize(images, boxes, int(min(size, 2 * boxes[0, 2])))
+                return patches.crop_codes(holder.model, crops, holder.code_layer)
+            crops = patches.crop_resize(images, boxes, size)
+            views = ([crops, crops[:, :, ::-1]] if variant == "flip" else
+                     [np.rot90(crops, k, axes=(1, 2)) for k in range(4)])
+            return sum(patches.crop_codes(holder.model, np.ascontiguousarray(view),
+                                          holder.code_layer) for view in views) / len(views)
 
-        def zoomed(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+        def two_scale(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
+            """`code_of` the crops, averaged with that of their inner squares as the library's
+            `patch_codes` averages its own."""
             boxes, images = self.framed(indices)
-            size = self.model.preprocess.input_size
-
-            def code(bxs: np.ndarray, imgs: np.ndarray) -> np.ndarray:
-                side = int(min(size, zoom * bxs[0, 2]))  # every box of one target: one side
-                return patches.crop_codes(self.model, patches.crop_resize(imgs, bxs, side),
-                                          self.code_layer)
-            codes = code(boxes, images)
+            codes = code_of(self, boxes, images)
             larger, inner = patches.inner_boxes(boxes, images.shape[1])
             if len(larger):
-                codes[larger] = (codes[larger] + code(inner, images[larger])) / 2
+                codes[larger] = (codes[larger] + code_of(self, inner, images[larger])) / 2
             return codes
-        patches.Patches.codes = zoomed
+        patches.Patches.codes = two_scale
         return
     if variant in ("tiled", "tiled-mix"):
         def tiled(self: patches.Patches, indices: np.ndarray) -> np.ndarray:
