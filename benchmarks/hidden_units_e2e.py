@@ -16,7 +16,11 @@ crops, plus plain photos) is written as PNG files and run through `mfv.run(..., 
 reduction="max", selection="top", facets=2)` once per region; the ARI is computed from
 `results.json`'s facet members against the pasted texture (over the top images that are
 composites; for `--region patch` also over those whose crop is centred in the pasted patch,
-where the truth is what the unit saw).
+where the truth is what the unit saw). For `--region patch` it also tells what else the facets
+could follow (the patch's scale, the background photo's class), counts each facet's textures,
+scores the facets against what each crop shows by the texture rules' colours, and with
+`--sheets` draws each facet's crops (research aids; the sheets hold pieces of the photos, so
+they stay out of the repository).
 """
 
 from __future__ import annotations
@@ -116,6 +120,23 @@ def _inside(box, patch, zoom: float, shift: float) -> bool:
     return bool(top <= cy < top + side and left <= cx < left + side)
 
 
+def colour_kinds(model, paths: list[str], boxes: dict[int, np.ndarray], rows: np.ndarray
+                 ) -> np.ndarray:
+    """Per row, what its crop's centre shows by the rules that cut the texture crops
+    (`constructed_units.TEXTURES` on the mean colour of the box's centred half): 0 / 1 for
+    texture A / B, -1 for neither (or both)."""
+    frames = patches.frames(model, paths, rows)
+    out = np.full(len(rows), -1)
+    for j, (frame, row) in enumerate(zip(frames, rows, strict=True)):
+        top, left, h, w = (int(v) for v in boxes[int(row)])
+        centre = frame[top + h // 4:top + h - h // 4, left + w // 4:left + w - w // 4]
+        rgb = torch.as_tensor(centre.reshape(-1, 3).mean(0) / 255)
+        hits = [bool(rule(*rgb)) for _, _, rule in cu.TEXTURES]
+        if sum(hits) == 1:
+            out[j] = hits.index(True)
+    return out
+
+
 def contact_sheet(model, paths: list[str], facets: list[dict], truth: np.ndarray,
                   out: Path) -> None:
     """One row per facet of its top composites' crops (64 px), each framed in its pasted
@@ -198,6 +219,8 @@ def main() -> None:
     in_patch: dict[str, list[float]] = {s: [] for s in specs}
     scale: dict[str, list[float]] = {s: [] for s in specs}  # what else the facets follow
     backdrop: dict[str, list[float]] = {s: [] for s in specs}
+    seen_ari: dict[str, list[float]] = {s: [] for s in specs}  # against what the crops show
+    seen_share: dict[str, float] = {}
     counts: dict[str, str] = {}  # facet x texture, first seed
     sides: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,6 +262,12 @@ def main() -> None:
                     if region == "patch":  # over the composites whose peak is in the patch
                         box = {int(Path(p).stem[1:]): b for f in rec["facets"]
                                for p, b in zip(f["members"], f["boxes"], strict=True)}
+                        looks = colour_kinds(model, sorted(str(p) for p in folder.glob("*.png")),
+                                             box, idx)
+                        clear = looks >= 0
+                        seen_share[spec] = float(clear.mean())
+                        seen_ari[spec].append(adjusted_rand_score(looks[clear], found[clear])
+                                           if len(set(looks[clear])) == 2 else float("nan"))
                         hit = known & np.array([
                             truth[i] >= 0 and _inside(box[i], pasted[i], zoom, shift)
                             for i in idx])
@@ -273,11 +302,15 @@ def main() -> None:
              "mean; `--region patch` also over the top composites whose crop is "
              "centred inside the pasted patch (where the unit saw the texture), and the ARI of "
              "its facets against what else they could follow: the pasted patch's scale (side "
-             ">= 96 px or not) and the background photo's class (8 classes).",
+             ">= 96 px or not) and the background photo's class (8 classes); last column: the ARI "
+             "over all top images, plain photos too, against what each crop's centred half "
+             "shows by the colour rules that cut the texture crops (images that pass neither "
+             "rule or both are left out; their share kept in brackets).",
              "", "| unit | patch side (px) | peak in patch | " + " | ".join(
                  f"ARI --region {r}" for r in args.regions) + " | ARI, peak in patch | "
-             "ARI vs scale | ARI vs background | facets, A:B each |",
-             "|---|---|---|" + "---|" * (len(args.regions) + 4)]
+             "ARI vs scale | ARI vs background | facets, A:B each | ARI vs what the crop shows "
+             "(share of top images) |",
+             "|---|---|---|" + "---|" * (len(args.regions) + 5)]
     for spec in specs:
         cells = [f"{np.nanmean(v):.2f} ({', '.join(f'{x:.2f}' for x in v)})" if v else "n/a"
                  for v in (*rows[spec].values(), in_patch[spec], scale[spec], backdrop[spec])]
@@ -285,7 +318,9 @@ def main() -> None:
         shown = spec if len(spec) < 60 else f"{block}: probe A + w * probe B (--sum maps)"
         hit = f"{seen[spec]:.2f}" if spec in seen else "n/a"
         lines.append(f"| `{shown}` | {sides.get(spec)} | {hit} | " + " | ".join(cells)
-                     + f" | {counts.get(spec, 'n/a')} |")
+                     + f" | {counts.get(spec, 'n/a')} | "
+                     + (f"{np.nanmean(seen_ari[spec]):.2f} ({seen_share[spec]:.2f})"
+                        if seen_ari[spec] else "n/a") + " |")
     atomic_write_text(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
