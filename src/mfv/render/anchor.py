@@ -142,11 +142,11 @@ class AnchoredObjective:
         """(what to ascend, the target's value) per sample of a (B, 3, S, S) 0..255 batch at
         optimization step `step`, which sets the matching grid's offset: the same step gives
         the same terms however the samples were batched, split or resumed."""
+        if not len(self.rows):  # random starts only: the target alone
+            target = self.base(images)
+            return target, target
         # a target read at a unit's scale sees another view of the canvas: its own pass
         target = self.base(images) if self.base.at_unit_scale else None
-        if not len(self.rows):
-            target = self.base(images) if target is None else target
-            return target, target
         every = max(1, self.settings.match_every)
         match = self.match if step % every == 0 else []
         layers = [*([] if target is not None else self.base.layers), self.code, *match]
