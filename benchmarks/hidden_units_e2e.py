@@ -221,14 +221,16 @@ def main() -> None:
     backdrop: dict[str, list[float]] = {s: [] for s in specs}
     seen_ari: dict[str, list[float]] = {s: [] for s in specs}  # against what the crops show
     seen_share: dict[str, float] = {}
+    colours: dict[tuple[int, tuple[int, ...]], int] = {}  # (image, box): what the crop shows
     counts: dict[str, str] = {}  # facet x texture, first seed
     sides: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pool"
         folder.mkdir()
-        for i, img in enumerate(images):
+        paths = [str(folder / f"p{i:04d}.png") for i in range(len(images))]
+        for path, img in zip(paths, images, strict=True):
             Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-                folder / f"p{i:04d}.png")
+                path)
         for region in args.regions:
             for seed in args.seeds:
                 res = mfv.run(model=model, images=str(folder), targets=specs, reduction="max",
@@ -244,46 +246,46 @@ def main() -> None:
                     found = np.array([label[i] for i in idx])
                     rows[spec][region].append(adjusted_rand_score(truth[idx][known],
                                                                   found[known]))
-                    if region == "patch" and seed == args.seeds[0] and args.sheets:
-                        args.sheets.mkdir(parents=True, exist_ok=True)
-                        contact_sheet(model, sorted(str(p) for p in folder.glob("*.png")),
-                                      rec["facets"], truth,
-                                      args.sheets / f"seed{args.photo_seed}-{rec['slug']}.png")
-                    if region == "patch" and seed == args.seeds[0]:
-                        counts[spec] = " / ".join(
-                            f"{int(((found[known] == f) & (truth[idx][known] == 0)).sum())}:"
-                            f"{int(((found[known] == f) & (truth[idx][known] == 1)).sum())}"
-                            for f in np.unique(found[known]))
-                    if region == "patch":  # the patch's scale, the background photo's class
-                        scale[spec].append(adjusted_rand_score(
-                            pasted[idx][known][:, 2] >= 96, found[known]))
-                        backdrop[spec].append(adjusted_rand_score(scene[idx][known],
-                                                                  found[known]))
-                    if region == "patch":  # over the composites whose peak is in the patch
-                        box = {int(Path(p).stem[1:]): b for f in rec["facets"]
-                               for p, b in zip(f["members"], f["boxes"], strict=True)}
-                        looks = colour_kinds(model, sorted(str(p) for p in folder.glob("*.png")),
-                                             box, idx)
-                        clear = looks >= 0
-                        seen_share[spec] = float(clear.mean())
-                        seen_ari[spec].append(adjusted_rand_score(looks[clear], found[clear])
-                                           if len(set(looks[clear])) == 2 else float("nan"))
-                        hit = known & np.array([
-                            truth[i] >= 0 and _inside(box[i], pasted[i], zoom, shift)
-                            for i in idx])
-                        in_patch[spec].append(
-                            adjusted_rand_score(truth[idx][hit], found[hit])
-                            if len(set(truth[idx][hit])) == 2 else float("nan"))
                     side = json.loads(next((Path(tmp) / "run" / "targets" / rec["slug"] /
                                             "facets").glob("*/facets.json")).read_text())[
                         "settings"].get("patch_side")
                     sides[spec] = side or sides.get(spec)
-                    if region == "patch" and seed == args.seeds[0]:  # the peak in the patch?
-                        hits = [_inside(b, pasted[int(Path(p).stem[1:])], zoom, shift)
-                                for f in rec["facets"] for p, b in zip(f["members"], f["boxes"],
-                                                                       strict=True)
-                                if truth[int(Path(p).stem[1:])] >= 0]
-                        seen[spec] = float(np.mean(hits))
+                    if region != "patch":
+                        continue
+                    box = {int(Path(p).stem[1:]): b for f in rec["facets"]
+                           for p, b in zip(f["members"], f["boxes"], strict=True)}
+                    # over the composites whose crop is centred in the patch
+                    hit = known & np.array([
+                        truth[i] >= 0 and _inside(box[i], pasted[i], zoom, shift) for i in idx])
+                    in_patch[spec].append(
+                        adjusted_rand_score(truth[idx][hit], found[hit])
+                        if len(set(truth[idx][hit])) == 2 else float("nan"))
+                    # what else they could follow: the patch's scale, the background's class
+                    scale[spec].append(adjusted_rand_score(
+                        pasted[idx][known][:, 2] >= 96, found[known]))
+                    backdrop[spec].append(adjusted_rand_score(scene[idx][known], found[known]))
+                    # what the crops show, each (image, box) judged once over the seeds
+                    keys = [(int(i), tuple(int(v) for v in box[i])) for i in idx]
+                    new = [k for k in keys if k not in colours]
+                    if new:
+                        colours.update(zip(new, colour_kinds(
+                            model, paths, dict(new), np.array([i for i, _ in new])),
+                            strict=True))
+                    looks = np.array([colours[k] for k in keys])
+                    clear = looks >= 0
+                    seen_share[spec] = float(clear.mean())
+                    seen_ari[spec].append(adjusted_rand_score(looks[clear], found[clear])
+                                          if len(set(looks[clear])) == 2 else float("nan"))
+                    if seed == args.seeds[0]:
+                        seen[spec] = float(hit[known].mean())  # crops centred in the patch
+                        counts[spec] = " / ".join(
+                            f"{int(((found[known] == f) & (truth[idx][known] == 0)).sum())}:"
+                            f"{int(((found[known] == f) & (truth[idx][known] == 1)).sum())}"
+                            for f in np.unique(found[known]))
+                        if args.sheets:
+                            args.sheets.mkdir(parents=True, exist_ok=True)
+                            contact_sheet(model, paths, rec["facets"], truth, args.sheets /
+                                          f"seed{args.photo_seed}-{rec['slug']}.png")
             print(f"{region} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
     cmd = "python benchmarks/hidden_units_e2e.py " + " ".join(sys.argv[1:])
