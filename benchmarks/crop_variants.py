@@ -43,7 +43,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from mfv.facets import patches
 from mfv.models.activations import capture, first_layer_map
@@ -65,45 +64,40 @@ def _maps(holder: patches.Patches, images: np.ndarray) -> torch.Tensor:
 
 
 def _extent(grid_map: np.ndarray) -> int:
-    """Cells across (the larger side) of the bounding box of the region `firing_centre` uses."""
-    m = np.asarray(grid_map, np.float64)
-    top = m.max()
-    if not np.isfinite(top) or top <= 0:
+    """Cells across (the larger side) of the bounding box of `firing_region`."""
+    region = patches.firing_region(grid_map)
+    if region is None:
         return 1
-    excess = np.clip(m - patches.FIRING_SHARE * top, 0.0, None)
-    regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
-    best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
-    rows, cols = np.nonzero(regions == best)
+    rows, cols = np.nonzero(region > 0)
     return int(max(np.ptp(rows), np.ptp(cols)) + 1)
+
+
+def _window_sums(m: np.ndarray, cells: int) -> tuple[np.ndarray, int]:
+    """The sums of `m` over every k x k window inside it (k = `cells` within the map's
+    sides), indexed by the window's top-left cell, and k."""
+    k = int(max(1, min(cells, *m.shape)))
+    c = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k], k
 
 
 def _window_centre(grid_map: np.ndarray, cells: int, floor: float) -> tuple[float, float]:
     """(row, column), in cells, of the centre of the `cells` x `cells` window inside the map
     that holds the most activation above `floor` x the map's maximum (0: its positive part)."""
     m = np.asarray(grid_map, np.float64)
-    m = np.clip(m - floor * max(m.max(), 0.0), 0.0, None)
-    k = int(max(1, min(cells, *m.shape)))
-    c = np.pad(m.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    sums, k = _window_sums(np.clip(m - floor * max(m.max(), 0.0), 0.0, None), cells)
     i, j = np.unravel_index(int(np.argmax(sums)), sums.shape)
     return i + k / 2, j + k / 2
 
 
 def _region_window_centre(grid_map: np.ndarray, cells: int) -> tuple[float, float]:
     """(row, column), in cells, of the centre of the `cells` x `cells` window that covers the
-    most cells of the region `firing_centre` uses; of the windows that cover as many, the one
-    whose centre is nearest the region's weighted centre (`firing_centre`)."""
-    m = np.asarray(grid_map, np.float64)
-    centre = np.array(patches.firing_centre(m)) + 0.5
-    top = m.max()
-    if not np.isfinite(top) or top <= 0:
+    most cells of `firing_region`; of the windows that cover as many, the one whose centre is
+    nearest the region's weighted centre (`firing_centre`)."""
+    centre = np.array(patches.firing_centre(grid_map)) + 0.5
+    region = patches.firing_region(grid_map)
+    if region is None:
         return tuple(centre)
-    excess = np.clip(m - patches.FIRING_SHARE * top, 0.0, None)
-    regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
-    best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
-    k = int(max(1, min(cells, *m.shape)))
-    c = np.pad((regions == best).astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    sums = c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+    sums, k = _window_sums((region > 0).astype(np.float64), cells)
     rows, cols = np.indices(sums.shape) + k / 2
     far = (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2
     i, j = np.unravel_index(int(np.argmin(np.where(sums >= sums.max() - 1e-9, far, np.inf))),

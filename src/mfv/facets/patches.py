@@ -60,19 +60,28 @@ def resolve_region(region: str, target: Target, grid: tuple[int, int] | None) ->
     return region
 
 
-def firing_centre(grid_map: np.ndarray) -> tuple[float, float]:
-    """(row, column), in cells, of the centre of where a map fires most: of its regions at
-    `FIRING_SHARE` of its maximum or more (8-connected), the one holding the most activation
-    above that level, weighted by it; the maximum's cell when the map is nowhere positive."""
+def firing_region(grid_map: np.ndarray) -> np.ndarray | None:
+    """Where a map fires most: of its regions at `FIRING_SHARE` of its maximum or more
+    (8-connected), the one holding the most activation above that level, as that excess
+    (0 elsewhere); None when the map is nowhere positive."""
     m = np.asarray(grid_map, np.float64)
     top = m.max()
     if not np.isfinite(top) or top <= 0:
-        return tuple(float(v) for v in np.unravel_index(np.argmax(m), m.shape))
+        return None
     excess = np.clip(m - FIRING_SHARE * top, 0.0, None)
     regions, n = ndimage.label(excess > 0, structure=np.ones((3, 3)))
     best = 1 + int(np.argmax(ndimage.sum(excess, regions, index=np.arange(1, n + 1))))
-    weight = np.where(regions == best, excess, 0.0)
-    rows, cols = np.indices(m.shape)
+    return np.where(regions == best, excess, 0.0)
+
+
+def firing_centre(grid_map: np.ndarray) -> tuple[float, float]:
+    """(row, column), in cells, of the centre of `firing_region`, weighted by its excess; the
+    maximum's cell when the map is nowhere positive."""
+    weight = firing_region(grid_map)
+    if weight is None:
+        m = np.asarray(grid_map)
+        return tuple(float(v) for v in np.unravel_index(np.argmax(m), m.shape))
+    rows, cols = np.indices(weight.shape)
     return float((weight * rows).sum() / weight.sum()), float((weight * cols).sum() / weight.sum())
 
 
