@@ -81,14 +81,15 @@ def direction_spec(block: str, vec: torch.Tensor) -> str:
                           for v, c in terms[1:])
 
 
-def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
-                 rng: np.random.Generator) -> list[str]:
-    """Per block, `"B:a + w*B:b"` with a, b the channels most selective for each texture's
-    patches (`channels`), or the direction of the two textures' linear probes, vA + w vB
-    (`probe`, Lucent's `direction`); w equalises the halves' 90th percentiles."""
+def unit_directions(model, sel, blocks: list[str], batch: int, kind_of: str,
+                    rng: np.random.Generator
+                    ) -> list[tuple[str, torch.Tensor, torch.Tensor, float]]:
+    """Per block (block, vA, vB, w): the channels most selective for each texture's patches as
+    one-hot vectors (`channels`), or the two textures' linear probes' directions (`probe`,
+    Lucent's `direction`); w equalises the halves' 90th percentiles."""
     images, kind, boxes, _ = sel
     acts = cu.forward(model, images, [LayerRef(b) for b in blocks], batch)
-    specs = []
+    out = []
     for block in blocks:
         maps = acts[block]
         mask = cu.in_box(boxes, tuple(maps.shape[-2:]))
@@ -107,9 +108,64 @@ def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
         qa = cu.unit_map(maps[own[0]], va).amax((1, 2)).quantile(0.9)
         qb = cu.unit_map(maps[own[1]], vb).amax((1, 2)).quantile(0.9)
         w = float(qa / qb) if qa > 0 and qb > 0 else 1.0
-        specs.append(direction_spec(block, va + w * vb) if kind_of != "channels" else
-                     f"{block}:{int(va.argmax())} + {w:.3f}*{block}:{int(vb.argmax())}")
-    return specs
+        out.append((block, va, vb, w))
+    return out
+
+
+def two_kind_spec(block: str, va: torch.Tensor, vb: torch.Tensor, w: float, kind_of: str
+                  ) -> str:
+    """The two-kind unit as a target: `"B:a + w*B:b"` (`channels`) or the direction vA + w vB
+    (`probe`, `max-probe`)."""
+    if kind_of == "channels":
+        return f"{block}:{int(va.argmax())} + {w:.3f}*{block}:{int(vb.argmax())}"
+    return direction_spec(block, va + w * vb)
+
+
+def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
+                 rng: np.random.Generator) -> list[str]:
+    """Per block the two-kind unit as a target (`two_kind_spec` of `unit_directions`)."""
+    return [two_kind_spec(*found, kind_of)
+            for found in unit_directions(model, sel, blocks, batch, kind_of, rng)]
+
+
+def seeded_pool(data: Path, seed: int, blocks: list[str], units: str, model):
+    """The benchmark's selection set, pool and chosen unit directions for one photo seed, with
+    its default construction (`composites`, then `unit_directions`), seeded as `main` is."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    args = argparse.Namespace(photos=80, texture_photos=300, texture_count=24, paste=[64, 128],
+                              distinct_textures=False, data=data)
+    sel, pool, _ = composites(args, rng)
+    return pool, unit_directions(model, sel, blocks, 32, units, rng)
+
+
+def write_pool(images: torch.Tensor, folder: Path) -> list[str]:
+    """The pool's images as PNG files `p0000.png`, ... in `folder` (a photo folder for
+    `mfv.run`); their paths in pool order."""
+    paths = [str(folder / f"p{i:04d}.png") for i in range(len(images))]
+    for path, img in zip(paths, images, strict=True):
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    return paths
+
+
+def study_arguments(description: str, out: str) -> argparse.Namespace:
+    """The command line of a study over the benchmark's units: photo seeds, unit kind, blocks,
+    data and the report's path (default `benchmarks/results/<out>`)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--photo-seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--units", default="probe", choices=["channels", "probe", "max-probe"])
+    ap.add_argument("--blocks", nargs="+", default=["_blocks.2", "_blocks.5", "_blocks.10",
+                                                    "_blocks.14"])
+    ap.add_argument("--data", type=Path, default=cu.DATA / "imagenette-train")
+    ap.add_argument("--out", type=Path, default=cu.ROOT / "benchmarks/results" / out)
+    return ap.parse_args()
+
+
+def run_line(t0: float, load0: float) -> str:
+    """How a study ran, for its report: its command, the cores, the load and the minutes."""
+    cmd = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:])
+    return (f"`{cmd.strip()}`: {os.cpu_count()} cores, load avg {load0:.1f} at start / "
+            f"{os.getloadavg()[0]:.1f} at end, {(time.perf_counter() - t0) / 60:.1f} min")
 
 
 def _inside(box, patch, zoom: float, shift: float) -> bool:
@@ -227,10 +283,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "pool"
         folder.mkdir()
-        paths = [str(folder / f"p{i:04d}.png") for i in range(len(images))]
-        for path, img in zip(paths, images, strict=True):
-            Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(
-                path)
+        paths = write_pool(images, folder)
         for region in args.regions:
             for seed in args.seeds:
                 res = mfv.run(model=model, images=str(folder), targets=specs, reduction="max",
