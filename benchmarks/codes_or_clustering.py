@@ -16,6 +16,12 @@ unchanged). On the same codes of the same top images:
   codes' first 50 and first 2 principal components, a full-covariance Gaussian mixture on the
   first 2, t-SNE at perplexity 10 (the library's is 30, clamped to (n - 1) / 3 = 19.7 for 60
   images), and spectral clustering on a 10-nearest-neighbour graph;
+* **codes relative to the collection's crops** (the library's own pipeline, `find_facets`,
+  on transformed codes): 400 crops of the unit's side at random places of random pool images
+  are coded as the library codes patches, and the top crops' codes are whitened by their
+  principal components (each scaled by 1 / sqrt(variance + 0.1 x the largest)), stripped of
+  their 3 largest, or standardised by their per-dimension spread, so that what varies between
+  ordinary crops (their backgrounds) weighs less;
 * **the kind axis**: the share of the codes' variance along the logistic regression's
   direction, and its cosine with the first principal component.
 
@@ -45,8 +51,10 @@ from sklearn.preprocessing import Normalizer
 
 import mfv
 from mfv.core.io import atomic_write_text
-from mfv.facets import find
+from mfv.facets import find, patches
+from mfv.facets.options import FacetOptions
 from mfv.models.loading import load_model
+from mfv.models.targets import resolve_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hidden_units_e2e as e2e  # noqa: E402  (the benchmark's pool and units)
@@ -71,9 +79,32 @@ def clusterings(codes: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def relative(codes: np.ndarray, collection: np.ndarray) -> dict[str, np.ndarray]:
+    """The codes whitened by, stripped of the largest axes of, or standardised by the
+    collection's crops' codes."""
+    centred = codes - collection.mean(0)
+    pca = PCA(100, random_state=0).fit(collection)
+    axes, var = pca.components_, pca.explained_variance_
+    return {"whitened by the collection's crops": centred @ axes.T / np.sqrt(var + 0.1 * var[0]),
+            "without the collection's 3 largest axes": centred - centred @ axes[:3].T @ axes[:3],
+            "standardised by the collection's crops": centred / (collection.std(0) + 1e-3 *
+                                                                  collection.std(0).mean())}
+
+
+def collection_codes(model, paths: list[str], sides: set[int], seed: int) -> dict[int, np.ndarray]:
+    """Per crop side, the codes of 400 crops at random places of random images of the pool,
+    coded as the library codes a patch (`patch_codes`)."""
+    rng = np.random.default_rng(100 + seed)
+    frames = patches.frames(model, paths, rng.integers(0, len(paths), 400))
+    size = model.preprocess.input_size
+    layer = resolve_layer(model, "penultimate")
+    return {side: patches.patch_codes(model, frames, patches.peak_boxes(
+        rng.uniform(side / 2, size - side / 2, (400, 2)), side, size), layer) for side in sides}
+
+
 def captured_codes(args, photo_seed: int, model) -> list[dict]:
-    """Per unit of one photo seed: its spec, the clustered codes, the rows' pasted kind and the
-    library's facet of each row."""
+    """Per unit of one photo seed: its spec, the clustered codes and activations, the rows'
+    pasted kind, the library's facet of each row, and the collection's crops' codes."""
     pool, found = e2e.seeded_pool(args.data, photo_seed, args.blocks, args.units, model)
     specs = [e2e.two_kind_spec(*unit, args.units) for unit in found]
     images, truth, _, _ = pool
@@ -82,7 +113,7 @@ def captured_codes(args, photo_seed: int, model) -> list[dict]:
 
     def capture(codes, *a, **kw):
         result = library(codes, *a, **kw)
-        seen.append((np.array(codes), result))
+        seen.append((np.array(codes), np.array(a[0]), result))
         return result
 
     find.find_facets = capture
@@ -90,15 +121,17 @@ def captured_codes(args, photo_seed: int, model) -> list[dict]:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp) / "pool"
             folder.mkdir()
-            e2e.write_pool(images, folder)
+            paths = e2e.write_pool(images, folder)
             mfv.run(model=model, images=str(folder), targets=specs, reduction="max",
                     sum="maps", selection="top", top_n=60, facets=2, region="patch", seed=0,
                     out=str(Path(tmp) / "run"), until="facets", progress=False)
+            collection = collection_codes(model, paths, {r.unit_side for *_, r in seen},
+                                          photo_seed)
     finally:
         find.find_facets = library
-    return [{"spec": spec, "codes": codes, "truth": truth[result.selected],
-             "facet": result.assignment} for spec, (codes, result) in zip(specs, seen,
-                                                                           strict=True)]
+    return [{"spec": spec, "codes": codes, "activations": acts, "truth": truth[r.selected],
+             "facet": r.assignment, "collection": collection[r.unit_side]}
+            for spec, (codes, acts, r) in zip(specs, seen, strict=True)]
 
 
 def scores(unit: dict) -> dict[str, float]:
@@ -111,6 +144,10 @@ def scores(unit: dict) -> dict[str, float]:
         out[f"readout: {name}"] = adjusted_rand_score(truth, guess)
     for name, labels in clusterings(codes).items():
         out[name] = adjusted_rand_score(truth, labels[known])
+    for name, moved in relative(codes.astype(np.float64), unit["collection"]).items():
+        facets = find.find_facets(moved, unit["activations"], None, FacetOptions(k=2, seed=0))
+        out[f"library pipeline, codes {name}"] = adjusted_rand_score(
+            truth, facets.assignment[known])
     axis = LogisticRegression(max_iter=5000).fit(codes[known], truth).coef_[0]
     axis /= np.linalg.norm(axis)
     centred = codes - codes.mean(0)
