@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mfv.core.errors import MfvError
-from mfv.study.layers import CALIBRATION_UNITS
+from mfv.study.calibration import CALIBRATION_UNITS
 from mfv.study.measures import (
     bootstrap_ci,
     mono_score,

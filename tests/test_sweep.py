@@ -22,7 +22,8 @@ from mfv.data.sources import from_folder
 from mfv.models.targets import parse_targets
 from mfv.scan.options import ScanOptions
 from mfv.scan.scanner import scan
-from mfv.study.layers import MEASURES, block_layers, sweep
+from mfv.study.layers import block_layers, sweep
+from mfv.study.measures import MEASURES
 
 
 @pytest.fixture(scope="module")

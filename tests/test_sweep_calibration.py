@@ -10,28 +10,35 @@ import numpy as np
 import pytest
 
 from mfv.runtime.settings import make_settings
-from mfv.study.layers import CALIBRATION_UNITS, _calibration, _pairs, _Tasks, _two_kind, _Unit
+from mfv.study.calibration import (
+    CALIBRATION_UNITS,
+    Unit,
+    calibrate,
+    calibration_pairs,
+    two_kind_unit,
+)
+from mfv.study.layers import _Tasks
 from mfv.study.measures import measure_set
 from mfv.study.seen import WHOLE, table, whole_boxes
 
 N = 30
 
 
-def _unit(unit: int, rows, values) -> _Unit:
-    return _Unit("layer", unit, unit, np.asarray(rows, np.int64), np.asarray(values, float))
+def _unit(unit: int, rows, values) -> Unit:
+    return Unit("layer", unit, unit, np.asarray(rows, np.int64), np.asarray(values, float))
 
 
 def test_a_two_kind_unit_is_the_top_n_of_the_scaled_maximum():
     a = _unit(0, [5, 3, 9, 1], [8.0, 6.0, 4.0, 2.0])  # mean 5
     b = _unit(1, [7, 3, 2, 4], [2.0, 1.5, 0.4, 0.1])  # mean 1
     index = {("layer", 0): np.array([50, 30, 90, 10]), ("layer", 1): np.array([70, 31, 20, 40])}
-    chosen, values, kind = _two_kind(a, b, index, 4)
+    chosen, values, kind = two_kind_unit(a, b, index, 4)
     scaled = {50: 1.6, 30: 1.2, 90: 0.8, 10: 0.4, 70: 2.0, 31: 1.5, 20: 0.4, 40: 0.1}
     best = sorted(scaled, key=lambda k: -scaled[k])[:4]
     assert chosen.tolist() == best and np.allclose(values, [scaled[k] for k in best])
     assert kind.tolist() == [1, 0, 1, 0]
     same = {("layer", 0): np.array([1, 2]), ("layer", 1): np.array([2, 3])}  # item 2 twice
-    chosen, values, _ = _two_kind(_unit(0, [1, 2], [2.0, 1.0]), _unit(1, [2, 3], [3.0, 1.0]),
+    chosen, values, _ = two_kind_unit(_unit(0, [1, 2], [2.0, 1.0]), _unit(1, [2, 3], [3.0, 1.0]),
                                   same, 4)
     assert chosen.tolist() == [2, 1, 3] and np.allclose(values, [1.5, 4 / 3, 0.5])
 
@@ -39,16 +46,16 @@ def test_a_two_kind_unit_is_the_top_n_of_the_scaled_maximum():
 def test_pairs_share_few_top_images_and_are_seeded():
     rows = [range(0, 10), range(0, 10), range(20, 30), range(40, 50), range(1, 11)]
     units = [_unit(i, list(r), np.linspace(2, 1, 10)) for i, r in enumerate(rows)]
-    pairs = _pairs(units, 10, seed=3)
-    assert pairs == _pairs(units, 10, seed=3)
+    pairs = calibration_pairs(units, 10, seed=3)
+    assert pairs == calibration_pairs(units, 10, seed=3)
     # every pair but those sharing most of their tops (0-1, 0-4, 1-4), each once
     assert sorted((a.unit, b.unit) for a, b in pairs) == [(0, 2), (0, 3), (1, 2), (1, 3),
                                                           (2, 3), (2, 4), (3, 4)]
     many = [_unit(i, [i], [1.0]) for i in range(3 * CALIBRATION_UNITS)]
-    drawn = {u.unit for pair in _pairs(many, 1, seed=0) for u in pair}
-    assert len(drawn) == CALIBRATION_UNITS and len(_pairs(many, 1, seed=0)) == \
+    drawn = {u.unit for pair in calibration_pairs(many, 1, seed=0) for u in pair}
+    assert len(drawn) == CALIBRATION_UNITS and len(calibration_pairs(many, 1, seed=0)) == \
         CALIBRATION_UNITS * (CALIBRATION_UNITS - 1) // 2
-    assert drawn != {u.unit for pair in _pairs(many, 1, seed=1) for u in pair}
+    assert drawn != {u.unit for pair in calibration_pairs(many, 1, seed=1) for u in pair}
 
 
 def _measured(codes, other, chosen, values, seed=0):
@@ -72,10 +79,10 @@ def _layer(separate: bool, seed: int = 0):
         units.append(_unit(u, rows, np.linspace(3, 1, N)))
     for u in units:
         docs[u.unit] = _measured(codes, other, index["layer", u.unit], u.values)
-    pairs = _pairs(units, N, seed)
-    two = [_two_kind(a, b, index, N) for a, b in pairs]
+    pairs = calibration_pairs(units, N, seed)
+    two = [two_kind_unit(a, b, index, N) for a, b in pairs]
     measured = [_measured(codes, other, c, v) for c, v, _ in two]
-    return _calibration(pairs, docs, measured, [k for _, _, k in two], seed)
+    return calibrate(pairs, docs, measured, [k for _, _, k in two], seed)
 
 
 def test_the_calibration_has_power_only_where_two_kinds_differ():

@@ -32,14 +32,12 @@ Everything lands in `RUN/sweep/` (`mfv.runtime.rundir.SweepStore`), results in
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import adjusted_rand_score
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -66,22 +64,21 @@ from mfv.runtime.rundir import RunDir
 from mfv.runtime.settings import Settings, make_settings
 from mfv.runtime.tasks import RunContext, patch_side, pixels, scan_on
 from mfv.scan.scanner import ScanResult
-from mfv.study.measures import (
-    bootstrap_ci,
-    measure_set,
-    pair_bootstrap_ci,
-    parallel_map,
-    percentile_ci,
+from mfv.study.calibration import (
+    POWER_MEASURES,
+    Unit,
+    calibrate,
+    calibration_pairs,
+    calibration_point,
+    two_kind_unit,
 )
+from mfv.study.chance import chance_level, chance_sets, overall_chance
+from mfv.study.measures import MEASURES, bootstrap_ci, measure_set, parallel_map
 from mfv.study.seen import CODE_ENGINE, Items, code_items, firing_centres_of, table, whole_boxes
+from mfv.study.trend import answer
 
 SWEEP_FORMAT = "mfv.sweep/1"
-MEASURES = ("k", "silhouette", "polysemanticity", "separation")
-CHANCE_REPEATS = 10  # random sets per layer
 EXAMPLES = 3  # example units per layer whose facets the Layers page shows
-CALIBRATION_UNITS = 10  # units per layer whose pairs make the constructed two-kind units
-OVERLAP = 0.1  # at most this share of top images shared by a calibration pair's units
-POWER_MEASURES = ("k", "polysemanticity", "separation")  # higher = more multifaceted
 
 
 def block_layers(model: LoadedModel) -> list[str]:
@@ -116,15 +113,6 @@ def choose_layers(model: LoadedModel, spec: str) -> list[str]:
     if not layers:
         raise MfvError("--layers: give 'auto' or a comma-separated list of layers")
     return layers
-
-
-@dataclass(frozen=True)
-class _Unit:
-    layer: str
-    unit: int
-    column: int  # its target's index in the scan
-    rows: np.ndarray  # the unit's top-N images (scan rows), best first
-    values: np.ndarray  # its activations on them
 
 
 @dataclass(frozen=True)
@@ -172,7 +160,7 @@ def sweep(settings: Settings | None = None, *, model: str | nn.Module | LoadedMo
 
 
 def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
-                   ) -> dict[str, list[_Unit]]:
+                   ) -> dict[str, list[Unit]]:
     """Per layer, the units to measure (a seeded sample, or all) that some image activates."""
     rng = np.random.default_rng(settings.seed)
     by_layer: dict[str, list[int]] = {}
@@ -189,14 +177,14 @@ def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
         for column in columns:
             rows, values = result.top(column, settings.facets.top_n)
             if len(rows) >= 2 and values.max() > 0 and np.ptp(values) > 0:
-                units.append(_Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
+                units.append(Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
                                    int(column), rows, values))
         out[layer] = units
     return out
 
 
 def _how_seen(run: RunDir, settings: Settings, model: LoadedModel, result: ScanResult,
-              units: dict[str, list[_Unit]], targets: Sequence[Target]) -> dict[str, _Seen]:
+              units: dict[str, list[Unit]], targets: Sequence[Target]) -> dict[str, _Seen]:
     """Per layer, patch or whole photo (`--region`, as `mfv run` decides it for each target)
     and the patch side (`mfv.runtime.tasks.patch_side`: the layer's effective field within
     3/14-3/7 of the input, or `--patch-size`)."""
@@ -216,7 +204,7 @@ def _how_seen(run: RunDir, settings: Settings, model: LoadedModel, result: ScanR
 
 
 def _all_boxes(settings: Settings, model: LoadedModel, result: ScanResult,
-               todo: Sequence[_Unit], seen: dict[str, _Seen], targets: Sequence[Target]
+               todo: Sequence[Unit], seen: dict[str, _Seen], targets: Sequence[Target]
                ) -> list[np.ndarray]:
     """Each unit's items' boxes, as `mfv run --region patch` crops them (`mfv.facets.patches`):
     a square of the layer's side centred on the scan's peak for a unit read at its map's
@@ -262,17 +250,17 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
     # every unit, then per layer its chance sets and calibration pairs, measured at once
     for u in todo:
         sets.add(("unit", u.layer, u.unit), index[u.layer, u.unit], u.values)
-    chance_sets = {}
+    draws = {}
     pairs = {}
     for depth, layer in enumerate(layers):
         pool = np.unique(np.concatenate([index[layer, u.unit] for u in units[layer]])) \
             if units[layer] else np.zeros(0, np.int64)
-        chance_sets[layer] = _chance_sets(pool, s.facets.top_n, s.seed + 1 + depth)
-        for i, chosen in enumerate(chance_sets[layer]):
+        draws[layer] = chance_sets(pool, s.facets.top_n, s.seed + 1 + depth)
+        for i, chosen in enumerate(draws[layer]):
             sets.add(("chance", layer, i), chosen, None)
-        pairs[layer] = _pairs(units[layer], s.facets.top_n, s.seed + 1 + depth)
+        pairs[layer] = calibration_pairs(units[layer], s.facets.top_n, s.seed + 1 + depth)
         for a, b in pairs[layer]:
-            chosen, values, _ = _two_kind(a, b, index, s.facets.top_n)
+            chosen, values, _ = two_kind_unit(a, b, index, s.facets.top_n)
             sets.add(("pair", layer, (a.unit, b.unit)), chosen, values)
     measured = sets.run(s.progress)
     t2 = time.perf_counter()
@@ -282,19 +270,19 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
                           index[u.layer, u.unit], seen[layer]) for u in units[layer]]
         entry = {"layer": layer, "depth": depth, "region": seen[layer].region,
                  "patch_side": seen[layer].side, "units": docs}
-        entry["chance"] = _chance_level([measured["chance", layer, i]
-                                         for i in range(len(chance_sets[layer]))])
-        entry["calibration"] = _calibration(
+        entry["chance"] = chance_level([measured["chance", layer, i]
+                                         for i in range(len(draws[layer]))])
+        entry["calibration"] = calibrate(
             pairs[layer], {u.unit: d for u, d in zip(units[layer], docs, strict=True)},
             [measured["pair", layer, (a.unit, b.unit)] for a, b in pairs[layer]],
-            [_two_kind(a, b, index, s.facets.top_n)[2] for a, b in pairs[layer]],
+            [two_kind_unit(a, b, index, s.facets.top_n)[2] for a, b in pairs[layer]],
             s.seed)
         entry["summary"] = {name: dict(zip(("mean", "low", "high"), bootstrap_ci(
             [u[name] for u in entry["units"]], seed=s.seed), strict=True))
             for name in MEASURES}
         entry["examples"] = _examples(run, settings, model, entry)
         per_layer.append(entry)
-    level = _overall_chance(per_layer)
+    level = overall_chance(per_layer)
     stem = run.sweep.plot_stem
     label = {name: SWEEP_MEASURES[name].label for name in MEASURES}
     plot_layer_measures(
@@ -303,7 +291,7 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
                        for e in per_layer] for name in MEASURES},
         {label[name]: [e["chance"][name]["mean"] for e in per_layer] for name in MEASURES},
         stem,
-        calibration={label[name]: [_calibration_point(e, name) for e in per_layer]
+        calibration={label[name]: [calibration_point(e, name) for e in per_layer]
                      for name in POWER_MEASURES})
     return {
         "format": SWEEP_FORMAT, "model": model.describe(), "device": str(model.device),
@@ -313,7 +301,7 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         "embedder": embedder, "measures": list(MEASURES), "chance": level,
         "plot": {fmt: run.relative(stem.with_name(f"{stem.name}.{fmt}"))
                  for fmt in ("png", "svg")},
-        "layers": per_layer, "answer": _answer(per_layer, level),
+        "layers": per_layer, "answer": answer(per_layer, level),
         "timings": {"scan": round(result.manifest["seconds"], 3),
                     "embedding": round(t1 - t0, 3), "facets": round(t2 - t1, 3),
                     "summary": round(time.perf_counter() - t2, 3),
@@ -415,42 +403,7 @@ def _label(name: tuple) -> str:
     return f"{layer}: chance set {what}"
 
 
-def _chance_sets(pool: np.ndarray, size: int, seed: int) -> list[np.ndarray]:
-    """CHANCE_REPEATS random sets of the layer's pooled items, each as large as a unit's top."""
-    if len(pool) < 2:
-        return []
-    rng = np.random.default_rng(seed)
-    return [np.sort(rng.choice(pool, min(size, len(pool)), replace=False))
-            for _ in range(CHANCE_REPEATS)]
-
-
-def _chance_level(draws: Sequence[dict]) -> dict:
-    """Per measure the mean and std of the chance sets' values (over those that are numbers)."""
-    out = {}
-    for name in MEASURES:
-        values = [d[name] for d in draws]
-        v = np.asarray([np.nan if x is None else x for x in values], np.float64)
-        finite = v[np.isfinite(v)]
-        out[name] = {"mean": SWEEP_MEASURES[name].combine(values) if values else None,
-                     "std": float(finite.std()) if finite.size else None, "draws": len(v)}
-    return out
-
-
-def _overall_chance(per_layer: Sequence[dict]) -> dict:
-    """The sweep's chance level per measure: the mean of the layers' chance levels."""
-    out = {}
-    for name in MEASURES:
-        means = [e["chance"][name]["mean"] for e in per_layer
-                 if e["chance"][name]["mean"] is not None]
-        stds = [e["chance"][name]["std"] for e in per_layer
-                if e["chance"][name]["std"] is not None]
-        out[name] = {"mean": float(np.mean(means)) if means else None,
-                     "std": float(np.mean(stds)) if stds else None,
-                     "draws": int(sum(e["chance"][name]["draws"] for e in per_layer))}
-    return out
-
-
-def _unit_doc(m: dict, u: _Unit, result: ScanResult, items: Items, chosen: np.ndarray,
+def _unit_doc(m: dict, u: Unit, result: ScanResult, items: Items, chosen: np.ndarray,
               seen: _Seen) -> dict:
     """A measured unit as sweep.json lists it: members and representatives as input paths
     (and, for patches, the representatives' boxes, which its mean images average)."""
@@ -464,88 +417,6 @@ def _unit_doc(m: dict, u: _Unit, result: ScanResult, items: Items, chosen: np.nd
         doc["representative_boxes"] = [[items.boxes[chosen[i]].tolist() for i in rows]
                                        for rows in m["representatives"]]
     return doc
-
-
-def _pairs(units: Sequence[_Unit], top_n: int, seed: int) -> list[tuple[_Unit, _Unit]]:
-    """Every pair of up to CALIBRATION_UNITS of the layer's units (a seeded draw, never chosen
-    by what the measures read) whose top images overlap little (at most OVERLAP of them
-    shared): a unit is in several pairs, which the calibration's vertex bootstrap allows for."""
-    rng = np.random.default_rng(seed)
-    drawn = [units[i] for i in np.sort(rng.permutation(len(units))[:CALIBRATION_UNITS])]
-    tops = [set(u.rows.tolist()) for u in drawn]
-    return [(drawn[i], drawn[j]) for i in range(len(drawn)) for j in range(i + 1, len(drawn))
-            if len(tops[i] & tops[j]) <= OVERLAP * min(top_n, len(tops[i]), len(tops[j]))]
-
-
-def _two_kind(a: _Unit, b: _Unit, index: dict, top_n: int
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The constructed unit max(a / mean a, b / mean b) of two units (each scaled by the mean
-    of its top activations): its top-N items — exactly the top-N of the union of the two units'
-    top-N, each image seen where the unit that drives it peaks — their values, and each item's
-    known kind (0: a, 1: b)."""
-    scale = [u.values.mean() if u.values.mean() > 0 else u.values.max() for u in (a, b)]
-    chosen = np.concatenate([index[a.layer, a.unit], index[b.layer, b.unit]])
-    values = np.concatenate([a.values / scale[0], b.values / scale[1]])
-    kind = np.repeat([0, 1], [len(a.values), len(b.values)])
-    order = np.lexsort((chosen, -values))
-    chosen, values, kind = chosen[order], values[order], kind[order]
-    _, first = np.unique(chosen, return_index=True)  # an item in both: its larger value
-    keep = np.sort(first)[:top_n]
-    return chosen[keep], values[keep], kind[keep]
-
-
-def _calibration(pairs: Sequence[tuple[_Unit, _Unit]], docs: dict[int, dict],
-                 two: Sequence[dict], kinds: Sequence[np.ndarray], seed: int) -> dict:
-    """Can the measures tell, at this layer, a unit that fires for two kinds of image from one
-    that fires for one? Per calibration pair, the constructed two-kind unit's value minus the
-    mean of its two units' values; per measure the mean difference with its 95 % interval
-    from the vertex bootstrap (pairs share units): `power` when the whole interval is above 0
-    (None without pairs)."""
-    out = {"pairs": [[a.unit, b.unit] for a, b in pairs],
-           "two_kind": [{"units": [a.unit, b.unit], "split": np.bincount(k, minlength=2)
-                         .tolist(), **{name: d[name] for name in MEASURES},
-                         "kind_ari": _kind_ari(d, k)}
-                        for (a, b), d, k in zip(pairs, two, kinds, strict=True)],
-           "measures": {}}
-    for name in MEASURES:
-        one = np.array([np.nanmean([_num(docs[a.unit][name]), _num(docs[b.unit][name])])
-                        if np.isfinite([_num(docs[a.unit][name]), _num(docs[b.unit][name])]
-                                       ).any() else np.nan for a, b in pairs], np.float64)
-        both = np.array([_num(d[name]) for d in two], np.float64)
-        diff = both - one
-        ok = np.isfinite(diff)
-        if not ok.any():
-            out["measures"][name] = {"one": None, "two": None, "difference": None,
-                                     "low": None, "high": None, "power": None, "pairs": 0,
-                                     "units": 0}
-            continue
-        ends = np.array([[a.unit, b.unit] for a, b in pairs], np.int64)[ok]
-        mean, low, high = pair_bootstrap_ci(ends, diff[ok], seed=seed)
-        out["measures"][name] = {"one": float(np.mean(one[ok])), "two": float(np.mean(both[ok])),
-                                 "difference": mean, "low": low, "high": high,
-                                 "power": bool(low > 0), "pairs": int(ok.sum()),
-                                 "units": int(np.unique(ends).size)}
-    return out
-
-
-def _num(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def _kind_ari(doc: dict, kind: np.ndarray) -> float:
-    """How well the constructed unit's facets split its items by kind (adjusted Rand index)."""
-    labels = np.empty(len(kind), np.int64)
-    for f, rows in enumerate(doc["members"]):
-        labels[np.asarray(rows, np.int64)] = f
-    return float(adjusted_rand_score(kind, labels))
-
-
-def _calibration_point(entry: dict, name: str) -> tuple[float, float, bool | None]:
-    """(one-kind mean, two-kind mean, power) of a layer's calibration for the plot."""
-    c = entry["calibration"]["measures"][name]
-    if c["power"] is None:
-        return float("nan"), float("nan"), None
-    return c["one"], c["two"], c["power"]
 
 
 def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) -> list[dict]:
@@ -576,51 +447,6 @@ def _examples(run: RunDir, settings: Settings, model: LoadedModel, entry: dict) 
                            **({"boxes": box} if box is not None else {})})
         out.append({"unit": unit["unit"], "k": unit["k"], "facets": facets})
     return out
-
-
-def _answer(per_layer: Sequence[dict], level: dict) -> dict:
-    """Does multifacetedness grow with depth? The slope of each measure's layer means against
-    depth (per layer of depth), with a bootstrap interval over units, and the first-vs-last
-    quarter contrast; for the measures the calibration tests, the same over only the layers
-    where the measure has power (`with_power`)."""
-    out = {}
-    for name in MEASURES:
-        out[name] = _trend(per_layer, name)
-        if name in out and "first_quarter" in out[name]:
-            out[name]["chance"] = level[name]["mean"]
-        if name in POWER_MEASURES:
-            powered = [e for e in per_layer
-                       if e["calibration"]["measures"][name]["power"]]
-            trend = _trend(powered, name)
-            out[name]["with_power"] = {"layers": [e["layer"] for e in powered],
-                                       **{k: trend[k] for k in ("slope", "low", "high")}}
-    return out
-
-
-def _trend(per_layer: Sequence[dict], name: str) -> dict:
-    """One measure's slope against depth over the given layers (module doc of `_answer`)."""
-    depth = np.array([e["depth"] for e in per_layer], np.float64)
-    per_unit = [np.array([_num(u[name]) for u in e["units"]], np.float64) for e in per_layer]
-    means = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in per_unit])
-    ok = np.isfinite(means)
-    if ok.sum() < 2:
-        return {"slope": float("nan"), "low": float("nan"), "high": float("nan")}
-    slope = float(np.polyfit(depth[ok], means[ok], 1)[0])
-    finite = [(d, v[np.isfinite(v)]) for d, v in zip(depth, per_unit, strict=True)
-              if np.isfinite(v).any()]
-    low, high = percentile_ci([v for _, v in finite], functools.partial(
-        _slope, np.array([d for d, _ in finite])))
-    quarter = max(1, len(per_layer) // 4)
-    first, last = np.nanmean(means[:quarter]), np.nanmean(means[-quarter:])
-    return {"slope": slope, "low": float(low), "high": float(high),
-            "first_quarter": float(first), "last_quarter": float(last)}
-
-
-def _slope(depth: np.ndarray, *layers: np.ndarray, axis: int = -1) -> np.ndarray:
-    """The least-squares slope of the layers' mean values against depth (vectorized over
-    bootstrap resamples: each layer's values (..., units))."""
-    means = np.stack([v.mean(axis=axis) for v in layers])
-    return np.polyfit(depth, means.reshape(len(depth), -1), 1)[0].reshape(means.shape[1:])
 
 
 def _render(settings: Settings, model: LoadedModel, doc: dict) -> None:

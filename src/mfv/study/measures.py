@@ -36,6 +36,13 @@ from mfv.facets.kmeans import silhouette as facet_silhouette
 from mfv.facets.options import FacetOptions
 
 _EPS = 1e-8  # norm floor of the cosine similarity, as torch.nn.functional.cosine_similarity
+MEASURES = ("k", "silhouette", "polysemanticity", "separation")  # a sweep's, in this order
+
+
+def number(value: float | None) -> float:
+    """A measure's value as a float: None (undefined, as JSON's null) is NaN."""
+    return float("nan") if value is None else float(value)
+
 
 
 def _matrix(x: np.ndarray, what: str) -> np.ndarray:
