@@ -63,7 +63,7 @@ def two_kind_unit(a: Unit, b: Unit, index: dict, top_n: int
 
 
 def calibrate(pairs: Sequence[tuple[Unit, Unit]], docs: dict[int, dict],
-                 two: Sequence[dict], kinds: Sequence[np.ndarray], seed: int) -> dict:
+              two: Sequence[dict], kinds: Sequence[np.ndarray], seed: int) -> dict:
     """Can the measures tell, at this layer, a unit that fires for two kinds of image from one
     that fires for one? Per calibration pair, the constructed two-kind unit's value minus the
     mean of its two units' values; per measure the mean difference with its 95 % interval
@@ -76,9 +76,10 @@ def calibrate(pairs: Sequence[tuple[Unit, Unit]], docs: dict[int, dict],
                         for (a, b), d, k in zip(pairs, two, kinds, strict=True)],
            "measures": {}}
     for name in MEASURES:
-        one = np.array([np.nanmean([number(docs[a.unit][name]), number(docs[b.unit][name])])
-                        if np.isfinite([number(docs[a.unit][name]), number(docs[b.unit][name])]
-                                       ).any() else np.nan for a, b in pairs], np.float64)
+        parts = np.array([[number(docs[a.unit][name]), number(docs[b.unit][name])]
+                          for a, b in pairs], np.float64).reshape(-1, 2)
+        one = np.array([np.nanmean(v) if np.isfinite(v).any() else np.nan for v in parts],
+                       np.float64)
         both = np.array([number(d[name]) for d in two], np.float64)
         diff = both - one
         ok = np.isfinite(diff)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mfv.results.metrics import SWEEP_MEASURES
-from mfv.study.measures import MEASURES
+from mfv.study.measures import MEASURES, number
 
 CHANCE_REPEATS = 10  # random sets per layer
 
@@ -27,7 +27,7 @@ def chance_level(draws: Sequence[dict]) -> dict:
     out = {}
     for name in MEASURES:
         values = [d[name] for d in draws]
-        v = np.asarray([np.nan if x is None else x for x in values], np.float64)
+        v = np.array([number(x) for x in values], np.float64)
         finite = v[np.isfinite(v)]
         out[name] = {"mean": SWEEP_MEASURES[name].combine(values) if values else None,
                      "std": float(finite.std()) if finite.size else None, "draws": len(v)}

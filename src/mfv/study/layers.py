@@ -178,7 +178,7 @@ def _sampled_units(settings: Settings, result: ScanResult, layers: Sequence[str]
             rows, values = result.top(column, settings.facets.top_n)
             if len(rows) >= 2 and values.max() > 0 and np.ptp(values) > 0:
                 units.append(Unit(layer, int(result.targets[column].rsplit(":", 1)[1]),
-                                   int(column), rows, values))
+                                  int(column), rows, values))
         out[layer] = units
     return out
 
@@ -252,6 +252,7 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         sets.add(("unit", u.layer, u.unit), index[u.layer, u.unit], u.values)
     draws = {}
     pairs = {}
+    kinds = {}  # per layer, each calibration pair's items' known kinds
     for depth, layer in enumerate(layers):
         pool = np.unique(np.concatenate([index[layer, u.unit] for u in units[layer]])) \
             if units[layer] else np.zeros(0, np.int64)
@@ -259,9 +260,11 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         for i, chosen in enumerate(draws[layer]):
             sets.add(("chance", layer, i), chosen, None)
         pairs[layer] = calibration_pairs(units[layer], s.facets.top_n, s.seed + 1 + depth)
+        kinds[layer] = []
         for a, b in pairs[layer]:
-            chosen, values, _ = two_kind_unit(a, b, index, s.facets.top_n)
+            chosen, values, kind = two_kind_unit(a, b, index, s.facets.top_n)
             sets.add(("pair", layer, (a.unit, b.unit)), chosen, values)
+            kinds[layer].append(kind)
     measured = sets.run(s.progress)
     t2 = time.perf_counter()
     per_layer = []
@@ -271,12 +274,11 @@ def _measure(run: RunDir, settings: Settings, model: LoadedModel, layers: Sequen
         entry = {"layer": layer, "depth": depth, "region": seen[layer].region,
                  "patch_side": seen[layer].side, "units": docs}
         entry["chance"] = chance_level([measured["chance", layer, i]
-                                         for i in range(len(draws[layer]))])
+                                        for i in range(len(draws[layer]))])
         entry["calibration"] = calibrate(
             pairs[layer], {u.unit: d for u, d in zip(units[layer], docs, strict=True)},
             [measured["pair", layer, (a.unit, b.unit)] for a, b in pairs[layer]],
-            [two_kind_unit(a, b, index, s.facets.top_n)[2] for a, b in pairs[layer]],
-            s.seed)
+            kinds[layer], s.seed)
         entry["summary"] = {name: dict(zip(("mean", "low", "high"), bootstrap_ci(
             [u[name] for u in entry["units"]], seed=s.seed), strict=True))
             for name in MEASURES}
