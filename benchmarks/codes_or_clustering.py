@@ -105,7 +105,8 @@ def collection_codes(model, paths: list[str], sides: set[int], seed: int) -> dic
 def captured_codes(args, photo_seed: int, model) -> list[dict]:
     """Per unit of one photo seed: its spec, the clustered codes and activations, the rows'
     pasted kind, the library's facet of each row, and the collection's crops' codes."""
-    pool, found = e2e.seeded_pool(args.data, photo_seed, args.blocks, args.units, model)
+    pool, found = e2e.seeded_pool(e2e.pool_settings(args.data), photo_seed, args.blocks,
+                                   args.units, model)[:2]
     specs = [e2e.two_kind_spec(*unit, args.units) for unit in found]
     images, truth, _, _ = pool
     seen: list[tuple[np.ndarray, find.FacetResult]] = []

@@ -68,7 +68,8 @@ def embedded(lite0, lite2, paths: list[str], facets: list[dict]) -> tuple[np.nda
 
 def one_seed(args, seed: int, lite0, lite2) -> list[dict]:
     """Per block: the three targets' separations and the two-kind unit's ARI."""
-    pool, found = e2e.seeded_pool(args.data, seed, args.blocks, args.units, lite0)
+    pool, found = e2e.seeded_pool(e2e.pool_settings(args.data), seed, args.blocks,
+                                   args.units, lite0)[:2]
     specs = [s for block, va, vb, w in found for s in unit_specs(block, va, vb, w, args.units)]
     images, truth, _, _ = pool
     out = []

@@ -121,22 +121,22 @@ def two_kind_spec(block: str, va: torch.Tensor, vb: torch.Tensor, w: float, kind
     return direction_spec(block, va + w * vb)
 
 
-def choose_units(model, sel, blocks: list[str], batch: int, kind_of: str,
-                 rng: np.random.Generator) -> list[str]:
-    """Per block the two-kind unit as a target (`two_kind_spec` of `unit_directions`)."""
-    return [two_kind_spec(*found, kind_of)
-            for found in unit_directions(model, sel, blocks, batch, kind_of, rng)]
+def pool_settings(data: Path) -> argparse.Namespace:
+    """The pool's construction by default (`main`'s defaults): 80 photos a group, 24 texture
+    crops a kind cut from 300 photos, pasted at 64-128 px."""
+    return argparse.Namespace(photos=80, texture_photos=300, texture_count=24, paste=[64, 128],
+                              distinct_textures=False, data=data)
 
 
-def seeded_pool(data: Path, seed: int, blocks: list[str], units: str, model):
-    """The benchmark's selection set, pool and chosen unit directions for one photo seed, with
-    its default construction (`composites`, then `unit_directions`), seeded as `main` is."""
+def seeded_pool(pool_args: argparse.Namespace, seed: int, blocks: list[str], units: str, model,
+                batch: int = 32):
+    """For one photo seed: the pool (images, kind, boxes, background class), the unit
+    directions chosen per block on the selection set (`unit_directions`) and the texture
+    kinds' names; `pool_args` as `pool_settings` (or `main`'s command line)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    args = argparse.Namespace(photos=80, texture_photos=300, texture_count=24, paste=[64, 128],
-                              distinct_textures=False, data=data)
-    sel, pool, _ = composites(args, rng)
-    return pool, unit_directions(model, sel, blocks, 32, units, rng)
+    sel, pool, kinds = composites(pool_args, rng)
+    return pool, unit_directions(model, sel, blocks, batch, units, rng), kinds
 
 
 def write_pool(images: torch.Tensor, folder: Path) -> list[str]:
@@ -261,11 +261,10 @@ def main() -> None:
     if args.centre == "peak":  # the local backend runs the facets in this process
         patches.firing_centres = lambda model, target, images, peaks, **_: peaks
     crop_variants.install(args.crops)
-    torch.manual_seed(args.photo_seed)
-    rng = np.random.default_rng(args.photo_seed)
-    sel, pool, kinds = composites(args, rng)
     model = load_model("efficientnet_lite0")
-    specs = choose_units(model, sel, args.blocks, args.batch, args.units, rng)
+    pool, found, kinds = seeded_pool(args, args.photo_seed, args.blocks, args.units, model,
+                                     args.batch)
+    specs = [two_kind_spec(*unit, args.units) for unit in found]
     images, truth, pasted, scene = pool
     pre = model.preprocess
     zoom = pre.resize_size / cu.SIZE  # the model's frame: resized, then its centre cropped
@@ -340,11 +339,8 @@ def main() -> None:
                             contact_sheet(model, paths, rec["facets"], truth, args.sheets /
                                           f"seed{args.photo_seed}-{rec['slug']}.png")
             print(f"{region} done at {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
-    cmd = "python benchmarks/hidden_units_e2e.py " + " ".join(sys.argv[1:])
     lines = ["# Texture units through `mfv.run`: facets of patches vs whole photos (issue 22)",
-             "", f"`{cmd.strip()}`: {os.cpu_count()} cores, load avg {load0:.1f} at start / "
-             f"{load1:.1f} at end, {wall / 60:.1f} min, photo seed {args.photo_seed}. "
+             "", f"{run_line(t0, load0)}, photo seed {args.photo_seed}. "
              f"Textures A = {kinds[0]}, B = {kinds[1]};"
              f" patches {args.paste[0]}-{args.paste[1]} px"
              f"{', a texture crop of its own each' if args.distinct_textures else ''}; "

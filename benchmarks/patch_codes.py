@@ -120,14 +120,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    pool_args = argparse.Namespace(photos=80, texture_photos=300, texture_count=24,
-                                   data=cu.DATA / "imagenette-train")
-    torch.manual_seed(args.photo_seed)
-    rng = np.random.default_rng(args.photo_seed)
-    sel, pool, _ = e2e.composites(pool_args, rng)
     model = load_model("efficientnet_lite0")
-    specs = e2e.choose_units(model, sel, args.blocks, 32, args.units, rng)
-    images, truth, _ = pool
+    pool, found, _ = e2e.seeded_pool(e2e.pool_settings(cu.DATA / "imagenette-train"),
+                                     args.photo_seed, args.blocks, args.units, model)
+    specs = [e2e.two_kind_spec(*unit, args.units) for unit in found]
+    images, truth, *_ = pool
     table: dict[str, dict[str, tuple[float, float]]] = {}
     for spec, block in zip(specs, args.blocks, strict=True):
         target = parse_target(spec, model, reduction="max", sum_mode="maps")
